@@ -1,0 +1,33 @@
+"""The contract every dataplane backend (iptables, IPVS) implements for the daemon."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from kproxy.model.store import Changes, Snapshot
+
+
+class SyncError(RuntimeError):
+    """A sync could not be applied; the next sync must be full."""
+
+
+@dataclass(frozen=True, slots=True)
+class SyncResult:
+    full: bool
+    services_written: int = 0
+    rules: dict[str, int] = field(default_factory=dict)  # table -> rule count programmed
+    detail: str = ""
+
+
+class Proxier(Protocol):
+    """One dataplane for one node. `sync` reconciles the kernel with `snapshot`.
+
+    With `full=False` the proxier may rewrite only `changes.services`; it must still be correct
+    for any service whose state it has not seen before. Never flushes what is already there:
+    start-up is a reconcile, so established connections survive restarts.
+    """
+
+    def sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult: ...
+
+    def cleanup(self) -> None: ...

@@ -1,0 +1,108 @@
+"""The bridge from the sources (API watch, manifest directory) to the model `Store`.
+
+`StoreSink` implements the sources' `Sink` protocol: it converts raw objects and updates the
+store. An object that cannot be converted is logged with its namespace/name and reason, counted,
+and left out: it never stops the other services.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from kproxy.kube.convert import (
+    InvalidObject,
+    object_ref,
+    parse_endpoint_slice,
+    parse_node,
+    parse_service,
+)
+from kproxy.model.objects import EndpointSlice, NodeInfo, Ref, Service
+from kproxy.model.store import Store
+
+log = logging.getLogger("kproxy.kube")
+
+RawObject = dict[str, Any]
+
+
+class StoreSink:
+    """Converts raw objects and feeds them to a Store. Safe to call from several threads."""
+
+    def __init__(
+        self,
+        store: Store,
+        *,
+        node_name: str,
+        on_invalid: Callable[[str], None] | None = None,
+    ) -> None:
+        self._store = store
+        self._node_name = node_name
+        self._on_invalid = on_invalid or (lambda kind: None)
+
+    def _invalid(self, kind: str, obj: RawObject, reason: str) -> None:
+        ns, name = object_ref(obj)
+        log.warning(
+            "skipping invalid %s %s/%s: %s",
+            kind,
+            ns,
+            name,
+            reason,
+            extra={"kind": kind, "object": f"{ns}/{name}", "reason": reason},
+        )
+        self._on_invalid(kind)
+
+    def _service(self, obj: RawObject) -> Service | None:
+        try:
+            return parse_service(obj)
+        except (InvalidObject, TypeError, AttributeError, KeyError) as err:
+            self._invalid("Service", obj, str(err) or type(err).__name__)
+            return None
+
+    def _slice(self, obj: RawObject) -> EndpointSlice | None:
+        def bad_endpoint(reason: str) -> None:
+            self._invalid("EndpointSlice", obj, f"endpoint skipped: {reason}")
+
+        try:
+            return parse_endpoint_slice(obj, on_bad_endpoint=bad_endpoint)
+        except (InvalidObject, TypeError, AttributeError, KeyError) as err:
+            self._invalid("EndpointSlice", obj, str(err) or type(err).__name__)
+            return None
+
+    def _node(self, obj: RawObject) -> NodeInfo | None:
+        try:
+            return parse_node(obj)
+        except (InvalidObject, TypeError, AttributeError, KeyError) as err:
+            self._invalid("Node", obj, str(err) or type(err).__name__)
+            return None
+
+    # -- Sink protocol ---------------------------------------------------------------------
+    def replace(self, kind: str, objects: list[RawObject]) -> None:
+        if kind == "Service":
+            services = [s for s in map(self._service, objects) if s is not None]
+            self._store.replace_services(services)
+        elif kind == "EndpointSlice":
+            slices = [s for s in map(self._slice, objects) if s is not None]
+            self._store.replace_slices(slices)
+        elif kind == "Node":
+            mine = [o for o in objects if object_ref(o)[1] == self._node_name]
+            node = self._node(mine[0]) if mine else None
+            self._store.set_node(node)
+
+    def apply(self, kind: str, event_type: str, obj: RawObject) -> None:
+        ns, name = object_ref(obj)
+        ref = Ref(ns, name)
+        if kind == "Service":
+            svc = None if event_type == "DELETED" else self._service(obj)
+            if svc is None:
+                self._store.delete_service(ref)
+            else:
+                self._store.set_service(svc)
+        elif kind == "EndpointSlice":
+            sl = None if event_type == "DELETED" else self._slice(obj)
+            if sl is None:
+                self._store.delete_slice(ref)
+            else:
+                self._store.set_slice(sl)
+        elif kind == "Node" and name == self._node_name:
+            self._store.set_node(None if event_type == "DELETED" else self._node(obj))

@@ -1,0 +1,144 @@
+"""Service ports as the dataplane renderers see them: one `ServicePortView` per service port and
+IP family, with its addresses of that family and its categorized endpoints.
+
+Both the iptables and the IPVS renderers consume these views; `kproxy status` and `kproxy explain`
+use them to say what *should* be programmed.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+
+from kproxy.model.endpoints import Categorized, EndpointInfo, categorize, merge_endpoints
+from kproxy.model.objects import EndpointSlice, Ref, Service, ServicePort, ip_family
+from kproxy.model.store import Snapshot
+
+
+@dataclass(frozen=True, slots=True)
+class ServicePortView:
+    """Everything a dataplane needs about one service port in one IP family."""
+
+    service: Service
+    port: ServicePort
+    family: int
+    cluster_ip: str
+    external_ips: tuple[str, ...]
+    load_balancer_ips: tuple[str, ...]
+    source_ranges: tuple[str, ...]
+    endpoints: tuple[EndpointInfo, ...]
+    categorized: Categorized
+
+    @property
+    def name(self) -> str:
+        """kube-proxy's ServicePortName text: ns/svc:portname (no colon for an unnamed port)."""
+        base = f"{self.service.namespace}/{self.service.name}"
+        return f"{base}:{self.port.name}" if self.port.name else base
+
+    @property
+    def protocol(self) -> str:
+        return self.port.protocol
+
+    @property
+    def node_port(self) -> int:
+        return self.port.node_port
+
+    @property
+    def cluster_endpoints(self) -> tuple[EndpointInfo, ...]:
+        return self.categorized.cluster or ()
+
+    @property
+    def local_endpoints(self) -> tuple[EndpointInfo, ...]:
+        return self.categorized.local or ()
+
+    @property
+    def has_endpoints(self) -> bool:
+        return bool(self.categorized.all_reachable)
+
+    @property
+    def external_local(self) -> bool:
+        return self.service.external_policy_local
+
+    @property
+    def internal_local(self) -> bool:
+        return self.service.internal_policy_local
+
+    @property
+    def has_external(self) -> bool:
+        return bool(self.external_ips or self.load_balancer_ips or self.port.node_port)
+
+    @property
+    def internal_endpoints(self) -> tuple[EndpointInfo, ...]:
+        """Endpoints for ClusterIP traffic (internalTrafficPolicy)."""
+        return self.local_endpoints if self.internal_local else self.cluster_endpoints
+
+    @property
+    def external_endpoints(self) -> tuple[EndpointInfo, ...]:
+        """Endpoints for NodePort/LB/externalIP traffic (externalTrafficPolicy)."""
+        return self.local_endpoints if self.external_local else self.cluster_endpoints
+
+
+def _of_family(addresses: Iterable[str], family: int) -> tuple[str, ...]:
+    return tuple(a for a in addresses if ip_family(a) == family)
+
+
+def _cidrs_of_family(cidrs: Iterable[str], family: int) -> tuple[str, ...]:
+    return tuple(c for c in cidrs if ipaddress.ip_network(c, strict=False).version == family)
+
+
+def service_views(
+    service: Service,
+    slices: Iterable[EndpointSlice],
+    *,
+    family: int,
+    node_name: str,
+    node_zone: str = "",
+) -> tuple[ServicePortView, ...]:
+    """The views of one service for one family; empty when the service is not proxied there."""
+    if not service.proxied:
+        return ()
+    cluster_ip = next((ip for ip in service.cluster_ips if ip_family(ip) == family), None)
+    if cluster_ip is None:
+        return ()
+    slices = tuple(slices)
+    views = []
+    for port in service.ports:
+        endpoints = merge_endpoints(port, slices, family=family, node_name=node_name)
+        views.append(
+            ServicePortView(
+                service=service,
+                port=port,
+                family=family,
+                cluster_ip=cluster_ip,
+                external_ips=_of_family(service.external_ips, family),
+                load_balancer_ips=_of_family(service.load_balancer_ips, family),
+                source_ranges=_cidrs_of_family(service.load_balancer_source_ranges, family),
+                endpoints=endpoints,
+                categorized=categorize(service, endpoints, node_zone=node_zone),
+            )
+        )
+    return tuple(views)
+
+
+def build_views(
+    snapshot: Snapshot, *, family: int, node_name: str, refs: Iterable[Ref] | None = None
+) -> Mapping[Ref, tuple[ServicePortView, ...]]:
+    """Views for every proxied service of `snapshot` (or only `refs`), keyed by service.
+
+    A ref of a deleted or unproxied service maps to an empty tuple, so partial syncs can tell
+    "remove this service's rules" from "not asked about".
+    """
+    zone = snapshot.node.zone if snapshot.node else ""
+    wanted = snapshot.services.keys() if refs is None else refs
+    out: dict[Ref, tuple[ServicePortView, ...]] = {}
+    for ref in wanted:
+        svc = snapshot.services.get(ref)
+        out[ref] = (
+            service_views(
+                svc, snapshot.slices_for(ref), family=family, node_name=node_name, node_zone=zone
+            )
+            if svc is not None
+            else ()
+        )
+    return out
