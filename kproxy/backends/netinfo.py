@@ -1,0 +1,52 @@
+"""Reads of this host's network configuration through netlink (pyroute2)."""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+
+from pyroute2 import IPRoute
+
+
+def local_addresses(family: int | None = None) -> tuple[str, ...]:
+    """Every address configured on this host's interfaces (of one family, if given)."""
+    out: list[str] = []
+    with IPRoute() as ipr:
+        for msg in ipr.get_addr():
+            addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
+            if not addr:
+                continue
+            ip = ipaddress.ip_address(addr)
+            if family is not None and ip.version != family:
+                continue
+            if ip.version == 6 and ip.is_link_local:
+                continue
+            out.append(str(ip))
+    return tuple(dict.fromkeys(out))
+
+
+def addresses_in(cidrs: tuple[str, ...], family: int) -> tuple[str, ...]:
+    """Local addresses of `family` inside any of `cidrs`."""
+    nets = [ipaddress.ip_network(c, strict=False) for c in cidrs]
+    nets = [n for n in nets if n.version == family]
+    return tuple(
+        a for a in local_addresses(family) if any(ipaddress.ip_address(a) in n for n in nets)
+    )
+
+
+def ipv6_available() -> bool:
+    return os.path.exists("/proc/net/if_inet6")
+
+
+def write_sysctl(name: str, value: str) -> bool:
+    """Set a sysctl (dotted name); False when it does not exist or cannot be written."""
+    path = "/proc/sys/" + name.replace(".", "/")
+    try:
+        with open(path, encoding="ascii") as fh:
+            if fh.read().strip() == value:
+                return True
+        with open(path, "w", encoding="ascii") as fh:
+            fh.write(value)
+        return True
+    except OSError:
+        return False

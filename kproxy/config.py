@@ -1,0 +1,700 @@
+"""kproxy's settings: one typed `Settings`, filled from defaults, then the config file, then flags.
+
+Every option is declared once in `OPTIONS` with its flag, its place in a kube-proxy
+`KubeProxyConfiguration` file (kubeproxy.config.k8s.io/v1alpha1) and its help text; the argparse
+parser, the file reader and the generated configuration reference (`kproxy config-reference`) all
+come from that table, so they cannot drift apart.
+
+The config file is kube-proxy's own format, so an existing kube-proxy config works unchanged,
+plus a top-level `kproxy:` section for what kube-proxy does not have (DNS, manifests). Unknown or
+invalid fields are errors that name the field; fields kube-proxy has but kproxy does not use are
+accepted and reported as ignored.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ipaddress
+import re
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+import yaml
+
+API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
+KIND = "KubeProxyConfiguration"
+MODES = ("iptables", "ipvs")
+IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh")
+
+
+class ConfigError(ValueError):
+    """A setting is unknown or invalid; the message names it."""
+
+
+# -- value parsers ---------------------------------------------------------------------------
+_DURATION = re.compile(r"(\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration(value: Any) -> float:
+    """A Go duration ("1m30s", "500ms") or a number of seconds -> seconds."""
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not a duration")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError(f"{value!r} is negative")
+        return float(value)
+    text = str(value).strip()
+    if text in ("0", ""):
+        return 0.0
+    pos, total = 0, 0.0
+    for m in _DURATION.finditer(text):
+        if m.start() != pos:
+            break
+        total += float(m.group(1)) * _UNIT[m.group(2)]
+        pos = m.end()
+    if pos != len(text) or pos == 0:
+        raise ValueError(f"{value!r} is not a duration like 30s or 1m0s")
+    return total
+
+
+def parse_bool(value: Any) -> bool:
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes", "on"):
+        return True
+    if text in ("false", "0", "no", "off"):
+        return False
+    raise ValueError(f"{value!r} is not a boolean")
+
+
+def parse_list(value: Any) -> tuple[str, ...]:
+    """A YAML list or a comma-separated string."""
+    if value is None:
+        return ()
+    items = value if isinstance(value, list | tuple) else str(value).split(",")
+    return tuple(str(i).strip() for i in items if str(i).strip())
+
+
+def parse_cidrs(value: Any) -> tuple[str, ...]:
+    out = []
+    for item in parse_list(value):
+        if item == "primary":  # kube-proxy's special value: the node's primary IPs
+            out.append(item)
+            continue
+        out.append(str(ipaddress.ip_network(item, strict=False)))
+    return tuple(out)
+
+
+def parse_hostport(value: Any) -> str:
+    """host:port, [v6]:port or "" (disabled); a bare IP gets kube-proxy's default port later."""
+    text = str(value or "").strip()
+    if not text:
+        return ""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(f"{text!r} is not host:port")
+    ipaddress.ip_address(host.strip("[]") or "0.0.0.0")
+    return text
+
+
+def parse_mode(value: Any) -> str:
+    mode = str(value or "iptables").strip().lower()
+    if mode not in MODES:
+        raise ValueError(f"{value!r} is not one of {', '.join(MODES)}")
+    return mode
+
+
+def parse_scheduler(value: Any) -> str:
+    sched = str(value or "rr").strip()
+    if sched not in IPVS_SCHEDULERS:
+        raise ValueError(f"{value!r} is not one of {', '.join(IPVS_SCHEDULERS)}")
+    return sched
+
+
+def parse_int(value: Any) -> int:
+    if isinstance(value, bool):
+        raise ValueError(f"{value!r} is not an integer")
+    return int(value)
+
+
+def parse_str(value: Any) -> str:
+    if isinstance(value, dict | list):
+        raise ValueError(f"{value!r} is not a string")
+    return "" if value is None else str(value)
+
+
+def parse_choice(*choices: str) -> Callable[[Any], str]:
+    def parse(value: Any) -> str:
+        text = str(value).strip().lower()
+        if text not in choices:
+            raise ValueError(f"{value!r} is not one of {', '.join(choices)}")
+        return text
+
+    return parse
+
+
+# -- the settings ----------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Settings:
+    """Everything kproxy can be told. Defaults follow kube-proxy where it has the setting."""
+
+    config: str = ""
+    kubeconfig: str = ""
+    master: str = ""
+    manifests: str = ""
+    proxy_mode: str = "iptables"
+    hostname_override: str = ""
+    cluster_cidr: tuple[str, ...] = ()
+    masquerade_all: bool = False
+    masquerade_bit: int = 14
+    nodeport_addresses: tuple[str, ...] = ()
+    iptables_min_sync_period: float = 1.0
+    iptables_sync_period: float = 30.0
+    ipvs_min_sync_period: float = 0.0
+    ipvs_sync_period: float = 30.0
+    ipvs_scheduler: str = "rr"
+    ipvs_tcp_timeout: float = 0.0
+    ipvs_tcpfin_timeout: float = 0.0
+    ipvs_udp_timeout: float = 0.0
+    healthz_bind_address: str = "0.0.0.0:10256"
+    metrics_bind_address: str = "127.0.0.1:10249"
+    conntrack_udp_cleanup: bool = True
+    cleanup: bool = False
+    verbosity: int = 0
+    log_format: str = "text"
+    dns: bool = True
+    dns_listen: tuple[str, ...] = ("169.254.20.10:53",)
+    cluster_domain: str = "cluster.local"
+    dns_ttl: int = 5
+    dns_upstream: tuple[str, ...] = ()
+    dns_allow_cidrs: tuple[str, ...] = ()
+    dns_pods: str = "insecure"
+    dns_service_ip: str = ""
+    dns_workers: int = 2
+    ignored: tuple[str, ...] = field(default=(), compare=False)
+
+    @property
+    def min_sync_period(self) -> float:
+        return (
+            self.ipvs_min_sync_period
+            if self.proxy_mode == "ipvs"
+            else (self.iptables_min_sync_period)
+        )
+
+    @property
+    def sync_period(self) -> float:
+        return self.ipvs_sync_period if self.proxy_mode == "ipvs" else self.iptables_sync_period
+
+
+@dataclass(frozen=True)
+class Option:
+    attr: str
+    flag: str
+    parse: Callable[[Any], Any]
+    help: str
+    file_path: str = ""  # dotted path in KubeProxyConfiguration ("iptables.syncPeriod")
+    metavar: str = ""
+    kind: str = "value"  # value | bool (store_true) | count | negbool (--no-x)
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option(
+        "config",
+        "--config",
+        parse_str,
+        "Path to a KubeProxyConfiguration file (YAML).",
+        metavar="FILE",
+    ),
+    Option(
+        "kubeconfig",
+        "--kubeconfig",
+        parse_str,
+        "Path to a kubeconfig; default: in-cluster service account, else --master.",
+        "clientConnection.kubeconfig",
+        "FILE",
+    ),
+    Option(
+        "master",
+        "--master",
+        parse_str,
+        "Address of the API server (overrides the kubeconfig's server).",
+        metavar="URL",
+    ),
+    Option(
+        "manifests",
+        "--manifests",
+        parse_str,
+        "Read Services/EndpointSlices/Nodes from YAML in this directory instead of the API.",
+        "kproxy.manifests",
+        "DIR",
+    ),
+    Option(
+        "proxy_mode", "--proxy-mode", parse_mode, "Dataplane: iptables or ipvs.", "mode", "MODE"
+    ),
+    Option(
+        "hostname_override",
+        "--hostname-override",
+        parse_str,
+        "This node's name, if not the host name.",
+        "hostnameOverride",
+        "NAME",
+    ),
+    Option(
+        "cluster_cidr",
+        "--cluster-cidr",
+        parse_cidrs,
+        "Pod CIDR(s), comma-separated; traffic to ClusterIPs from outside is masqueraded.",
+        "clusterCIDR",
+        "CIDRS",
+    ),
+    Option(
+        "masquerade_all",
+        "--masquerade-all",
+        parse_bool,
+        "Masquerade all traffic sent to Service IPs.",
+        "iptables.masqueradeAll",
+        kind="bool",
+    ),
+    Option(
+        "masquerade_bit",
+        "--iptables-masquerade-bit",
+        parse_int,
+        "The fwmark bit (0-31) that marks packets to masquerade.",
+        "iptables.masqueradeBit",
+        "BIT",
+    ),
+    Option(
+        "nodeport_addresses",
+        "--nodeport-addresses",
+        parse_cidrs,
+        "CIDRs of node addresses that accept NodePorts; default: all local addresses.",
+        "nodePortAddresses",
+        "CIDRS",
+    ),
+    Option(
+        "iptables_min_sync_period",
+        "--iptables-min-sync-period",
+        parse_duration,
+        "Minimum time between syncs in iptables mode (e.g. 1s).",
+        "iptables.minSyncPeriod",
+        "DURATION",
+    ),
+    Option(
+        "iptables_sync_period",
+        "--iptables-sync-period",
+        parse_duration,
+        "Period of full resyncs in iptables mode (e.g. 30s).",
+        "iptables.syncPeriod",
+        "DURATION",
+    ),
+    Option(
+        "ipvs_min_sync_period",
+        "--ipvs-min-sync-period",
+        parse_duration,
+        "Minimum time between syncs in IPVS mode.",
+        "ipvs.minSyncPeriod",
+        "DURATION",
+    ),
+    Option(
+        "ipvs_sync_period",
+        "--ipvs-sync-period",
+        parse_duration,
+        "Period of full resyncs in IPVS mode.",
+        "ipvs.syncPeriod",
+        "DURATION",
+    ),
+    Option(
+        "ipvs_scheduler",
+        "--ipvs-scheduler",
+        parse_scheduler,
+        "Default IPVS scheduler (rr, wrr, lc, wlc, lblc, lblcr, sh, dh, sed, nq, mh); "
+        "per service: annotation kproxy.io/ipvs-scheduler.",
+        "ipvs.scheduler",
+        "NAME",
+    ),
+    Option(
+        "ipvs_tcp_timeout",
+        "--ipvs-tcp-timeout",
+        parse_duration,
+        "IPVS TCP session timeout (0 keeps the kernel's).",
+        "ipvs.tcpTimeout",
+        "DURATION",
+    ),
+    Option(
+        "ipvs_tcpfin_timeout",
+        "--ipvs-tcpfin-timeout",
+        parse_duration,
+        "IPVS TCP FIN_WAIT timeout (0 keeps the kernel's).",
+        "ipvs.tcpFinTimeout",
+        "DURATION",
+    ),
+    Option(
+        "ipvs_udp_timeout",
+        "--ipvs-udp-timeout",
+        parse_duration,
+        "IPVS UDP timeout (0 keeps the kernel's).",
+        "ipvs.udpTimeout",
+        "DURATION",
+    ),
+    Option(
+        "healthz_bind_address",
+        "--healthz-bind-address",
+        parse_hostport,
+        "ip:port of /healthz and /livez; empty disables.",
+        "healthzBindAddress",
+        "ADDR",
+    ),
+    Option(
+        "metrics_bind_address",
+        "--metrics-bind-address",
+        parse_hostport,
+        "ip:port of /metrics; empty disables.",
+        "metricsBindAddress",
+        "ADDR",
+    ),
+    Option(
+        "conntrack_udp_cleanup",
+        "--conntrack-udp-cleanup",
+        parse_bool,
+        "Delete stale UDP conntrack entries after endpoint changes.",
+        "kproxy.conntrackUDPCleanup",
+        "BOOL",
+    ),
+    Option(
+        "cleanup",
+        "--cleanup",
+        parse_bool,
+        "Remove everything kproxy created, then exit.",
+        kind="bool",
+    ),
+    Option(
+        "verbosity",
+        "-v",
+        parse_int,
+        "Log verbosity: 0 info, 2+ debug (repeatable).",
+        "logging.verbosity",
+        "N",
+        kind="count",
+    ),
+    Option(
+        "log_format",
+        "--log-format",
+        parse_choice("text", "json"),
+        "Log format: text or json.",
+        "logging.format",
+        "FORMAT",
+    ),
+    Option(
+        "dns",
+        "--no-dns",
+        parse_bool,
+        "Do not serve cluster DNS.",
+        "kproxy.dns.enabled",
+        kind="negbool",
+    ),
+    Option(
+        "dns_listen",
+        "--dns-listen",
+        parse_list,
+        "ip:port list the DNS server listens on (node-local, NodeLocal DNSCache style).",
+        "kproxy.dns.listen",
+        "ADDRS",
+    ),
+    Option(
+        "cluster_domain",
+        "--cluster-domain",
+        parse_str,
+        "The cluster DNS zone.",
+        "kproxy.dns.clusterDomain",
+        "ZONE",
+    ),
+    Option(
+        "dns_ttl",
+        "--dns-ttl",
+        parse_int,
+        "TTL of cluster DNS answers in seconds.",
+        "kproxy.dns.ttl",
+        "SECONDS",
+    ),
+    Option(
+        "dns_upstream",
+        "--dns-upstream",
+        parse_list,
+        "Upstream resolvers for outside names; default: /etc/resolv.conf (minus kproxy).",
+        "kproxy.dns.upstream",
+        "ADDRS",
+    ),
+    Option(
+        "dns_allow_cidrs",
+        "--dns-allow-cidrs",
+        parse_cidrs,
+        "Who may use recursion; default: cluster CIDR, node addresses, loopback.",
+        "kproxy.dns.allowCIDRs",
+        "CIDRS",
+    ),
+    Option(
+        "dns_pods",
+        "--dns-pods",
+        parse_choice("insecure", "disabled"),
+        "Pod records a-b-c-d.<ns>.pod.<zone>: insecure or disabled.",
+        "kproxy.dns.pods",
+        "MODE",
+    ),
+    Option(
+        "dns_service_ip",
+        "--dns-service-ip",
+        parse_str,
+        "Also answer on this cluster DNS Service IP (e.g. 10.96.0.10) on this node.",
+        "kproxy.dns.serviceIP",
+        "IP",
+    ),
+    Option(
+        "dns_workers",
+        "--dns-workers",
+        parse_int,
+        "DNS worker threads per socket.",
+        "kproxy.dns.workers",
+        "N",
+    ),
+)
+
+# kube-proxy fields kproxy accepts and ignores (so an existing config loads unchanged).
+IGNORED_FIELDS = frozenset(
+    {
+        "bindAddress",
+        "bindAddressHardFail",
+        "clientConnection.acceptContentTypes",
+        "clientConnection.contentType",
+        "clientConnection.qps",
+        "clientConnection.burst",
+        "configSyncPeriod",
+        "conntrack.maxPerCore",
+        "conntrack.min",
+        "conntrack.tcpEstablishedTimeout",
+        "conntrack.tcpCloseWaitTimeout",
+        "conntrack.tcpBeLiberal",
+        "conntrack.udpTimeout",
+        "conntrack.udpStreamTimeout",
+        "detectLocalMode",
+        "detectLocal.bridgeInterface",
+        "detectLocal.interfaceNamePrefix",
+        "enableProfiling",
+        "featureGates",
+        "iptables.localhostNodePorts",
+        "ipvs.excludeCIDRs",
+        "ipvs.strictARP",
+        "nftables.masqueradeAll",
+        "nftables.masqueradeBit",
+        "nftables.minSyncPeriod",
+        "nftables.syncPeriod",
+        "oomScoreAdj",
+        "portRange",
+        "showHiddenMetricsForVersion",
+        "winkernel",
+        "logging.flushFrequency",
+        "logging.options",
+        "logging.vmodule",
+        "windowsRunAsService",
+        "syncPeriod",
+        "minSyncPeriod",
+    }
+)
+_MAP_FIELDS = frozenset({"featureGates", "winkernel", "logging.options", "logging.vmodule"})
+_BY_PATH = {o.file_path: o for o in OPTIONS if o.file_path}
+
+
+def _flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and path not in _MAP_FIELDS and path not in _BY_PATH:
+            if not value:
+                out[path] = value
+            out.update(_flatten(value, f"{path}."))
+        else:
+            out[path] = value
+    return out
+
+
+def load_file(path: str) -> tuple[dict[str, Any], tuple[str, ...]]:
+    """Read a KubeProxyConfiguration file -> ({attr: value}, ignored field paths)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as err:
+        raise ConfigError(f"{path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    return parse_file_data(data, source=path)
+
+
+def parse_file_data(data: Any, *, source: str = "config") -> tuple[dict[str, Any], tuple[str, ...]]:
+    if data is None:
+        return {}, ()
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: the top level must be a map")
+    data = dict(data)
+    api_version = data.pop("apiVersion", API_VERSION)
+    kind = data.pop("kind", KIND)
+    if api_version != API_VERSION:
+        raise ConfigError(f"{source}: apiVersion must be {API_VERSION}, not {api_version!r}")
+    if kind != KIND:
+        raise ConfigError(f"{source}: kind must be {KIND}, not {kind!r}")
+    values: dict[str, Any] = {}
+    ignored: list[str] = []
+    for path, raw in _flatten(data).items():
+        option = _BY_PATH.get(path)
+        if option is None:
+            if path in IGNORED_FIELDS or path.split(".")[0] in _MAP_FIELDS:
+                ignored.append(path)
+                continue
+            raise ConfigError(f"{source}: unknown field {path!r}")
+        if raw is None or raw == "":
+            continue
+        try:
+            values[option.attr] = option.parse(raw)
+        except (ValueError, TypeError) as err:
+            raise ConfigError(f"{source}: invalid value for field {path!r}: {err}") from None
+    return values, tuple(ignored)
+
+
+def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """Add every option as a flag; defaults are None so we can tell what was given."""
+    for opt in OPTIONS:
+        dest = opt.attr
+        if opt.kind == "bool":
+            parser.add_argument(
+                opt.flag,
+                dest=dest,
+                nargs="?",
+                const=True,
+                default=None,
+                type=parse_bool,
+                metavar="BOOL",
+                help=opt.help,
+            )
+        elif opt.kind == "negbool":
+            parser.add_argument(
+                opt.flag,
+                dest=dest,
+                action="store_const",
+                const=False,
+                default=None,
+                help=opt.help,
+            )
+        elif opt.kind == "count":
+            parser.add_argument(
+                opt.flag,
+                "--v",
+                dest=dest,
+                type=_verbosity,
+                nargs="?",
+                const=-1,
+                default=None,
+                action=_CountOrValue,
+                help=opt.help,
+            )
+        else:
+            parser.add_argument(
+                opt.flag,
+                dest=dest,
+                default=None,
+                metavar=opt.metavar or None,
+                type=_flag_parser(opt),
+                help=opt.help,
+            )
+    return parser
+
+
+def _verbosity(text: str) -> int:
+    return int(text)
+
+
+class _CountOrValue(argparse.Action):
+    """-v, -vv (count) and -v=2 / --v=2 (kube-proxy style) both work."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        current = getattr(namespace, self.dest) or 0
+        setattr(namespace, self.dest, current + 1 if values == -1 else int(values))
+
+
+def _flag_parser(opt: Option) -> Callable[[str], Any]:
+    def parse(text: str) -> Any:
+        try:
+            return opt.parse(text)
+        except (ValueError, TypeError) as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    parse.__name__ = opt.flag
+    return parse
+
+
+def resolve(args: argparse.Namespace | Mapping[str, Any]) -> Settings:
+    """Defaults < config file < flags."""
+    given = dict(vars(args) if isinstance(args, argparse.Namespace) else args)
+    names = {f.name for f in fields(Settings)}
+    flags = {k: v for k, v in given.items() if k in names and v is not None}
+    settings = Settings()
+    config_path = flags.get("config") or ""
+    if config_path:
+        values, ignored = load_file(config_path)
+        settings = replace(settings, **values, ignored=ignored)
+    settings = replace(settings, **flags)
+    return validate(settings)
+
+
+def validate(settings: Settings) -> Settings:
+    if not 0 <= settings.masquerade_bit <= 31:
+        raise ConfigError("iptables.masqueradeBit must be between 0 and 31")
+    if settings.sync_period and settings.min_sync_period > settings.sync_period:
+        raise ConfigError("the min sync period must not exceed the sync period")
+    if settings.dns_ttl < 0 or settings.dns_ttl > 3600:
+        raise ConfigError("kproxy.dns.ttl must be between 0 and 3600")
+    if settings.dns_workers < 1:
+        raise ConfigError("kproxy.dns.workers must be at least 1")
+    if settings.manifests and (settings.kubeconfig or settings.master):
+        raise ConfigError("--manifests cannot be combined with --kubeconfig/--master")
+    for addr in settings.dns_listen:
+        parse_hostport(addr)
+    if settings.dns_service_ip:
+        ipaddress.ip_address(settings.dns_service_ip)
+    return settings
+
+
+def reference_markdown(options: Sequence[Option] = OPTIONS) -> str:
+    """The configuration reference (docs/configuration.md is generated from this)."""
+    defaults = Settings()
+    lines = [
+        "# Configuration reference",
+        "",
+        "Generated by `kproxy config-reference` from `kproxy/config.py`; do not edit by hand.",
+        "Precedence: flags > the `--config` file > defaults. The file is a kube-proxy",
+        f"`{KIND}` (`{API_VERSION}`); kproxy's own settings live under `kproxy:`.",
+        "",
+        "| flag | config file field | default | meaning |",
+        "| --- | --- | --- | --- |",
+    ]
+    for opt in options:
+        default = getattr(defaults, opt.attr)
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        shown = "" if default in ("", ()) else f"`{default}`"
+        field_name = f"`{opt.file_path}`" if opt.file_path else ""
+        lines.append(f"| `{opt.flag}` | {field_name} | {shown} | {opt.help} |")
+    lines += [
+        "",
+        "Accepted from kube-proxy configs and ignored: "
+        + ", ".join(f"`{f}`" for f in sorted(IGNORED_FIELDS))
+        + ".",
+        "",
+    ]
+    return "\n".join(lines)

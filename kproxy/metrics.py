@@ -1,0 +1,131 @@
+"""Prometheus metrics, named after kube-proxy's (kubeproxy_* -> kproxy_*) so dashboards carry over.
+
+All collectors live on one `CollectorRegistry` per daemon (injected, so tests can run several
+daemons in one process without clashes).
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.exposition import generate_latest
+
+_SYNC_BUCKETS = (
+    0.001,
+    0.002,
+    0.004,
+    0.008,
+    0.016,
+    0.032,
+    0.064,
+    0.128,
+    0.256,
+    0.512,
+    1.024,
+    2.048,
+    4.096,
+    8.192,
+    16.384,
+)
+_NPL_BUCKETS = (0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.sync_duration = Histogram(
+            "kproxy_sync_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds",
+            registry=r,
+            buckets=_SYNC_BUCKETS,
+        )
+        self.sync_full_duration = Histogram(
+            "kproxy_sync_full_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for full resyncs",
+            registry=r,
+            buckets=_SYNC_BUCKETS,
+        )
+        self.sync_partial_duration = Histogram(
+            "kproxy_sync_partial_proxy_rules_duration_seconds",
+            "SyncProxyRules latency in seconds for partial resyncs",
+            registry=r,
+            buckets=_SYNC_BUCKETS,
+        )
+        self.network_programming = Histogram(
+            "kproxy_network_programming_duration_seconds",
+            "In Cluster Network Programming Latency in seconds (from the EndpointSlice "
+            "last-change-trigger-time to the rules being in the kernel)",
+            registry=r,
+            buckets=_NPL_BUCKETS,
+        )
+        self.last_sync = Gauge(
+            "kproxy_sync_proxy_rules_last_timestamp_seconds",
+            "The last time proxy rules were successfully synced",
+            registry=r,
+        )
+        self.last_queued = Gauge(
+            "kproxy_sync_proxy_rules_last_queued_timestamp_seconds",
+            "The last time a sync of proxy rules was queued",
+            registry=r,
+        )
+        self.endpoint_changes_pending = Gauge(
+            "kproxy_sync_proxy_rules_endpoint_changes_pending",
+            "Pending proxy rules Endpoint changes",
+            registry=r,
+        )
+        self.endpoint_changes_total = Counter(
+            "kproxy_sync_proxy_rules_endpoint_changes",
+            "Cumulative proxy rules Endpoint changes",
+            registry=r,
+        )
+        self.service_changes_pending = Gauge(
+            "kproxy_sync_proxy_rules_service_changes_pending",
+            "Pending proxy rules Service changes",
+            registry=r,
+        )
+        self.service_changes_total = Counter(
+            "kproxy_sync_proxy_rules_service_changes",
+            "Cumulative proxy rules Service changes",
+            registry=r,
+        )
+        self.restore_failures = Counter(
+            "kproxy_sync_proxy_rules_iptables_restore_failures",
+            "Cumulative proxy iptables restore failures",
+            registry=r,
+        )
+        self.sync_failures = Counter(
+            "kproxy_sync_proxy_rules_failures",
+            "Cumulative failed syncs of any mode",
+            registry=r,
+        )
+        self.rules = Gauge(
+            "kproxy_sync_proxy_rules_iptables_total",
+            "Total number of iptables rules owned by kproxy",
+            ["table"],
+            registry=r,
+        )
+        self.no_local_endpoints = Gauge(
+            "kproxy_sync_proxy_rules_no_local_endpoints_total",
+            "Number of services with a Local traffic policy and no endpoints",
+            ["traffic_policy"],
+            registry=r,
+        )
+        self.conntrack_deleted = Counter(
+            "kproxy_conntrack_reconciler_deleted_entries",
+            "Cumulative conntrack flows deleted by the stale-UDP cleanup",
+            registry=r,
+        )
+        self.invalid_objects = Counter(
+            "kproxy_invalid_objects",
+            "Kubernetes objects skipped because they are invalid",
+            ["kind"],
+            registry=r,
+        )
+        self.services = Gauge(
+            "kproxy_services",
+            "Services in the model",
+            registry=r,
+        )
+
+    def exposition(self) -> bytes:
+        return generate_latest(self.registry)
