@@ -1,0 +1,263 @@
+"""`kproxy run`: wires the model store, a source, the dataplane, DNS and the HTTP endpoints.
+
+Threads: the source's watcher threads feed the store; a DNS updater thread pushes snapshots to
+the DNS server (debounced); the HTTP servers run in their own threads; the sync loop runs in the
+main thread. Signal handlers only record the request (stop, resync); the loop acts on it.
+Stopping never touches the kernel rules: a restart reconciles instead of flushing.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import socket
+import threading
+import time
+from types import FrameType
+
+from kproxy.backends.base import Proxier, SyncError, SyncResult
+from kproxy.config import Settings
+from kproxy.kube.ingest import StoreSink
+from kproxy.metrics import Metrics
+from kproxy.model.store import Changes, Snapshot, Store
+from kproxy.runtime.health import HealthState, HTTPEndpoint, health_routes
+from kproxy.runtime.runner import SyncLoop
+from kproxy.runtime.sdnotify import Notifier
+
+log = logging.getLogger("kproxy")
+
+
+def node_name(settings: Settings) -> str:
+    return (settings.hostname_override or socket.gethostname()).strip().lower()
+
+
+class Daemon:
+    def __init__(self, settings: Settings, *, metrics: Metrics | None = None) -> None:
+        self.settings = settings
+        self.node_name = node_name(settings)
+        self.metrics = metrics or Metrics()
+        self.stop_event = threading.Event()
+        self.store = Store()
+        self.health = HealthState(timeout=2 * max(settings.sync_period, 1.0))
+        self.notifier = Notifier()
+        self._dns_wake = threading.Event()
+        self._synced_once = False
+        self._http: list[HTTPEndpoint] = []
+        self.proxiers: list[tuple[int, Proxier]] = []
+        self.dns: object | None = None
+        self.loop = SyncLoop(
+            sync=self._sync,
+            min_interval=settings.min_sync_period,
+            max_interval=settings.sync_period,
+            stop=self.stop_event,
+            tick=self._tick,
+            tick_interval=self._tick_interval(),
+        )
+        sink = StoreSink(
+            self.store,
+            node_name=self.node_name,
+            on_invalid=lambda kind: self.metrics.invalid_objects.labels(kind).inc(),
+        )
+        self.source = self._make_source(sink)
+        self.store.subscribe(self._on_change)
+
+    # -- construction ----------------------------------------------------------------------
+    def _tick_interval(self) -> float:
+        wd = self.notifier.watchdog_interval()
+        return min(5.0, wd / 2) if wd else 5.0
+
+    def _make_source(self, sink: StoreSink) -> object:
+        s = self.settings
+        if s.manifests:
+            from kproxy.kube.manifests import ManifestSource
+
+            return ManifestSource(sink=sink, directory=s.manifests, stop=self.stop_event)
+        from kproxy.kube.watch import KubeSource
+
+        return KubeSource(
+            sink=sink,
+            kubeconfig=s.kubeconfig or None,
+            master=s.master or None,
+            node_name=self.node_name,
+            stop=self.stop_event,
+        )
+
+    def _make_proxiers(self) -> list[tuple[int, Proxier]]:
+        from kproxy.runtime.dataplane import make_proxiers
+
+        return make_proxiers(self.settings, node_name=self.node_name)
+
+    # -- events ----------------------------------------------------------------------------
+    def _on_change(self) -> None:
+        self.health.queued()
+        self.metrics.last_queued.set(time.time())
+        self.loop.request()
+        self._dns_wake.set()
+
+    def _tick(self) -> None:
+        self.notifier.watchdog()
+        self.metrics.service_changes_pending.set(self.store.pending)
+        node = self.store.peek().node
+        self.health.node_deleting = bool(node and node.deleting)
+
+    def _dns_updater(self) -> None:
+        assert self.dns is not None
+        while not self.stop_event.is_set():
+            if not self._dns_wake.wait(1.0):
+                continue
+            self._dns_wake.clear()
+            try:
+                self.dns.update(self.store.peek())  # type: ignore[attr-defined]
+            except Exception:
+                log.exception("DNS index update failed")
+            self.stop_event.wait(0.05)  # debounce bursts of events
+
+    # -- syncing ---------------------------------------------------------------------------
+    def _sync(self, full: bool) -> bool:
+        snapshot, changes = self.store.take()
+        if full:
+            changes = Changes(
+                services=changes.services,
+                node_changed=True,
+                full=True,
+                trigger_times=changes.trigger_times,
+                queued_at=changes.queued_at,
+            )
+        started = time.monotonic()
+        results: list[SyncResult] = []
+        ok = True
+        for family, proxier in self.proxiers:
+            try:
+                results.append(proxier.sync(snapshot, changes, full=full))
+            except SyncError as err:
+                ok = False
+                log.error("sync of IPv%d rules failed: %s", family, err)
+            except Exception:
+                ok = False
+                log.exception("sync of IPv%d rules failed", family)
+        elapsed = time.monotonic() - started
+        if not ok:
+            self.metrics.sync_failures.inc()
+            self.metrics.restore_failures.inc()
+            return False
+        self._record(snapshot, changes, results, elapsed=elapsed, full=full)
+        return True
+
+    def _record(
+        self,
+        snapshot: Snapshot,
+        changes: Changes,
+        results: list[SyncResult],
+        *,
+        elapsed: float,
+        full: bool,
+    ) -> None:
+        m = self.metrics
+        m.sync_duration.observe(elapsed)
+        (m.sync_full_duration if full else m.sync_partial_duration).observe(elapsed)
+        now = time.time()
+        m.last_sync.set(now)
+        for trigger in changes.trigger_times:
+            if trigger <= now:
+                m.network_programming.observe(now - trigger)
+        m.service_changes_total.inc(len(changes.services))
+        m.services.set(len(snapshot.services))
+        tables: dict[str, int] = {}
+        for r in results:
+            for table, count in r.rules.items():
+                tables[table] = tables.get(table, 0) + count
+        for table, count in tables.items():
+            m.rules.labels(table).set(count)
+        self.health.updated()
+        written = sum(r.services_written for r in results)
+        log.info(
+            "synced %s in %.1f ms: %d services, %d changed, %d written",
+            "all rules" if full else "changes",
+            elapsed * 1000,
+            len(snapshot.services),
+            len(changes.services),
+            written,
+            extra={
+                "duration_ms": round(elapsed * 1000, 2),
+                "full": full,
+                "services": len(snapshot.services),
+                "changed": len(changes.services),
+                "written": written,
+            },
+        )
+        if not self._synced_once:
+            self._synced_once = True
+            self.notifier.ready()
+            self.notifier.status(f"synced {len(snapshot.services)} services")
+
+    # -- lifecycle -------------------------------------------------------------------------
+    def _install_signals(self) -> None:
+        def on_stop(signum: int, frame: FrameType | None) -> None:
+            log.info("received %s, stopping (rules stay in place)", signal.Signals(signum).name)
+            self.stop_event.set()
+            self.loop.request()
+
+        def on_hup(signum: int, frame: FrameType | None) -> None:
+            log.info("received SIGHUP, full resync requested")
+            self.loop.request(full=True)
+
+        if threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, on_stop)
+            signal.signal(signal.SIGINT, on_stop)
+            signal.signal(signal.SIGHUP, on_hup)
+
+    def _start_http(self) -> None:
+        s = self.settings
+        if s.healthz_bind_address:
+            self._http.append(
+                HTTPEndpoint(s.healthz_bind_address, health_routes(self.health), name="healthz")
+            )
+        if s.metrics_bind_address:
+            routes = health_routes(self.health)
+            routes["/metrics"] = lambda: (
+                200,
+                "text/plain; version=0.0.4; charset=utf-8",
+                self.metrics.exposition(),
+            )
+            self._http.append(HTTPEndpoint(s.metrics_bind_address, routes, name="metrics"))
+        for endpoint in self._http:
+            endpoint.start()
+
+    def _start_dns(self) -> None:
+        if not self.settings.dns:
+            return
+        from kproxy.runtime.dnswiring import make_dns
+
+        self.dns = make_dns(self.settings)
+        self.dns.start()  # type: ignore[attr-defined]
+        threading.Thread(target=self._dns_updater, name="dns-updater", daemon=True).start()
+
+    def run(self) -> int:
+        self._install_signals()
+        log.info(
+            "kproxy starting",
+            extra={"node": self.node_name, "mode": self.settings.proxy_mode},
+        )
+        self.proxiers = self._make_proxiers()
+        self._start_http()
+        self._start_dns()
+        self.source.start()  # type: ignore[attr-defined]
+        while not self.stop_event.is_set():
+            if self.source.wait_synced(1.0):  # type: ignore[attr-defined]
+                break
+            self.notifier.watchdog()
+            log.info("waiting for the first list of Services and EndpointSlices")
+        if not self.stop_event.is_set():
+            self._dns_wake.set()
+            self.loop.run()
+        self.shutdown()
+        return 0
+
+    def shutdown(self) -> None:
+        self.notifier.stopping()
+        self.stop_event.set()
+        for endpoint in self._http:
+            endpoint.stop()
+        if self.dns is not None:
+            self.dns.stop()  # type: ignore[attr-defined]
+        log.info("kproxy stopped; kernel rules left in place")

@@ -1,0 +1,73 @@
+"""Choosing and building the dataplane backends (one proxier per IP family) from the settings."""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import shutil
+
+from kproxy.backends.base import Proxier
+from kproxy.backends.netinfo import addresses_in, ipv6_available, local_addresses
+from kproxy.config import Settings
+from kproxy.model.options import ProxyOptions
+
+log = logging.getLogger("kproxy")
+
+
+def proxy_options(settings: Settings, *, family: int, node_name: str) -> ProxyOptions:
+    cidrs = tuple(
+        c
+        for c in settings.nodeport_addresses
+        if c != "primary" and ipaddress.ip_network(c).version == family
+    )
+    everywhere = not cidrs or any(ipaddress.ip_network(c).prefixlen == 0 for c in cidrs)
+    return ProxyOptions(
+        family=family,
+        node_name=node_name,
+        node_ips=local_addresses(family),
+        nodeport_ips=None if everywhere else addresses_in(cidrs, family),
+        cluster_cidrs=tuple(
+            c for c in settings.cluster_cidr if ipaddress.ip_network(c).version == family
+        ),
+        masquerade_all=settings.masquerade_all,
+        masquerade_bit=settings.masquerade_bit,
+    )
+
+
+def families() -> tuple[int, ...]:
+    """IPv4 always; IPv6 too when the host has it and ip6tables exists."""
+    if ipv6_available() and shutil.which("ip6tables-restore"):
+        return (4, 6)
+    return (4,)
+
+
+def make_proxiers(settings: Settings, *, node_name: str) -> list[tuple[int, Proxier]]:
+    out: list[tuple[int, Proxier]] = []
+    for family in families():
+        options = proxy_options(settings, family=family, node_name=node_name)
+        if settings.proxy_mode == "ipvs":
+            from kproxy.backends.ipvs import IPVSProxier
+
+            out.append((family, IPVSProxier(options=options, settings=settings)))
+        else:
+            from kproxy.backends.iptables import IptablesProxier
+
+            out.append((family, IptablesProxier(options=options)))
+    return out
+
+
+def cleanup_all(settings: Settings) -> None:
+    """`kproxy cleanup`: remove everything kproxy may have created, in every mode."""
+    from kproxy.backends.iptables import IptablesProxier
+
+    for family in families():
+        options = proxy_options(settings, family=family, node_name="")
+        IptablesProxier(options=options).cleanup()
+    try:
+        from kproxy.backends.ipvs import cleanup_ipvs
+
+        cleanup_ipvs()
+    except ImportError:
+        pass
+    except Exception as err:  # no IPVS in this kernel is the common case
+        log.info("IPVS cleanup skipped: %s", err)
