@@ -1,0 +1,26 @@
+"""The contract between the object sources (API watch, manifest directory) and their consumer.
+
+A source hands raw API JSON (plain dicts, exactly as the apiserver or a manifest file spells them)
+to a `Sink`. Kinds are "Service", "EndpointSlice" and "Node".
+
+- `replace(kind, objects)` delivers the complete current set of one kind, after a (re)list or a
+  manifest change. Sources never call it because of an error: an empty list means "there are none".
+- `apply(kind, event_type, obj)` delivers one watch event: ADDED, MODIFIED or DELETED.
+
+Implementations must be thread-safe: the API source calls from one thread per kind.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+RawObject = dict[str, Any]
+
+KINDS = ("Service", "EndpointSlice", "Node")
+EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED")
+
+
+class Sink(Protocol):
+    def replace(self, kind: str, objects: list[RawObject]) -> None: ...
+
+    def apply(self, kind: str, event_type: str, obj: RawObject) -> None: ...
