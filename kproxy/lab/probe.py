@@ -2,7 +2,8 @@
 prints JSON.
 
 Invoked as ``python3 -S -m kproxy.lab.probe '<json spec>'``; the spec's "op" is one of
-``http`` (N requests, a new connection each), ``udp`` (N queries from one socket), ``wait`` (retry
+``http`` (N requests, a new connection each), ``http_many`` (one request to each target),
+``udp`` (N queries from one socket), ``wait`` (retry
 HTTP until one succeeds), ``stream`` (a request every `interval` until `duration` or SIGINT) and
 ``hold`` (one keep-alive HTTP connection exchanging a request every `interval`). ``stream`` and
 ``hold`` print ``STARTED`` first. Standard library only and few imports: it starts in ~25 ms.
@@ -140,6 +141,10 @@ def op_http(spec: dict[str, Any]) -> list[dict[str, Any]]:
     return results
 
 
+def op_http_many(spec: dict[str, Any]) -> list[dict[str, Any]]:
+    return [http_once({**spec, "ip": ip, "port": port}) for ip, port in spec["targets"]]
+
+
 def op_udp(spec: dict[str, Any]) -> list[dict[str, Any]]:
     results = []
     timeout = float(spec.get("timeout", 1.0))
@@ -258,6 +263,7 @@ def op_hold(spec: dict[str, Any]) -> dict[str, Any]:
 
 OPS: dict[str, Any] = {
     "http": op_http,
+    "http_many": op_http_many,
     "udp": op_udp,
     "wait": op_wait,
     "stream": op_stream,

@@ -20,6 +20,7 @@ import signal
 import subprocess
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
@@ -190,6 +191,20 @@ def http_batch(
         "http", ip, port, n=n, timeout=timeout, interval=interval, path=path, src_ip=src_ip
     )
     raw = _probe(ns, spec, n * (timeout + interval))
+    return Batch(results=tuple(_result(r) for r in raw))
+
+
+def http_many(
+    ns: str | None,
+    targets: Sequence[tuple[str, int]],
+    *,
+    timeout: float = 1.0,
+    path: str = "/",
+) -> Batch:
+    """One GET to each (ip, port) in order, from one probe process; results in target order."""
+    spec: dict[str, Any] = {"op": "http_many", "targets": [[ip, int(port)] for ip, port in targets]}
+    spec.update(timeout=timeout, path=path)
+    raw = _probe(ns, spec, len(targets) * timeout)
     return Batch(results=tuple(_result(r) for r in raw))
 
 
