@@ -1,0 +1,185 @@
+"""iptables mode end to end: the real `kproxy run` in a node namespace, a fake apiserver, real
+traffic from pods and an outside client (issue: Services reachable through kernel NAT rules)."""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import Any
+
+import pytest
+
+from kproxy.lab.netlab import Lab
+from kproxy.lab.nsexec import module_argv
+from kproxy.lab.servers import serve_pods
+from kproxy.lab.traffic import http_batch, http_get, start_hold, start_stream, udp_query
+from kproxy.render.chains import svc_chain
+from tests.support.agent import Agent, eventually
+from tests.support.fakeapi import FakeApiServer
+from tests.support.objects import make_service_obj, make_slice_obj
+
+pytestmark = [pytest.mark.netns]
+
+VIP = "10.96.0.80"
+LB_IP = "203.0.113.10"
+EXT_IP = "198.51.100.10"
+
+
+def web_service(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": "LoadBalancer",
+        "clusterIP": VIP,
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053},
+        ],
+        "externalIPs": [EXT_IP],
+    }
+    body.update(spec)
+    return make_service_obj(
+        "default", "web", status={"loadBalancer": {"ingress": [{"ip": LB_IP}]}}, **body
+    )
+
+
+def web_slice(lab: Lab, pods: list[Any] | None = None) -> dict[str, Any]:
+    chosen = lab.pods if pods is None else pods
+    return make_slice_obj(
+        "default",
+        "web-abc12",
+        "web",
+        [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in chosen],
+        [("http", 80, "TCP"), ("dns", 5353, "UDP")],
+    )
+
+
+@pytest.fixture
+def web(lab: Lab, cluster_api: tuple[FakeApiServer, str]) -> tuple[FakeApiServer, Agent]:
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(web_service())
+    api.upsert(web_slice(lab))
+    agent = Agent(lab, lab.nodes[0], kubeconfig)
+    agent.start()
+    return api, agent
+
+
+def names(batch: Any) -> set[str]:
+    return set(batch.names)
+
+
+def test_clusterip_spreads_over_all_ready_pods(lab: Lab, web: Any) -> None:
+    batch = http_batch(lab.pods[0].ns, VIP, 80, n=40)
+    assert batch.ok_count == 40
+    assert names(batch) == {p.name for p in lab.pods}
+
+
+def test_udp_clusterip_reaches_target_port(lab: Lab, web: Any) -> None:
+    replies = udp_query(lab.pods[0].ns, VIP, 53, n=1)
+    assert replies.results[0].ok and replies.results[0].name in {p.name for p in lab.pods}
+
+
+@pytest.mark.parametrize(
+    ("target", "port"),
+    [("node", 30080), (LB_IP, 80), (EXT_IP, 80)],
+    ids=["nodeport", "loadbalancer-ip", "external-ip"],
+)
+def test_external_addresses_reach_pods_from_client(
+    lab: Lab, web: Any, target: str, port: int
+) -> None:
+    ip = lab.nodes[0].ip if target == "node" else target
+    batch = http_batch(lab.client.ns, ip, port, n=30)
+    assert batch.ok_count == 30
+    assert names(batch) == {p.name for p in lab.pods}
+    # off-cluster traffic is masqueraded: pods see the node, not the client
+    assert {r.client_ip for r in batch.results} == {lab.nodes[0].gateway}
+
+
+def test_udp_nodeport_from_client(lab: Lab, web: Any) -> None:
+    replies = udp_query(lab.client.ns, lab.nodes[0].ip, 30053, n=1)
+    assert replies.results[0].ok
+
+
+def test_pod_reaches_itself_through_its_service(lab: Lab, web: Any) -> None:
+    api, _ = web
+    me = lab.pods[1]
+    api.upsert(web_slice(lab, [me]))
+    eventually(lambda: names(http_batch(lab.pods[0].ns, VIP, 80, n=3)) == {me.name})
+    batch = http_batch(me.ns, VIP, 80, n=5)
+    assert batch.ok_count == 5 and names(batch) == {me.name}
+    # hairpin needs masquerade: the pod sees the node's address, not itself
+    assert me.ip not in {r.client_ip for r in batch.results}
+
+
+def test_service_without_endpoints_refuses_at_once(lab: Lab, web: Any) -> None:
+    api, agent = web
+    api.upsert(make_service_obj("default", "empty", clusterIP="10.96.0.99"))
+    api.upsert(make_slice_obj("default", "empty-x1", "empty", []))
+    eventually(lambda: "default/empty:http has no endpoints" in agent.save("filter"))
+    res = http_get(lab.pods[0].ns, "10.96.0.99", 80, timeout=3.0)
+    assert not res.ok and res.error_kind == "refused"
+    assert res.elapsed < 1.0
+
+
+def test_removed_endpoint_gets_no_traffic_within_a_second(lab: Lab, web: Any) -> None:
+    api, _ = web
+    gone = lab.pods[2]
+    api.upsert(web_slice(lab, lab.pods[:2]))
+    time.sleep(1.0)
+    batch = http_batch(lab.pods[0].ns, VIP, 80, n=30)
+    assert batch.ok_count == 30
+    assert gone.name not in names(batch)
+
+
+def test_deleted_service_leaves_no_chains(lab: Lab, web: Any) -> None:
+    api, agent = web
+    chain = svc_chain("default/web:http", "TCP")
+    assert chain in agent.save()
+    api.delete("Service", "default", "web")
+    eventually(lambda: chain not in agent.save() and "default/web" not in agent.save())
+    assert "default/web" not in agent.save("filter")
+
+
+def test_restart_loses_no_request_and_keeps_connections(lab: Lab, web: Any) -> None:
+    _, agent = web
+    stream = start_stream(lab.client.ns, lab.nodes[0].ip, 30080, duration=4.0, interval=0.02)
+    hold = start_hold(lab.client.ns, lab.nodes[0].ip, 30080, duration=4.0, interval=0.1)
+    stream.wait_started()
+    hold.wait_started()
+    time.sleep(0.5)
+    agent.restart()
+    result = stream.result()
+    held = hold.result()
+    assert result.ok_count > 50
+    assert result.failures == 0, result.errors
+    assert held.ok, held.error
+    assert len(held.names) == 1  # one connection, one pod, all along
+
+
+def test_stop_leaves_rules_and_cleanup_removes_everything(lab: Lab, web: Any) -> None:
+    _, agent = web
+    agent.stop()
+    # stopped: the rules stay, traffic still flows
+    assert http_batch(lab.client.ns, lab.nodes[0].ip, 30080, n=3).ok_count == 3
+    out = lab.run(lab.nodes[0].ns, module_argv("kproxy", "cleanup"), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for table in ("nat", "filter", "mangle"):
+        assert not re.search(r"KUBE-", agent.save(table)), agent.save(table)
+
+
+def test_bad_input_is_skipped_and_logged(lab: Lab, web: Any) -> None:
+    api, agent = web
+    bad_ip = make_service_obj("default", "bad-ip", clusterIP="10.96.0.300")
+    bad_port = make_service_obj(
+        "default", "bad-port", clusterIP="10.96.0.91", ports=[{"name": "x", "port": 99999}]
+    )
+    api.upsert(bad_ip)
+    api.upsert(bad_port)
+    api.upsert(make_service_obj("default", "ok", clusterIP="10.96.0.92"))
+    api.upsert(make_slice_obj("default", "ok-1", "ok", [lab.pods[0].ip, "10.244.1.999"]))
+    ok = eventually(lambda: http_get(lab.pods[1].ns, "10.96.0.92", 80).ok, timeout=5.0)
+    assert ok is None or ok
+    assert http_get(lab.pods[1].ns, "10.96.0.92", 80).name == lab.pods[0].name
+    assert http_batch(lab.pods[1].ns, VIP, 80, n=5).ok_count == 5
+    log = agent.log()
+    assert "default/bad-ip" in log and "default/bad-port" in log and "default/ok-1" in log
+    assert agent.proc is not None and agent.proc.poll() is None

@@ -1,0 +1,173 @@
+"""Running the real `kproxy run` inside a lab node namespace, against a fake apiserver.
+
+`Agent` is a real kproxy process (python3 -m kproxy run ...) in a node namespace; the fake
+apiserver serves from the lab's fabric namespace so every node reaches it. Tests drive the API
+and assert with real traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from kproxy.lab.netlab import FABRIC_IP, Lab, Node
+from kproxy.lab.nsexec import module_argv
+from kproxy.lab.traffic import http_get
+from tests.support.fakeapi import FakeApiServer
+
+CLUSTER_CIDR = "10.244.0.0/16"
+
+
+def node_obj(node: Node, *, zone: str = "", deleting: bool = False) -> dict[str, Any]:
+    meta: dict[str, Any] = {"name": node.name, "labels": {}}
+    if zone:
+        meta["labels"]["topology.kubernetes.io/zone"] = zone
+    if deleting:
+        meta["deletionTimestamp"] = "2026-01-01T00:00:00Z"
+    return {
+        "apiVersion": "v1",
+        "kind": "Node",
+        "metadata": meta,
+        "status": {"addresses": [{"type": "InternalIP", "address": node.ip}]},
+    }
+
+
+class Agent:
+    def __init__(
+        self,
+        lab: Lab,
+        node: Node,
+        kubeconfig: str,
+        *,
+        extra: Sequence[str] = (),
+        dns: bool = False,
+    ) -> None:
+        self.lab = lab
+        self.node = node
+        self.kubeconfig = kubeconfig
+        self.extra = list(extra)
+        self.dns = dns
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.log_path = lab.workdir / f"kproxy-{node.name}.log"
+        self.starts = 0
+
+    def argv(self) -> list[str]:
+        args = [
+            "run",
+            "--kubeconfig",
+            self.kubeconfig,
+            "--hostname-override",
+            self.node.name,
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+            "--iptables-min-sync-period",
+            "0s",
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+            "-v",
+            "-v",
+        ]
+        if not self.dns:
+            args.append("--no-dns")
+        return module_argv("kproxy", *args, *self.extra)
+
+    def start(self, *, wait: bool = True) -> None:
+        self.starts += 1
+        with open(self.log_path, "ab") as log:
+            log.write(f"---- start {self.starts}\n".encode())
+            log.flush()
+            self.proc = self.lab.spawn(
+                self.node.ns, self.argv(), stdout=log, stderr=subprocess.STDOUT
+            )
+        if wait:
+            self.wait_ready()
+
+    def healthz(self, path: str = "/healthz") -> tuple[bool, dict[str, Any]]:
+        res = http_get(self.node.ns, "127.0.0.1", 10256, timeout=1.0, path=path)
+        if not res.ok:
+            return False, {}
+        body = res.body
+        try:
+            return True, json.loads(body[body.index("{") :])
+        except ValueError:
+            return True, {}
+
+    def wait_ready(self, timeout: float = 20.0) -> None:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc is not None and self.proc.poll() is not None:
+                raise AssertionError(f"kproxy exited early:\n{self.log()}")
+            ok, body = self.healthz()
+            if ok and body.get("lastUpdated"):
+                return
+            time.sleep(0.1)
+        raise AssertionError(f"kproxy did not sync within {timeout}s:\n{self.log()}")
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
+        assert self.proc is not None
+        self.proc.send_signal(sig)
+        try:
+            return self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            raise AssertionError(f"kproxy did not stop on {sig}:\n{self.log()}") from None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+    def log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")[-6000:]
+        except OSError:
+            return ""
+
+    def save(self, table: str = "nat", *, binary: str = "iptables-save") -> str:
+        return self.lab.run(
+            self.node.ns, [binary, "-t", table], capture_output=True, text=True
+        ).stdout
+
+    def metrics(self) -> str:
+        res = http_get(self.node.ns, "127.0.0.1", 10249, timeout=2.0, path="/metrics")
+        return res.body if res.ok else ""
+
+
+def eventually(check: Callable[[], Any], *, timeout: float = 5.0, step: float = 0.05) -> Any:
+    """Retry `check` until it returns a truthy value (returned) or raises no AssertionError."""
+    deadline = time.monotonic() + timeout
+    last: BaseException | None = None
+    while True:
+        try:
+            value = check()
+            if value or value is None:
+                return value
+        except AssertionError as err:
+            last = err
+        if time.monotonic() > deadline:
+            if last is not None:
+                raise last
+            raise AssertionError(f"condition not met within {timeout}s")
+        time.sleep(step)
+
+
+@pytest.fixture
+def cluster_api(lab: Lab) -> Iterator[tuple[FakeApiServer, str]]:
+    """A fake apiserver listening in the lab's fabric namespace (reachable from every node)."""
+    api = FakeApiServer(host=FABRIC_IP, netns=lab.fabric_ns)
+    api.start()
+    for node in lab.nodes:
+        api.upsert(node_obj(node))
+    kubeconfig = api.write_kubeconfig(str(lab.workdir / "kubeconfig"))
+    try:
+        yield api, kubeconfig
+    finally:
+        api.stop()
