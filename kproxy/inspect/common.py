@@ -1,0 +1,56 @@
+"""Getting a snapshot for the inspection commands, from manifests or from the API."""
+
+from __future__ import annotations
+
+import sys
+import threading
+
+from kproxy.config import Settings
+from kproxy.kube.ingest import StoreSink
+from kproxy.model.options import ProxyOptions
+from kproxy.model.store import Snapshot, Store
+from kproxy.runtime.daemon import node_name
+
+
+def load_snapshot(settings: Settings, *, timeout: float = 15.0) -> Snapshot:
+    """The cluster state the agent would see: one list of every kind, no watch kept open."""
+    store = Store()
+    sink = StoreSink(store, node_name=node_name(settings))
+    stop = threading.Event()
+    if settings.manifests:
+        from kproxy.kube.manifests import ManifestSource
+
+        ManifestSource(sink=sink, directory=settings.manifests, stop=stop).load_once()
+    else:
+        from kproxy.kube.watch import KubeSource
+
+        source = KubeSource(
+            sink=sink,
+            kubeconfig=settings.kubeconfig or None,
+            master=settings.master or None,
+            node_name=node_name(settings),
+            stop=stop,
+        )
+        source.start()
+        ok = source.wait_synced(timeout)
+        stop.set()
+        if not ok:
+            print("kproxy: could not list Services/EndpointSlices in time", file=sys.stderr)
+            raise SystemExit(1)
+    return store.peek()
+
+
+def offline_options(settings: Settings, *, family: int) -> ProxyOptions:
+    """ProxyOptions without reading the host (render works anywhere, without root)."""
+    import ipaddress
+
+    return ProxyOptions(
+        family=family,
+        node_name=node_name(settings),
+        nodeport_ips=None,
+        cluster_cidrs=tuple(
+            c for c in settings.cluster_cidr if ipaddress.ip_network(c).version == family
+        ),
+        masquerade_all=settings.masquerade_all,
+        masquerade_bit=settings.masquerade_bit,
+    )
