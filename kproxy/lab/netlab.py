@@ -6,7 +6,9 @@ Used by the integration tests and by ``kproxy demo``. Everything goes through th
 
 Topology (N is the 1-based node number)::
 
-    fabric ns:  bridge br0 192.168.50.1/24 [fd00:50::1/64]; no forwarding (a dead end)
+    fabric ns:  bridge br0 192.168.50.1/24 [fd00:50::1/64]; pod CIDRs via their node; no
+                forwarding (a dead end). Shared control-plane servers (a fake apiserver) listen
+                here: every node, the client and every pod reach 192.168.50.1
     client ns:  eth0 192.168.50.2/24 [fd00:50::2]; pod CIDRs via their node; default via node 1
     node N ns:  eth0 192.168.50.(10+N)/24 [fd00:50::(10+N)]; default via the fabric;
                 other nodes' pod CIDRs via those nodes; ip_forward=1; rp_filter=0;
@@ -140,6 +142,8 @@ class Lab:
         self.prefix = prefix
         self.ipv6 = ipv6
         self.fabric_ns = f"{prefix}-fabric"
+        self.fabric_ip = FABRIC_IP
+        self.fabric_ip6 = FABRIC_IP6 if ipv6 else None
         self.client = Client(
             name="client",
             ns=f"{prefix}-client",
@@ -197,7 +201,8 @@ class Lab:
             [(n.ns, self._node_script(n, [p for p in pods if p.node == n])) for n in self.nodes]
         )
         self._batch_all(
-            [(self.client.ns, self._client_script())] + [(p.ns, self._pod_script(p)) for p in pods]
+            [(self.client.ns, self._client_script()), (self.fabric_ns, self._fabric_routes())]
+            + [(p.ns, self._pod_script(p)) for p in pods]
         )
         self.pods.extend(pods)
 
@@ -271,6 +276,14 @@ class Lab:
                 f"link set {port} master br0",
                 f"link set {port} up",
             ]
+        return "\n".join(lines)
+
+    def _fabric_routes(self) -> str:
+        lines = []
+        for node in self.nodes:
+            lines.append(f"route add {node.pod_cidr} via {node.ip}")
+            if node.pod_cidr6 and node.ip6:
+                lines.append(f"route add {node.pod_cidr6} via {node.ip6}")
         return "\n".join(lines)
 
     def _node_script(self, node: Node, pods: Iterable[Pod]) -> str:
@@ -398,19 +411,33 @@ class Lab:
                 return p
         raise KeyError(name)
 
+    def describe(self) -> str:
+        """A few lines naming every namespace and address (for humans: demo, test failures)."""
+        fabric = " ".join(filter(None, (self.fabric_ip, self.fabric_ip6)))
+        lines = [f"fabric   {self.fabric_ns}: {fabric}"]
+        lines.append(f"client   {self.client.ns}: {' '.join(self.client.ips)}")
+        for node in self.nodes:
+            lines.append(
+                f"{node.name:<8} {node.ns}: {' '.join(node.ips)} pods {' '.join(node.pod_cidrs)}"
+            )
+            for pod in self.pods_on(node):
+                lines.append(f"  pod {pod.name} {pod.ns}: {' '.join(pod.ips)} via {pod.host_iface}")
+        return "\n".join(lines)
+
     def add_route(self, ns: str, dst: str, via: str) -> None:
         """``ip route replace dst via via`` in `ns` (e.g. a LoadBalancer IP towards a node)."""
         self._ip(["-n", ns, "route", "replace", dst, "via", via])
 
     def run(self, ns: str, argv: Sequence[str], **kw: Any) -> subprocess.CompletedProcess[Any]:
         """Run `argv` in namespace `ns` and wait. Defaults: text output captured, check=True
-        (raising :class:`LabCommandError` with stderr), timeout 60 s; `kw` overrides them and is
-        passed to :func:`subprocess.run`."""
+        (raising :class:`LabCommandError` with stderr), timeout 60 s, the environment of
+        ``nsexec.helper_env``; `kw` overrides them and is passed to :func:`subprocess.run`."""
         self._check_alive()
         full = ns_argv(ns, argv)
         check = kw.pop("check", True)
         kw.setdefault("timeout", 60)
         kw.setdefault("text", True)
+        kw.setdefault("env", helper_env())
         if "stdout" not in kw and "stderr" not in kw:
             kw.setdefault("capture_output", True)
         if "input" not in kw:

@@ -163,13 +163,13 @@ def server_argv(
     *, name: str, tcp: Sequence[int] = (), udp: Sequence[int] = (), binds: Sequence[str] = ()
 ) -> list[str]:
     """argv running this server (to be run inside a namespace)."""
-    from kproxy.lab.nsexec import module_argv
+    from kproxy.lab.nsexec import helper_argv
 
     args = ["--name", name]
     args += [a for p in tcp for a in ("--tcp", str(p))]
     args += [a for p in udp for a in ("--udp", str(p))]
     args += [a for b in binds for a in ("--bind", b)]
-    return module_argv("kproxy.lab.servers", *args)
+    return helper_argv("kproxy.lab.servers", *args)
 
 
 def start_server(

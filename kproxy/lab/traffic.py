@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from kproxy.lab.nsexec import helper_env, module_argv, ns_argv
+from kproxy.lab.nsexec import helper_argv, helper_env, ns_argv
 
 _SLACK = 10.0
 
@@ -137,7 +137,7 @@ def _result(raw: dict[str, Any]) -> Result:
 
 
 def _argv(ns: str | None, spec: dict[str, Any]) -> list[str]:
-    return ns_argv(ns, module_argv("kproxy.lab.probe", json.dumps(spec)))
+    return ns_argv(ns, helper_argv("kproxy.lab.probe", json.dumps(spec)))
 
 
 def _probe(ns: str | None, spec: dict[str, Any], budget: float) -> Any:

@@ -81,6 +81,18 @@ def test_nodes_and_pods_reach_each_other(lab2: Lab) -> None:
         ]
 
 
+def test_fabric_hosts_a_server_every_namespace_reaches(lab2: Lab) -> None:
+    # Where a shared fake apiserver listens in two-node tests.
+    start_server(lab2, lab2.fabric_ns, name="control-plane", tcp=(HTTP,))
+    for ns, src in [
+        *((n.ns, n.ip) for n in lab2.nodes),
+        *((p.ns, p.ip) for p in lab2.pods),
+        (lab2.client.ns, lab2.client.ip),
+    ]:
+        got = http_get(ns, lab2.fabric_ip, HTTP)
+        assert (got.name, got.client_ip) == ("control-plane", src), (ns, got)
+
+
 def test_batch_makes_a_new_connection_per_request(lab: Lab) -> None:
     serve_pods(lab, tcp=(HTTP,))
     pod = lab.pods[0]
