@@ -23,13 +23,16 @@ Invariants:
 - the node's default route gives Service VIPs a route for locally generated traffic; packets
   that nothing DNATs die silently in the fabric namespace;
 - ``teardown()`` is idempotent, kills every process in the lab's namespaces (tracked or not) and
-  deletes the namespaces; it also runs at interpreter exit if nobody called it.
+  deletes the namespaces; it also runs at interpreter exit if nobody called it;
+- a lab whose process was killed outright leaves a record in its workdir, and
+  :func:`cleanup_stale` deletes such leftovers (never a live process's lab).
 """
 
 from __future__ import annotations
 
 import atexit
 import contextlib
+import json
 import os
 import re
 import secrets
@@ -54,6 +57,7 @@ CLIENT_IP = "192.168.50.2"
 CLIENT_IP6 = "fd00:50::2"
 MAX_PODS_PER_NODE = 240
 MAX_NODES = 200
+OWNER_FILE = "kproxy-lab.json"
 
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
 
@@ -220,10 +224,11 @@ class Lab:
     def remove_pod(self, pod: Pod) -> None:
         """Kill the pod's processes and delete its namespace and veth."""
         self._check_alive()
-        self._kill_namespace_processes([pod.ns])
+        kill_namespace_processes([pod.ns])
         self._ip(["-n", pod.node.ns, "link", "del", pod.host_iface], check=False)
         self._ip(["netns", "del", pod.ns], check=False)
         self._namespaces.remove(pod.ns)
+        self._write_owner()
         self.pods.remove(pod)
 
     def _make_node(self, index: int) -> Node:
@@ -343,7 +348,19 @@ class Lab:
     def _add_namespaces(self, names: Sequence[str]) -> None:
         # Record first: a half-built lab must still be torn down completely.
         self._namespaces.extend(names)
+        self._write_owner()
         self._batch_all([(None, "\n".join(f"netns add {ns}" for ns in names))])
+
+    def _write_owner(self) -> None:
+        """Record owner process and namespaces, so :func:`cleanup_stale` can find leaked labs."""
+        data = {
+            "pid": os.getpid(),
+            "start": _process_start(os.getpid()),
+            "namespaces": self._namespaces,
+        }
+        tmp = self.workdir / f"{OWNER_FILE}.tmp"
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.workdir / OWNER_FILE)
 
     def _set_sysctls(self, pods: Sequence[Pod], *, nodes: bool = True) -> None:
         settings: dict[str, list[str]] = {}
@@ -518,7 +535,7 @@ class Lab:
                 _signal_group(proc, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=2)
-        self._kill_namespace_processes(self._namespaces)
+        kill_namespace_processes(self._namespaces)
         if self._namespaces:
             script = self.workdir / "teardown.ip"
             script.write_text("".join(f"netns del {ns}\n" for ns in self._namespaces))
@@ -526,32 +543,6 @@ class Lab:
         self._namespaces.clear()
         shutil.rmtree(self.workdir, ignore_errors=True)
         self.timings["teardown"] = time.monotonic() - started
-
-    def _kill_namespace_processes(self, names: Sequence[str]) -> None:
-        """SIGKILL every process whose network namespace is one of `names`."""
-        targets = set()
-        for ns in names:
-            with contextlib.suppress(OSError):
-                st = os.stat(f"/run/netns/{ns}")
-                targets.add((st.st_dev, st.st_ino))
-        if not targets:
-            return
-        for _ in range(3):
-            found = False
-            for entry in os.scandir("/proc"):
-                if not entry.name.isdigit():
-                    continue
-                try:
-                    st = os.stat(f"/proc/{entry.name}/ns/net")
-                except OSError:
-                    continue
-                if (st.st_dev, st.st_ino) in targets:
-                    found = True
-                    with contextlib.suppress(ProcessLookupError):
-                        os.kill(int(entry.name), signal.SIGKILL)
-            if not found:
-                return
-            time.sleep(0.02)
 
     def _check_alive(self) -> None:
         if self._torn_down:
@@ -570,6 +561,63 @@ class Lab:
 
     def __repr__(self) -> str:
         return f"Lab(prefix={self.prefix!r}, nodes={len(self.nodes)}, pods={len(self.pods)})"
+
+
+def kill_namespace_processes(names: Sequence[str]) -> None:
+    """SIGKILL every process whose network namespace is one of `names`."""
+    targets = set()
+    for ns in names:
+        with contextlib.suppress(OSError):
+            st = os.stat(f"/run/netns/{ns}")
+            targets.add((st.st_dev, st.st_ino))
+    if not targets:
+        return
+    for _ in range(3):
+        found = False
+        for entry in os.scandir("/proc"):
+            if not entry.name.isdigit():
+                continue
+            try:
+                st = os.stat(f"/proc/{entry.name}/ns/net")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) in targets:
+                found = True
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(int(entry.name), signal.SIGKILL)
+        if not found:
+            return
+        time.sleep(0.02)
+
+
+def cleanup_stale(tmpdir: str | None = None) -> list[str]:
+    """Delete the namespaces of labs whose creating process died without tearing down (e.g. a
+    SIGKILLed test run); labs of live processes are left alone. Returns the deleted names."""
+    removed: list[str] = []
+    for owner in Path(tmpdir or tempfile.gettempdir()).glob(f"*/{OWNER_FILE}"):
+        try:
+            data = json.loads(owner.read_text())
+            pid, start, names = int(data["pid"]), str(data["start"]), list(data["namespaces"])
+        except (OSError, ValueError, KeyError, TypeError):
+            continue
+        if _process_start(pid) == start:
+            continue
+        kill_namespace_processes(names)
+        for ns in names:
+            done = subprocess.run([IP, "netns", "del", ns], capture_output=True, check=False)
+            if done.returncode == 0:
+                removed.append(ns)
+        shutil.rmtree(owner.parent, ignore_errors=True)
+    return removed
+
+
+def _process_start(pid: int) -> str | None:
+    """The start time of `pid` (field 22 of /proc/PID/stat), None when it does not exist."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    return stat.rsplit(")", 1)[1].split()[19]
 
 
 def _pod_host_lines(pod: Pod) -> list[str]:

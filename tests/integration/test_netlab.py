@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
+import sys
 import time
 from collections.abc import Callable
 
 import pytest
 
-from kproxy.lab.netlab import Lab, LabCommandError
+from kproxy.lab.netlab import Lab, LabCommandError, cleanup_stale
+from kproxy.lab.nsexec import helper_env
 from kproxy.lab.servers import serve_pods, start_server
 from kproxy.lab.traffic import (
     http_batch,
@@ -267,6 +269,31 @@ def test_teardown_kills_processes_and_deletes_namespaces(
     lab.teardown()  # idempotent
     record_property("lab_create_s", round(lab.timings["create"], 3))
     record_property("lab_teardown_s", round(lab.timings["teardown"], 3))
+
+
+def test_cleanup_stale_removes_only_labs_of_dead_processes(lab: Lab) -> None:
+    script = (
+        "import os, signal\n"
+        "from kproxy.lab.netlab import Lab\n"
+        "lab = Lab.create(nodes=1, pods_per_node=1, prefix='kplstale')\n"
+        "lab.spawn(lab.pods[0].ns, ['sleep', '60'])\n"
+        "print(' '.join(lab.namespaces), flush=True)\n"
+        "os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    leaked = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=helper_env(),
+        check=False,
+    )
+    names = set(leaked.stdout.split())
+    assert len(names) == 4, leaked.stderr
+    assert names <= _netns_list()
+    removed = cleanup_stale()
+    assert names <= set(removed)
+    assert not names & _netns_list()
+    assert set(lab.namespaces) <= _netns_list()  # a live lab is left alone
 
 
 def test_spawn_logs_output(lab: Lab) -> None:

@@ -7,6 +7,7 @@ Load with ``pytest_plugins = ["tests.support.lab"]`` (root conftest) or import t
 - ``lab_factory``: ``lab_factory(nodes=..., pods_per_node=..., ipv6=...)`` builds more labs, all
   torn down after the test.
 
+The first use per session also deletes labs leaked by killed test runs (``cleanup_stale``).
 All skip (not fail) when not root or when ``ip netns`` cannot create a namespace here.
 """
 
@@ -22,7 +23,7 @@ from typing import Any
 
 import pytest
 
-from kproxy.lab.netlab import Lab
+from kproxy.lab.netlab import Lab, cleanup_stale
 
 
 @functools.cache
@@ -37,6 +38,7 @@ def netns_unavailable() -> str | None:
     subprocess.run(["ip", "netns", "del", name], capture_output=True, check=False)
     if add.returncode != 0:
         return f"`ip netns add` failed: {add.stderr.strip()}"
+    cleanup_stale()  # labs leaked by killed runs (never those of live processes)
     return None
 
 
