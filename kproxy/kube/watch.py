@@ -162,6 +162,7 @@ class _Watcher:
         self._backoff_max = backoff_max
         self.status = KindStatus(kind)
         self._failures = 0
+        self._short_streams = 0
         self.synced = threading.Event()
         self._lock = threading.Lock()
         self._response: Any = None
@@ -206,9 +207,11 @@ class _Watcher:
                     rv = self._list()
                 started = time.monotonic()
                 rv, events = self._watch(rv)
-                if events == 0 and time.monotonic() - started < SHORT_STREAM:
-                    raise _StatusError("the watch stream ended at once, without any event")
                 self._failures = 0
+                if events == 0 and time.monotonic() - started < SHORT_STREAM:
+                    self._short_stream()
+                else:
+                    self._short_streams = 0
                 log.debug("%s: watch ended; resuming at resourceVersion %s", self.kind, rv)
             except _Gone as err:
                 log.info("%s: %s; listing again", self.kind, err)
@@ -247,6 +250,22 @@ class _Watcher:
         self._stop.wait(delay)
         # After an unexpected error we cannot tell what the sink holds: list again.
         return rv if expected else None
+
+    def _short_stream(self) -> None:
+        """An empty stream that ended at once. The first one is normal (an apiserver restart
+        closes every stream); from the second in a row on, back off so we never spin."""
+        self._short_streams += 1
+        if self._short_streams == 1:
+            return
+        delay = self._backoff(self._short_streams - 1)
+        log.log(
+            logging.WARNING if self._short_streams >= 3 else logging.DEBUG,
+            "%s: %d watch streams in a row ended at once without events; next in %.1fs",
+            self.kind,
+            self._short_streams,
+            delay,
+        )
+        self._stop.wait(delay)
 
     def _recovered(self, what: str) -> None:
         if self._failures:

@@ -32,12 +32,13 @@ import itertools
 import json
 import os
 import re
+import select
 import socket
 import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -333,6 +334,11 @@ class FakeApiServer:
             obj = self._objects.get((kind, ns, name))
             return None if obj is None else self._copy(obj)
 
+    def objects(self, kind: str) -> list[RawObject]:
+        """Copies of every stored object of `kind`, sorted by namespace and name."""
+        with self._cond:
+            return [self._copy(o) for (k, _, _), o in sorted(self._objects.items()) if k == kind]
+
     @property
     def resource_version(self) -> int:
         with self._cond:
@@ -452,7 +458,8 @@ class FakeApiServer:
         start: int | None,
         bookmarks: bool,
         deadline: float,
-        write: Any,
+        write: Callable[[bytes], None],
+        alive: Callable[[], bool],
     ) -> None:
         """Stream events to `write(line_bytes)` until deadline, close_watches() or stop()."""
         res = query.resource
@@ -503,7 +510,9 @@ class FakeApiServer:
                         next_bookmark = now + self.bookmark_interval
                         lines = [self._bookmark(res, pos)]
                         break
-                    self._cond.wait(min(deadline - now, max(next_bookmark - now, 0.01), 1.0))
+                    if not alive():
+                        return
+                    self._cond.wait(min(deadline - now, max(next_bookmark - now, 0.01), 0.2))
             for data in lines:
                 write(data)
 
@@ -533,6 +542,14 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _client_connected(self) -> bool:
+        """False once the client closed its side (as the apiserver notices a gone watcher)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return not readable or self.connection.recv(1, socket.MSG_PEEK) != b""
+        except OSError:
+            return False
 
     def _chunk(self, data: bytes) -> None:
         data += b"\n"
@@ -615,6 +632,7 @@ class _Handler(BaseHTTPRequestHandler):
                 bookmarks=query.get("allowWatchBookmarks") in _TRUE,
                 deadline=time.monotonic() + timeout,
                 write=self._chunk,
+                alive=self._client_connected,
             )
         finally:
             with fake._cond:
@@ -649,8 +667,65 @@ def _discovery(path: str, address: str) -> RawObject:
     return {"kind": "APIResourceList", "groupVersion": group_version, "resources": resources}
 
 
-@pytest.fixture
-def fake_apiserver() -> Iterator[FakeApiServer]:
+def wait_until(predicate: Callable[[], object], timeout: float = 5.0, step: float = 0.01) -> bool:
+    """Poll `predicate` until it is truthy or `timeout` passes; returns its last truthiness."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if predicate():
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(step)
+
+
+class RecordingSink:
+    """A `kproxy.kube.sink.Sink` that records every call and keeps the resulting state."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.calls: list[tuple[str, str, Any]] = []  # ("replace", kind, [refs]) / (type, kind, ref)
+        self.state: dict[str, dict[str, RawObject]] = {k: {} for k in RESOURCES}
+
+    @staticmethod
+    def ref(obj: RawObject) -> str:
+        meta = obj.get("metadata") or {}
+        ns = meta.get("namespace")
+        return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
+
+    def replace(self, kind: str, objects: list[RawObject]) -> None:
+        with self._lock:
+            self.calls.append(("replace", kind, sorted(self.ref(o) for o in objects)))
+            self.state[kind] = {self.ref(o): o for o in objects}
+
+    def apply(self, kind: str, event_type: str, obj: RawObject) -> None:
+        with self._lock:
+            self.calls.append((event_type, kind, self.ref(obj)))
+            if event_type == "DELETED":
+                self.state[kind].pop(self.ref(obj), None)
+            else:
+                self.state[kind][self.ref(obj)] = obj
+
+    def names(self, kind: str) -> set[str]:
+        with self._lock:
+            return set(self.state[kind])
+
+    def get(self, kind: str, ref: str) -> RawObject | None:
+        with self._lock:
+            return self.state[kind].get(ref)
+
+    def replaces(self, kind: str) -> list[list[str]]:
+        """The refs of every `replace` of `kind`, in call order."""
+        with self._lock:
+            return [list(c[2]) for c in self.calls if c[0] == "replace" and c[1] == kind]
+
+    def events(self, kind: str) -> list[tuple[str, str]]:
+        """(event type, ref) of every `apply` of `kind`, in call order."""
+        with self._lock:
+            return [(c[0], c[2]) for c in self.calls if c[0] != "replace" and c[1] == kind]
+
+
+@pytest.fixture(name="fake_apiserver")
+def fake_apiserver_fixture() -> Iterator[FakeApiServer]:
     """A started FakeApiServer on 127.0.0.1 (random port), stopped after the test."""
     server = FakeApiServer()
     server.start()
@@ -660,7 +735,7 @@ def fake_apiserver() -> Iterator[FakeApiServer]:
         server.stop()
 
 
-@pytest.fixture
-def fake_kubeconfig(fake_apiserver: FakeApiServer, tmp_path: Any) -> str:
+@pytest.fixture(name="fake_kubeconfig")
+def fake_kubeconfig_fixture(fake_apiserver: FakeApiServer, tmp_path: Any) -> str:
     """Path of a kubeconfig for `fake_apiserver`."""
     return fake_apiserver.write_kubeconfig(str(tmp_path / "kubeconfig"))
