@@ -535,6 +535,10 @@ class Lab:
                 _signal_group(proc, signal.SIGKILL)
                 with contextlib.suppress(subprocess.TimeoutExpired):
                     proc.wait(timeout=2)
+        for proc in self._procs:
+            for pipe in (proc.stdin, proc.stdout, proc.stderr):
+                if pipe is not None:
+                    pipe.close()
         kill_namespace_processes(self._namespaces)
         if self._namespaces:
             script = self.workdir / "teardown.ip"
@@ -644,8 +648,12 @@ def _start(argv: list[str]) -> tuple[list[str], subprocess.Popen[str]]:
 
 
 def _signal_group(proc: subprocess.Popen[Any], sig: int) -> None:
-    with contextlib.suppress(ProcessLookupError, PermissionError):
+    """Signal the process group `proc` leads (spawn's default), else just the process."""
+    try:
         os.killpg(proc.pid, sig)
+    except (ProcessLookupError, PermissionError):
+        with contextlib.suppress(ProcessLookupError):
+            proc.send_signal(sig)
 
 
 def _safe_name(name: str) -> str:
