@@ -1,0 +1,419 @@
+"""The serving engine: sockets in, answers out, from the current index and its answer cache.
+
+One `Engine` lives in each serving process (or in the daemon itself with workers=0). Threads:
+
+- one UDP loop per UDP socket: a non-blocking `recvfrom`/`sendto` loop that polls only when the
+  socket is empty. A plain query whose (question, type) is in the answer cache is answered
+  without building any object (see wire.py); everything else takes the slow path in the same
+  thread, except what needs the upstream, which goes to a small thread pool so that a slow
+  upstream never stalls cluster answers.
+- one TCP acceptor per listener and a thread per connection (bounded), answering pipelined
+  queries until the connection idles out.
+
+State is one tuple `(index, cache)` swapped atomically by `apply`. The cache maps the lower-cased
+question (name, type, class) to an encoded `Template`; `apply` carries it over to the new index
+minus the names the model change touched, so a rollout does not cold-start the cache.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import select
+import socket
+import struct
+import threading
+import time
+from collections import Counter
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+
+from kproxy.dns.forward import Forwarder, RecursionPolicy, UpstreamError
+from kproxy.dns.index import DnsIndex, IndexBuilder, ModelDelta
+from kproxy.dns.options import DNSOptions
+from kproxy.dns.records import CLASS_IN, REFUSED, SERVFAIL
+from kproxy.dns.resolver import Answer, resolve
+from kproxy.dns.wire import (
+    ECHO_FLAGS,
+    Query,
+    Template,
+    encode,
+    opt_record,
+    parse_query,
+    render,
+    reply_for,
+)
+
+log = logging.getLogger(__name__)
+
+_QD1 = b"\x00\x01\x00\x00\x00\x00"
+_AR0 = b"\x00\x00"
+_AR1 = b"\x00\x01"
+_OPT_TYPE = b"\x00\x29"
+_H = struct.Struct("!H")
+_QTAIL = struct.Struct("!HH")
+MAX_PENDING_FORWARDS = 1024
+POLL_MS = 200
+RCODE_NAMES = {0: "noerror", 1: "formerr", 2: "servfail", 3: "nxdomain", 4: "notimp", 5: "refused"}
+
+
+def _family(host: str) -> int:
+    return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+class Engine:
+    """Answers DNS on the given sockets. `apply` feeds it model deltas (one thread at a time)."""
+
+    def __init__(
+        self,
+        options: DNSOptions,
+        *,
+        udp: Sequence[socket.socket],
+        tcp: Sequence[socket.socket],
+        upstreams: Sequence[tuple[str, int]] = (),
+    ) -> None:
+        self.options = options
+        self.builder = IndexBuilder(
+            zone=options.zone,
+            ttl=options.ttl,
+            pods_mode=options.pods_mode,
+            ns_addresses=[ip for ip, _ in options.endpoints],
+        )
+        self._state: tuple[DnsIndex, dict[bytes, Template]] = (self.builder.index, {})
+        self._cached_types: set[int] = set()
+        self.forwarder = Forwarder(
+            upstreams, timeout=options.forward_timeout, cache_size=options.forward_cache_size
+        )
+        self.policy = RecursionPolicy(options.allow_cidrs)
+        self._udp = list(udp)
+        self._tcp = list(tcp)
+        self._max_udp = options.max_udp_size
+        self._opt = opt_record(options.max_udp_size)
+        self._opt_do = opt_record(options.max_udp_size, dnssec_ok=True)
+        self._stop = threading.Event()
+        self._threads: list[threading.Thread] = []
+        self._pool = ThreadPoolExecutor(max_workers=16, thread_name_prefix="dns-forward")
+        self._pending = 0
+        self._pending_lock = threading.Lock()
+        self._apply_lock = threading.Lock()
+        self._tcp_slots = threading.BoundedSemaphore(options.max_tcp_connections)
+        self._tcp_conns: set[socket.socket] = set()
+        self.fast_hits = 0
+        self.counters: Counter[str] = Counter()
+        self._last_error_log = 0.0
+
+    # -- state ---------------------------------------------------------------------------
+    @property
+    def index(self) -> DnsIndex:
+        return self._state[0]
+
+    def apply(self, delta: ModelDelta) -> DnsIndex:
+        """Build the next index from `delta` and swap it in with the carried-over cache."""
+        with self._apply_lock:
+            index, changed = self.builder.apply(delta)
+            cache = self._state[1]
+            if changed is None:
+                fresh: dict[bytes, Template] = {}
+            else:
+                fresh = cache.copy()
+                tails = [_QTAIL.pack(t, CLASS_IN) for t in list(self._cached_types)]
+                for name in changed:
+                    for tail in tails:
+                        fresh.pop(name + tail, None)
+            self._state = (index, fresh)
+            return index
+
+    def _cache_put(self, cache: dict[bytes, Template], q: Query, t: Template) -> None:
+        if len(cache) >= self.options.answer_cache_size:
+            cache.clear()
+        qtype = q.question.qtype
+        if qtype not in self._cached_types:
+            self._cached_types.add(qtype)
+        cache[q.key] = t
+
+    def stats(self) -> dict[str, int]:
+        out = dict(self.counters)
+        out["fast_hits"] = self.fast_hits
+        out["queries"] = self.fast_hits + self.counters.get("slow_queries", 0)
+        out["generation"] = self.index.generation
+        out["synced"] = int(self.index.synced)
+        out["answer_cache"] = len(self._state[1])
+        return out
+
+    # -- lifecycle -----------------------------------------------------------------------
+    def start(self) -> None:
+        for s in self._udp:
+            self._spawn(self._serve_udp, s, name="dns-udp")
+        for s in self._tcp:
+            self._spawn(self._serve_tcp, s, name="dns-tcp")
+
+    def _spawn(self, target: object, *args: object, name: str) -> None:
+        t = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+        t.start()
+        self._threads.append(t)
+
+    def stop(self, timeout: float = 2.0) -> None:
+        self._stop.set()
+        for conn in list(self._tcp_conns):
+            with contextlib.suppress(OSError):
+                conn.shutdown(socket.SHUT_RDWR)
+        deadline = time.monotonic() + timeout
+        for t in self._threads:
+            t.join(max(0.0, deadline - time.monotonic()))
+        self._pool.shutdown(wait=False, cancel_futures=True)
+
+    # -- answering -----------------------------------------------------------------------
+    def _limit(self, q: Query) -> int:
+        if q.edns is None:
+            return 512
+        return min(q.edns, self._max_udp)
+
+    def _opt_for(self, q: Query) -> bytes:
+        if q.edns is None:
+            return b""
+        return self._opt_do if q.dnssec_ok else self._opt
+
+    def local(self, q: Query, *, udp: bool) -> bytes | None:
+        """The reply when the index alone can give it; None when the upstream is needed."""
+        self.counters["slow_queries"] += 1
+        opt = self._opt_for(q)
+        if q.edns_version:
+            self.counters["badvers"] += 1
+            return reply_for(q, 0, opt=opt_record(self._max_udp, ext_rcode=1))
+        index, cache = self._state
+        t = cache.get(q.key)
+        if t is None:
+            ans = resolve(q.question, index)
+            if ans.forward:
+                return None
+            t = encode(q.question, ans)
+            if ans.cacheable:
+                self._cache_put(cache, q, t)
+        if t.chase is not None:
+            return None
+        return self._render(t, q, udp=udp, opt=opt)
+
+    def _render(
+        self, t: Template, q: Query, *, udp: bool, opt: bytes, body: bytes | None = None
+    ) -> bytes:
+        limit = self._limit(q) if udp else None
+        resp = render(t, q, limit=limit, opt=opt, body=body)
+        self.counters[RCODE_NAMES.get(t.rcode, "other")] += 1
+        if resp[2] & 0x02:
+            self.counters["truncated"] += 1
+        return resp
+
+    def remote(self, q: Query, client: str, *, udp: bool) -> bytes:
+        """The reply for a question that needs the upstream (forwarding or CNAME chasing)."""
+        opt = self._opt_for(q)
+        index, _ = self._state
+        ans = resolve(q.question, index)
+        if not ans.forward:
+            t = encode(q.question, ans)
+            if t.chase is None:
+                return self._render(t, q, udp=udp, opt=opt)
+            return self._chase(ans, q, client, udp=udp, opt=opt)
+        if not self.policy.allowed(client):
+            self.counters["recursion_refused"] += 1
+            return reply_for(q, REFUSED, opt=opt)
+        self.counters["forwarded"] += 1
+        try:
+            up = self.forwarder.query(q.qbytes, q.key)
+        except UpstreamError as exc:
+            self.counters["upstream_errors"] += 1
+            log.debug("dns: forwarding %r failed: %s", q.question.name, exc)
+            return reply_for(q, SERVFAIL, opt=opt)
+        return self._render(up.template, q, udp=udp, opt=opt, body=up.body_at(time.monotonic()))
+
+    def _chase(self, ans: Answer, q: Query, client: str, *, udp: bool, opt: bytes) -> bytes:
+        assert ans.chase is not None
+        combined = ans
+        if self.policy.allowed(client):
+            self.counters["chased"] += 1
+            qbytes = ans.chase + _QTAIL.pack(q.question.qtype, CLASS_IN)
+            try:
+                rcode, rrs = self.forwarder.lookup(qbytes, qbytes)
+                combined = Answer(rcode=rcode, authoritative=False, answer=ans.answer + tuple(rrs))
+            except UpstreamError as exc:
+                self.counters["upstream_errors"] += 1
+                log.debug("dns: chasing %r failed: %s", ans.chase, exc)
+        return self._render(encode(q.question, combined), q, udp=udp, opt=opt)
+
+    def handle(self, data: bytes, client: str, *, udp: bool) -> bytes | None:
+        """The complete (blocking) answer to one message; None to stay silent."""
+        parsed = parse_query(data)
+        if parsed is None:
+            self.counters["dropped"] += 1
+            return None
+        if isinstance(parsed, bytes):
+            self.counters["malformed"] += 1
+            return parsed
+        resp = self.local(parsed, udp=udp)
+        if resp is None:
+            resp = self.remote(parsed, client, udp=udp)
+        return resp
+
+    # -- UDP -------------------------------------------------------------------------------
+    def _serve_udp(self, sock: socket.socket) -> None:
+        sock.setblocking(False)
+        recvfrom = sock.recvfrom
+        sendto = sock.sendto
+        poller = select.poll()
+        poller.register(sock.fileno(), select.POLLIN)
+        stop = self._stop
+        pack_h = _H.pack
+        opt_plain, opt_do, max_udp = self._opt, self._opt_do, self._max_udp
+        while True:
+            try:
+                data, addr = recvfrom(65535)
+            except BlockingIOError:
+                if stop.is_set():
+                    return
+                poller.poll(POLL_MS)
+                continue
+            except OSError:
+                if stop.is_set():
+                    return
+                continue
+            try:
+                # fast path: a plain query whose answer is cached (see wire.py)
+                if data[4:10] == _QD1 and not data[2] & 0xF8:
+                    qe = data.find(0, 12) + 5
+                    t = self._state[1].get(data[12:qe])
+                    if t is not None and t.chase is None:
+                        n = len(data)
+                        ar = data[10:12]
+                        opt = None
+                        if ar == _AR0 and n == qe:
+                            opt, limit = b"", 512
+                        elif (
+                            ar == _AR1
+                            and n >= qe + 11
+                            and data[qe] == 0
+                            and data[qe + 1 : qe + 3] == _OPT_TYPE
+                            and data[qe + 6] == 0
+                            and n == qe + 11 + ((data[qe + 9] << 8) | data[qe + 10])
+                        ):
+                            opt = opt_do if data[qe + 7] & 0x80 else opt_plain
+                            size = (data[qe + 3] << 8) | data[qe + 4]
+                            limit = 512 if size < 512 else (size if size < max_udp else max_udp)
+                        if opt is not None:
+                            resp = (
+                                data[:2]
+                                + pack_h(t.flags | (((data[2] << 8) | data[3]) & ECHO_FLAGS))
+                                + (t.counts_opt if opt else t.counts)
+                                + data[12:qe]
+                                + t.body
+                                + opt
+                            )
+                            if len(resp) <= limit:
+                                sendto(resp, addr)
+                                self.fast_hits += 1
+                                continue
+                self._udp_slow(sock, data, addr)
+            except Exception:
+                self._log_error("dns: UDP query from %s failed", addr)
+
+    def _udp_slow(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
+        parsed = parse_query(data)
+        if parsed is None:
+            self.counters["dropped"] += 1
+            return
+        if isinstance(parsed, bytes):
+            self.counters["malformed"] += 1
+            sock.sendto(parsed, addr)
+            return
+        resp = self.local(parsed, udp=True)
+        if resp is not None:
+            sock.sendto(resp, addr)
+            return
+        with self._pending_lock:
+            busy = self._pending >= MAX_PENDING_FORWARDS
+            if not busy:
+                self._pending += 1
+        if busy:
+            self.counters["forward_overload"] += 1
+            sock.sendto(reply_for(parsed, SERVFAIL, opt=self._opt_for(parsed)), addr)
+            return
+        try:
+            self._pool.submit(self._udp_remote, sock, parsed, addr)
+        except RuntimeError:  # pool shut down: we are stopping
+            with self._pending_lock:
+                self._pending -= 1
+
+    def _udp_remote(self, sock: socket.socket, q: Query, addr: tuple[str, int]) -> None:
+        try:
+            sock.sendto(self.remote(q, addr[0], udp=True), addr)
+        except Exception:
+            self._log_error("dns: forwarding for %s failed", addr)
+        finally:
+            with self._pending_lock:
+                self._pending -= 1
+
+    def _log_error(self, msg: str, *args: object) -> None:
+        self.counters["errors"] += 1
+        now = time.monotonic()
+        if now - self._last_error_log > 10:
+            self._last_error_log = now
+            log.exception(msg, *args)
+
+    # -- TCP -------------------------------------------------------------------------------
+    def _serve_tcp(self, listener: socket.socket) -> None:
+        listener.setblocking(False)
+        poller = select.poll()
+        poller.register(listener.fileno(), select.POLLIN)
+        while not self._stop.is_set():
+            if not poller.poll(POLL_MS):
+                continue
+            try:
+                conn, addr = listener.accept()
+            except (BlockingIOError, InterruptedError):
+                continue  # another worker process took it
+            except OSError:
+                if self._stop.is_set():
+                    return
+                time.sleep(0.05)
+                continue
+            if not self._tcp_slots.acquire(blocking=False):
+                self.counters["tcp_rejected"] += 1
+                conn.close()
+                continue
+            threading.Thread(
+                target=self._tcp_conn, args=(conn, addr), name="dns-tcp-conn", daemon=True
+            ).start()
+
+    def _tcp_conn(self, conn: socket.socket, addr: tuple[str, int]) -> None:
+        self._tcp_conns.add(conn)
+        try:
+            conn.setblocking(True)
+            conn.settimeout(self.options.tcp_idle_timeout)
+            while not self._stop.is_set():
+                head = _recv_exact(conn, 2)
+                if head is None:
+                    return
+                data = _recv_exact(conn, (head[0] << 8) | head[1])
+                if data is None:
+                    return
+                self.counters["tcp_queries"] += 1
+                resp = self.handle(data, addr[0], udp=False)
+                if resp is None:
+                    return
+                conn.sendall(_H.pack(len(resp)) + resp)
+        except (OSError, ValueError):
+            return
+        except Exception:
+            self._log_error("dns: TCP connection from %s failed", addr)
+        finally:
+            self._tcp_conns.discard(conn)
+            conn.close()
+            self._tcp_slots.release()
+
+
+def _recv_exact(conn: socket.socket, n: int) -> bytes | None:
+    buf = b""
+    while len(buf) < n:
+        chunk = conn.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf

@@ -1,0 +1,335 @@
+"""Upstream forwarding for names outside the cluster zone, with a small TTL-respecting cache.
+
+- Upstreams default to the nameservers of the node's resolv.conf. When that file only names the
+  systemd-resolved stub (127.0.0.53) the real list in /run/systemd/resolve/resolv.conf is used,
+  as kubelet does. Any nameserver that is one of kproxy's own DNS addresses is skipped: sending
+  queries to ourselves would loop.
+- A query goes over UDP (with EDNS, 1232-byte payload) to one upstream after another until one
+  answers within the timeout; a truncated UDP answer is retried over TCP to the same upstream.
+  Replies are checked (id, question) before use. All failing means SERVFAIL for the client.
+- Answers are cached per question for their smallest TTL (negative answers: the SOA's minimum),
+  capped at `max_ttl`; cached copies are served with their TTLs counted down.
+- `RecursionPolicy` decides who may use any of this (the allow CIDRs); kproxy is not an open
+  resolver.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import secrets
+import socket
+import struct
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from kproxy.dns.options import parse_hostport
+from kproxy.dns.records import NOERROR, NXDOMAIN, OPT, SOA, soa_minimum
+from kproxy.dns.wire import (
+    HEADER,
+    QR,
+    RA,
+    RD,
+    TC,
+    ParsedMessage,
+    Template,
+    WireError,
+    decode_rr,
+    opt_record,
+    parse_message,
+)
+
+log = logging.getLogger(__name__)
+
+RESOLVED_STUB = "127.0.0.53"
+RESOLVED_REAL = "/run/systemd/resolve/resolv.conf"
+_TTL = struct.Struct("!I")
+
+
+def read_nameservers(path: str) -> list[str]:
+    """The `nameserver` entries of a resolv.conf file (empty when it cannot be read)."""
+    out = []
+    try:
+        with open(path, encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver":
+                    out.append(parts[1].split("%")[0])
+    except OSError:
+        return []
+    return out
+
+
+def default_upstreams(
+    resolv_conf: str, *, own: Iterable[str], resolved_conf: str = RESOLVED_REAL
+) -> tuple[tuple[str, int], ...]:
+    """Upstreams from resolv.conf, minus our own addresses (loop protection)."""
+    servers = read_nameservers(resolv_conf)
+    if servers and all(s == RESOLVED_STUB for s in servers) and os.path.exists(resolved_conf):
+        servers = read_nameservers(resolved_conf) or servers
+    own_set = {str(ipaddress.ip_address(a)) for a in own}
+    result: list[tuple[str, int]] = []
+    for s in servers:
+        try:
+            ip = str(ipaddress.ip_address(s))
+        except ValueError:
+            continue
+        if ip in own_set:
+            log.warning("dns: skipping upstream %s from %s: it is kproxy itself", ip, resolv_conf)
+            continue
+        result.append((ip, 53))
+    return tuple(dict.fromkeys(result))
+
+
+def resolve_upstreams(
+    configured: Iterable[str] | None,
+    *,
+    resolv_conf: str,
+    own: Iterable[tuple[str, int]],
+) -> tuple[tuple[str, int], ...]:
+    """The upstream list: configured ones (minus our own ip:port) or resolv.conf's."""
+    own = tuple(own)
+    if configured is None:
+        return default_upstreams(resolv_conf, own=[ip for ip, _ in own])
+    out = []
+    for text in configured:
+        hp = parse_hostport(text)
+        if hp in own:
+            log.warning("dns: skipping upstream %s: it is kproxy itself", text)
+            continue
+        out.append(hp)
+    return tuple(dict.fromkeys(out))
+
+
+class RecursionPolicy:
+    """Which clients may use forwarding. Decisions are memoised per client address."""
+
+    def __init__(self, cidrs: Iterable[str]) -> None:
+        self._nets = tuple(ipaddress.ip_network(c, strict=False) for c in cidrs)
+        self._memo: dict[str, bool] = {}
+
+    def allowed(self, client: str) -> bool:
+        hit = self._memo.get(client)
+        if hit is not None:
+            return hit
+        try:
+            ip = ipaddress.ip_address(client.split("%")[0])
+        except ValueError:
+            return False
+        if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+            ip = ip.ipv4_mapped
+        ok = any(ip in net for net in self._nets)
+        if len(self._memo) > 65536:
+            self._memo.clear()
+        self._memo[client] = ok
+        return ok
+
+
+class UpstreamError(Exception):
+    """No upstream gave a usable answer."""
+
+
+@dataclass(frozen=True, slots=True)
+class Upstreamed:
+    """An upstream answer, ready to be served: a template plus where its TTLs sit in the body."""
+
+    template: Template
+    ttls: tuple[tuple[int, int], ...]  # (offset in body, TTL when received)
+    received: float
+    expires: float
+    message: bytes  # header + question + body, for decoding records (CNAME chasing)
+
+    def body_at(self, now: float) -> bytes:
+        """The body with every TTL reduced by the time spent in the cache."""
+        age = int(now - self.received)
+        if age <= 0 or not self.ttls:
+            return self.template.body
+        buf = bytearray(self.template.body)
+        for off, ttl in self.ttls:
+            _TTL.pack_into(buf, off, max(0, ttl - age))
+        return bytes(buf)
+
+
+def _cache_ttl(parsed: ParsedMessage, msg: bytes, rcode: int) -> int:
+    answers = [r for r in parsed.records if r.section == 0]
+    if rcode == NOERROR and answers:
+        return min(r.ttl for r in answers)
+    if rcode in (NOERROR, NXDOMAIN):
+        for r in parsed.records:
+            if r.section == 1 and r.rtype == SOA:
+                soa = decode_rr(msg, r)
+                return min(r.ttl, soa_minimum(soa))
+    return 0
+
+
+def to_upstreamed(msg: bytes, qlen: int, *, now: float, max_ttl: int) -> Upstreamed:
+    """Turn an upstream reply into a servable `Upstreamed` (OPT removed, AA and TC cleared)."""
+    parsed = parse_message(msg)
+    if parsed.qend != 12 + qlen:
+        raise WireError("unexpected question section")
+    kept = []
+    for r in parsed.records:
+        if r.rtype == OPT:
+            break  # OPT is last in practice; drop it and anything after it
+        kept.append(r)
+    qend = parsed.qend
+    body = msg[qend : kept[-1].end] if kept else b""
+    counts = [0, 0, 0]
+    for r in kept:
+        counts[r.section] += 1
+    rcode = parsed.flags & 0xF
+    flags = QR | RA | rcode | (parsed.flags & 0x0020)  # keep AD, drop AA and TC
+    ttl = min(_cache_ttl(parsed, msg, rcode), max_ttl)
+    template = Template(
+        flags=flags,
+        an=counts[0],
+        ns=counts[1],
+        ar=counts[2],
+        body=body,
+        ends=tuple(r.end - qend for r in kept),
+    )
+    ttls = tuple((r.rdata_start - 6 - qend, r.ttl) for r in kept)
+    return Upstreamed(
+        template=template,
+        ttls=ttls,
+        received=now,
+        expires=now + ttl,
+        message=msg[:qend] + body,
+    )
+
+
+class Forwarder:
+    """Asks the upstreams and caches their answers. Thread-safe."""
+
+    def __init__(
+        self,
+        upstreams: Iterable[tuple[str, int]],
+        *,
+        timeout: float = 2.0,
+        cache_size: int = 10_000,
+        max_ttl: int = 300,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.upstreams = tuple(upstreams)
+        self.timeout = timeout
+        self.cache_size = cache_size
+        self.max_ttl = max_ttl
+        self._clock = clock
+        self._cache: dict[bytes, Upstreamed] = {}
+        self._lock = threading.Lock()
+        self._next = 0
+
+    # -- cache ---------------------------------------------------------------------------
+    def cached(self, key: bytes) -> Upstreamed | None:
+        hit = self._cache.get(key)
+        if hit is None:
+            return None
+        if hit.expires <= self._clock():
+            with self._lock:
+                self._cache.pop(key, None)
+            return None
+        return hit
+
+    def _store(self, key: bytes, up: Upstreamed) -> None:
+        if up.expires <= up.received:
+            return
+        with self._lock:
+            if len(self._cache) >= self.cache_size:
+                now = self._clock()
+                for k in [k for k, v in self._cache.items() if v.expires <= now]:
+                    del self._cache[k]
+                while len(self._cache) >= self.cache_size:
+                    del self._cache[next(iter(self._cache))]
+            self._cache[key] = up
+
+    # -- asking ---------------------------------------------------------------------------
+    def query(self, qbytes: bytes, key: bytes) -> Upstreamed:
+        """The (possibly cached) upstream answer to question section `qbytes`."""
+        hit = self.cached(key)
+        if hit is not None:
+            return hit
+        if not self.upstreams:
+            raise UpstreamError("no upstream servers configured")
+        errors = []
+        n = len(self.upstreams)
+        start = self._next
+        for i in range(n):
+            upstream = self.upstreams[(start + i) % n]
+            try:
+                msg = self._exchange(upstream, qbytes)
+                up = to_upstreamed(msg, len(qbytes), now=self._clock(), max_ttl=self.max_ttl)
+            except (OSError, WireError) as exc:
+                errors.append(f"{upstream[0]}:{upstream[1]}: {exc}")
+                continue
+            self._next = (start + i) % n
+            self._store(key, up)
+            return up
+        raise UpstreamError("; ".join(errors))
+
+    def lookup(self, qbytes: bytes, key: bytes) -> tuple[int, list]:  # type: ignore[type-arg]
+        """(rcode, answer RRs) for a question, for CNAME chasing."""
+        up = self.query(qbytes, key)
+        parsed = parse_message(up.message)
+        rrs = [decode_rr(up.message, r) for r in parsed.records if r.section == 0]
+        age = int(self._clock() - up.received)
+        rrs = [rr._replace(ttl=max(0, rr.ttl - age)) for rr in rrs]
+        return up.template.rcode, rrs
+
+    def _exchange(self, upstream: tuple[str, int], qbytes: bytes) -> bytes:
+        qid = secrets.randbits(16)
+        query = HEADER.pack(qid, RD, 1, 0, 0, 1) + qbytes + opt_record(1232)
+        family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
+        deadline = time.monotonic() + self.timeout
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(upstream)
+            s.send(query)
+            while True:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError("timed out")
+                s.settimeout(left)
+                reply = s.recv(65535)
+                if self._matches(reply, qid, qbytes):
+                    break
+        if reply[2] & (TC >> 8):
+            reply = self._exchange_tcp(upstream, qid, query, qbytes, deadline)
+        return reply
+
+    def _exchange_tcp(
+        self, upstream: tuple[str, int], qid: int, query: bytes, qbytes: bytes, deadline: float
+    ) -> bytes:
+        family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
+        with socket.socket(family, socket.SOCK_STREAM) as s:
+            s.settimeout(max(0.1, deadline - time.monotonic()))
+            s.connect(upstream)
+            s.sendall(struct.pack("!H", len(query)) + query)
+            size = struct.unpack("!H", _recv_exact(s, 2))[0]
+            reply = _recv_exact(s, size)
+        if not self._matches(reply, qid, qbytes):
+            raise WireError("TCP reply does not match the query")
+        return reply
+
+    @staticmethod
+    def _matches(reply: bytes, qid: int, qbytes: bytes) -> bool:
+        if len(reply) < 12 + len(qbytes) or not reply[2] & 0x80:
+            return False
+        if (reply[0] << 8 | reply[1]) != qid:
+            return False
+        head = reply[4:6]
+        if head != b"\x00\x01":
+            return False
+        got = reply[12 : 12 + len(qbytes)]
+        return got[:-4].lower() == qbytes[:-4].lower() and got[-4:] == qbytes[-4:]
+
+
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            raise ConnectionError("connection closed")
+        buf += chunk
+    return bytes(buf)

@@ -1,0 +1,111 @@
+"""Node-local placement: make the DNS listen addresses local to the node.
+
+NodeLocal DNSCache puts 169.254.20.10 on a dummy interface; kproxy does the same with a dummy
+interface named `kproxy-dns`. Kernels built without dummy support (CONFIG_DUMMY unset, as on the
+development machines) refuse to create it; the addresses then go on `lo` instead, which behaves
+the same for local delivery. Addresses that are already present anywhere on the node (a service IP
+on kube-ipvs0, a loopback address) are left alone, and `remove_listen_addresses` removes only what
+`ensure_listen_addresses` added. Netlink EEXIST on add and EADDRNOTAVAIL/ENODEV on delete count
+as success.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import logging
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+log = logging.getLogger(__name__)
+
+INTERFACE = "kproxy-dns"
+
+
+class PlacementError(Exception):
+    """The addresses could not be configured (e.g. EPERM: not root)."""
+
+
+@dataclass(slots=True)
+class Placement:
+    """What `ensure_listen_addresses` did, so that cleanup undoes exactly that."""
+
+    ifname: str
+    created_interface: bool = False
+    added: list[tuple[str, int]] = field(default_factory=list)  # (address, prefixlen)
+
+
+def _present(ipr: IPRoute, address: str) -> bool:
+    return bool(ipr.get_addr(address=address))
+
+
+def _link_index(ipr: IPRoute, ifname: str) -> int | None:
+    found = ipr.link_lookup(ifname=ifname)
+    return int(found[0]) if found else None
+
+
+def ensure_listen_addresses(addresses: Iterable[str], *, ifname: str = INTERFACE) -> Placement:
+    """Put each address (/32 or /128) on the `kproxy-dns` dummy interface, or on `lo`."""
+    wanted = []
+    for text in addresses:
+        ip = ipaddress.ip_address(text)
+        if ip.is_unspecified or ip.is_loopback:
+            continue  # already local
+        wanted.append(ip)
+    placement = Placement(ifname=ifname)
+    if not wanted:
+        return placement
+    try:
+        with IPRoute() as ipr:
+            index = _link_index(ipr, ifname)
+            if index is None:
+                try:
+                    ipr.link("add", ifname=ifname, kind="dummy")
+                    placement.created_interface = True
+                    index = _link_index(ipr, ifname)
+                except NetlinkError as exc:
+                    if exc.code == errno.EPERM:
+                        raise
+                    log.info("dns: no dummy interface support (%s); using lo", exc)
+            if index is None:
+                placement.ifname = "lo"
+                index = _link_index(ipr, "lo")
+            if index is None:
+                raise PlacementError("no loopback interface")
+            ipr.link("set", index=index, state="up")
+            for ip in wanted:
+                if _present(ipr, str(ip)):
+                    continue
+                prefix = 32 if ip.version == 4 else 128
+                try:
+                    ipr.addr("add", index=index, address=str(ip), prefixlen=prefix)
+                    placement.added.append((str(ip), prefix))
+                except NetlinkError as exc:
+                    if exc.code != errno.EEXIST:
+                        raise
+    except NetlinkError as exc:
+        raise PlacementError(f"configuring DNS addresses on {ifname}: {exc}") from exc
+    return placement
+
+
+def remove_listen_addresses(placement: Placement) -> None:
+    """Undo `ensure_listen_addresses`: delete the interface it made, or the addresses it added."""
+    try:
+        with IPRoute() as ipr:
+            index = _link_index(ipr, placement.ifname)
+            if index is None:
+                return
+            if placement.created_interface:
+                ipr.link("del", index=index)
+                return
+            for address, prefix in placement.added:
+                try:
+                    ipr.addr("del", index=index, address=address, prefixlen=prefix)
+                except NetlinkError as exc:
+                    if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT):
+                        raise
+    except NetlinkError as exc:
+        log.warning("dns: removing DNS addresses from %s failed: %s", placement.ifname, exc)

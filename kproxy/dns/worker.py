@@ -1,0 +1,95 @@
+"""A DNS serving process: `python -m kproxy.dns.worker --udp FD,.. --tcp FD,..`.
+
+The daemon (`DNSService`) opens the sockets and starts one or more of these processes, so that
+DNS answers never wait for the daemon's GIL while it renders and applies proxy rules. Protocol:
+
+- parent -> worker, on stdin: frames of a 4-byte big-endian length and a pickle:
+  ("init", DNSOptions, upstreams), then ("delta", seq, ModelDelta)..., then ("stop",).
+- worker -> parent, on stdout: one JSON object per line: {"event": "started"},
+  {"event": "applied", "seq": n, "generation": g, "synced": b}, {"event": "stats", ...}.
+
+End of stdin (the daemon died) stops the worker.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+from typing import Any
+
+from kproxy.dns.frames import read_frame
+
+
+def _fds(text: str) -> list[int]:
+    return [int(x) for x in text.split(",") if x]
+
+
+def main(argv: list[str] | None = None) -> int:
+    from kproxy.dns.engine import Engine
+
+    parser = argparse.ArgumentParser(prog="kproxy-dns-worker")
+    parser.add_argument("--udp", default="")
+    parser.add_argument("--tcp", default="")
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO, format=f"kproxy dns-worker[{os.getpid()}] %(levelname)s %(message)s"
+    )
+    stdin = sys.stdin.buffer
+    out_lock = threading.Lock()
+
+    def emit(obj: dict[str, Any]) -> None:
+        with out_lock:
+            sys.stdout.write(json.dumps(obj) + "\n")
+            sys.stdout.flush()
+
+    init = read_frame(stdin)
+    if not init or init[0] != "init":
+        return 2
+    _, options, upstreams = init
+    udp = [socket.socket(fileno=fd) for fd in _fds(args.udp)]
+    tcp = [socket.socket(fileno=fd) for fd in _fds(args.tcp)]
+    engine = Engine(options, udp=udp, tcp=tcp, upstreams=upstreams)
+    engine.start()
+    emit({"event": "started", "pid": os.getpid()})
+
+    done = threading.Event()
+
+    def report() -> None:
+        last: dict[str, int] = {}
+        while not done.wait(1.0):
+            stats = engine.stats()
+            if stats != last:
+                emit({"event": "stats", "stats": stats})
+                last = stats
+
+    threading.Thread(target=report, name="dns-stats", daemon=True).start()
+    try:
+        while True:
+            msg = read_frame(stdin)
+            if msg is None or msg[0] == "stop":
+                break
+            if msg[0] == "delta":
+                _, seq, delta = msg
+                index = engine.apply(delta)
+                emit(
+                    {
+                        "event": "applied",
+                        "seq": seq,
+                        "generation": index.generation,
+                        "synced": index.synced,
+                    }
+                )
+    finally:
+        done.set()
+        engine.stop()
+        emit({"event": "stats", "stats": engine.stats()})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
