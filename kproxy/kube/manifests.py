@@ -1,9 +1,10 @@
 """The manifest-directory source: Services, EndpointSlices and Nodes from YAML/JSON files.
 
 `kproxy run --manifests DIR` needs no cluster. Every `*.yaml`, `*.yml` and `*.json` file directly
-in DIR is read (multi-document YAML, and `kind: List` / `kind: ServiceList`-style lists); objects
-of kind Service, EndpointSlice and Node are kept, everything else is ignored. A namespaced object
-without `metadata.namespace` is in "default", as `kubectl apply` would put it.
+in DIR (or DIR itself, when it is a file) is read: multi-document YAML, and `kind: List` or
+`kind: ServiceList`-style lists. Objects of kind Service, EndpointSlice and Node are kept,
+everything else is ignored. A namespaced object without `metadata.namespace` is in "default",
+as `kubectl apply` would put it.
 
 Invariants:
 - Whenever any file changed (polled: mtime, size, inode - so ConfigMap-mounted directories with
@@ -19,10 +20,12 @@ Invariants:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,6 +36,7 @@ from kproxy.kube.sink import KINDS, RawObject, Sink
 log = logging.getLogger("kproxy.kube")
 
 SUFFIXES = (".yaml", ".yml", ".json")
+RACY_NS = 2_000_000_000  # files modified this recently are compared by content too
 _NAMESPACED = {"Service", "EndpointSlice"}
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
@@ -44,27 +48,29 @@ class ManifestError(ValueError):
 @dataclass
 class _File:
     signature: tuple[int, int, int]
+    digest: bytes = b""
     objects: list[RawObject] = field(default_factory=list)
 
 
-def _documents(path: str) -> list[Any]:
-    with open(path, encoding="utf-8") as fh:
-        text = fh.read()
-    if path.endswith(".json"):
-        return [json.loads(text)]
-    return list(yaml.load_all(text, Loader=_Loader))
-
-
-def parse_manifest_file(path: str) -> list[RawObject]:
-    """The Service/EndpointSlice/Node objects in one file; ManifestError when it cannot be read."""
+def _read(path: str) -> bytes:
     try:
-        docs = _documents(path)
-    except (OSError, UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
+        with open(path, "rb") as fh:
+            return fh.read()
+    except OSError as err:
+        raise ManifestError(str(err)) from err
+
+
+def parse_manifest(data: bytes, *, json_only: bool = False) -> list[RawObject]:
+    """The Service/EndpointSlice/Node objects in one file's bytes; ManifestError if unusable."""
+    try:
+        text = data.decode("utf-8")
+        docs = [json.loads(text)] if json_only else list(yaml.load_all(text, Loader=_Loader))
+    except (UnicodeDecodeError, ValueError, yaml.YAMLError) as err:
         raise ManifestError(str(err).replace("\n", " ")) from err
     objects: list[RawObject] = []
-    pending: list[tuple[Any, str | None]] = [(doc, None) for doc in docs]
+    pending: list[tuple[Any, str | None]] = [(doc, None) for doc in reversed(docs)]  # a stack
     while pending:
-        doc, implied_kind = pending.pop(0)
+        doc, implied_kind = pending.pop()
         if doc is None:
             continue  # an empty document ("---" at the end)
         if not isinstance(doc, dict):
@@ -72,7 +78,7 @@ def parse_manifest_file(path: str) -> list[RawObject]:
         kind = doc.get("kind") or implied_kind
         if isinstance(kind, str) and kind.endswith("List") and isinstance(doc.get("items"), list):
             item_kind = kind[: -len("List")] or None
-            pending[0:0] = [(item, item_kind) for item in doc["items"]]
+            pending.extend((item, item_kind) for item in reversed(doc["items"]))
             continue
         if kind not in KINDS:
             continue
@@ -86,6 +92,11 @@ def parse_manifest_file(path: str) -> list[RawObject]:
             meta["namespace"] = "default"
         objects.append(obj)
     return objects
+
+
+def parse_manifest_file(path: str) -> list[RawObject]:
+    """The Service/EndpointSlice/Node objects in one file; ManifestError when it cannot be read."""
+    return parse_manifest(_read(path), json_only=path.endswith(".json"))
 
 
 def _key(obj: RawObject) -> tuple[str, str, str]:
@@ -143,6 +154,9 @@ class ManifestSource:
 
     def _scan(self) -> dict[str, tuple[int, int, int]]:
         signatures = {}
+        if os.path.isfile(self.directory):  # a single manifest file works as well
+            st = os.stat(self.directory)
+            return {self.directory: (st.st_mtime_ns, st.st_size, st.st_ino)}
         with os.scandir(self.directory) as entries:
             for entry in entries:
                 if entry.name.startswith(".") or not entry.name.endswith(SUFFIXES):
@@ -190,20 +204,32 @@ class ManifestSource:
             log.info("manifests: %s removed", path)
             del self._files[path]
             changed = True
+        now_ns = time.time_ns()
         for path, signature in signatures.items():
             known = self._files.get(path)
-            if known is not None and known.signature == signature:
+            # File times are coarse (a clock tick): a same-size rewrite within one tick keeps
+            # the signature, so a recently modified file is compared by content as well.
+            racy = now_ns - signature[0] < RACY_NS
+            if known is not None and known.signature == signature and not racy:
                 continue
             try:
-                objects = parse_manifest_file(path)
+                data = _read(path)
+                digest = hashlib.sha256(data).digest()
+                if known is not None and known.digest == digest:
+                    known.signature = signature
+                    continue
+                objects = parse_manifest(data, json_only=path.endswith(".json"))
             except ManifestError as err:
-                log.error("manifests: skipping %s (keeping its previous content): %s", path, err)
                 if known is None:
-                    self._files[path] = _File(signature)
-                else:
-                    known.signature = signature  # not re-parsed until it changes again
+                    known = self._files[path] = _File(signature)
+                if known.signature != signature or not known.digest:
+                    log.error(
+                        "manifests: skipping %s (keeping its previous content): %s", path, err
+                    )
+                known.signature = signature  # not re-parsed until it changes again
+                known.digest = b"broken"
                 continue
-            self._files[path] = _File(signature, objects)
+            self._files[path] = _File(signature, digest, objects)
             changed = True
         return changed
 
