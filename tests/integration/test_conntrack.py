@@ -1,0 +1,272 @@
+"""Stale UDP conntrack cleanup on a real kernel: a client with a fixed source port follows the
+endpoint change only after `ConntrackCleaner` applied the plan, and unrelated flows survive.
+
+The node's DNAT rules are written by hand (a KPTEST chain hooked into nat PREROUTING and OUTPUT),
+so this tests the cleanup alone, whatever the iptables backend does. The cleaner runs inside the
+node namespace through `ip netns exec`, as the daemon does.
+"""
+
+from __future__ import annotations
+
+import pickle
+import sys
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import pytest
+
+from kproxy.lab.netlab import Lab, Node, Pod
+from kproxy.lab.nsexec import helper_env
+from kproxy.lab.servers import start_servers
+from kproxy.lab.traffic import http_get, udp_query
+from kproxy.model.objects import EndpointPort, Ref, Service
+from kproxy.model.store import Snapshot
+from kproxy.model.view import ServicePortView, build_views
+from kproxy.render.conntrack import StaleFlowPlan, plan_stale_flows
+from tests.support.builders import make_endpoint, make_port, make_service, make_slice
+from tests.support.lab import require_netns
+
+pytestmark = pytest.mark.netns
+
+VIP = "10.96.7.10"  # the service whose endpoint moves
+OTHER_VIP = "10.96.7.20"  # another UDP service still served by the old pod
+UNRELATED_VIP = "10.96.7.99"  # keeps a DNAT rule (and so conntrack) in the node at all times
+NODE_PORT = 30053
+UDP_TARGET = 5353
+TCP_TARGET = 8080
+
+Views = Mapping[Ref, Sequence[ServicePortView]]
+
+_APPLY = (
+    "import pickle, sys\n"
+    "from kproxy.backends.conntrack import ConntrackCleaner\n"
+    "print(ConntrackCleaner().apply(pickle.load(sys.stdin.buffer)))\n"
+)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def apply_in(lab: Lab, ns: str, plan: StaleFlowPlan) -> int:
+    """Run the cleaner inside `ns` (a fresh process, like the daemon under `ip netns exec`)."""
+    proc = lab.run(
+        ns, [sys.executable, "-c", _APPLY], input=pickle.dumps(plan), text=False, env=helper_env()
+    )
+    return int(proc.stdout.decode().split()[-1])
+
+
+def program(lab: Lab, node: Node, rules: Sequence[str]) -> None:
+    """Make the nat chain KPTEST (hooked into PREROUTING and OUTPUT) hold `rules`.
+
+    A DNAT rule for an unrelated address is always there: a namespace tracks connections only
+    once a rule needs conntrack, and a real node always has some service rule.
+    """
+    exists = lab.run(node.ns, ["iptables", "-t", "nat", "-S", "KPTEST"], check=False)
+    if exists.returncode != 0:
+        lab.run(node.ns, ["iptables", "-t", "nat", "-N", "KPTEST"])
+        for hook in ("PREROUTING", "OUTPUT"):
+            lab.run(node.ns, ["iptables", "-t", "nat", "-A", hook, "-j", "KPTEST"])
+    lab.run(node.ns, ["iptables", "-t", "nat", "-F", "KPTEST"])
+    rules = [*rules, dnat(UNRELATED_VIP, "udp", 9, "127.0.0.1:9")]
+    text = "*nat\n" + "".join(f"-A KPTEST {r}\n" for r in rules) + "COMMIT\n"
+    lab.run(node.ns, ["iptables-restore", "--noflush"], input=text)
+
+
+def dnat(dst: str, proto: str, dport: int, to: str) -> str:
+    return f"-d {dst} -p {proto} --dport {dport} -j DNAT --to-destination {to}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One `conntrack -L` line: original and reply tuples, and the kernel's entry id."""
+
+    proto: str
+    orig: tuple[str, str, int, int]  # src, dst, sport, dport
+    reply_src: str
+    entry_id: str
+
+
+def entries(lab: Lab, ns: str) -> list[Entry]:
+    out = lab.run(ns, ["conntrack", "-L", "-o", "id"]).stdout
+    found = []
+    for line in out.splitlines():
+        words = line.split()
+        if not words or words[0] not in ("udp", "tcp"):
+            continue
+        fields: dict[str, list[str]] = {}
+        for word in words:
+            key, sep, value = word.partition("=")
+            if sep:
+                fields.setdefault(key, []).append(value)
+        found.append(
+            Entry(
+                proto=words[0],
+                orig=(
+                    fields["src"][0],
+                    fields["dst"][0],
+                    int(fields["sport"][0]),
+                    int(fields["dport"][0]),
+                ),
+                reply_src=fields["src"][1],
+                entry_id=fields["id"][0],
+            )
+        )
+    return found
+
+
+def flow(lab: Lab, ns: str, proto: str, dst: str, dport: int, sport: int | None = None) -> Entry:
+    """The single entry of the client's flow to dst:dport (from `sport`, if given)."""
+    matches = [
+        e
+        for e in entries(lab, ns)
+        if e.proto == proto
+        and e.orig[0] == lab.client.ip
+        and e.orig[1:2] == (dst,)
+        and e.orig[3] == dport
+        and (sport is None or e.orig[2] == sport)
+    ]
+    assert len(matches) == 1, matches
+    return matches[0]
+
+
+def ask(lab: Lab, dst: str, port: int, sport: int, timeout: float = 1.0) -> str | None:
+    """The name of the pod that answers a UDP query from the client's fixed source port."""
+    return udp_query(lab.client.ns, dst, port, src_port=sport, timeout=timeout).results[0].name
+
+
+def dns_service(name: str, vip: str, *, node_port: int = 0) -> Service:
+    return make_service(
+        "ns1",
+        name,
+        type="NodePort" if node_port else "ClusterIP",
+        cluster_ips=(vip,),
+        ports=(
+            make_port(53, name="dns", protocol="UDP", target=UDP_TARGET, node_port=node_port),
+            make_port(53, name="dns-tcp", protocol="TCP", target=TCP_TARGET),
+        ),
+    )
+
+
+def views(node: Node, *services: tuple[Service, Sequence[Pod]]) -> Views:
+    """The views the daemon would build for these services and their endpoint pods."""
+    ports = (EndpointPort("dns", "UDP", UDP_TARGET), EndpointPort("dns-tcp", "TCP", TCP_TARGET))
+    snap = Snapshot(
+        services={svc.ref: svc for svc, _ in services},
+        slices={
+            svc.ref: (
+                make_slice(
+                    svc.namespace,
+                    svc.name,
+                    endpoints=[make_endpoint(p.ip, node_name=node.name) for p in pods],
+                    ports=ports,
+                ),
+            )
+            for svc, pods in services
+        },
+    )
+    return build_views(snap, family=4, node_name=node.name)
+
+
+# -- tests ------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def lab() -> Iterator[Lab]:
+    """One node with two pods and the client, torn down after the test."""
+    require_netns()
+    with Lab.create(nodes=1, pods_per_node=2, prefix="kpct") as built:
+        yield built
+
+
+def test_udp_client_moves_to_new_endpoint_only_after_cleanup(lab: Lab) -> None:
+    node = lab.nodes[0]
+    old, new = lab.pods[0], lab.pods[1]
+    start_servers(lab, [(old.ns, old.name), (new.ns, new.name)], udp=[UDP_TARGET], tcp=[TCP_TARGET])
+    served = dns_service("dns", VIP, node_port=NODE_PORT)
+    bystander = dns_service("other", OTHER_VIP)
+    to_old = f"{old.ip}:{UDP_TARGET}"
+    program(
+        lab,
+        node,
+        [
+            dnat(VIP, "udp", 53, to_old),
+            dnat(VIP, "tcp", 53, f"{old.ip}:{TCP_TARGET}"),
+            dnat(node.ip, "udp", NODE_PORT, to_old),
+            dnat(OTHER_VIP, "udp", 53, to_old),
+        ],
+    )
+
+    assert ask(lab, VIP, 53, 40053) == old.name
+    assert ask(lab, node.ip, NODE_PORT, 40055) == old.name
+    assert ask(lab, OTHER_VIP, 53, 40054) == old.name
+    assert ask(lab, old.ip, UDP_TARGET, 40056) == old.name  # straight to the pod
+    assert http_get(lab.client.ns, VIP, 53).ok  # a TCP flow to the same service IP and port
+    kept = {
+        "other service": flow(lab, node.ns, "udp", OTHER_VIP, 53),
+        "direct": flow(lab, node.ns, "udp", old.ip, UDP_TARGET),
+        "tcp": flow(lab, node.ns, "tcp", VIP, 53),
+    }
+
+    # the endpoint moves: the rules now DNAT new flows to the new pod ...
+    to_new = f"{new.ip}:{UDP_TARGET}"
+    program(
+        lab,
+        node,
+        [
+            dnat(VIP, "udp", 53, to_new),
+            dnat(VIP, "tcp", 53, f"{old.ip}:{TCP_TARGET}"),
+            dnat(node.ip, "udp", NODE_PORT, to_new),
+            dnat(OTHER_VIP, "udp", 53, to_old),
+        ],
+    )
+    # ... but the client's existing flows are pinned to the old one by conntrack
+    assert ask(lab, VIP, 53, 40053) == old.name
+    assert ask(lab, node.ip, NODE_PORT, 40055) == old.name
+    assert ask(lab, VIP, 53, 40057) == new.name, "a new source port already takes the new rule"
+
+    before = views(node, (served, [old]), (bystander, [old]))
+    after = views(node, (served, [new]), (bystander, [old]))
+    deleted = apply_in(lab, node.ns, plan_stale_flows(before, after))
+
+    assert deleted == 2, "the stale ClusterIP and nodePort flows, nothing else"
+    assert ask(lab, VIP, 53, 40053) == new.name
+    assert ask(lab, node.ip, NODE_PORT, 40055) == new.name
+    assert flow(lab, node.ns, "udp", VIP, 53, 40053).reply_src == new.ip
+    for what, entry in kept.items():
+        assert entry in entries(lab, node.ns), f"{what} flow was deleted"
+    assert ask(lab, OTHER_VIP, 53, 40054) == old.name
+    assert apply_in(lab, node.ns, plan_stale_flows(before, after)) == 0, "idempotent"
+
+
+def test_flows_sent_before_endpoints_existed_are_cleared(lab: Lab) -> None:
+    node, pod = lab.nodes[0], lab.pods[0]
+    start_servers(lab, [(pod.ns, pod.name)], udp=[UDP_TARGET])
+    svc = dns_service("late", VIP)
+    program(lab, node, [])
+
+    assert ask(lab, VIP, 53, 40060, timeout=0.3) is None  # nothing serves the VIP yet
+    assert flow(lab, node.ns, "udp", VIP, 53, 40060).reply_src == VIP, "an entry without DNAT"
+
+    program(lab, node, [dnat(VIP, "udp", 53, f"{pod.ip}:{UDP_TARGET}")])
+    assert ask(lab, VIP, 53, 40060, timeout=0.3) is None, "the un-NATed entry still wins"
+
+    plan = plan_stale_flows(views(node, (svc, [])), views(node, (svc, [pod])))
+    assert apply_in(lab, node.ns, plan) == 1
+    assert ask(lab, VIP, 53, 40060) == pod.name
+
+
+def test_a_deleted_service_loses_its_flows(lab: Lab) -> None:
+    node, pod = lab.nodes[0], lab.pods[0]
+    start_servers(lab, [(pod.ns, pod.name)], udp=[UDP_TARGET])
+    svc = dns_service("gone", VIP)
+    program(lab, node, [dnat(VIP, "udp", 53, f"{pod.ip}:{UDP_TARGET}")])
+    assert ask(lab, VIP, 53, 40070) == pod.name
+
+    program(lab, node, [])  # the service's rules are gone; its flow is still DNAT'ed
+    assert ask(lab, VIP, 53, 40070) == pod.name
+
+    gone = build_views(
+        Snapshot(services={}, slices={}), family=4, node_name=node.name, refs=[svc.ref]
+    )
+    assert apply_in(lab, node.ns, plan_stale_flows(views(node, (svc, [pod])), gone)) == 1
+    assert ask(lab, VIP, 53, 40070, timeout=0.3) is None
