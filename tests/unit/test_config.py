@@ -148,3 +148,8 @@ def test_reference_lists_every_flag() -> None:
     text = reference_markdown()
     for flag in ("--proxy-mode", "--cluster-cidr", "--dns-listen", "--iptables-sync-period"):
         assert f"`{flag}`" in text
+
+
+def test_committed_reference_is_current() -> None:
+    committed = Path(__file__).parents[2] / "docs" / "configuration.md"
+    assert committed.read_text() == reference_markdown(), "run: kproxy config-reference"
