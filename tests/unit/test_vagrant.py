@@ -21,7 +21,11 @@ from kproxy.config import load_file
 
 ROOT = Path(__file__).resolve().parents[2]
 LAB = ROOT / "vagrant"
-SCRIPTS = [LAB / "check.sh", *sorted((LAB / "provision").glob("*.sh"))]
+SCRIPTS = [
+    LAB / "check.sh",
+    *sorted((LAB / "provision").glob("*.sh")),
+    ROOT / ".ci" / "ops-setup.sh",
+]
 
 needs_vagrant = pytest.mark.skipif(shutil.which("vagrant") is None, reason="vagrant not installed")
 
