@@ -1,0 +1,212 @@
+"""IPVS mode's companion iptables rules in the kernel: written with one `iptables-restore
+--noflush`, hooked into the built-in chains idempotently, removed by cleanup.
+
+The rule text comes from `kproxy.render.ipvs_rules` and does not depend on the number of
+services, so it is rewritten whole on every full sync (it is a few dozen rules) and never on a
+partial one. Declaring a chain in a `--noflush` restore flushes it first, so a rewrite replaces
+kproxy's chains atomically without touching anything else in the tables. Hooks (jumps from
+PREROUTING, INPUT, ...) live in chains other software shares: they are inserted only when
+missing, in the same restore.
+
+The flavour (legacy or nft) follows the iptables mode's rule from issue 2: kubelet's
+KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY chains decide, else whichever flavour already holds
+rules, else nft.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import subprocess
+from collections.abc import Iterable
+
+from kproxy.model.objects import IPV6
+from kproxy.model.options import ProxyOptions
+from kproxy.render import chains as C
+from kproxy.render import ipvs_rules as RR
+
+log = logging.getLogger("kproxy.ipvs")
+
+FLAVOURS = ("legacy", "nft")
+
+
+class IptablesError(RuntimeError):
+    """An iptables command failed; the message carries its stderr."""
+
+
+def _prefix(family: int) -> str:
+    return "ip6tables" if family == IPV6 else "iptables"
+
+
+def binary(family: int, flavour: str, tool: str) -> str:
+    """e.g. binary(4, "nft", "restore") -> "iptables-nft-restore"."""
+    return f"{_prefix(family)}-{flavour}-{tool}"
+
+
+def _run(argv: list[str], stdin: str | None = None) -> str:
+    try:
+        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
+    except FileNotFoundError as err:
+        raise IptablesError(f"{argv[0]} is not installed") from err
+    if proc.returncode != 0:
+        raise IptablesError(f"{' '.join(argv)}: {proc.stderr.strip()}")
+    return proc.stdout
+
+
+def save(family: int, flavour: str, table: str | None = None) -> str:
+    argv = [binary(family, flavour, "save")]
+    if table:
+        argv += ["-t", table]
+    return _run(argv)
+
+
+def detect_flavour(family: int) -> str:
+    """legacy or nft, as the iptables mode decides (see the module docstring)."""
+    counts: dict[str, int] = {}
+    for flavour in FLAVOURS:
+        if not shutil.which(binary(family, flavour, "save")):
+            continue
+        try:
+            text = save(family, flavour)
+        except IptablesError:
+            continue
+        if "KUBE-IPTABLES-HINT" in text or "KUBE-KUBELET-CANARY" in text:
+            return flavour
+        counts[flavour] = sum(1 for line in text.splitlines() if line.startswith("-A "))
+    if counts.get("legacy", 0) > counts.get("nft", 0):
+        return "legacy"
+    return "nft"
+
+
+def _chains(text: str) -> dict[str, set[str]]:
+    """table -> chain names declared in an iptables-save text."""
+    out: dict[str, set[str]] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            out.setdefault(table, set())
+        elif line.startswith(":") and table:
+            out[table].add(line[1:].split()[0])
+    return out
+
+
+def _rules(text: str) -> dict[str, set[str]]:
+    """table -> "-A CHAIN ..." lines of an iptables-save text."""
+    out: dict[str, set[str]] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            out.setdefault(table, set())
+        elif line.startswith("-A ") and table:
+            out[table].add(line.strip())
+    return out
+
+
+def _missing_hooks(current: str) -> dict[str, list[str]]:
+    """table -> "-I CHAIN 1 ..." lines for the hooks `current` (an iptables-save) lacks."""
+    present = _rules(current)
+    out: dict[str, list[str]] = {}
+    for hook in RR.HOOKS:
+        if hook.line not in present.get(hook.table, set()):
+            out.setdefault(hook.table, []).append(f"-I {hook.chain} 1 {hook.spec}\n")
+    return out
+
+
+class CompanionRules:
+    """Writes the companion rules of one family with the detected (or given) flavour."""
+
+    def __init__(
+        self, options: ProxyOptions, *, flavour: str | None = None, random_fully: bool = True
+    ) -> None:
+        self.options = options
+        self.family = options.family
+        self.flavour = flavour or detect_flavour(options.family)
+        self.random_fully = random_fully
+        self.writes = 0
+
+    def text(self) -> str:
+        return RR.companion_rules(self.options, random_fully=self.random_fully)
+
+    def apply(self) -> int:
+        """Rewrite kproxy's chains and insert missing hooks in one restore; returns rule count."""
+        body = self.text()
+        current = save(self.family, self.flavour)
+        hooks = _missing_hooks(current)
+        out: list[str] = []
+        for block in body.split("COMMIT\n"):
+            if not block.strip():
+                continue
+            table = block.split("\n", 1)[0].lstrip("*").strip()
+            out.append(block)
+            out.extend(hooks.pop(table, []))
+            out.append("COMMIT\n")
+        _run([binary(self.family, self.flavour, "restore"), "--noflush"], stdin="".join(out))
+        self.writes += 1
+        if hooks:
+            log.warning("hooks for tables without kproxy chains were skipped: %s", sorted(hooks))
+        return body.count("\n-A ")
+
+    def present(self) -> bool:
+        """True when every kproxy chain and hook is in place (a cheap drift check)."""
+        current = save(self.family, self.flavour)
+        chains = _chains(current)
+        declared = set(RR.NAT_CHAINS) <= chains.get("nat", set()) and set(
+            RR.FILTER_CHAINS
+        ) <= chains.get("filter", set())
+        return declared and not _missing_hooks(current)
+
+
+def cleanup_rules(families: Iterable[int] = (4, 6)) -> list[str]:
+    """Remove IPVS mode's hooks and chains (kproxy's and kube-proxy's names) from every
+    flavour and family that has them; returns "family/flavour/table/chain" of what went."""
+    removed: list[str] = []
+    for family in families:
+        for flavour in FLAVOURS:
+            if not shutil.which(binary(family, flavour, "restore")):
+                continue
+            try:
+                current = save(family, flavour)
+            except IptablesError as err:
+                log.info("skipping %s: %s", binary(family, flavour, "save"), err)
+                continue
+            text, gone = _cleanup_text(current)
+            if not text:
+                continue
+            _run([binary(family, flavour, "restore"), "--noflush"], stdin=text)
+            removed.extend(f"ipv{family}/{flavour}/{g}" for g in gone)
+    return removed
+
+
+def _cleanup_text(current: str) -> tuple[str, list[str]]:
+    chains = _chains(current)
+    rules = _rules(current)
+    out: list[str] = []
+    gone: list[str] = []
+    for table, names in RR.CLEANUP_CHAINS.items():
+        have = chains.get(table, set())
+        mine = [n for n in names if n in have]
+        hooks = [
+            h
+            for h in (*RR.HOOKS, *RR.LEGACY_HOOKS)
+            if h.table == table and h.line in rules.get(table, set())
+        ]
+        if not mine and not hooks:
+            continue
+        out.append(f"*{table}\n")
+        out.extend(f":{n} - [0:0]\n" for n in mine)  # declaring flushes
+        out.extend(f"-D {h.chain} {h.spec}\n" for h in hooks)
+        # a chain still referenced from elsewhere (e.g. iptables mode's rules) cannot go
+        referenced = {
+            line.rsplit("-j ", 1)[-1].split()[0]
+            for line in rules.get(table, set())
+            if line.split()[1] not in mine and line not in {h.line for h in hooks}
+        }
+        for n in mine:
+            if n in referenced or n in C.BUILTIN.get(table, ()):
+                continue
+            out.append(f"-X {n}\n")
+            gone.append(f"{table}/{n}")
+        out.append("COMMIT\n")
+    return "".join(out), gone
