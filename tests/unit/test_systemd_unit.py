@@ -189,14 +189,20 @@ def test_exec_start_command_line_is_accepted_by_kproxy(unit: dict[str, list[str]
     assert settings.dns_listen == ("169.254.20.10:53",)
 
 
-def test_ipvs_modules_cover_every_scheduler() -> None:
-    modules = {
+def modules_in(name: str) -> set[str]:
+    return {
         line.strip()
-        for line in (SYSTEMD / "modules-load.d" / "kproxy-ipvs.conf").read_text().splitlines()
+        for line in (SYSTEMD / "modules-load.d" / name).read_text().splitlines()
         if line.strip() and not line.startswith("#")
     }
-    assert {"ip_vs", "nf_conntrack", "dummy"} <= modules
-    assert {f"ip_vs_{s}" for s in IPVS_SCHEDULERS} <= modules
+
+
+def test_modules_cover_both_modes_and_every_ipvs_scheduler() -> None:
+    always, ipvs = modules_in("kproxy.conf"), modules_in("kproxy-ipvs.conf")
+    # br_netfilter: bridged pod traffic through iptables; dummy: kproxy-dns and kube-ipvs0.
+    assert {"br_netfilter", "dummy"} <= always
+    assert {"ip_vs", "nf_conntrack"} <= ipvs
+    assert {f"ip_vs_{s}" for s in IPVS_SCHEDULERS} <= ipvs
 
 
 def test_sysctls_are_well_formed_and_required_ones_exist() -> None:
