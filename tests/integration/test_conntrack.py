@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from kproxy.lab.netlab import Lab, Node, Pod
+from kproxy.lab.netlab import Client, Lab, Node, Pod
 from kproxy.lab.nsexec import helper_env
 from kproxy.lab.servers import start_servers
 from kproxy.lab.traffic import http_get, udp_query
@@ -28,12 +28,36 @@ from tests.support.lab import require_netns
 
 pytestmark = pytest.mark.netns
 
-VIP = "10.96.7.10"  # the service whose endpoint moves
-OTHER_VIP = "10.96.7.20"  # another UDP service still served by the old pod
-UNRELATED_VIP = "10.96.7.99"  # keeps a DNAT rule (and so conntrack) in the node at all times
 NODE_PORT = 30053
 UDP_TARGET = 5353
 TCP_TARGET = 8080
+
+
+@dataclass(frozen=True)
+class Family:
+    """The addresses and tools of one IP family."""
+
+    version: int
+    vip: str  # the service whose endpoint moves
+    other_vip: str  # another UDP service still served by the old pod
+    unrelated_vip: str  # keeps a DNAT rule (and so conntrack) in the node at all times
+    loopback: str
+
+    @property
+    def iptables(self) -> str:
+        return "ip6tables" if self.version == 6 else "iptables"
+
+    def ip(self, thing: Node | Pod | Client) -> str:
+        address = thing.ip6 if self.version == 6 else thing.ip
+        assert address is not None
+        return address
+
+    def hostport(self, ip: str, port: int) -> str:
+        return f"[{ip}]:{port}" if self.version == 6 else f"{ip}:{port}"
+
+
+V4 = Family(4, "10.96.7.10", "10.96.7.20", "10.96.7.99", "127.0.0.1")
+V6 = Family(6, "fd00:96::7:10", "fd00:96::7:20", "fd00:96::7:99", "::1")
 
 Views = Mapping[Ref, Sequence[ServicePortView]]
 
@@ -55,21 +79,21 @@ def apply_in(lab: Lab, ns: str, plan: StaleFlowPlan) -> int:
     return int(proc.stdout.decode().split()[-1])
 
 
-def program(lab: Lab, node: Node, rules: Sequence[str]) -> None:
-    """Make the nat chain KPTEST (hooked into PREROUTING and OUTPUT) hold `rules`.
+def program(lab: Lab, fam: Family, rules: Sequence[str]) -> None:
+    """Make the nat chain KPTEST (hooked into PREROUTING and OUTPUT) of the node hold `rules`.
 
     A DNAT rule for an unrelated address is always there: a namespace tracks connections only
     once a rule needs conntrack, and a real node always has some service rule.
     """
-    exists = lab.run(node.ns, ["iptables", "-t", "nat", "-S", "KPTEST"], check=False)
-    if exists.returncode != 0:
-        lab.run(node.ns, ["iptables", "-t", "nat", "-N", "KPTEST"])
+    ns, tool = lab.nodes[0].ns, fam.iptables
+    if lab.run(ns, [tool, "-t", "nat", "-S", "KPTEST"], check=False).returncode != 0:
+        lab.run(ns, [tool, "-t", "nat", "-N", "KPTEST"])
         for hook in ("PREROUTING", "OUTPUT"):
-            lab.run(node.ns, ["iptables", "-t", "nat", "-A", hook, "-j", "KPTEST"])
-    lab.run(node.ns, ["iptables", "-t", "nat", "-F", "KPTEST"])
-    rules = [*rules, dnat(UNRELATED_VIP, "udp", 9, "127.0.0.1:9")]
+            lab.run(ns, [tool, "-t", "nat", "-A", hook, "-j", "KPTEST"])
+    lab.run(ns, [tool, "-t", "nat", "-F", "KPTEST"])
+    rules = [*rules, dnat(fam.unrelated_vip, "udp", 9, fam.hostport(fam.loopback, 9))]
     text = "*nat\n" + "".join(f"-A KPTEST {r}\n" for r in rules) + "COMMIT\n"
-    lab.run(node.ns, ["iptables-restore", "--noflush"], input=text)
+    lab.run(ns, [f"{tool}-restore", "--noflush"], input=text)
 
 
 def dnat(dst: str, proto: str, dport: int, to: str) -> str:
@@ -86,10 +110,10 @@ class Entry:
     entry_id: str
 
 
-def entries(lab: Lab, ns: str) -> list[Entry]:
-    out = lab.run(ns, ["conntrack", "-L", "-o", "id"]).stdout
+def entries(lab: Lab, fam: Family) -> list[Entry]:
+    argv = ["conntrack", "-L", "-f", f"ipv{fam.version}", "-o", "id"]
     found = []
-    for line in out.splitlines():
+    for line in lab.run(lab.nodes[0].ns, argv).stdout.splitlines():
         words = line.split()
         if not words or words[0] not in ("udp", "tcp"):
             continue
@@ -114,16 +138,13 @@ def entries(lab: Lab, ns: str) -> list[Entry]:
     return found
 
 
-def flow(lab: Lab, ns: str, proto: str, dst: str, dport: int, sport: int | None = None) -> Entry:
-    """The single entry of the client's flow to dst:dport (from `sport`, if given)."""
+def flow(lab: Lab, fam: Family, proto: str, dst: str, dport: int, sport: int = 0) -> Entry:
+    """The node's single entry of the client's flow to dst:dport (from `sport`, if given)."""
     matches = [
         e
-        for e in entries(lab, ns)
-        if e.proto == proto
-        and e.orig[0] == lab.client.ip
-        and e.orig[1:2] == (dst,)
-        and e.orig[3] == dport
-        and (sport is None or e.orig[2] == sport)
+        for e in entries(lab, fam)
+        if (e.proto, e.orig[0], e.orig[1], e.orig[3]) == (proto, fam.ip(lab.client), dst, dport)
+        and sport in (0, e.orig[2])
     ]
     assert len(matches) == 1, matches
     return matches[0]
@@ -147,8 +168,9 @@ def dns_service(name: str, vip: str, *, node_port: int = 0) -> Service:
     )
 
 
-def views(node: Node, *services: tuple[Service, Sequence[Pod]]) -> Views:
+def views(lab: Lab, fam: Family, *services: tuple[Service, Sequence[Pod]]) -> Views:
     """The views the daemon would build for these services and their endpoint pods."""
+    node = lab.nodes[0]
     ports = (EndpointPort("dns", "UDP", UDP_TARGET), EndpointPort("dns-tcp", "TCP", TCP_TARGET))
     snap = Snapshot(
         services={svc.ref: svc for svc, _ in services},
@@ -157,116 +179,129 @@ def views(node: Node, *services: tuple[Service, Sequence[Pod]]) -> Views:
                 make_slice(
                     svc.namespace,
                     svc.name,
-                    endpoints=[make_endpoint(p.ip, node_name=node.name) for p in pods],
+                    endpoints=[make_endpoint(fam.ip(p), node_name=node.name) for p in pods],
                     ports=ports,
+                    address_type=f"IPv{fam.version}",
                 ),
             )
             for svc, pods in services
         },
     )
-    return build_views(snap, family=4, node_name=node.name)
+    return build_views(snap, family=fam.version, node_name=node.name)
 
 
 # -- tests ------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[V4, V6], ids=["ipv4", "ipv6"])
+def fam(request: pytest.FixtureRequest) -> Family:
+    family: Family = request.param
+    return family
+
+
 @pytest.fixture
-def lab() -> Iterator[Lab]:
+def lab(fam: Family) -> Iterator[Lab]:
     """One node with two pods and the client, torn down after the test."""
     require_netns()
-    with Lab.create(nodes=1, pods_per_node=2, prefix="kpct") as built:
+    with Lab.create(nodes=1, pods_per_node=2, ipv6=fam.version == 6, prefix="kpct") as built:
         yield built
 
 
-def test_udp_client_moves_to_new_endpoint_only_after_cleanup(lab: Lab) -> None:
-    node = lab.nodes[0]
+def test_udp_client_moves_to_new_endpoint_only_after_cleanup(lab: Lab, fam: Family) -> None:
+    node_ip = fam.ip(lab.nodes[0])
     old, new = lab.pods[0], lab.pods[1]
+    old_ip, new_ip = fam.ip(old), fam.ip(new)
     start_servers(lab, [(old.ns, old.name), (new.ns, new.name)], udp=[UDP_TARGET], tcp=[TCP_TARGET])
-    served = dns_service("dns", VIP, node_port=NODE_PORT)
-    bystander = dns_service("other", OTHER_VIP)
-    to_old = f"{old.ip}:{UDP_TARGET}"
+    served = dns_service("dns", fam.vip, node_port=NODE_PORT)
+    bystander = dns_service("other", fam.other_vip)
+    to_old, to_new = fam.hostport(old_ip, UDP_TARGET), fam.hostport(new_ip, UDP_TARGET)
+    tcp_rule = dnat(fam.vip, "tcp", 53, fam.hostport(old_ip, TCP_TARGET))
+    bystander_rule = dnat(fam.other_vip, "udp", 53, to_old)
     program(
         lab,
-        node,
+        fam,
         [
-            dnat(VIP, "udp", 53, to_old),
-            dnat(VIP, "tcp", 53, f"{old.ip}:{TCP_TARGET}"),
-            dnat(node.ip, "udp", NODE_PORT, to_old),
-            dnat(OTHER_VIP, "udp", 53, to_old),
+            dnat(fam.vip, "udp", 53, to_old),
+            tcp_rule,
+            dnat(node_ip, "udp", NODE_PORT, to_old),
+            bystander_rule,
         ],
     )
 
-    assert ask(lab, VIP, 53, 40053) == old.name
-    assert ask(lab, node.ip, NODE_PORT, 40055) == old.name
-    assert ask(lab, OTHER_VIP, 53, 40054) == old.name
-    assert ask(lab, old.ip, UDP_TARGET, 40056) == old.name  # straight to the pod
-    assert http_get(lab.client.ns, VIP, 53).ok  # a TCP flow to the same service IP and port
+    assert ask(lab, fam.vip, 53, 40053) == old.name
+    assert ask(lab, node_ip, NODE_PORT, 40055) == old.name
+    assert ask(lab, fam.other_vip, 53, 40054) == old.name
+    assert ask(lab, old_ip, UDP_TARGET, 40056) == old.name  # straight to the pod
+    assert http_get(lab.client.ns, fam.vip, 53).ok  # a TCP flow to the same service IP and port
     kept = {
-        "other service": flow(lab, node.ns, "udp", OTHER_VIP, 53),
-        "direct": flow(lab, node.ns, "udp", old.ip, UDP_TARGET),
-        "tcp": flow(lab, node.ns, "tcp", VIP, 53),
+        "other service": flow(lab, fam, "udp", fam.other_vip, 53),
+        "direct": flow(lab, fam, "udp", old_ip, UDP_TARGET),
+        "tcp": flow(lab, fam, "tcp", fam.vip, 53),
     }
 
     # the endpoint moves: the rules now DNAT new flows to the new pod ...
-    to_new = f"{new.ip}:{UDP_TARGET}"
     program(
         lab,
-        node,
+        fam,
         [
-            dnat(VIP, "udp", 53, to_new),
-            dnat(VIP, "tcp", 53, f"{old.ip}:{TCP_TARGET}"),
-            dnat(node.ip, "udp", NODE_PORT, to_new),
-            dnat(OTHER_VIP, "udp", 53, to_old),
+            dnat(fam.vip, "udp", 53, to_new),
+            tcp_rule,
+            dnat(node_ip, "udp", NODE_PORT, to_new),
+            bystander_rule,
         ],
     )
     # ... but the client's existing flows are pinned to the old one by conntrack
-    assert ask(lab, VIP, 53, 40053) == old.name
-    assert ask(lab, node.ip, NODE_PORT, 40055) == old.name
-    assert ask(lab, VIP, 53, 40057) == new.name, "a new source port already takes the new rule"
+    assert ask(lab, fam.vip, 53, 40053) == old.name
+    assert ask(lab, node_ip, NODE_PORT, 40055) == old.name
+    assert ask(lab, fam.vip, 53, 40057) == new.name, "a new source port takes the new rule"
 
-    before = views(node, (served, [old]), (bystander, [old]))
-    after = views(node, (served, [new]), (bystander, [old]))
-    deleted = apply_in(lab, node.ns, plan_stale_flows(before, after))
+    before = views(lab, fam, (served, [old]), (bystander, [old]))
+    after = views(lab, fam, (served, [new]), (bystander, [old]))
+    deleted = apply_in(lab, lab.nodes[0].ns, plan_stale_flows(before, after))
 
     assert deleted == 2, "the stale ClusterIP and nodePort flows, nothing else"
-    assert ask(lab, VIP, 53, 40053) == new.name
-    assert ask(lab, node.ip, NODE_PORT, 40055) == new.name
-    assert flow(lab, node.ns, "udp", VIP, 53, 40053).reply_src == new.ip
+    assert ask(lab, fam.vip, 53, 40053) == new.name
+    assert ask(lab, node_ip, NODE_PORT, 40055) == new.name
+    assert flow(lab, fam, "udp", fam.vip, 53, 40053).reply_src == new_ip
     for what, entry in kept.items():
-        assert entry in entries(lab, node.ns), f"{what} flow was deleted"
-    assert ask(lab, OTHER_VIP, 53, 40054) == old.name
-    assert apply_in(lab, node.ns, plan_stale_flows(before, after)) == 0, "idempotent"
+        assert entry in entries(lab, fam), f"{what} flow was deleted"
+    assert ask(lab, fam.other_vip, 53, 40054) == old.name
+    assert apply_in(lab, lab.nodes[0].ns, plan_stale_flows(before, after)) == 0, "idempotent"
 
 
-def test_flows_sent_before_endpoints_existed_are_cleared(lab: Lab) -> None:
-    node, pod = lab.nodes[0], lab.pods[0]
+def test_flows_sent_before_endpoints_existed_are_cleared(lab: Lab, fam: Family) -> None:
+    pod = lab.pods[0]
     start_servers(lab, [(pod.ns, pod.name)], udp=[UDP_TARGET])
-    svc = dns_service("late", VIP)
-    program(lab, node, [])
+    svc = dns_service("late", fam.vip)
+    program(lab, fam, [])
 
-    assert ask(lab, VIP, 53, 40060, timeout=0.3) is None  # nothing serves the VIP yet
-    assert flow(lab, node.ns, "udp", VIP, 53, 40060).reply_src == VIP, "an entry without DNAT"
+    assert ask(lab, fam.vip, 53, 40060, timeout=0.3) is None  # nothing serves the VIP yet
+    assert flow(lab, fam, "udp", fam.vip, 53, 40060).reply_src == fam.vip, "not DNAT'ed"
 
-    program(lab, node, [dnat(VIP, "udp", 53, f"{pod.ip}:{UDP_TARGET}")])
-    assert ask(lab, VIP, 53, 40060, timeout=0.3) is None, "the un-NATed entry still wins"
+    program(lab, fam, [dnat(fam.vip, "udp", 53, fam.hostport(fam.ip(pod), UDP_TARGET))])
+    assert ask(lab, fam.vip, 53, 40060, timeout=0.3) is None, "the un-NATed entry still wins"
 
-    plan = plan_stale_flows(views(node, (svc, [])), views(node, (svc, [pod])))
-    assert apply_in(lab, node.ns, plan) == 1
-    assert ask(lab, VIP, 53, 40060) == pod.name
+    plan = plan_stale_flows(views(lab, fam, (svc, [])), views(lab, fam, (svc, [pod])))
+    assert apply_in(lab, lab.nodes[0].ns, plan) == 1
+    assert ask(lab, fam.vip, 53, 40060) == pod.name
 
 
-def test_a_deleted_service_loses_its_flows(lab: Lab) -> None:
-    node, pod = lab.nodes[0], lab.pods[0]
+def test_a_deleted_service_loses_its_flows(lab: Lab, fam: Family) -> None:
+    pod = lab.pods[0]
     start_servers(lab, [(pod.ns, pod.name)], udp=[UDP_TARGET])
-    svc = dns_service("gone", VIP)
-    program(lab, node, [dnat(VIP, "udp", 53, f"{pod.ip}:{UDP_TARGET}")])
-    assert ask(lab, VIP, 53, 40070) == pod.name
+    svc = dns_service("gone", fam.vip)
+    program(lab, fam, [dnat(fam.vip, "udp", 53, fam.hostport(fam.ip(pod), UDP_TARGET))])
+    assert ask(lab, fam.vip, 53, 40070) == pod.name
 
-    program(lab, node, [])  # the service's rules are gone; its flow is still DNAT'ed
-    assert ask(lab, VIP, 53, 40070) == pod.name
+    program(lab, fam, [])  # the service's rules are gone; its flow is still DNAT'ed
+    assert ask(lab, fam.vip, 53, 40070) == pod.name
 
     gone = build_views(
-        Snapshot(services={}, slices={}), family=4, node_name=node.name, refs=[svc.ref]
+        Snapshot(services={}, slices={}),
+        family=fam.version,
+        node_name=lab.nodes[0].name,
+        refs=[svc.ref],
     )
-    assert apply_in(lab, node.ns, plan_stale_flows(views(node, (svc, [pod])), gone)) == 1
-    assert ask(lab, VIP, 53, 40070, timeout=0.3) is None
+    plan = plan_stale_flows(views(lab, fam, (svc, [pod])), gone)
+    assert apply_in(lab, lab.nodes[0].ns, plan) == 1
+    assert ask(lab, fam.vip, 53, 40070, timeout=0.3) is None
