@@ -14,15 +14,25 @@ import socket
 import threading
 import time
 from types import FrameType
+from typing import TYPE_CHECKING
 
-from kproxy.backends.base import Proxier, SyncError, SyncResult
+from kproxy.backends.base import SyncError, SyncResult
+from kproxy.backends.conntrack import ConntrackCleaner
 from kproxy.config import Settings
 from kproxy.kube.ingest import StoreSink
 from kproxy.metrics import Metrics
+from kproxy.model.objects import Ref
 from kproxy.model.store import Changes, Snapshot, Store
+from kproxy.model.view import ServicePortView, build_views
+from kproxy.render.conntrack import StaleFlowPlan, plan_stale_flows
+from kproxy.runtime.dataplane import Plane, make_planes
 from kproxy.runtime.health import HealthState, HTTPEndpoint, health_routes
 from kproxy.runtime.runner import SyncLoop
 from kproxy.runtime.sdnotify import Notifier
+from kproxy.runtime.svchealth import ServiceHealthServer
+
+if TYPE_CHECKING:
+    from kproxy.dns.server import DNSService
 
 log = logging.getLogger("kproxy")
 
@@ -43,8 +53,11 @@ class Daemon:
         self._dns_wake = threading.Event()
         self._synced_once = False
         self._http: list[HTTPEndpoint] = []
-        self.proxiers: list[tuple[int, Proxier]] = []
-        self.dns: object | None = None
+        self.planes: list[Plane] = []
+        self._views: dict[int, dict[Ref, tuple[ServicePortView, ...]]] = {}
+        self._cleaner: ConntrackCleaner | None = None
+        self.service_health: ServiceHealthServer | None = None
+        self.dns: DNSService | None = None
         self.loop = SyncLoop(
             sync=self._sync,
             min_interval=settings.min_sync_period,
@@ -82,11 +95,6 @@ class Daemon:
             stop=self.stop_event,
         )
 
-    def _make_proxiers(self) -> list[tuple[int, Proxier]]:
-        from kproxy.runtime.dataplane import make_proxiers
-
-        return make_proxiers(self.settings, node_name=self.node_name)
-
     # -- events ----------------------------------------------------------------------------
     def _on_change(self) -> None:
         self.health.queued()
@@ -107,7 +115,7 @@ class Daemon:
                 continue
             self._dns_wake.clear()
             try:
-                self.dns.update(self.store.peek())  # type: ignore[attr-defined]
+                self.dns.update(self.store.peek())
             except Exception:
                 log.exception("DNS index update failed")
             self.stop_event.wait(0.05)  # debounce bursts of events
@@ -126,22 +134,54 @@ class Daemon:
         started = time.monotonic()
         results: list[SyncResult] = []
         ok = True
-        for family, proxier in self.proxiers:
+        for plane in self.planes:
             try:
-                results.append(proxier.sync(snapshot, changes, full=full))
+                results.append(plane.proxier.sync(snapshot, changes, full=full))
             except SyncError as err:
                 ok = False
-                log.error("sync of IPv%d rules failed: %s", family, err)
+                log.error("sync of IPv%d rules failed: %s", plane.family, err)
             except Exception:
                 ok = False
-                log.exception("sync of IPv%d rules failed", family)
+                log.exception("sync of IPv%d rules failed", plane.family)
         elapsed = time.monotonic() - started
         if not ok:
             self.metrics.sync_failures.inc()
             self.metrics.restore_failures.inc()
             return False
         self._record(snapshot, changes, results, elapsed=elapsed, full=full)
+        self._after_sync(snapshot, changes, full=full)
         return True
+
+    def _after_sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> None:
+        """Stale UDP conntrack cleanup and health-check ports, from the views that changed."""
+        changed: list[dict[Ref, tuple[ServicePortView, ...]]] = []
+        plan: StaleFlowPlan | None = None
+        for plane in self.planes:
+            known = self._views.setdefault(plane.family, {})
+            refs = set(snapshot.services) | set(known) if full else set(changes.services)
+            current = dict(
+                build_views(snapshot, family=plane.family, node_name=self.node_name, refs=refs)
+            )
+            previous = {ref: known.get(ref, ()) for ref in refs}
+            for ref, views in current.items():
+                if views:
+                    known[ref] = views
+                else:
+                    known.pop(ref, None)
+            changed.append(current)
+            if self.settings.conntrack_udp_cleanup:
+                step = plan_stale_flows(previous, current, nodeport_ips=plane.options.nodeport_ips)
+                plan = step if plan is None else plan.merged(step)
+        if plan is not None and not plan.empty and self._cleaner is not None:
+            try:
+                self.metrics.conntrack_deleted.inc(self._cleaner.apply(plan))
+            except Exception:
+                log.exception("stale UDP conntrack cleanup failed")
+        if self.service_health is not None:
+            if full:
+                self.service_health.sync(*(self._views.get(p.family, {}) for p in self.planes))
+            else:
+                self.service_health.update(*changed)
 
     def _record(
         self,
@@ -223,13 +263,27 @@ class Daemon:
         for endpoint in self._http:
             endpoint.start()
 
+    def _start_conntrack(self) -> None:
+        if not self.settings.conntrack_udp_cleanup:
+            return
+        try:
+            self._cleaner = ConntrackCleaner()
+        except Exception as err:
+            log.warning("stale UDP conntrack cleanup disabled: %s", err)
+
+    def _start_service_health(self) -> None:
+        ips = [ip for p in self.planes if p.options.nodeport_ips for ip in p.options.nodeport_ips]
+        self.service_health = ServiceHealthServer(
+            bind_ip=ips or "", proxy_healthy=self.health.healthy
+        )
+
     def _start_dns(self) -> None:
         if not self.settings.dns:
             return
         from kproxy.runtime.dnswiring import make_dns
 
         self.dns = make_dns(self.settings)
-        self.dns.start()  # type: ignore[attr-defined]
+        self.dns.start()
         threading.Thread(target=self._dns_updater, name="dns-updater", daemon=True).start()
 
     def run(self) -> int:
@@ -238,7 +292,9 @@ class Daemon:
             "kproxy starting",
             extra={"node": self.node_name, "mode": self.settings.proxy_mode},
         )
-        self.proxiers = self._make_proxiers()
+        self.planes = make_planes(self.settings, node_name=self.node_name)
+        self._start_conntrack()
+        self._start_service_health()
         self._start_http()
         self._start_dns()
         self.source.start()  # type: ignore[attr-defined]
@@ -258,6 +314,8 @@ class Daemon:
         self.stop_event.set()
         for endpoint in self._http:
             endpoint.stop()
+        if self.service_health is not None:
+            self.service_health.stop()
         if self.dns is not None:
-            self.dns.stop()  # type: ignore[attr-defined]
+            self.dns.stop()
         log.info("kproxy stopped; kernel rules left in place")

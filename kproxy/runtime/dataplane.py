@@ -5,6 +5,7 @@ from __future__ import annotations
 import ipaddress
 import logging
 import shutil
+from dataclasses import dataclass
 
 from kproxy.backends.base import Proxier
 from kproxy.backends.netinfo import addresses_in, ipv6_available, local_addresses
@@ -41,18 +42,29 @@ def families() -> tuple[int, ...]:
     return (4,)
 
 
-def make_proxiers(settings: Settings, *, node_name: str) -> list[tuple[int, Proxier]]:
-    out: list[tuple[int, Proxier]] = []
+@dataclass(frozen=True)
+class Plane:
+    """The dataplane of one IP family: its options and its proxier."""
+
+    family: int
+    options: ProxyOptions
+    proxier: Proxier
+
+
+def make_planes(settings: Settings, *, node_name: str) -> list[Plane]:
+    out: list[Plane] = []
     for family in families():
         options = proxy_options(settings, family=family, node_name=node_name)
+        proxier: Proxier
         if settings.proxy_mode == "ipvs":
             from kproxy.backends.ipvs import IPVSProxier
 
-            out.append((family, IPVSProxier(options=options, settings=settings)))
+            proxier = IPVSProxier(options=options, settings=settings)
         else:
             from kproxy.backends.iptables import IptablesProxier
 
-            out.append((family, IptablesProxier(options=options)))
+            proxier = IptablesProxier(options=options)
+        out.append(Plane(family=family, options=options, proxier=proxier))
     return out
 
 
