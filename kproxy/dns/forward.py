@@ -38,6 +38,7 @@ from kproxy.dns.wire import (
     Template,
     WireError,
     decode_rr,
+    make_template,
     opt_record,
     parse_message,
 )
@@ -183,7 +184,7 @@ def to_upstreamed(msg: bytes, qlen: int, *, now: float, max_ttl: int) -> Upstrea
     rcode = parsed.flags & 0xF
     flags = QR | RA | rcode | (parsed.flags & 0x0020)  # keep AD, drop AA and TC
     ttl = min(_cache_ttl(parsed, msg, rcode), max_ttl)
-    template = Template(
+    template = make_template(
         flags=flags,
         an=counts[0],
         ns=counts[1],

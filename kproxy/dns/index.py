@@ -1,15 +1,15 @@
 """The DNS answer index: every name kproxy is authoritative for, built from the model.
 
 `build_index(snapshot, ...)` returns a `DnsIndex`: an immutable mapping from lower-case wire names
-to `Node`s (records by type, plus additional-section records by query type). Names follow the
-Kubernetes DNS specification (schema 1.1.0) and match CoreDNS's `kubernetes` plugin where the spec
-is silent:
+to `Node`s (the name's records, plus additional-section records for SRV and NS answers). Names
+follow the Kubernetes DNS specification (schema 1.1.0) and match CoreDNS's `kubernetes` plugin
+where the spec is silent:
 
 - `<svc>.<ns>.svc.<zone>`: A/AAAA of the cluster IPs (even without endpoints); for a headless
   service the ready endpoints (all endpoints with publishNotReadyAddresses), and no name at all
   when none is ready (NXDOMAIN); a CNAME for ExternalName services.
-- `<hostname>.<svc>.<ns>.svc.<zone>` per endpoint, hostname else the dashed IP (CoreDNS does this
-  for every service with endpoints, not only headless ones).
+- `<hostname>.<svc>.<ns>.svc.<zone>` per ready endpoint, hostname else the dashed IP (CoreDNS
+  does this for every service with endpoints, not only headless ones).
 - `_<port>._<proto>.<svc>.<ns>.svc.<zone>` SRV for named ports: the service name for ClusterIP
   services, one record per endpoint for headless ones, with the addresses as additional records.
 - PTR for cluster IPs and endpoint IPs (a cluster IP wins over an endpoint with the same address;
@@ -20,34 +20,34 @@ is silent:
 
 Pod names (`a-b-c-d.<ns>.pod.<zone>`) are synthesised by the resolver, not stored.
 
+The index reads only what DNS needs from the model, converted to small tuples (`DnsService`,
+`DnsSlice`): they pickle fast (the serving processes receive them over a pipe) and keep the
+serving processes' memory small.
+
 `IndexBuilder` maintains the index incrementally: it keeps each service's contribution and, for a
 `ModelDelta` (what changed between two snapshots), recomputes only the touched services and
-reports which names changed, so the wire cache can keep every other pre-encoded answer. A full
-build of 10k services costs a few hundred ms of CPU; a one-service change costs well under 1 ms
-plus one dict copy, which is what keeps DNS responsive during rollouts.
+reports which names changed, so the answer cache keeps every other pre-encoded answer. A full
+build of 10k services takes about a second of CPU; a one-service change well under a millisecond
+plus one copy of the name map.
 """
 
 from __future__ import annotations
 
-import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 
 from kproxy.dns.records import (
-    AAAA,
     CNAME,
     DNS_SCHEMA_VERSION,
     NS,
     PTR,
     RR,
-    SOA,
-    SRV,
-    TXT,
-    A,
     BadName,
     a_rr,
     name_rr,
+    pack_ip,
     reverse_wire,
     soa_rr,
     srv_rr,
@@ -61,62 +61,85 @@ PODS_INSECURE = "insecure"
 PODS_DISABLED = "disabled"
 PODS_MODES = (PODS_INSECURE, PODS_DISABLED)
 
-_ARPA = (to_wire("in-addr.arpa"), to_wire("ip6.arpa"))
+KIND_CLUSTER_IP = 0
+KIND_HEADLESS = 1
+KIND_EXTERNAL_NAME = 2
+
+_IN_ADDR = to_wire("in-addr.arpa")
+_IP6 = to_wire("ip6.arpa")
 
 
-class Node:
-    """The records of one name. `extra` maps a query type to its additional-section records.
-
-    `rank` orders PTR contributions: a cluster IP (0) hides endpoints (1) with the same address.
-    Nodes are never mutated once published.
-    """
-
-    __slots__ = ("extra", "rank", "records")
-
-    def __init__(
-        self,
-        records: Mapping[int, tuple[RR, ...]] | None = None,
-        extra: Mapping[int, tuple[RR, ...]] | None = None,
-        rank: int = 0,
-    ) -> None:
-        self.records: Mapping[int, tuple[RR, ...]] = records or {}
-        self.extra: Mapping[int, tuple[RR, ...]] = extra or {}
-        self.rank = rank
-
-    def __repr__(self) -> str:
-        return f"Node({dict(self.records)!r}, extra={dict(self.extra)!r})"
+# -- the model as DNS sees it ---------------------------------------------------------------------
 
 
-EMPTY = Node()
+class DnsPort(NamedTuple):
+    name: str
+    protocol: str
+    port: int
 
 
-@dataclass(frozen=True, slots=True)
-class DnsIndex:
-    """Everything the resolver needs to answer for the cluster zone at one model generation."""
+class DnsEndpoint(NamedTuple):
+    address: str
+    ready: bool
+    hostname: str
 
-    zone: bytes
-    ttl: int
-    pods_mode: str
-    names: Mapping[bytes, Node]
-    soa: RR
-    synced: bool
-    generation: int
 
-    def lookup(self, name: bytes) -> Node | None:
-        return self.names.get(name)
+class DnsSlice(NamedTuple):
+    address_type: str
+    endpoints: tuple[DnsEndpoint, ...]
+    ports: tuple[DnsPort, ...]
+
+
+class DnsService(NamedTuple):
+    namespace: str
+    name: str
+    kind: int
+    cluster_ips: tuple[str, ...]
+    ports: tuple[DnsPort, ...]
+    external_name: str = ""
+    publish_not_ready: bool = False
+
+
+def dns_service(svc: Service) -> DnsService:
+    if svc.is_external_name:
+        kind = KIND_EXTERNAL_NAME
+    elif svc.headless or not svc.cluster_ips:
+        kind = KIND_HEADLESS
+    else:
+        kind = KIND_CLUSTER_IP
+    return DnsService(
+        namespace=svc.namespace,
+        name=svc.name,
+        kind=kind,
+        cluster_ips=svc.cluster_ips if kind == KIND_CLUSTER_IP else (),
+        ports=tuple(DnsPort(p.name, p.protocol, p.port) for p in svc.ports),
+        external_name=svc.external_name,
+        publish_not_ready=svc.publish_not_ready,
+    )
+
+
+def dns_slices(slices: Iterable[EndpointSlice]) -> tuple[DnsSlice, ...]:
+    return tuple(
+        DnsSlice(
+            sl.address_type,
+            tuple(DnsEndpoint(e.address, e.ready, e.hostname) for e in sl.endpoints),
+            tuple(DnsPort(p.name, p.protocol, p.port) for p in sl.ports),
+        )
+        for sl in slices
+    )
 
 
 @dataclass(frozen=True, slots=True)
 class ModelDelta:
     """What changed between two snapshots, keyed by service ref.
 
-    services: the new Service, or None when it was deleted.
+    services: the new service, or None when it was deleted.
     slices:   the service's complete new slice tuple (empty when it has none any more).
     full:     replace the whole model with this delta (the first update, or a resync).
     """
 
-    services: Mapping[Ref, Service | None] = field(default_factory=dict)
-    slices: Mapping[Ref, tuple[EndpointSlice, ...]] = field(default_factory=dict)
+    services: Mapping[Ref, DnsService | None] = field(default_factory=dict)
+    slices: Mapping[Ref, tuple[DnsSlice, ...]] = field(default_factory=dict)
     synced: bool = True
     generation: int = 0
     full: bool = False
@@ -138,29 +161,65 @@ def diff_snapshots(prev: Snapshot | None, cur: Snapshot) -> ModelDelta:
     """
     if prev is None:
         return ModelDelta(
-            services=dict(cur.services),
-            slices=dict(cur.slices),
+            services={ref: dns_service(s) for ref, s in cur.services.items()},
+            slices={ref: dns_slices(g) for ref, g in cur.slices.items()},
             synced=cur.synced,
             generation=cur.generation,
             full=True,
         )
-    services: dict[Ref, Service | None] = {}
+    services: dict[Ref, DnsService | None] = {}
     for ref, svc in cur.services.items():
         old = prev.services.get(ref)
         if old is not svc and old != svc:
-            services[ref] = svc
+            services[ref] = dns_service(svc)
     for ref in prev.services.keys() - cur.services.keys():
         services[ref] = None
-    slices: dict[Ref, tuple[EndpointSlice, ...]] = {}
+    slices: dict[Ref, tuple[DnsSlice, ...]] = {}
     for ref, group in cur.slices.items():
         old_group = prev.slices.get(ref)
         if old_group is None or not _same_slices(old_group, group):
-            slices[ref] = group
+            slices[ref] = dns_slices(group)
     for ref in prev.slices.keys() - cur.slices.keys():
         slices[ref] = ()
     return ModelDelta(
         services=services, slices=slices, synced=cur.synced, generation=cur.generation
     )
+
+
+# -- nodes --------------------------------------------------------------------------------------
+
+
+class Node(NamedTuple):
+    """The records of one name; `extra` goes in the additional section of SRV and NS answers.
+
+    `rank` orders PTR contributions: a cluster IP (0) hides endpoints (1) with the same address.
+    """
+
+    rrs: tuple[RR, ...] = ()
+    extra: tuple[RR, ...] = ()
+    rank: int = 0
+
+    def get(self, rtype: int) -> tuple[RR, ...]:
+        return tuple(rr for rr in self.rrs if rr.rtype == rtype)
+
+
+EMPTY = Node()
+
+
+@dataclass(frozen=True, slots=True)
+class DnsIndex:
+    """Everything the resolver needs to answer for the cluster zone at one model generation."""
+
+    zone: bytes
+    ttl: int
+    pods_mode: str
+    names: Mapping[bytes, Node]
+    soa: RR
+    synced: bool
+    generation: int
+
+    def lookup(self, name: bytes) -> Node | None:
+        return self.names.get(name)
 
 
 # -- per-service contributions ----------------------------------------------------------------
@@ -179,7 +238,7 @@ def _dashed(address: str) -> str:
 
 
 def _is_reverse(name: bytes) -> bool:
-    return name.endswith(_ARPA[0]) or name.endswith(_ARPA[1])
+    return name.endswith(_IN_ADDR) or name.endswith(_IP6)
 
 
 def _family_ok(address: str, address_type: str) -> bool:
@@ -190,23 +249,19 @@ def _family_ok(address: str, address_type: str) -> bool:
     return False  # FQDN slices carry no addresses DNS can serve
 
 
-@dataclass(slots=True)
-class _Endpoint:
-    owner: bytes
-    addresses: list[RR]
+def _unique(rrs: Iterable[RR]) -> tuple[RR, ...]:
+    return tuple(dict.fromkeys(rrs))
 
 
-def _group(rrs: Iterable[RR]) -> dict[int, tuple[RR, ...]]:
-    out: dict[int, list[RR]] = {}
-    for rr in rrs:
-        bucket = out.setdefault(rr.rtype, [])
-        if rr not in bucket:
-            bucket.append(rr)
-    return {k: tuple(v) for k, v in out.items()}
+def _srv_name(port: DnsPort, name_w: bytes) -> bytes | None:
+    try:
+        return _label("_" + port.name) + _label("_" + port.protocol) + name_w
+    except (BadName, UnicodeEncodeError):
+        return None
 
 
 def service_part(
-    svc: Service, slices: tuple[EndpointSlice, ...], *, svc_zone: bytes, ttl: int
+    svc: DnsService, slices: tuple[DnsSlice, ...], *, svc_zone: bytes, ttl: int
 ) -> dict[bytes, Node]:
     """Every name one service contributes, with its records. `svc_zone` is `svc.<zone>` (wire)."""
     try:
@@ -216,10 +271,10 @@ def service_part(
         return {}
     part: dict[bytes, Node] = {ns_w: EMPTY}
 
-    if svc.is_external_name:
+    if svc.kind == KIND_EXTERNAL_NAME:
         target = svc.external_name.strip()
         try:
-            ipaddress.ip_address(target)
+            pack_ip(target)
             return part  # CoreDNS serves no record for an IP "external name"
         except ValueError:
             pass
@@ -228,125 +283,104 @@ def service_part(
         except BadName:
             return part
         if target_w != b"\x00":
-            part[name_w] = Node({CNAME: (name_rr(name_w, CNAME, ttl, target_w),)})
+            part[name_w] = Node((name_rr(name_w, CNAME, ttl, target_w),))
         return part
 
-    # ready endpoints, deduplicated by address; the first hostname seen wins
-    endpoints: dict[str, _Endpoint] = {}
-    # SRV name -> list of (port, endpoint) for headless services
-    srv_eps: dict[bytes, list[tuple[int, _Endpoint]]] = {}
+    headless = svc.kind == KIND_HEADLESS
+    # ready endpoints by address (first hostname wins) -> (owner name, address record)
+    endpoints: dict[str, tuple[bytes, RR]] = {}
+    srv_eps: dict[bytes, dict[tuple[int, bytes], None]] = {}  # headless: SRV name -> targets
     for sl in slices:
         named = []
-        for p in sl.ports:
-            if p.name:
-                try:
-                    named.append((_label("_" + p.name) + _label("_" + p.protocol) + name_w, p.port))
-                except (BadName, UnicodeEncodeError):
-                    continue
+        if headless:
+            for p in sl.ports:
+                if p.name:
+                    srv_w = _srv_name(p, name_w)
+                    if srv_w is not None:
+                        named.append((srv_w, p.port))
         for ep in sl.endpoints:
-            if not (ep.ready or svc.publish_not_ready):
+            if not (ep.ready or svc.publish_not_ready) or not _family_ok(
+                ep.address, sl.address_type
+            ):
                 continue
-            addr = ep.address
-            if not _family_ok(addr, sl.address_type):
-                continue
-            info = endpoints.get(addr)
-            if info is None:
+            hit = endpoints.get(ep.address)
+            if hit is None:
                 try:
-                    host = _label(ep.hostname) if ep.hostname else _label(_dashed(addr))
+                    host = _label(ep.hostname or _dashed(ep.address))
                 except (BadName, UnicodeEncodeError):
-                    host = _label(_dashed(addr))
-                owner = host + name_w
-                info = _Endpoint(owner, [a_rr(owner, ttl, addr)])
-                endpoints[addr] = info
-            if svc.headless:
-                for srv_w, port in named:
-                    srv_eps.setdefault(srv_w, []).append((port, info))
+                    host = _label(_dashed(ep.address))
+                try:
+                    hit = (host + name_w, a_rr(host + name_w, ttl, ep.address))
+                except ValueError:
+                    continue
+                endpoints[ep.address] = hit
+            for srv_w, port in named:
+                srv_eps.setdefault(srv_w, {})[(port, hit[0])] = None
+
+    if headless:
+        if not endpoints:
+            return part  # no ready endpoint: the name does not exist
+        service_rrs = _unique(RR(name_w, rr.rtype, ttl, rr.rdata) for _, rr in endpoints.values())
+    else:
+        addrs = []
+        for ip in svc.cluster_ips:
+            try:
+                addrs.append(a_rr(name_w, ttl, ip))
+            except ValueError:
+                continue
+        service_rrs = _unique(addrs)
+    part[name_w] = Node(service_rrs)
 
     # per-endpoint names (several addresses may share a hostname: dual-stack)
     by_owner: dict[bytes, list[RR]] = {}
-    for info in endpoints.values():
-        by_owner.setdefault(info.owner, []).extend(info.addresses)
-
-    if svc.headless:
-        if not endpoints:
-            return part  # no ready endpoint: the name does not exist
-        service_rrs = [a_rr(name_w, ttl, addr) for addr in endpoints]
-    else:
-        service_rrs = []
-        for ip in svc.cluster_ips:
-            try:
-                service_rrs.append(a_rr(name_w, ttl, ip))
-            except ValueError:
-                continue
-    part[name_w] = Node(_group(service_rrs))
-
+    for owner, rr in endpoints.values():
+        by_owner.setdefault(owner, []).append(rr)
     for owner, rrs in by_owner.items():
-        part[owner] = Node(_group(rrs))
+        part[owner] = Node(tuple(rrs))
 
     # SRV
-    if svc.headless:
-        for srv_w, pairs in srv_eps.items():
-            seen: dict[tuple[int, bytes], _Endpoint] = {}
-            for port, info in pairs:
-                seen.setdefault((port, info.owner), info)
-            weight = max(1, 100 // len(seen))
+    if headless:
+        for srv_w, targets in srv_eps.items():
+            weight = max(1, 100 // len(targets))
             srvs = tuple(
                 srv_rr(srv_w, ttl, priority=0, weight=weight, port=port, target=owner)
-                for (port, owner) in seen
+                for port, owner in targets
             )
-            glue: list[RR] = []
-            for info in seen.values():
-                for rr in by_owner[info.owner]:
-                    if rr not in glue:
-                        glue.append(rr)
-            part[srv_w] = Node({SRV: srvs}, {SRV: tuple(glue)})
+            glue = _unique(rr for _, owner in targets for rr in by_owner[owner])
+            part[srv_w] = Node(srvs, glue)
             part.setdefault(srv_w[srv_w[0] + 1 :], EMPTY)
     else:
-        glue_t = tuple(service_rrs)
         for sp in svc.ports:
             if not sp.name:
                 continue
-            try:
-                srv_w = _label("_" + sp.name) + _label("_" + sp.protocol) + name_w
-            except (BadName, UnicodeEncodeError):
+            srv_w = _srv_name(sp, name_w)
+            if srv_w is None:
                 continue
             rr = srv_rr(srv_w, ttl, priority=0, weight=100, port=sp.port, target=name_w)
-            existing = part.get(srv_w)
-            srvs_t = (existing.records[SRV] + (rr,)) if existing is not None else (rr,)
-            part[srv_w] = Node({SRV: srvs_t}, {SRV: glue_t})
+            prev = part.get(srv_w)
+            part[srv_w] = Node((*prev.rrs, rr) if prev else (rr,), service_rrs)
             part.setdefault(srv_w[srv_w[0] + 1 :], EMPTY)
 
     # PTR: cluster IPs (rank 0) and endpoints (rank 1)
-    if not svc.headless:
-        for ip in svc.cluster_ips:
-            try:
-                rev = reverse_wire(ip)
-            except ValueError:
-                continue
-            part[rev] = Node({PTR: (name_rr(rev, PTR, ttl, name_w),)}, rank=0)
-    for addr, info in endpoints.items():
-        rev = reverse_wire(addr)
-        if rev in part and part[rev].rank == 0:
+    for ip in svc.cluster_ips:
+        try:
+            rev = reverse_wire(ip)
+        except ValueError:
             continue
-        part[rev] = Node({PTR: (name_rr(rev, PTR, ttl, info.owner),)}, rank=1)
+        part[rev] = Node((name_rr(rev, PTR, ttl, name_w),), rank=0)
+    for address, (owner, _) in endpoints.items():
+        rev = reverse_wire(address)
+        if rev not in part:
+            part[rev] = Node((name_rr(rev, PTR, ttl, owner),), rank=1)
     return part
 
 
-def _merge_ptr(nodes: Iterable[Node]) -> Node | None:
-    nodes = list(nodes)
-    if not nodes:
-        return None
+def _merge_ptr(nodes: list[Node]) -> Node:
     if len(nodes) == 1:
         return nodes[0]
     best = min(n.rank for n in nodes)
-    rrs: list[RR] = []
-    for n in nodes:
-        if n.rank == best:
-            for rr in n.records.get(PTR, ()):
-                if rr not in rrs:
-                    rrs.append(rr)
-    rrs.sort(key=lambda rr: rr.rdata)
-    return Node({PTR: tuple(rrs)}, rank=best)
+    rrs = _unique(rr for n in nodes if n.rank == best for rr in n.rrs)
+    return Node(tuple(sorted(rrs, key=lambda rr: rr.rdata)), rank=best)
 
 
 # -- the builder ------------------------------------------------------------------------------
@@ -355,8 +389,13 @@ def _merge_ptr(nodes: Iterable[Node]) -> Node | None:
 class IndexBuilder:
     """Keeps the model and each service's contribution; produces a new `DnsIndex` per delta.
 
-    Not thread-safe: one thread (the DNS updater) owns a builder. The indexes it returns are
-    immutable and may be read from any thread.
+    Not thread-safe: one thread at a time applies deltas. The indexes it returns are immutable
+    and may be read from any thread.
+
+    Names come in three kinds: empty non-terminals (shared, reference-counted), reverse names
+    (possibly shared by several services, merged by rank) and every other name, which belongs
+    to exactly one service (Kubernetes names are unique, and the shapes of service, endpoint
+    and SRV names cannot collide).
     """
 
     def __init__(
@@ -377,11 +416,10 @@ class IndexBuilder:
         self._svc_zone = b"\x03svc" + self.zone
         self._ns_name = b"\x02ns\x03dns" + self.zone
         self._ns_addresses = tuple(ns_addresses)
-        self._services: dict[Ref, Service] = {}
-        self._slices: dict[Ref, tuple[EndpointSlice, ...]] = {}
+        self._services: dict[Ref, DnsService] = {}
+        self._slices: dict[Ref, tuple[DnsSlice, ...]] = {}
         self._parts: dict[Ref, dict[bytes, Node]] = {}
-        self._unique: dict[bytes, Ref] = {}
-        self._ptr: dict[bytes, dict[Ref, Node]] = {}
+        self._ptr_owners: dict[bytes, tuple[Ref, ...]] = {}
         self._ents: dict[bytes, int] = {}
         self._static = self._static_names(serial=1)
         self._names: dict[bytes, Node] = dict(self._static)
@@ -390,41 +428,33 @@ class IndexBuilder:
         self.index = self._publish()
 
     # -- static names ------------------------------------------------------------------------
-    def _soa(self, serial: int) -> RR:
-        return soa_rr(
-            self.zone,
-            self.ttl,
-            mname=self._ns_name,
-            rname=b"\x0ahostmaster" + self.zone,
-            serial=serial,
-            minimum=self.ttl,
-        )
-
     def _static_names(self, *, serial: int) -> dict[bytes, Node]:
         ttl = self.ttl
         glue: list[RR] = []
         for addr in self._ns_addresses:
             try:
-                if not ipaddress.ip_address(addr).is_unspecified:
-                    glue.append(a_rr(self._ns_name, ttl, addr))
+                packed = pack_ip(addr)
             except ValueError:
                 continue
-        ns_rr = name_rr(self.zone, NS, ttl, self._ns_name)
-        grouped = _group(glue)
-        names = {
-            self.zone: Node(
-                {SOA: (self._soa(serial),), NS: (ns_rr,)},
-                {NS: tuple(glue)},
-            ),
-            b"\x0bdns-version" + self.zone: Node(
-                {TXT: (txt_rr(b"\x0bdns-version" + self.zone, ttl, DNS_SCHEMA_VERSION),)}
-            ),
+            if any(packed):  # not 0.0.0.0 / ::
+                glue.append(a_rr(self._ns_name, ttl, addr))
+        soa = soa_rr(
+            self.zone,
+            ttl,
+            mname=self._ns_name,
+            rname=b"\x0ahostmaster" + self.zone,
+            serial=serial,
+            minimum=ttl,
+        )
+        version = b"\x0bdns-version" + self.zone
+        return {
+            self.zone: Node((soa, name_rr(self.zone, NS, ttl, self._ns_name)), tuple(glue)),
+            version: Node((txt_rr(version, ttl, DNS_SCHEMA_VERSION),)),
             self._svc_zone: EMPTY,
             b"\x03pod" + self.zone: EMPTY,
             b"\x03dns" + self.zone: EMPTY,
-            self._ns_name: Node(grouped) if grouped else EMPTY,
+            self._ns_name: Node(tuple(glue)),
         }
-        return names
 
     # -- applying changes --------------------------------------------------------------------
     def apply(self, delta: ModelDelta) -> tuple[DnsIndex, frozenset[bytes] | None]:
@@ -438,10 +468,11 @@ class IndexBuilder:
             self._services = {}
             self._slices = {}
             self._parts = {}
-            self._unique = {}
-            self._ptr = {}
+            self._ptr_owners = {}
             self._ents = {}
             self._names = {}
+        else:
+            self._names = dict(self._names)  # the published map stays untouched
         for ref, svc in delta.services.items():
             if svc is None:
                 self._services.pop(ref, None)
@@ -453,12 +484,12 @@ class IndexBuilder:
             else:
                 self._slices.pop(ref, None)
         changed: set[bytes] = set()
+        self._static = self._static_names(serial=max(1, delta.generation))
+        self._names.update(self._static)
         for ref in delta.touched:
             self._update_service(ref, changed)
         self._synced = delta.synced
         self._generation = delta.generation
-        self._static = self._static_names(serial=max(1, delta.generation))
-        self._names.update(self._static)
         changed.add(self.zone)
         self.index = self._publish()
         return self.index, (None if everything else frozenset(changed))
@@ -473,6 +504,7 @@ class IndexBuilder:
         )
         if new:
             self._parts[ref] = new
+        names = self._names
         for name, node in old.items():
             if node is EMPTY:
                 count = self._ents.get(name, 0) - 1
@@ -481,32 +513,35 @@ class IndexBuilder:
                 else:
                     self._ents.pop(name, None)
             elif _is_reverse(name):
-                owners = self._ptr.get(name)
-                if owners is not None:
-                    owners.pop(ref, None)
-                    if not owners:
-                        del self._ptr[name]
-            elif self._unique.get(name) == ref:
-                del self._unique[name]
+                owners = tuple(r for r in self._ptr_owners.get(name, ()) if r != ref)
+                if owners:
+                    self._ptr_owners[name] = owners
+                else:
+                    self._ptr_owners.pop(name, None)
+            if name not in new:
+                self._recompute(name)
+                changed.add(name)
         for name, node in new.items():
             if node is EMPTY:
                 self._ents[name] = self._ents.get(name, 0) + 1
-            elif _is_reverse(name):
-                self._ptr.setdefault(name, {})[ref] = node
+                if name not in names:
+                    names[name] = EMPTY
+                    changed.add(name)
+                continue
+            if _is_reverse(name):
+                self._ptr_owners[name] = (*self._ptr_owners.get(name, ()), ref)
+                self._recompute(name)
             else:
-                self._unique[name] = ref
-        for name in old.keys() | new.keys():
-            self._recompute(name)
+                names[name] = node
             changed.add(name)
 
     def _recompute(self, name: bytes) -> None:
+        """Set a shared or vanishing name from what its owners contribute now."""
         node: Node | None = self._static.get(name)
         if node is None:
-            ref = self._unique.get(name)
-            if ref is not None:
-                node = self._parts[ref][name]
-            elif name in self._ptr:
-                node = _merge_ptr(self._ptr[name].values())
+            owners = self._ptr_owners.get(name)
+            if owners:
+                node = _merge_ptr([self._parts[r][name] for r in owners])
             elif self._ents.get(name):
                 node = EMPTY
         if node is None:
@@ -519,8 +554,8 @@ class IndexBuilder:
             zone=self.zone,
             ttl=self.ttl,
             pods_mode=self.pods_mode,
-            names=MappingProxyType(dict(self._names)),
-            soa=self._static[self.zone].records[SOA][0],
+            names=MappingProxyType(self._names),
+            soa=self._static[self.zone].rrs[0],
             synced=self._synced,
             generation=self._generation,
         )
@@ -538,19 +573,3 @@ def build_index(
     builder = IndexBuilder(zone=zone, ttl=ttl, pods_mode=pods_mode, ns_addresses=ns_addresses)
     index, _ = builder.apply(diff_snapshots(None, snapshot))
     return index
-
-
-__all__ = [
-    "AAAA",
-    "EMPTY",
-    "PODS_DISABLED",
-    "PODS_INSECURE",
-    "A",
-    "DnsIndex",
-    "IndexBuilder",
-    "ModelDelta",
-    "Node",
-    "build_index",
-    "diff_snapshots",
-    "service_part",
-]

@@ -9,7 +9,7 @@ objects is what lets 10k services fit in a few tens of MB and an answer be encod
 
 from __future__ import annotations
 
-import ipaddress
+import socket
 import struct
 from typing import NamedTuple
 
@@ -116,17 +116,37 @@ def is_subdomain(wire: bytes, zone: bytes) -> bool:
     return i == cut
 
 
+_IN_ADDR = b"\x07in-addr\x04arpa\x00"
+_IP6 = b"\x03ip6\x04arpa\x00"
+_NIBBLE = [bytes((1,)) + b"%x" % i for i in range(16)]
+_OCTET = [bytes((len(str(i)),)) + str(i).encode() for i in range(256)]
+
+
+def pack_ip(address: str) -> bytes:
+    """The 4 or 16 bytes of an IP address (ValueError when it is not one)."""
+    try:
+        if ":" in address:
+            return socket.inet_pton(socket.AF_INET6, address)
+        return socket.inet_pton(socket.AF_INET, address)
+    except OSError as exc:
+        raise ValueError(f"not an IP address: {address!r}") from exc
+
+
 def reverse_wire(address: str) -> bytes:
     """The in-addr.arpa / full-nibble ip6.arpa name of an IP address."""
-    return to_wire(ipaddress.ip_address(address).reverse_pointer)
+    packed = pack_ip(address)
+    if len(packed) == 4:
+        return b"".join(_OCTET[b] for b in reversed(packed)) + _IN_ADDR
+    return b"".join(_NIBBLE[b & 0xF] + _NIBBLE[b >> 4] for b in reversed(packed)) + _IP6
 
 
 # -- record constructors --------------------------------------------------------------------------
 
 
 def a_rr(owner: bytes, ttl: int, address: str) -> RR:
-    ip = ipaddress.ip_address(address)
-    return RR(owner, A if ip.version == 4 else AAAA, ttl, ip.packed)
+    """An A or AAAA record, by the address family."""
+    packed = pack_ip(address)
+    return RR(owner, A if len(packed) == 4 else AAAA, ttl, packed)
 
 
 def name_rr(owner: bytes, rtype: int, ttl: int, target: bytes) -> RR:

@@ -28,11 +28,13 @@ from kproxy.dns.records import (
     CNAME,
     IXFR,
     NOERROR,
+    NS,
     NXDOMAIN,
     PTR,
     REFUSED,
     RR,
     SERVFAIL,
+    SRV,
     A,
     is_subdomain,
     wire_labels,
@@ -93,13 +95,13 @@ def _pod_address(label: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address 
 
 
 def _records(node: Node, qtype: int) -> tuple[RR, ...]:
-    if qtype == ANY:
-        return tuple(rr for rrs in node.records.values() for rr in rrs)
-    return node.records.get(qtype, ())
+    return node.rrs if qtype == ANY else node.get(qtype)
 
 
-def _negative(index: DnsIndex, rcode: int, answer: tuple[RR, ...] = ()) -> Answer:
-    return Answer(rcode=rcode, answer=answer, authority=(index.soa,))
+def _negative(
+    index: DnsIndex, rcode: int, answer: tuple[RR, ...] = (), *, cacheable: bool = True
+) -> Answer:
+    return Answer(rcode=rcode, answer=answer, authority=(index.soa,), cacheable=cacheable)
 
 
 def _pod(index: DnsIndex, q: Question, rel: tuple[bytes, ...]) -> Answer | None:
@@ -128,36 +130,53 @@ def resolve(q: Question, index: DnsIndex) -> Answer:
     if not is_subdomain(q.name, index.zone):
         if q.qtype == PTR and q.name.endswith(_ARPA) and index.synced:
             node = index.lookup(q.name)
-            if node is not None and PTR in node.records:
-                return Answer(answer=node.records[PTR])
+            ptrs = node.get(PTR) if node is not None else ()
+            if ptrs:
+                return Answer(answer=ptrs)
         return FORWARD
     if not index.synced:
         return NOT_READY
 
+    return _follow(q, index)
+
+
+def _follow(q: Question, index: DnsIndex) -> Answer:
+    """Look the name up, following CNAMEs inside the zone.
+
+    An answer that went through an in-zone CNAME depends on more than one name, so it is not
+    cacheable per name (the answer cache is invalidated by name).
+    """
     answer: list[RR] = []
     name = q.name
-    for _ in range(_MAX_CHAIN):
+    for hop in range(_MAX_CHAIN):
+        chained = hop > 0
         node = index.lookup(name)
         if node is None:
             rel = wire_labels(name[: len(name) - len(index.zone)] + b"\x00")
             pod = _pod(index, Question(name, q.qtype, q.qclass), rel)
             if pod is None:
-                return _negative(index, NXDOMAIN, tuple(answer))
-            if not answer:
+                return _negative(index, NXDOMAIN, tuple(answer), cacheable=not chained)
+            if not chained:
                 return pod
-            return Answer(rcode=pod.rcode, answer=(*answer, *pod.answer), authority=pod.authority)
-        cname = node.records.get(CNAME)
+            return Answer(
+                rcode=pod.rcode,
+                answer=(*answer, *pod.answer),
+                authority=pod.authority,
+                cacheable=False,
+            )
+        cname = node.get(CNAME)
         if cname and q.qtype not in (CNAME, ANY):
             answer.extend(cname)
             target = cname[0].rdata
             if not is_subdomain(target, index.zone):
-                return Answer(answer=tuple(answer), chase=target)
+                return Answer(answer=tuple(answer), chase=target, cacheable=not chained)
             name = target
             continue
         rrs = _records(node, q.qtype)
         if not rrs:
-            return _negative(index, NOERROR, tuple(answer))
+            return _negative(index, NOERROR, tuple(answer), cacheable=not chained)
         answer.extend(rrs)
-        return Answer(answer=tuple(answer), additional=node.extra.get(q.qtype, ()))
+        extra = node.extra if q.qtype in (SRV, NS, ANY) else ()
+        return Answer(answer=tuple(answer), additional=extra, cacheable=not chained)
     # a CNAME loop inside the zone (ExternalName services pointing at each other)
-    return Answer(rcode=SERVFAIL, authoritative=False, answer=tuple(answer))
+    return Answer(rcode=SERVFAIL, authoritative=False, answer=tuple(answer), cacheable=False)

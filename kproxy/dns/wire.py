@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kproxy.dns.records import (
     CLASS_IN,
@@ -76,44 +77,49 @@ class Query:
     dnssec_ok: bool = False
 
 
-class Template:
-    """An encoded answer without header and question (see the module docstring)."""
+class Template(NamedTuple):
+    """An encoded answer without header and question (see the module docstring).
 
-    __slots__ = (
-        "an",
-        "ar",
-        "body",
-        "chase",
-        "counts",
-        "counts_opt",
-        "ends",
-        "flags",
-        "ns",
-        "rcode",
+    A tuple of atomic values, so the garbage collector stops tracking it: a large answer
+    cache then costs the collector nothing.
+    """
+
+    flags: int
+    an: int
+    ns: int
+    ar: int
+    body: bytes
+    ends: tuple[int, ...]
+    chase: bytes | None
+    counts: bytes  # the header after id and flags, without our OPT record
+    counts_opt: bytes  # ... and with it
+
+    @property
+    def rcode(self) -> int:
+        return self.flags & 0xF
+
+
+def make_template(
+    *,
+    flags: int,
+    an: int,
+    ns: int,
+    ar: int,
+    body: bytes,
+    ends: tuple[int, ...],
+    chase: bytes | None = None,
+) -> Template:
+    return Template(
+        flags,
+        an,
+        ns,
+        ar,
+        body,
+        ends,
+        chase,
+        _COUNTS.pack(1, an, ns, ar),
+        _COUNTS.pack(1, an, ns, ar + 1),
     )
-
-    def __init__(
-        self,
-        *,
-        flags: int,
-        an: int,
-        ns: int,
-        ar: int,
-        body: bytes,
-        ends: tuple[int, ...],
-        chase: bytes | None = None,
-    ) -> None:
-        self.flags = flags
-        self.an = an
-        self.ns = ns
-        self.ar = ar
-        self.body = body
-        self.ends = ends
-        self.chase = chase
-        self.rcode = flags & 0xF
-        # the header after id and flags, without and with our OPT record
-        self.counts = _COUNTS.pack(1, an, ns, ar)
-        self.counts_opt = _COUNTS.pack(1, an, ns, ar + 1)
 
 
 # -- parsing --------------------------------------------------------------------------------
@@ -296,7 +302,7 @@ def encode(q: Question, ans: Answer) -> Template:
             enc.record(rr)
             ends.append(len(enc.out))
     flags = QR | RA | ans.rcode | (AA if ans.authoritative else 0)
-    return Template(
+    return make_template(
         flags=flags,
         an=len(ans.answer),
         ns=len(ans.authority),
@@ -462,6 +468,7 @@ __all__ = [
     "Template",
     "encode",
     "header_reply",
+    "make_template",
     "opt_record",
     "parse_message",
     "parse_query",
