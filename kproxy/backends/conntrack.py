@@ -5,11 +5,17 @@ entries of the families the plan touches, asks the plan which ones are stale, an
 one netlink request each (never a `conntrack` process). It works in whatever network namespace
 the process runs in (`ip netns exec` included), because the netlink socket is opened there.
 
-Listing is narrowed in the kernel where it can be (CTA_FILTER, Linux >= 5.8): with few rules, one
-dump per rule filtered on protocol, destination address and port, so a busy conntrack table is
-never copied to userspace in full; with many rules (a start-up reconcile), one dump of the UDP
-entries. The plan still judges every returned entry, so a kernel that ignores the filter only
-costs time, never correctness. An entry that vanished before its delete (ENOENT) is not counted.
+Listing is narrowed in the kernel where it can be (CTA_FILTER, Linux >= 5.8): with a few rules
+(an incremental sync), one dump per rule filtered on protocol, destination port and (IPv4)
+address, so a busy table is not copied to userspace; with more (a start-up reconcile), one dump
+of every UDP entry. The plan still judges every returned entry, so a kernel that ignores the
+filter only costs time, never correctness. An entry that vanished before its delete (ENOENT) is
+not counted.
+
+Costs measured here (Linux 6.18, pyroute2 0.9.7): ~12 ms of kernel time per dump (a walk of the
+whole hash table), ~0.2 ms to decode each returned entry, ~2 ms per deleted entry (pyroute2
+encodes and acknowledges each request separately). Fine for lab clusters (tens to hundreds of
+stale flows); thousands of stale flows take seconds.
 """
 
 from __future__ import annotations
@@ -31,8 +37,10 @@ from kproxy.render.conntrack import Flow, FrontendRule, Rule, StaleFlowPlan
 
 log = logging.getLogger("kproxy.conntrack")
 
-# Above this many rules per family, one dump of every UDP entry beats one filtered dump per rule.
-FILTERED_DUMP_LIMIT = 16
+# Above this many rules per family, one dump of every UDP entry beats one filtered dump per rule:
+# every dump walks the whole conntrack hash table in the kernel (~12 ms here, even when nothing
+# matches), while pyroute2 decodes a returned entry in ~0.2 ms.
+FILTERED_DUMP_LIMIT = 4
 
 _AF = {4: socket.AF_INET, 6: socket.AF_INET6}
 _IP_ATTRS = {4: ("CTA_IP_V4_SRC", "CTA_IP_V4_DST"), 6: ("CTA_IP_V6_SRC", "CTA_IP_V6_DST")}

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 import pytest
 
+from kproxy.backends.conntrack import FILTERED_DUMP_LIMIT
 from kproxy.lab.netlab import Client, Lab, Node, Pod
 from kproxy.lab.nsexec import helper_env
 from kproxy.lab.servers import start_servers
@@ -267,6 +268,7 @@ def test_udp_client_moves_to_new_endpoint_only_after_cleanup(lab: Lab, fam: Fami
         assert entry in entries(lab, fam), f"{what} flow was deleted"
     assert ask(lab, fam.other_vip, 53, 40054) == old.name
     assert apply_in(lab, lab.nodes[0].ns, plan_stale_flows(before, after)) == 0, "idempotent"
+    assert apply_in(lab, lab.nodes[0].ns, plan_stale_flows({}, after)) == 0, "full reconcile"
 
 
 def test_flows_sent_before_endpoints_existed_are_cleared(lab: Lab, fam: Family) -> None:
@@ -296,12 +298,19 @@ def test_a_deleted_service_loses_its_flows(lab: Lab, fam: Family) -> None:
     program(lab, fam, [])  # the service's rules are gone; its flow is still DNAT'ed
     assert ask(lab, fam.vip, 53, 40070) == pod.name
 
+    # other services without flows go at the same time: enough rules for one unfiltered dump
+    idle = [
+        dns_service(f"idle{i}", fam.vip.replace("7:10", f"8:{i}").replace("7.10", f"8.{i}"))
+        for i in range(1, 6)
+    ]
     gone = build_views(
         Snapshot(services={}, slices={}),
         family=fam.version,
         node_name=lab.nodes[0].name,
-        refs=[svc.ref],
+        refs=[svc.ref, *(s.ref for s in idle)],
     )
-    plan = plan_stale_flows(views(lab, fam, (svc, [pod])), gone)
+    before = views(lab, fam, (svc, [pod]), *((s, [pod]) for s in idle))
+    plan = plan_stale_flows(before, gone)
+    assert len(plan.rules()) > FILTERED_DUMP_LIMIT
     assert apply_in(lab, lab.nodes[0].ns, plan) == 1
     assert ask(lab, fam.vip, 53, 40070, timeout=0.3) is None
