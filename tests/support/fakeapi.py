@@ -217,32 +217,31 @@ class FakeApiServer:
         """Listen (again) on the same host and port, and serve in a background thread."""
         if self._server is not None:
             return
-        server = _HTTPServer((self.host, self.port), _Handler, bind_and_activate=False)
-        server.fake = self
 
-        def bind() -> None:
+        def create() -> _HTTPServer:  # a socket belongs to the netns it is created in
             if self.netns:
                 _setns(self.netns)
-            server.server_bind()
-            server.server_activate()
+            server = _HTTPServer((self.host, self.port), _Handler)
+            server.fake = self
+            return server
 
         if self.netns:  # setns changes only the calling thread: use a throwaway one
-            errors: list[BaseException] = []
+            made: list[_HTTPServer | BaseException] = []
 
             def run() -> None:
                 try:
-                    bind()
+                    made.append(create())
                 except BaseException as err:
-                    errors.append(err)
+                    made.append(err)
 
             helper = threading.Thread(target=run)
             helper.start()
             helper.join()
-            if errors:
-                server.server_close()
-                raise errors[0]
+            if isinstance(made[0], BaseException):
+                raise made[0]
+            server = made[0]
         else:
-            bind()
+            server = create()
         self.port = server.server_address[1]
         with self._cond:
             self._server = server
@@ -458,10 +457,43 @@ class FakeApiServer:
         start: int | None,
         bookmarks: bool,
         deadline: float,
+        begin: Callable[[], None],
+        write: Callable[[bytes], None],
+        alive: Callable[[], bool],
+        path: str,
+    ) -> None:
+        """Stream events to `write(line_bytes)` until deadline, close_watches() or stop().
+
+        The starting point is fixed (and the watch counted in `open_watches`) before `begin()`
+        sends the response headers, so a client that saw the headers cannot miss an event.
+        """
+        with self._cond:
+            self._active[path] += 1
+        try:
+            self._stream(
+                query,
+                start=start,
+                bookmarks=bookmarks,
+                deadline=deadline,
+                begin=begin,
+                write=write,
+                alive=alive,
+            )
+        finally:
+            with self._cond:
+                self._active[path] -= 1
+
+    def _stream(
+        self,
+        query: _Query,
+        *,
+        start: int | None,
+        bookmarks: bool,
+        deadline: float,
+        begin: Callable[[], None],
         write: Callable[[bytes], None],
         alive: Callable[[], bool],
     ) -> None:
-        """Stream events to `write(line_bytes)` until deadline, close_watches() or stop()."""
         res = query.resource
         with self._cond:
             gen, bm_gen = self._watch_gen, self._bookmark_gen
@@ -479,6 +511,7 @@ class FakeApiServer:
                 initial, pos = [json.dumps(error).encode()], -1
             else:
                 pos, initial = start, []
+        begin()
         for data in initial:
             write(data)
         if pos < 0:
@@ -542,6 +575,13 @@ class _Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.end_headers()
         self.wfile.write(body)
+
+    def _begin_stream(self) -> None:
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Transfer-Encoding", "chunked")
+        self.end_headers()
+        self.wfile.flush()
 
     def _client_connected(self) -> bool:
         """False once the client closed its side (as the apiserver notices a gone watcher)."""
@@ -618,27 +658,21 @@ class _Handler(BaseHTTPRequestHandler):
             self._send_json(410, status_obj(410, "Expired", msg))
             return
         timeout = float(query.get("timeoutSeconds") or 1800)
-        self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Transfer-Encoding", "chunked")
-        self.end_headers()
-        self.wfile.flush()
-        with fake._cond:
-            fake._active[path] += 1
-        try:
-            fake._watch(
-                q,
-                start=start,
-                bookmarks=query.get("allowWatchBookmarks") in _TRUE,
-                deadline=time.monotonic() + timeout,
-                write=self._chunk,
-                alive=self._client_connected,
-            )
-        finally:
-            with fake._cond:
-                fake._active[path] -= 1
+        fake._watch(
+            q,
+            start=start,
+            bookmarks=query.get("allowWatchBookmarks") in _TRUE,
+            deadline=time.monotonic() + timeout,
+            begin=self._begin_stream,
+            write=self._chunk,
+            alive=self._client_connected,
+            path=path,
+        )
         self.wfile.write(b"0\r\n\r\n")
-        self.close_connection = True
+        self.wfile.flush()
+        # Like the apiserver, keep the connection for the next request after a stream ended
+        # (a client that reuses it must not hit a closing socket); drop it when stopping.
+        self.close_connection = not fake.running or not self._client_connected()
 
 
 def _discovery(path: str, address: str) -> RawObject:

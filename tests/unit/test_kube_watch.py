@@ -257,8 +257,8 @@ def test_bookmarks_keep_the_resource_version_fresh(
 
     churn_other_kind()  # this time without a bookmark: the held version falls out of the window
     fake_apiserver.close_watches()
-    assert wait_until(lambda: fake_apiserver.lists[SERVICES] == 2)
-    assert len(sink.replaces("Service")) == 2
+    assert wait_until(lambda: len(sink.replaces("Service")) == 2)
+    assert fake_apiserver.lists[SERVICES] == 2
 
 
 def test_server_errors_on_list_are_retried(
