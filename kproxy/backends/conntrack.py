@@ -109,28 +109,29 @@ class ConntrackCleaner:
 
     # -- listing -------------------------------------------------------------------------------
     def _list(self, ct: NFCTSocket, family: int, rules: tuple[Rule, ...]) -> Iterator[_Entry]:
-        """UDP entries of `family` that may match `rules`, each once."""
+        """Entries of `family` that may match `rules`, each once."""
+        filters: list[NFCTAttrTuple | None]
         if len(rules) > FILTERED_DUMP_LIMIT:
-            yield from self._dump(ct, family, [_filter(family)])
-            return
-        filters = [_filter(family, rule) for rule in rules]
+            filters = [_filter(family)]
+        else:
+            filters = [_filter(family, rule) for rule in rules]
         try:
-            seen: set[tuple[object, ...]] = set()
             # materialised first: a kernel that rejects CTA_FILTER fails before anything is used
             entries = list(self._dump(ct, family, filters))
         except NetlinkError as err:
             if err.code in (errno.EPERM, errno.EACCES):
                 raise
-            log.debug("filtered conntrack dump refused (%s); listing every UDP entry", err)
-            yield from self._dump(ct, family, [_filter(family)])
+            log.debug("filtered conntrack dump refused (%s); listing every entry", err)
+            yield from self._dump(ct, family, [None])
             return
+        seen: set[tuple[object, ...]] = set()
         for entry in entries:
             if entry.key not in seen:
                 seen.add(entry.key)
                 yield entry
 
     def _dump(
-        self, ct: NFCTSocket, family: int, filters: Iterable[NFCTAttrTuple]
+        self, ct: NFCTSocket, family: int, filters: Iterable[NFCTAttrTuple | None]
     ) -> Iterator[_Entry]:
         for tuple_filter in filters:
             for msg in ct.dump(tuple_orig=tuple_filter):
