@@ -56,6 +56,7 @@ class Daemon:
         self.planes: list[Plane] = []
         self._views: dict[int, dict[Ref, tuple[ServicePortView, ...]]] = {}
         self._cleaner: ConntrackCleaner | None = None
+        self._conntrack_retry = False
         self.service_health: ServiceHealthServer | None = None
         self.dns: DNSService | None = None
         self.loop = SyncLoop(
@@ -156,13 +157,16 @@ class Daemon:
         """Stale UDP conntrack cleanup and health-check ports, from the views that changed."""
         changed: list[dict[Ref, tuple[ServicePortView, ...]]] = []
         plan: StaleFlowPlan | None = None
+        # after a failed cleanup, reconcile every UDP frontend (previous={}) on the next sync
+        reconcile, self._conntrack_retry = self._conntrack_retry, False
         for plane in self.planes:
             known = self._views.setdefault(plane.family, {})
-            refs = set(snapshot.services) | set(known) if full else set(changes.services)
+            whole = full or reconcile
+            refs = set(snapshot.services) | set(known) if whole else set(changes.services)
             current = dict(
                 build_views(snapshot, family=plane.family, node_name=self.node_name, refs=refs)
             )
-            previous = {ref: known.get(ref, ()) for ref in refs}
+            previous = {} if reconcile else {ref: known.get(ref, ()) for ref in refs}
             for ref, views in current.items():
                 if views:
                     known[ref] = views
@@ -176,7 +180,8 @@ class Daemon:
             try:
                 self.metrics.conntrack_deleted.inc(self._cleaner.apply(plan))
             except Exception:
-                log.exception("stale UDP conntrack cleanup failed")
+                self._conntrack_retry = True
+                log.exception("stale UDP conntrack cleanup failed; retrying with the next sync")
         if self.service_health is not None:
             if full:
                 self.service_health.sync(*(self._views.get(p.family, {}) for p in self.planes))
