@@ -57,7 +57,11 @@ class _Gone(Exception):
 
 
 class _StatusError(Exception):
-    """An ERROR event other than 410 in a watch stream."""
+    """The server said something we cannot use (an ERROR event other than 410, bad JSON)."""
+
+
+class _SinkError(Exception):
+    """The sink raised: a bug on the consumer's side. We list again after the backoff."""
 
 
 def load_client_configuration(*, kubeconfig: str | None, master: str | None) -> Any:
@@ -163,6 +167,7 @@ class _Watcher:
         self.status = KindStatus(kind)
         self._failures = 0
         self._short_streams = 0
+        self._rv: str | None = None  # None: list before watching
         self.synced = threading.Event()
         self._lock = threading.Lock()
         self._response: Any = None
@@ -200,36 +205,42 @@ class _Watcher:
 
     # -- the loop --------------------------------------------------------------------------
     def _run(self) -> None:
-        rv: str | None = None  # None: we must list
         while not self._stop.is_set():
             try:
-                if rv is None:
-                    rv = self._list()
+                if self._rv is None:
+                    self._list()
                 started = time.monotonic()
-                rv, events = self._watch(rv)
+                events = self._watch()
                 self._failures = 0
                 if events == 0 and time.monotonic() - started < SHORT_STREAM:
                     self._short_stream()
                 else:
                     self._short_streams = 0
-                log.debug("%s: watch ended; resuming at resourceVersion %s", self.kind, rv)
+                log.debug("%s: watch ended; resuming at resourceVersion %s", self.kind, self._rv)
             except _Gone as err:
                 log.info("%s: %s; listing again", self.kind, err)
-                rv = None
+                self._rv = None
             except Exception as err:  # every failure is retried; none may end the thread
                 if self._stop.is_set():
                     break
-                if isinstance(err, ApiException) and err.status == 410:
+                if isinstance(err, ApiException) and err.status == 410 and self._rv is not None:
                     log.info(
-                        "%s: resourceVersion %s expired (HTTP 410); listing again", self.kind, rv
+                        "%s: resourceVersion %s expired (HTTP 410); listing again",
+                        self.kind,
+                        self._rv,
                     )
-                    rv = None
+                    self._rv = None
                     continue
-                rv = self._failed(err, listing=rv is None, rv=rv)
+                self._failed(err)
         log.debug("%s: watcher stopped", self.kind)
 
-    def _failed(self, err: Exception, *, listing: bool, rv: str | None) -> str | None:
-        """Log and count a failure, wait out the backoff; returns the resourceVersion to resume."""
+    def _failed(self, err: Exception) -> None:
+        """Log and count a failure and wait out the backoff.
+
+        Transport and server errors keep the resourceVersion (the next watch resumes from it);
+        anything else - a bug in us or in the sink - forgets it, since we cannot tell what the
+        sink holds: the next attempt lists again.
+        """
         self._failures += 1
         self.status.errors += 1
         self.status.last_error = _describe(err)
@@ -241,15 +252,15 @@ class _Watcher:
             logging.WARNING if expected else logging.ERROR,
             "%s: %s failed (%s); retrying in %.1fs (attempt %d)",
             self.kind,
-            "list" if listing else f"watch from resourceVersion {rv}",
+            "list" if self._rv is None else f"watch from resourceVersion {self._rv}",
             self.status.last_error,
             delay,
             self._failures,
-            exc_info=not expected,  # a bug (in us or in the sink): keep the traceback
+            exc_info=not expected,
         )
+        if not expected:
+            self._rv = None
         self._stop.wait(delay)
-        # After an unexpected error we cannot tell what the sink holds: list again.
-        return rv if expected else None
 
     def _short_stream(self) -> None:
         """An empty stream that ended at once. The first one is normal (an apiserver restart
@@ -276,8 +287,8 @@ class _Watcher:
         delay = min(self._backoff_max, self._backoff_initial * 2 ** min(failures - 1, 30))
         return float(delay * random.uniform(0.8, 1.2))
 
-    def _list(self) -> str:
-        """List everything (paged), hand it to the sink; returns the list's resourceVersion."""
+    def _list(self) -> None:
+        """List everything (paged), hand it to the sink, remember the list's resourceVersion."""
         items: list[RawObject] = []
         token: str | None = None
         limit: int | None = LIST_PAGE_SIZE
@@ -310,7 +321,11 @@ class _Watcher:
             item.setdefault("kind", self.kind)
             item.setdefault("apiVersion", _API_VERSIONS[self.kind])
         rv = str(meta.get("resourceVersion") or "")
-        self._sink.replace(self.kind, items)
+        try:
+            self._sink.replace(self.kind, items)
+        except Exception as err:
+            raise _SinkError(f"sink.replace failed: {err!r}") from err
+        self._rv = rv
         first = not self.synced.is_set()
         self.status.lists += 1
         self.status.resource_version = rv
@@ -325,10 +340,11 @@ class _Watcher:
             len(items),
             rv,
         )
-        return rv
 
-    def _watch(self, rv: str) -> tuple[str, int]:
-        """Watch from `rv` until the stream ends; returns (last resourceVersion, events)."""
+    def _watch(self) -> int:
+        """Watch from the remembered resourceVersion until the stream ends; returns how many
+        events (bookmarks included) arrived. Every event moves the resourceVersion on."""
+        rv = self._rv
         timeout = int(MIN_WATCH_TIMEOUT * random.uniform(1.0, 2.0))
         resp = self._call(
             watch=True,
@@ -346,7 +362,10 @@ class _Watcher:
             for line in _lines(chunks):
                 if self._stop.is_set():
                     break
-                event = json.loads(line)
+                try:
+                    event = json.loads(line)
+                except ValueError as err:
+                    raise _StatusError(f"undecodable watch event {line[:200]!r}: {err}") from err
                 etype = event.get("type")
                 obj = event.get("object")
                 if not isinstance(obj, dict):
@@ -355,17 +374,22 @@ class _Watcher:
                     if obj.get("code") == 410:
                         raise _Gone(f"resourceVersion {rv} expired ({_status_text(obj)})")
                     raise _StatusError(f"watch error: {_status_text(obj)}")
-                rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
-                self.status.resource_version = rv
                 events += 1
+                self._failures = 0  # the stream works: the next failure starts a new backoff
                 if etype in ("ADDED", "MODIFIED", "DELETED"):
                     obj.setdefault("kind", self.kind)
                     obj.setdefault("apiVersion", _API_VERSIONS[self.kind])
                     self.status.events += 1
-                    self._sink.apply(self.kind, etype, obj)
+                    try:
+                        self._sink.apply(self.kind, etype, obj)
+                    except Exception as err:
+                        raise _SinkError(f"sink.apply failed: {err!r}") from err
                 elif etype != "BOOKMARK":
                     log.warning("%s: ignoring watch event of type %r", self.kind, etype)
-        return rv, events
+                    continue
+                rv = str((obj.get("metadata") or {}).get("resourceVersion") or rv)
+                self._rv = self.status.resource_version = rv
+        return events
 
 
 def _describe(err: BaseException) -> str:

@@ -185,7 +185,11 @@ def test_apiserver_down_then_up_keeps_state_and_resumes(
 ) -> None:
     _populate(fake_apiserver)
     source, sink = start_source()
+    fake_apiserver.upsert(make_service_obj("default", "api"))
+    assert wait_until(lambda: "default/api" in sink.names("Service"))
+    last_rv = source.status()["Service"].resource_version
     before = sink.names("Service")
+    seen = len(fake_apiserver.request_log)
 
     fake_apiserver.stop()
     assert wait_until(lambda: source.status()["Service"].errors >= 3)
@@ -199,6 +203,8 @@ def test_apiserver_down_then_up_keeps_state_and_resumes(
     assert all(refs for refs in sink.replaces("Service"))  # never an empty replace
     assert fake_apiserver.lists[SERVICES] == 1  # history covered the outage: no relist
     assert source.status()["Service"].last_error == ""
+    resumed = [q for p, q in fake_apiserver.request_log[seen:] if p == SERVICES]
+    assert resumed[0]["resourceVersion"] == last_rv  # from the last event, not the stream start
 
 
 def test_apiserver_down_across_compaction_relists_on_return(
@@ -271,6 +277,61 @@ def test_server_errors_on_list_are_retried(
     assert sum(s.errors for s in status.values()) == 4
     assert sink.names("Service") == {"default/web", "db/mysql"}
     assert all(len(r) == 1 for r in map(sink.replaces, ("Service", "EndpointSlice", "Node")))
+
+
+def test_failed_watch_request_resumes_without_relist(
+    fake_apiserver: FakeApiServer, start_source: StartSource
+) -> None:
+    _populate(fake_apiserver)
+    source, sink = start_source()
+    fake_apiserver.fail_next(3, code=503)
+    fake_apiserver.close_watches()
+    assert wait_until(lambda: sum(s.errors for s in source.status().values()) == 3)
+    fake_apiserver.upsert(make_service_obj("default", "api"))
+    assert wait_until(lambda: "default/api" in sink.names("Service"))
+    assert all(fake_apiserver.lists[path] == 1 for path in WATCHED)
+
+
+class FlakySink(RecordingSink):
+    """Raises on the first apply: a bug on the consumer's side."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.raised = False
+
+    def apply(self, kind: str, event_type: str, obj: dict[str, object]) -> None:
+        if not self.raised:
+            self.raised = True
+            raise RuntimeError("consumer bug")
+        super().apply(kind, event_type, obj)
+
+
+def test_a_failing_sink_leads_to_a_relist(
+    fake_apiserver: FakeApiServer, tmp_path: object, caplog: pytest.LogCaptureFixture
+) -> None:
+    _populate(fake_apiserver)
+    sink = FlakySink()
+    stop = threading.Event()
+    source = KubeSource(
+        sink=sink,
+        kubeconfig=fake_apiserver.write_kubeconfig(f"{tmp_path}/kc"),
+        master=None,
+        node_name=NODE,
+        stop=stop,
+        backoff_initial=0.05,
+    )
+    source.start()
+    try:
+        assert source.wait_synced(10)
+        assert wait_until(lambda: fake_apiserver.open_watches(SERVICES) == 1)
+        fake_apiserver.upsert(make_service_obj("default", "api"))
+        # the event was lost inside the sink: a relist brings the sink up to date
+        assert wait_until(lambda: len(sink.replaces("Service")) == 2)
+        assert "default/api" in sink.names("Service")
+        assert any("consumer bug" in r.getMessage() for r in caplog.records)
+    finally:
+        stop.set()
+        assert source.join(2)
 
 
 def test_large_lists_are_paged(fake_apiserver: FakeApiServer, start_source: StartSource) -> None:
@@ -375,3 +436,37 @@ def test_stop_ends_threads_promptly(
 )
 def test_watch_lines_survive_any_chunking(chunks: list[bytes]) -> None:
     assert list(_lines(iter(chunks))) == [b'{"a":1}', b'{"b":2}']
+
+
+def test_feeds_the_model_store_end_to_end(fake_apiserver: FakeApiServer, tmp_path: object) -> None:
+    from kproxy.kube.ingest import StoreSink
+    from kproxy.model.objects import Ref
+    from kproxy.model.store import Store
+
+    _populate(fake_apiserver)
+    store = Store()
+    stop = threading.Event()
+    source = KubeSource(
+        sink=StoreSink(store, node_name=NODE),
+        kubeconfig=fake_apiserver.write_kubeconfig(f"{tmp_path}/kc"),
+        master=None,
+        node_name=NODE,
+        stop=stop,
+    )
+    source.start()
+    try:
+        assert source.wait_synced(10)
+        snap = store.peek()
+        assert set(snap.services) == {Ref("default", "web"), Ref("db", "mysql")}
+        web_slices = snap.slices_for(Ref("default", "web"))
+        assert [e.address for sl in web_slices for e in sl.endpoints] == [
+            "10.244.1.11",
+            "10.244.1.12",
+        ]
+        assert snap.node is not None and snap.node.name == NODE
+
+        fake_apiserver.delete("Service", "db", "mysql")
+        assert wait_until(lambda: Ref("db", "mysql") not in store.peek().services)
+    finally:
+        stop.set()
+        assert source.join(2)
