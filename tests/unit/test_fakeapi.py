@@ -291,13 +291,12 @@ def test_kubeconfig_works_with_the_real_client(
 
     fake_apiserver.upsert(make_service_obj("default", "web", clusterIP="10.96.0.10"))
     cfg = client.Configuration()
-    config.load_kube_config(
-        config_file=fake_apiserver.write_kubeconfig(f"{tmp_path}/kc"), client_configuration=cfg
-    )
+    load: Any = config.load_kube_config
+    load(config_file=fake_apiserver.write_kubeconfig(f"{tmp_path}/kc"), client_configuration=cfg)
     with client.ApiClient(cfg) as api:
         services = client.CoreV1Api(api).list_service_for_all_namespaces()
         slices = client.DiscoveryV1Api(api).list_endpoint_slice_for_all_namespaces()
-    assert [s.spec.cluster_ip for s in services.items] == ["10.96.0.10"]
+    assert [s.spec and s.spec.cluster_ip for s in services.items] == ["10.96.0.10"]
     assert slices.items == []
 
 

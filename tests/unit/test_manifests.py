@@ -60,9 +60,9 @@ def test_list_kinds_and_json(tmp_path: Path) -> None:
         "kind": "List",
         "items": [make_service_obj("a", "one"), make_slice_obj("a", "one-x", "one", ["10.0.0.1"])],
     }
-    typed = {"apiVersion": "v1", "kind": "ServiceList", "items": [make_service_obj("a", "two")]}
-    for item in typed["items"]:
-        del item["kind"]  # items of a typed list carry no kind, as the API returns them
+    two = make_service_obj("a", "two")
+    del two["kind"]  # items of a typed list carry no kind, as the API returns them
+    typed = {"apiVersion": "v1", "kind": "ServiceList", "items": [two]}
     (tmp_path / "list.yml").write_text(_yaml(listed))
     (tmp_path / "typed.json").write_text(json.dumps(typed))
     (tmp_path / "notes.txt").write_text(_yaml(make_service_obj("a", "ignored")))
@@ -73,8 +73,8 @@ def test_list_kinds_and_json(tmp_path: Path) -> None:
 
     assert sink.replaces("Service") == [["a/one", "a/two"]]
     assert sink.replaces("EndpointSlice") == [["a/one-x"]]
-    two = sink.get("Service", "a/two")
-    assert two is not None and two["kind"] == "Service"
+    loaded = sink.get("Service", "a/two")
+    assert loaded is not None and loaded["kind"] == "Service"
 
 
 def test_changes_are_detected_and_replace_everything(tmp_path: Path) -> None:
