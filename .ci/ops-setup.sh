@@ -3,6 +3,8 @@
 # test_deploy_manifests.py); each of those tests skips when its tool is missing, so this script is
 # what makes CI run them:
 #   systemd           systemd-analyze verify / security --offline for systemd/kproxy.service
+#   systemd-container systemd-nspawn: boots systemd in a throwaway container (overlay of / on a
+#                     tmpfs, private network) to run the unit for real
 #   vagrant           `vagrant validate` of vagrant/Vagrantfile (Debian's vagrant; vagrant-libvirt
 #                     supplies the provider whose settings get validated)
 #   ShellCheck        lints the lab's provisioning scripts and check.sh
@@ -12,7 +14,7 @@
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive PIP_DISABLE_PIP_VERSION_CHECK=1
 PYTHON="${PYTHON:-python3}"
-APT_PKGS=(systemd vagrant vagrant-libvirt shellcheck)
+APT_PKGS=(systemd systemd-container vagrant vagrant-libvirt shellcheck)
 
 log() { echo "ops-setup: $*" >&2; }
 

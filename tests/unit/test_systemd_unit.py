@@ -5,12 +5,17 @@ module (the command line it runs parses; the IPVS modules cover every scheduler 
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
 import subprocess
 import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -222,3 +227,307 @@ def test_sysctls_are_well_formed_and_required_ones_exist() -> None:
             assert Path("/proc/sys", *key.split(".")).exists(), key
     assert settings["-net.ipv4.vs.conntrack"] == "1"
     assert settings["-net.bridge.bridge-nf-call-iptables"] == "1"
+
+
+# -- the unit under a real systemd -------------------------------------------------------------
+# systemd boots as PID 1 of a throwaway container (systemd-nspawn) whose root is an overlay of
+# this machine's root on a tmpfs, with a private network namespace: the unit, its sandbox and the
+# notify protocol run for real, kproxy programs iptables inside that namespace only, and nothing
+# on the host changes. kproxy runs with --manifests (the bundled classic lab), so no cluster.
+BOOT_TARGET = "kproxy-test.target"
+
+
+class Container:
+    def __init__(self, base: Path) -> None:
+        self.base = base
+        self.root = base / "root"
+        self.name = f"kproxy-test-{uuid.uuid4().hex[:8]}"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.mounts: list[Path] = []
+
+    def prepare(self) -> None:
+        layers = self.base / "layers"
+        layers.mkdir()
+        subprocess.run(["mount", "-t", "tmpfs", "tmpfs", str(layers)], check=True)
+        self.mounts.append(layers)
+        (layers / "upper").mkdir()
+        (layers / "work").mkdir()
+        self.root.mkdir()
+        options = f"lowerdir=/,upperdir={layers}/upper,workdir={layers}/work"
+        subprocess.run(
+            ["mount", "-t", "overlay", "overlay", "-o", options, str(self.root)], check=True
+        )
+        self.mounts.insert(0, self.root)
+
+    def write(self, path: str, text: str) -> None:
+        target = self.root / path.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_text(text)
+
+    def boot(self, *, binds: list[Path]) -> None:
+        console = (self.base / "console.log").open("wb")
+        argv = ["systemd-nspawn", "-D", str(self.root), "-M", self.name, "--boot"]
+        argv += ["--private-network", "--register=no", "--keep-unit", "--quiet"]
+        argv += [f"--bind-ro={path}" for path in binds]
+        argv += ["--", f"systemd.unit={BOOT_TARGET}"]
+        self.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=console)
+
+    def init_pid(self, timeout: float = 30.0) -> int:
+        assert self.proc is not None
+        deadline = time.monotonic() + timeout
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, self.console()
+            pids = children.read_text().split() if children.exists() else []
+            if pids:
+                return int(pids[0])
+            time.sleep(0.2)
+        raise AssertionError("the container's init never started:\n" + self.console())
+
+    def run(self, *argv: str, check: bool = True) -> str:
+        """Run a command inside the container (its mount, PID and network namespaces)."""
+        enter = ["nsenter", "-t", str(self.init_pid()), "-m", "-u", "-i", "-n", "-p", "--"]
+        result = subprocess.run(
+            [*enter, *argv], capture_output=True, text=True, timeout=60, check=False
+        )
+        if check:
+            assert result.returncode == 0, f"{argv}: {result.stdout}{result.stderr}"
+        return result.stdout
+
+    def show(self, unit: str, *props: str, check: bool = True) -> dict[str, str]:
+        argv = ("systemctl", "show", unit, *(f"--property={p}" for p in props))
+        out = self.run(*argv, check=check)
+        return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+    def console(self) -> str:
+        path = self.base / "console.log"
+        return path.read_text(errors="replace")[-3000:] if path.exists() else ""
+
+    def close(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.terminate()  # nspawn shuts the container down cleanly on SIGTERM
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        for mount in self.mounts:
+            subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def _boot_test_skip_reason() -> str:
+    if os.geteuid() != 0:
+        return "needs root"
+    if shutil.which("systemd-nspawn") is None:
+        return "systemd-nspawn not installed (systemd-container)"
+    if not Path("/usr/lib/systemd/systemd").exists():
+        return "no systemd binary"
+    return ""
+
+
+@pytest.fixture
+def container(tmp_path: Path) -> Iterator[Container]:
+    reason = _boot_test_skip_reason()
+    if reason:
+        pytest.skip(reason)
+    box = Container(tmp_path)
+    try:
+        box.prepare()
+        yield box
+    finally:
+        box.close()
+
+
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = Path(sys.executable).resolve()
+NET_CAP_MASK = (1 << 12) | (1 << 13) | (1 << 10)  # NET_ADMIN, NET_RAW, NET_BIND_SERVICE
+
+# A stand-in for the daemon that speaks the same protocol through kproxy.runtime.sdnotify and
+# probes the sandbox from inside: READY=1 with a status, then WATCHDOG=1 at watchdog_interval()
+# (forever, or N pings and then a hang), STOPPING=1 and exit 0 on SIGTERM.
+STAND_IN = """
+import json, signal, sys, time
+from kproxy.runtime.sdnotify import Notifier
+
+def attempt(path, mode, data=""):
+    try:
+        with open(path, mode) as f:
+            f.write(data)
+        return "ok"
+    except OSError as err:
+        return err.__class__.__name__
+
+probes = {
+    "net_sysctl": attempt("/proc/sys/net/ipv4/ip_forward", "w", "1"),
+    "kernel_sysctl": attempt("/proc/sys/kernel/domainname", "w", "x"),
+    "xtables_lock": attempt("/run/xtables.lock", "a"),
+    "usr": attempt("/usr/kproxy-probe", "w"),
+    "runtime_dir": attempt("/run/kproxy/probe", "w"),
+}
+json.dump(probes, open("/run/kproxy/probes.json", "w"))
+class Stop(Exception):
+    pass
+
+def on_term(*_):
+    raise Stop  # interrupts the sleep below (a plain flag would wait for it to end)
+
+signal.signal(signal.SIGTERM, on_term)
+notifier = Notifier()
+notifier.ready(status="synced 0 services (stand-in)")
+pings = int(sys.argv[1])
+try:
+    while True:
+        if pings != 0:
+            notifier.watchdog()
+            pings -= 1
+        time.sleep(notifier.watchdog_interval() or 1.0)
+except Stop:
+    notifier.stopping()
+"""
+
+
+def install_unit(
+    box: Container, name: str, exec_start: str, *, overrides: str = "", kproxy_args: str = ""
+) -> None:
+    unit = UNIT.read_text().replace(f"ExecStart={INSTALLED_EXEC} run ", f"ExecStart={exec_start} ")
+    assert f"ExecStart={exec_start} " in unit
+    box.write(f"/etc/systemd/system/{name}", unit)
+    # The only change to the sandbox: this test's Python may live under /root.
+    box.write(
+        f"/etc/systemd/system/{name}.d/test.conf",
+        "[Service]\nProtectHome=read-only\n" + overrides,
+    )
+    box.write("/etc/kproxy/config.yaml", (SYSTEMD / "config.yaml").read_text())
+    box.write("/etc/default/kproxy", f'KPROXY_ARGS="{kproxy_args}"\n')
+
+
+def boot(box: Container, *units: str) -> None:
+    box.write(
+        f"/etc/systemd/system/{BOOT_TARGET}",
+        "[Unit]\nDescription=kproxy boot test\nRequires=basic.target\nAfter=basic.target\n"
+        f"Wants={' '.join(units)}\n",
+    )
+    box.boot(binds=[REPO, PYTHON.parents[1]])
+
+
+def wait_for(box: Container, unit: str, done: Callable[[dict[str, str]], bool]) -> dict[str, str]:
+    props = ("ActiveState", "SubState", "Result", "NRestarts", "StatusText")
+    state: dict[str, str] = {}
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        # (systemctl fails until the container's systemd has opened its control socket)
+        state = box.show(unit, *props, check=False)
+        if state and done(state):
+            return state
+        time.sleep(0.3)
+    raise AssertionError(f"{unit}: {state}\n{journal(box, unit)}")
+
+
+def settled(state: dict[str, str]) -> bool:
+    """Started (READY=1 arrived), failed, or failed once and being restarted."""
+    return state["ActiveState"] in ("active", "failed") or state["NRestarts"] != "0"
+
+
+def journal(box: Container, unit: str) -> str:
+    return box.run("journalctl", "-u", unit, "--no-pager", "-o", "cat", check=False)[-4000:]
+
+
+def capability_bounding_set(box: Container, unit: str) -> int:
+    pid = box.show(unit, "MainPID")["MainPID"]
+    match = re.search(r"^CapBnd:\s+([0-9a-f]+)$", box.run("cat", f"/proc/{pid}/status"), re.M)
+    assert match
+    return int(match.group(1), 16)
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_notify_watchdog_and_sandbox_under_real_systemd(container: Container) -> None:
+    stand_in = "/opt/kproxy-test/stand_in.py"
+    container.write(stand_in, STAND_IN)
+    install_unit(container, "kproxy.service", f"{PYTHON} {stand_in} -1")
+    # The same unit with a short watchdog and a stand-in that stops pinging after two pings.
+    install_unit(
+        container,
+        "kproxy-hung.service",
+        f"{PYTHON} {stand_in} 2",
+        overrides="WatchdogSec=2\nRestart=no\n",
+    )
+    # ... and one that keeps pinging at watchdog_interval() under that short watchdog.
+    install_unit(
+        container,
+        "kproxy-pinging.service",
+        f"{PYTHON} {stand_in} -1",
+        overrides="WatchdogSec=2\nRestart=no\n",
+    )
+    boot(container, "kproxy.service", "kproxy-hung.service", "kproxy-pinging.service")
+
+    # Type=notify: "active" only once READY=1 arrived, with the STATUS= text.
+    state = wait_for(container, "kproxy.service", settled)
+    assert state["ActiveState"] == "active", journal(container, "kproxy.service")
+    assert state["StatusText"] == "synced 0 services (stand-in)"
+    assert container.show("kproxy.service", "WatchdogUSec")["WatchdogUSec"] == "30s"
+    assert capability_bounding_set(container, "kproxy.service") == NET_CAP_MASK
+
+    probes = json.loads(container.run("cat", "/run/kproxy/probes.json"))
+    assert probes == {
+        "net_sysctl": "ok",  # ReadWritePaths=/proc/sys/net under ProtectKernelTunables
+        "kernel_sysctl": "OSError",  # EROFS: the rest of /proc/sys stays read-only
+        "xtables_lock": "ok",  # created by ExecStartPre, bind-mounted writable
+        "usr": "OSError",  # ProtectSystem=strict
+        "runtime_dir": "ok",  # RuntimeDirectory=kproxy
+    }
+
+    # The same stand-in that stops pinging is killed by the watchdog (WatchdogSec=2).
+    hung = wait_for(container, "kproxy-hung.service", lambda s: s["ActiveState"] == "failed")
+    assert hung["Result"] == "watchdog"
+    log = journal(container, "kproxy-hung.service")
+    assert "Watchdog timeout" in log
+    # PYTHONFAULTHANDLER=1 in the unit: the SIGABRT leaves the stack that hung in the journal.
+    assert "most recent call first" in log
+    time.sleep(2.0)  # past another full WatchdogSec
+    pinging = container.show("kproxy-pinging.service", "ActiveState", "NRestarts", "Result")
+    assert pinging == {"ActiveState": "active", "NRestarts": "0", "Result": "success"}
+
+    # SIGTERM: STOPPING=1, exit 0, a clean "success".
+    container.run("systemctl", "stop", "kproxy.service")
+    after = container.show("kproxy.service", "ActiveState", "Result", "ExecMainStatus")
+    assert after == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}
+
+
+def _nat_rules(box: Container) -> str:
+    return "".join(
+        box.run(save, "-t", "nat", check=False)
+        for save in ("iptables-nft-save", "iptables-legacy-save")
+    )
+
+
+@pytest.mark.slow
+@pytest.mark.netns
+def test_kproxy_runs_under_real_systemd(container: Container) -> None:
+    if importlib.util.find_spec("kproxy.backends.iptables") is None:
+        pytest.skip("kproxy's iptables backend is not there yet")
+    # kproxy itself, in manifests mode on the bundled classic lab (no cluster needed).
+    manifests = REPO / "kproxy" / "examples"
+    install_unit(
+        container,
+        "kproxy.service",
+        f"{PYTHON} -m kproxy run",
+        kproxy_args=f"--manifests {manifests} -v=2",
+    )
+    boot(container, "kproxy.service")
+
+    state = wait_for(container, "kproxy.service", settled)
+    assert (state["ActiveState"], state["NRestarts"]) == ("active", "0"), journal(
+        container, "kproxy.service"
+    )
+    assert state["StatusText"].startswith("synced"), state
+    assert capability_bounding_set(container, "kproxy.service") == NET_CAP_MASK
+    assert "10.96.100.50/32" in _nat_rules(container)
+
+    # A stop is clean (exit 0) and leaves the rules in place.
+    container.run("systemctl", "stop", "kproxy.service")
+    after = container.show("kproxy.service", "ActiveState", "Result", "ExecMainStatus")
+    assert after == {"ActiveState": "inactive", "Result": "success", "ExecMainStatus": "0"}, (
+        journal(container, "kproxy.service")
+    )
+    assert "10.96.100.50/32" in _nat_rules(container)
