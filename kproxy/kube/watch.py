@@ -44,7 +44,7 @@ LIST_PAGE_SIZE = 500
 LIST_READ_TIMEOUT = 120.0
 CONNECT_TIMEOUT = 5.0
 MIN_WATCH_TIMEOUT = 300  # seconds; each watch asks for 1-2x this, as client-go's reflector does
-SHORT_STREAM = 1.0  # a stream that ends this fast with no event counts as a failure (no hot loop)
+SHORT_STREAM = 1.0  # streams this short and empty, twice in a row, are paced (no hot loop)
 _API_VERSIONS = {"Service": "v1", "EndpointSlice": "discovery.k8s.io/v1", "Node": "v1"}
 
 
@@ -127,10 +127,9 @@ def _lines(chunks: Iterable[bytes]) -> Iterator[bytes]:
     """Split a byte stream into non-empty lines (one JSON watch event each)."""
     pending: list[bytes] = []
     for chunk in chunks:
-        if b"\n" not in chunk:
-            pending.append(chunk)
-            continue
         pending.append(chunk)
+        if b"\n" not in chunk:
+            continue
         parts = b"".join(pending).split(b"\n")
         pending = [parts.pop()]
         yield from (p for p in parts if p.strip())

@@ -21,6 +21,12 @@ request counters (`requests`, `lists`, `watches`, keyed by URL path).
 
 `netns=` creates the listening socket inside a named network namespace (the server still runs
 in the test process), so an agent started in that namespace reaches it on its loopback.
+
+Also here: `RecordingSink` (a Sink that records calls and keeps state), `wait_until`, and the
+pytest fixtures `fake_apiserver` and `fake_kubeconfig`. The fixture functions are named
+`*_fixture` (with `name=`) so that importing them into a test module or conftest.py does not
+shadow the fixture arguments (ruff F811):
+`from tests.support.fakeapi import fake_apiserver_fixture, fake_kubeconfig_fixture  # noqa: F401`
 """
 
 from __future__ import annotations
