@@ -34,10 +34,10 @@ from kproxy.dns.options import DNSOptions
 from kproxy.dns.records import CLASS_IN, REFUSED, SERVFAIL
 from kproxy.dns.resolver import Answer, resolve
 from kproxy.dns.wire import (
-    ECHO_FLAGS,
     Query,
     Template,
     encode,
+    fast_reply,
     opt_record,
     parse_query,
     render,
@@ -46,10 +46,6 @@ from kproxy.dns.wire import (
 
 log = logging.getLogger(__name__)
 
-_QD1 = b"\x00\x01\x00\x00\x00\x00"
-_AR0 = b"\x00\x00"
-_AR1 = b"\x00\x01"
-_OPT_TYPE = b"\x00\x29"
 _H = struct.Struct("!H")
 _QTAIL = struct.Struct("!HH")
 MAX_PENDING_FORWARDS = 1024
@@ -261,7 +257,6 @@ class Engine:
         poller = select.poll()
         poller.register(sock.fileno(), select.POLLIN)
         stop = self._stop
-        pack_h = _H.pack
         opt_plain, opt_do, max_udp = self._opt, self._opt_do, self._max_udp
         while True:
             try:
@@ -276,40 +271,11 @@ class Engine:
                     return
                 continue
             try:
-                # fast path: a plain query whose answer is cached (see wire.py)
-                if data[4:10] == _QD1 and not data[2] & 0xF8:
-                    qe = data.find(0, 12) + 5
-                    t = self._state[1].get(data[12:qe])
-                    if t is not None and t.chase is None:
-                        n = len(data)
-                        ar = data[10:12]
-                        opt = None
-                        if ar == _AR0 and n == qe:
-                            opt, limit = b"", 512
-                        elif (
-                            ar == _AR1
-                            and n >= qe + 11
-                            and data[qe] == 0
-                            and data[qe + 1 : qe + 3] == _OPT_TYPE
-                            and data[qe + 6] == 0
-                            and n == qe + 11 + ((data[qe + 9] << 8) | data[qe + 10])
-                        ):
-                            opt = opt_do if data[qe + 7] & 0x80 else opt_plain
-                            size = (data[qe + 3] << 8) | data[qe + 4]
-                            limit = 512 if size < 512 else (size if size < max_udp else max_udp)
-                        if opt is not None:
-                            resp = (
-                                data[:2]
-                                + pack_h(t.flags | (((data[2] << 8) | data[3]) & ECHO_FLAGS))
-                                + (t.counts_opt if opt else t.counts)
-                                + data[12:qe]
-                                + t.body
-                                + opt
-                            )
-                            if len(resp) <= limit:
-                                sendto(resp, addr)
-                                self.fast_hits += 1
-                                continue
+                resp = fast_reply(data, self._state[1], opt_plain, opt_do, max_udp)
+                if resp is not None:
+                    sendto(resp, addr)
+                    self.fast_hits += 1
+                    continue
                 self._udp_slow(sock, data, addr)
             except Exception:
                 self._log_error("dns: UDP query from %s failed", addr)

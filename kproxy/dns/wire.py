@@ -24,6 +24,7 @@ dnslib remains the parser of last resort; the tests decode every encoding with d
 from __future__ import annotations
 
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -238,6 +239,58 @@ def parse_query(data: bytes) -> Query | bytes | None:
     if q is None:
         return header_reply(data, FORMERR)
     return q
+
+
+_QD1 = b"\x00\x01\x00\x00\x00\x00"
+_AR0 = b"\x00\x00"
+_AR1 = b"\x00\x01"
+_OPT_TYPE = b"\x00\x29"
+
+
+def fast_reply(
+    data: bytes, cache: Mapping[bytes, Template], opt_plain: bytes, opt_do: bytes, max_udp: int
+) -> bytes | None:
+    """The UDP reply to a plain query whose answer is cached, or None (take the slow path).
+
+    Plain: QR=0, opcode 0, one question, no answer/authority records, and nothing or one
+    well-formed EDNS version 0 OPT record after the question. The cache key is the question
+    exactly as sent, so a hit proves the name parsed right (the key is a valid uncompressed
+    name followed by type and class) and lower-case questions need no further work; questions
+    in other cases miss here and hit the cache on the slow path. None also when the answer
+    needs truncation or the upstream.
+    """
+    if data[4:10] != _QD1 or data[2] & 0xF8:
+        return None
+    qe = data.find(0, 12) + 5
+    t = cache.get(data[12:qe])
+    if t is None or t.chase is not None:
+        return None
+    n = len(data)
+    ar = data[10:12]
+    if ar == _AR0 and n == qe:
+        opt, limit = b"", MIN_UDP
+    elif (
+        ar == _AR1
+        and n >= qe + 11
+        and data[qe] == 0
+        and data[qe + 1 : qe + 3] == _OPT_TYPE
+        and data[qe + 6] == 0
+        and n == qe + 11 + ((data[qe + 9] << 8) | data[qe + 10])
+    ):
+        opt = opt_do if data[qe + 7] & 0x80 else opt_plain
+        size = (data[qe + 3] << 8) | data[qe + 4]
+        limit = MIN_UDP if size < MIN_UDP else (size if size < max_udp else max_udp)
+    else:
+        return None
+    resp = (
+        data[:2]
+        + _H.pack(t.flags | (((data[2] << 8) | data[3]) & ECHO_FLAGS))
+        + (t.counts_opt if opt else t.counts)
+        + data[12:qe]
+        + t.body
+        + opt
+    )
+    return resp if len(resp) <= limit else None
 
 
 def header_reply(data: bytes, rcode: int) -> bytes:
@@ -467,6 +520,7 @@ __all__ = [
     "Query",
     "Template",
     "encode",
+    "fast_reply",
     "header_reply",
     "make_template",
     "opt_record",

@@ -1,0 +1,152 @@
+"""The engine without sockets: model updates reach cached answers, recursion policy, stats."""
+
+from __future__ import annotations
+
+import dns.message
+import dns.rcode
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kproxy.dns.engine import Engine
+from kproxy.dns.index import diff_snapshots
+from kproxy.dns.options import DNSOptions
+from kproxy.model.objects import Ref
+from kproxy.model.store import Store
+from tests.support.builders import make_endpoint, make_service, make_slice
+from tests.unit.test_dns_index import operations
+
+
+def engine(**options: object) -> Engine:
+    return Engine(DNSOptions(create_interface=False, **options), udp=[], tcp=[])  # type: ignore[arg-type]
+
+
+def answer(
+    e: Engine, name: str, qtype: str = "A", client: str = "127.0.0.1"
+) -> dns.message.Message:
+    raw = e.handle(dns.message.make_query(name, qtype).to_wire(), client, udp=False)
+    assert raw is not None
+    return dns.message.from_wire(raw)
+
+
+def addresses(msg: dns.message.Message) -> list[str]:
+    return sorted(rd.to_text() for rrset in msg.answer for rd in rrset)
+
+
+def test_updates_replace_cached_answers_and_keep_the_rest() -> None:
+    store = Store()
+    store.replace_services(
+        [make_service("default", "web", cluster_ips=("10.96.0.5",)), make_service("default", "db")]
+    )
+    store.replace_slices([])
+    e = engine()
+    prev = store.peek()
+    e.apply(diff_snapshots(None, prev))
+    assert addresses(answer(e, "web.default.svc.cluster.local")) == ["10.96.0.5"]
+    answer(e, "db.default.svc.cluster.local")
+    assert answer(e, "new.default.svc.cluster.local").rcode() == dns.rcode.NXDOMAIN
+    cached = e.stats()["answer_cache"]
+
+    store.set_service(make_service("default", "web", cluster_ips=("10.96.0.6",)))
+    store.set_service(make_service("default", "new", cluster_ips=("10.96.0.7",)))
+    cur = store.peek()
+    e.apply(diff_snapshots(prev, cur))
+    # untouched answers survive the update; touched ones are gone
+    assert 0 < e.stats()["answer_cache"] < cached
+    assert addresses(answer(e, "web.default.svc.cluster.local")) == ["10.96.0.6"]
+    assert addresses(answer(e, "new.default.svc.cluster.local")) == ["10.96.0.7"]
+
+
+def test_endpoint_changes_reach_headless_answers() -> None:
+    store = Store()
+    store.replace_services([make_service("default", "db", headless=True, cluster_ips=())])
+    store.replace_slices([make_slice("default", "db", endpoints=[make_endpoint("10.1.0.1")])])
+    e = engine()
+    prev = store.peek()
+    e.apply(diff_snapshots(None, prev))
+    assert addresses(answer(e, "db.default.svc.cluster.local")) == ["10.1.0.1"]
+    store.set_slice(make_slice("default", "db", endpoints=[make_endpoint("10.1.0.1", ready=False)]))
+    cur = store.peek()
+    e.apply(diff_snapshots(prev, cur))
+    assert answer(e, "db.default.svc.cluster.local").rcode() == dns.rcode.NXDOMAIN
+
+
+PROBES = [
+    "s1.a.svc.cluster.local",
+    "s2.a.svc.cluster.local",
+    "s3.b.svc.cluster.local",
+    "h0.s1.a.svc.cluster.local",
+    "10-1-0-1.s2.a.svc.cluster.local",
+    "a.svc.cluster.local",
+    "b.svc.cluster.local",
+    "_http._tcp.s1.a.svc.cluster.local",
+    "1.0.1.10.in-addr.arpa",
+    "1.0.96.10.in-addr.arpa",
+]
+
+
+@settings(max_examples=60, deadline=None)
+@given(operations(), st.sampled_from(["A", "AAAA", "SRV", "PTR", "TXT"]))
+def test_cached_answers_always_match_a_fresh_engine(
+    ops: list[tuple[str, object]], qtype: str
+) -> None:
+    store = Store()
+    store.replace_services([])
+    store.replace_slices([])
+    e = engine(upstreams=())
+    prev = store.peek()
+    e.apply(diff_snapshots(None, prev))
+    for kind, arg in ops:
+        for name in PROBES:  # warm the cache with the current answers
+            answer(e, name, qtype)
+        if kind == "svc":
+            store.set_service(arg)  # type: ignore[arg-type]
+        elif kind == "slice":
+            store.set_slice(arg)  # type: ignore[arg-type]
+        elif kind == "del-svc":
+            store.delete_service(Ref(*arg))  # type: ignore[misc]
+        else:
+            store.delete_slice(Ref(*arg))  # type: ignore[misc]
+        cur = store.peek()
+        e.apply(diff_snapshots(prev, cur))
+        fresh = engine(upstreams=())
+        fresh.apply(diff_snapshots(None, cur))
+        for name in PROBES:
+            got, want = answer(e, name, qtype), answer(fresh, name, qtype)
+            assert got.rcode() == want.rcode(), name
+            assert sorted(map(str, got.answer)) == sorted(map(str, want.answer)), name
+        prev = cur
+
+
+def test_recursion_is_refused_outside_the_allow_list() -> None:
+    e = engine(upstreams=(), allow_cidrs=("10.244.0.0/16",))
+    store = Store()
+    store.replace_services([])
+    store.replace_slices([])
+    e.apply(diff_snapshots(None, store.peek()))
+    assert answer(e, "example.com", client="192.0.2.1").rcode() == dns.rcode.REFUSED
+    # cluster names need no recursion
+    assert answer(e, "dns-version.cluster.local", "TXT", client="192.0.2.1").rcode() == 0
+    # an allowed client without any upstream gets SERVFAIL
+    assert answer(e, "example.com", client="10.244.1.5").rcode() == dns.rcode.SERVFAIL
+    stats = e.stats()
+    assert stats["recursion_refused"] == 1 and stats["upstream_errors"] == 1
+
+
+def test_ipv4_mapped_clients_match_ipv4_cidrs() -> None:
+    e = engine(upstreams=(), allow_cidrs=("10.244.0.0/16",))
+    assert e.policy.allowed("::ffff:10.244.1.5")
+    assert not e.policy.allowed("::ffff:10.245.1.5")
+    assert not e.policy.allowed("not-an-ip")
+
+
+def test_servfail_for_cluster_names_until_synced() -> None:
+    store = Store()
+    store.replace_services([make_service("default", "web")])
+    e = engine()
+    snap = store.peek()
+    assert not snap.synced  # slices not listed yet
+    e.apply(diff_snapshots(None, snap))
+    assert answer(e, "web.default.svc.cluster.local").rcode() == dns.rcode.SERVFAIL
+    store.replace_slices([])
+    e.apply(diff_snapshots(snap, store.peek()))
+    assert answer(e, "web.default.svc.cluster.local").rcode() == dns.rcode.NOERROR
