@@ -22,7 +22,8 @@ TIMESTAMP = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}Z$")
 def restore_logging() -> Iterator[None]:
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
-    levels = {name: logging.getLogger(name).level for name in ("kproxy", "kubernetes", "urllib3")}
+    names = ("kproxy", "kubernetes", "urllib3", "pyroute2", "dnslib", "iptc", "asyncio")
+    levels = {name: logging.getLogger(name).level for name in names}
     yield
     for handler in list(root.handlers):
         if handler not in handlers:
