@@ -1,0 +1,515 @@
+"""IPVS mode: `IPVSProxier` keeps the kernel's IPVS table, kube-ipvs0, kproxy's ipsets and the
+companion iptables rules in line with the model; `cleanup_ipvs` removes all of it.
+
+What a sync does (one family per proxier, as kube-proxy's dual-stack meta-proxier):
+
+1. render: the services' views -> per-service contributions (`kproxy.render.ipvs`): virtual
+   servers, ipset entries, addresses for kube-ipvs0;
+2. read the kernel: a full sync dumps the whole IPVS table, every kproxy ipset and kube-ipvs0's
+   addresses; a partial sync reads only the real servers of the virtual servers it touches (and
+   of those still draining), trusting its record of the rest: kproxy is the only writer of what it
+   owns, and every full sync (start-up, `--ipvs-sync-period`, after any failure) re-reads all;
+3. diff (`kproxy.render.ipvs_diff`) and apply, in an order that never opens a gap: ipset entries
+   added, companion rules (full syncs only: their text depends on the options, not on services),
+   new addresses bound, the IPVS operations in one batched netlink exchange, then stale ipset
+   entries deleted and stale addresses unbound;
+The daemon does what is the same in every mode after each sync: stale UDP conntrack cleanup and
+the health-check node port servers.
+
+Per-service contributions are kept between syncs with reference counts for ipset entries and
+addresses, so a partial sync costs time in proportion to what changed, not to the table size.
+
+Start-up (the first sync) sets the sysctls IPVS mode needs and reconciles without flushing
+anything, so connections survive a restart:
+
+- net.ipv4.vs.conntrack=1: IPVS keeps conntrack entries, which the masquerade rules need;
+- net.ipv4.vs.expire_nodest_conn=1: a connection whose real server was deleted is dropped on its
+  next packet instead of hanging (UDP flows then reach a live real server);
+- net.ipv4.vs.expire_quiescent_template=1: persistence templates of a weight-0 real server expire,
+  so ClientIP affinity moves clients off a draining endpoint;
+- net.ipv4.vs.conn_reuse_mode=0 on kernels 4.1 to 5.8 only (kube-proxy's rule: later kernels fixed
+  the slow port-reuse path, earlier ones lack the knob);
+- net.ipv4.ip_forward=1 (net.ipv6.conf.all.forwarding=1 for IPv6);
+- IPVS tcp/tcpfin/udp timeouts from --ipvs-*-timeout when set (ipvsadm --set; 0 keeps the kernel's).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import logging
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections import Counter
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import replace
+from typing import Protocol
+
+from kproxy.backends import ipvs_netlink as N
+from kproxy.backends.base import SyncError, SyncResult
+from kproxy.backends.ipset import IPSets
+from kproxy.backends.ipvs_iptables import CompanionRules
+from kproxy.backends.netinfo import addresses_in, local_addresses, write_sysctl
+from kproxy.config import Settings
+from kproxy.model.objects import IPV6, Ref
+from kproxy.model.options import ProxyOptions
+from kproxy.model.store import Changes, Snapshot
+from kproxy.model.view import ServicePortView, build_views
+from kproxy.render import ipvs as R
+from kproxy.render import ipvs_diff as D
+
+log = logging.getLogger("kproxy.ipvs")
+
+ViewMap = Mapping[Ref, Sequence[ServicePortView]]
+Entry = tuple[str, str]  # (set base name, entry)
+
+
+class AddressDevice(Protocol):
+    """kube-ipvs0: the dummy interface holding the VIPs (kproxy.backends.dummy)."""
+
+    def ensure(self) -> None: ...
+
+    def addresses(self, family: int) -> set[str]: ...
+
+    def bind(self, addresses: Iterable[str]) -> int: ...
+
+    def unbind(self, addresses: Iterable[str]) -> int: ...
+
+
+# -- start-up ------------------------------------------------------------------------------------
+def _kernel_version() -> tuple[int, int]:
+    m = re.match(r"(\d+)\.(\d+)", os.uname().release)
+    return (int(m.group(1)), int(m.group(2))) if m else (0, 0)
+
+
+def set_sysctls(family: int) -> dict[str, bool]:
+    """The sysctls of the module docstring; returns {name: written}."""
+    wanted = {
+        "net.ipv4.vs.conntrack": "1",
+        "net.ipv4.vs.expire_nodest_conn": "1",
+        "net.ipv4.vs.expire_quiescent_template": "1",
+        "net.ipv4.ip_forward": "1",
+    }
+    if family == IPV6:
+        wanted["net.ipv6.conf.all.forwarding"] = "1"
+    if (4, 1) <= _kernel_version() < (5, 9):
+        wanted["net.ipv4.vs.conn_reuse_mode"] = "0"
+    result = {name: write_sysctl(name, value) for name, value in wanted.items()}
+    for name, ok in result.items():
+        if not ok:
+            log.warning("could not set sysctl %s=%s", name, wanted[name])
+    return result
+
+
+def set_timeouts(tcp: float, tcpfin: float, udp: float) -> bool:
+    """`ipvsadm --set` (0 leaves a timeout as it is); False when not set."""
+    if not (tcp or tcpfin or udp):
+        return False
+    if not shutil.which("ipvsadm"):
+        log.warning("ipvsadm not installed: IPVS timeouts left as they are")
+        return False
+    argv = ["ipvsadm", "--set", str(int(tcp)), str(int(tcpfin)), str(int(udp))]
+    proc = subprocess.run(argv, capture_output=True, text=True, check=False)
+    if proc.returncode:
+        log.warning("%s failed: %s", " ".join(argv), proc.stderr.strip())
+        return False
+    return True
+
+
+# -- translation between render's types and the netlink adapter's -------------------------------
+def _service_key(key: R.VSKey) -> N.ServiceKey:
+    return N.ServiceKey(key.address, key.protocol, key.port)
+
+
+def _netlink_vs(vs: R.VirtualServer) -> N.VirtualServer:
+    return N.VirtualServer(
+        address=vs.key.address,
+        protocol=vs.key.protocol,
+        port=vs.key.port,
+        scheduler=vs.scheduler,
+        flags=vs.flags & ~R.FLAG_HASHED,
+        timeout=vs.timeout,
+    )
+
+
+def _netlink_ops(ops: Iterable[D.Op]) -> list[N.Op]:
+    out: list[N.Op] = []
+    for op in ops:
+        if isinstance(op, D.AddDest):
+            out.append(
+                N.AddDest(
+                    _service_key(op.key),
+                    N.RealServer(op.dest.address, op.dest.port, op.dest.weight),
+                )
+            )
+        elif isinstance(op, D.EditDest):
+            out.append(
+                N.EditDest(
+                    _service_key(op.key),
+                    N.RealServer(op.dest.address, op.dest.port, op.dest.weight),
+                )
+            )
+        elif isinstance(op, D.DelDest):
+            out.append(N.DeleteDest(_service_key(op.key), N.DestKey(op.address, op.port)))
+        elif isinstance(op, D.AddVS):
+            out.append(N.AddService(_netlink_vs(op.vs)))
+        elif isinstance(op, D.EditVS):
+            out.append(N.EditService(_netlink_vs(op.vs)))
+        else:
+            out.append(N.DeleteService(_service_key(op.key)))
+    return out
+
+
+def _observed_dest(rs: N.RealServer) -> D.ObservedDest:
+    return D.ObservedDest(
+        rs.address, rs.port, rs.weight, rs.active_conns, rs.inactive_conns, rs.forward
+    )
+
+
+def _observed(vs: N.VirtualServer, dests: Iterable[N.RealServer]) -> D.ObservedVS:
+    return D.ObservedVS(
+        key=R.VSKey(vs.address, vs.protocol, vs.port),
+        scheduler=vs.scheduler,
+        flags=vs.flags,
+        timeout=vs.timeout,
+        dests=tuple(_observed_dest(rs) for rs in dests),
+    )
+
+
+def _family_of(address: str) -> int:
+    return IPV6 if ":" in address else 4
+
+
+# -- the proxier ---------------------------------------------------------------------------------
+class IPVSProxier:
+    """The IPVS dataplane of one IP family (see the module docstring)."""
+
+    def __init__(
+        self,
+        *,
+        options: ProxyOptions,
+        settings: Settings,
+        ipvs: N.IPVSAdapter | None = None,
+        device: AddressDevice | None = None,
+        ipsets: IPSets | None = None,
+        rules: CompanionRules | None = None,
+    ) -> None:
+        self.options = options
+        self.settings = settings
+        self.family = options.family
+        self.scheduler = settings.ipvs_scheduler or R.DEFAULT_SCHEDULER
+        self._ipvs = ipvs
+        self._device = device
+        self.ipsets = ipsets or IPSets(options.family)
+        self._rules = rules
+        self._started = False
+        self._needs_full = True
+        # what the last sync left in the kernel, as kproxy knows it
+        self._renderer = R.IPVSRenderer(options, scheduler=self.scheduler)
+        self._contrib: dict[Ref, R.ServiceIPVS] = {}
+        self._claims: dict[R.VSKey, dict[Ref, R.VirtualServer]] = {}
+        self._entries: Counter[Entry] = Counter()
+        self._observed: dict[R.VSKey, D.ObservedVS] = {}
+        self._draining: set[R.VSKey] = set()
+        self.last_plan: D.Plan = D.Plan()
+        self.timings: dict[str, float] = {}
+
+    # -- collaborators (created lazily: constructing a proxier touches no kernel state) ---------
+    @property
+    def ipvs(self) -> N.IPVSAdapter:
+        if self._ipvs is None:
+            self._ipvs = N.IPVSAdapter()
+        return self._ipvs
+
+    @property
+    def device(self) -> AddressDevice:
+        if self._device is None:
+            from kproxy.backends.ipvs_device import KubeIPVS0
+
+            self._device = KubeIPVS0()
+        return self._device
+
+    @property
+    def rules(self) -> CompanionRules:
+        if self._rules is None:
+            self._rules = CompanionRules(self.options)
+        return self._rules
+
+    # -- the Proxier contract ------------------------------------------------------------------
+    def sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult:
+        try:
+            if not self._started:
+                self._start()
+            if full or self._needs_full or changes.node_changed or changes.full:
+                result = self._full_sync(snapshot)
+            else:
+                result = self._partial_sync(snapshot, changes.services)
+            self._needs_full = False
+            return result
+        except SyncError:
+            self._needs_full = True
+            raise
+        except (N.IPVSError, OSError, RuntimeError) as err:
+            self._needs_full = True
+            raise SyncError(f"IPVS sync: {err}") from err
+
+    def cleanup(self) -> None:
+        cleanup_ipvs(families=(self.family,), ipvs=self._ipvs)
+
+    # -- start-up ------------------------------------------------------------------------------
+    def _start(self) -> None:
+        try:
+            self.ipvs  # noqa: B018  (opening the netlink family loads ip_vs when it can)
+        except N.IPVSUnavailable as err:
+            raise SyncError(f"{err}; IPVS mode needs the ip_vs kernel module") from err
+        set_sysctls(self.family)
+        s = self.settings
+        set_timeouts(s.ipvs_tcp_timeout, s.ipvs_tcpfin_timeout, s.ipvs_udp_timeout)
+        self.device.ensure()
+        self.ipsets.ensure()
+        self._started = True
+
+    def _node_addresses(self, bound: set[str]) -> ProxyOptions:
+        """The options with this moment's node addresses (kube-ipvs0's excluded)."""
+        fam = self.family
+        node_ips = tuple(a for a in local_addresses(fam) if a not in bound)
+        nodeport_ips = self.options.nodeport_ips
+        if nodeport_ips is not None:
+            cidrs = tuple(
+                c
+                for c in self.settings.nodeport_addresses
+                if c != "primary" and ipaddress.ip_network(c).version == fam
+            )
+            if cidrs:
+                nodeport_ips = addresses_in(cidrs, fam)
+            nodeport_ips = tuple(a for a in nodeport_ips if a not in bound)
+        return replace(self.options, node_ips=node_ips, nodeport_ips=nodeport_ips)
+
+    # -- full sync -----------------------------------------------------------------------------
+    def _full_sync(self, snapshot: Snapshot) -> SyncResult:
+        t0 = time.perf_counter()
+        fam = self.family
+        bound = self.device.addresses(fam)
+        options = self._node_addresses(bound)
+        self._renderer = R.IPVSRenderer(options, scheduler=self.scheduler)
+        self.rules.options = options
+        views: dict[Ref, Sequence[ServicePortView]] = dict(
+            build_views(snapshot, family=fam, node_name=self.options.node_name)
+        )
+        contrib = {ref: self._renderer.render_service(v) for ref, v in views.items()}
+        desired = R.aggregate(contrib[ref] for ref in sorted(contrib))
+        for line in desired.conflicts:
+            log.warning("IPVS virtual server conflict: %s", line)
+        t1 = time.perf_counter()
+
+        observed = {
+            R.VSKey(k.address, k.protocol, k.port): _observed(o.service, o.dests.values())
+            for k, o in self.ipvs.dump().items()
+            if _family_of(k.address) == fam
+        }
+        sets = self.ipsets.read()
+        owned = D.owner_predicate(bound=bound, sets=sets)
+        plan = D.diff_ipvs(desired.servers, observed, owned=owned)
+        t2 = time.perf_counter()
+
+        self.ipsets.sync_to(desired.sets, phase="add")
+        nat_filter = self.rules.apply()
+        self.device.bind(desired.bind - bound)
+        self._apply(plan)
+        self.ipsets.sync_to(desired.sets, phase="delete")
+        self.device.unbind(bound - desired.bind)
+        t3 = time.perf_counter()
+
+        self._contrib = contrib
+        self._claims = {}
+        self._entries = Counter()
+        for ref in sorted(contrib):
+            self._add_contribution(ref, contrib[ref])
+        self._observed = _after(observed, plan, desired.servers)
+        self._draining = set(plan.draining)
+        self.timings = {"render": t1 - t0, "read": t2 - t1, "apply": t3 - t2}
+        return self._result(full=True, written=len(contrib), rules=nat_filter, plan=plan)
+
+    # -- partial sync --------------------------------------------------------------------------
+    def _partial_sync(self, snapshot: Snapshot, refs: Iterable[Ref]) -> SyncResult:
+        t0 = time.perf_counter()
+        refs = frozenset(refs)
+        views = build_views(
+            snapshot, family=self.family, node_name=self.options.node_name, refs=refs
+        )
+        affected: set[R.VSKey] = set(self._draining)
+        added: Counter[Entry] = Counter()
+        removed: Counter[Entry] = Counter()
+        written = 0
+        for ref in refs:
+            new = self._renderer.render_service(views.get(ref, ()))
+            old = self._contrib.get(ref, R.EMPTY_SERVICE_IPVS)
+            if new == old:
+                continue
+            written += 1
+            affected.update(vs.key for vs in old.servers)
+            affected.update(vs.key for vs in new.servers)
+            for e in old.entries:
+                removed[e] += 1
+            for e in new.entries:
+                added[e] += 1
+            self._remove_contribution(ref, old)
+            if new.empty:
+                self._contrib.pop(ref, None)
+            else:
+                self._contrib[ref] = new
+                self._add_contribution(ref, new)
+        t1 = time.perf_counter()
+
+        desired = {k: v for k in affected if (v := self._effective(k)) is not None}
+        observed: dict[R.VSKey, D.ObservedVS] = {}
+        for key in affected:
+            known = self._observed.get(key)
+            if known is None:
+                continue
+            dests = self.ipvs.dests(_service_key(key)).values()
+            observed[key] = replace(known, dests=tuple(_observed_dest(rs) for rs in dests))
+        plan = D.diff_ipvs(desired, observed, owned=lambda _k: True)
+        t2 = time.perf_counter()
+
+        adds = _by_set(e for e in added if self._entries[e] > 0)
+        dels = _by_set(e for e in removed if self._entries[e] == 0)
+        bind = adds.get(R.IPVS_IPS, set()) - self.ipsets.contents[R.IPVS_IPS]
+        self.ipsets.update(add=adds)
+        self.device.bind(bind)
+        self._apply(plan)
+        self.ipsets.update(delete=dels)
+        self.device.unbind(set(dels.get(R.IPVS_IPS, ())))
+        t3 = time.perf_counter()
+
+        for key in affected:
+            self._observed.pop(key, None)
+        self._observed.update(_after(observed, plan, desired))
+        self._draining = (self._draining - affected) | set(plan.draining)
+        self.timings = {"render": t1 - t0, "read": t2 - t1, "apply": t3 - t2}
+        return self._result(full=False, written=written, rules=None, plan=plan)
+
+    # -- bookkeeping ---------------------------------------------------------------------------
+    def _add_contribution(self, ref: Ref, c: R.ServiceIPVS) -> None:
+        for vs in c.servers:
+            self._claims.setdefault(vs.key, {})[ref] = vs
+        self._entries.update(c.entries)
+
+    def _remove_contribution(self, ref: Ref, c: R.ServiceIPVS) -> None:
+        for vs in c.servers:
+            claim = self._claims.get(vs.key)
+            if claim is not None:
+                claim.pop(ref, None)
+                if not claim:
+                    del self._claims[vs.key]
+        self._entries.subtract(c.entries)
+        for e in c.entries:
+            if self._entries[e] <= 0:
+                del self._entries[e]
+
+    def _effective(self, key: R.VSKey) -> R.VirtualServer | None:
+        """The virtual server wanted at `key`: the first service in namespace/name order."""
+        claim = self._claims.get(key)
+        if not claim:
+            return None
+        return claim[min(claim)]
+
+    def _apply(self, plan: D.Plan) -> None:
+        self.last_plan = plan
+        if plan.empty:
+            return
+        result = self.ipvs.apply(_netlink_ops(plan.ops))
+        if result.failures:
+            raise SyncError(
+                f"{len(result.failures)} of {len(plan.ops)} IPVS operations failed, first: "
+                f"{result.failures[0]}"
+            )
+
+    def _result(self, *, full: bool, written: int, rules: int | None, plan: D.Plan) -> SyncResult:
+        counts: dict[str, int] = {}
+        if full:  # O(table): only on full syncs (the gauges keep their value in between)
+            counts["ipvs-services"] = len(self._claims)
+            counts["ipvs-destinations"] = sum(
+                len(next(iter(c.values())).dests) for c in self._claims.values()
+            )
+        if rules is not None:
+            counts["iptables"] = rules
+        detail = (
+            f"{plan.count(D.AddVS)} services added, {plan.count(D.DelVS)} deleted, "
+            f"{plan.count(D.EditVS)} edited; {plan.count(D.AddDest)} real servers added, "
+            f"{plan.count(D.EditDest)} re-weighted, {plan.count(D.DelDest)} deleted; "
+            f"{len(self._draining)} services draining"
+        )
+        return SyncResult(full=full, services_written=written, rules=counts, detail=detail)
+
+
+def _by_set(entries: Iterable[Entry]) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for base, e in entries:
+        out.setdefault(base, set()).add(e)
+    return out
+
+
+def _after(
+    observed: Mapping[R.VSKey, D.ObservedVS],
+    plan: D.Plan,
+    desired: Mapping[R.VSKey, R.VirtualServer],
+) -> dict[R.VSKey, D.ObservedVS]:
+    """kproxy's record of the virtual servers after `plan` (attributes only matter: real servers
+    are re-read whenever a partial sync touches a virtual server)."""
+    out = dict(observed)
+    for op in plan.ops:
+        if isinstance(op, D.DelVS):
+            out.pop(op.key, None)
+    for key, vs in desired.items():
+        out[key] = D.ObservedVS(key, vs.scheduler, vs.flags, vs.timeout)
+    return out
+
+
+# -- cleanup -------------------------------------------------------------------------------------
+def cleanup_ipvs(*, families: Iterable[int] = (4, 6), ipvs: N.IPVSAdapter | None = None) -> None:
+    """`kproxy cleanup` for IPVS mode: kproxy's virtual servers (by the ownership rule), the
+    addresses and then the kube-ipvs0 device, the companion chains and hooks, then the ipsets."""
+    from kproxy.backends import ipset as ipset_mod
+    from kproxy.backends.ipvs_iptables import cleanup_rules
+
+    families = tuple(families)
+    sets: dict[str, set[str]] = {}
+    if ipset_mod.available():
+        saved = ipset_mod.save_all()
+        for fam in families:
+            for spec in R.SETS:
+                found = saved.get(spec.name(fam))
+                if found is not None:
+                    sets.setdefault(spec.base, set()).update(found.entries)
+    from kproxy.backends.ipvs_device import KubeIPVS0, device_exists
+
+    bound: set[str] = set()
+    if device_exists():
+        dev = KubeIPVS0()
+        for fam in families:
+            bound |= dev.addresses(fam)
+    try:
+        adapter = ipvs or N.IPVSAdapter()
+    except N.IPVSUnavailable:
+        adapter = None
+    if adapter is not None:
+        owned = D.owner_predicate(bound=bound, sets=sets)
+        ops: list[N.Op] = []
+        for key, _obs in adapter.dump().items():
+            if _family_of(key.address) in families and owned(R.VSKey(*key)):
+                ops.append(N.DeleteService(key))
+        if ops:
+            adapter.apply(ops)
+            log.info("deleted %d IPVS virtual servers", len(ops))
+    if device_exists():
+        KubeIPVS0().remove(families=families)
+    removed = cleanup_rules(families)
+    if removed:
+        log.info("removed %d IPVS-mode chains", len(removed))
+    if ipset_mod.available():
+        gone = ipset_mod.destroy_all(families)
+        if gone:
+            log.info("destroyed %d ipsets", len(gone))

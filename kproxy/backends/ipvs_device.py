@@ -1,0 +1,121 @@
+"""kube-ipvs0, the dummy interface whose addresses make the kernel accept Service VIPs as local.
+
+IPVS intercepts packets for a virtual server only once they are routed to the local host, so
+every ClusterIP (and every externalIP/LoadBalancer IP that is not a node address) is bound here
+as a /32 or /128, as kube-proxy does. The device stays down, like kube-proxy's: local routes exist
+for its addresses either way, and a down device never answers ARP/NDP for them.
+
+Reads go through pyroute2; address changes go through one `ip -batch` per call, because a
+start-up with thousands of services binds thousands of addresses and one netlink round trip per
+address through pyroute2's high-level API costs about a millisecond each.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import logging
+import subprocess
+from collections.abc import Iterable
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from kproxy.render.ipvs import DUMMY_DEVICE
+
+log = logging.getLogger("kproxy.ipvs")
+
+
+class DeviceError(RuntimeError):
+    """kube-ipvs0 could not be created or changed."""
+
+
+def _index(ipr: IPRoute, name: str) -> int | None:
+    found = ipr.link_lookup(ifname=name)
+    return found[0] if found else None
+
+
+def device_exists(name: str = DUMMY_DEVICE) -> bool:
+    with IPRoute() as ipr:
+        return _index(ipr, name) is not None
+
+
+def _ip_batch(lines: Iterable[str]) -> int:
+    text = "".join(lines)
+    if not text:
+        return 0
+    proc = subprocess.run(
+        ["ip", "-force", "-batch", "-"], input=text, capture_output=True, text=True, check=False
+    )
+    if proc.returncode:
+        # -force carries on after a failed line; report what failed
+        raise DeviceError(f"ip -batch: {proc.stderr.strip()[:2000]}")
+    return text.count("\n")
+
+
+class KubeIPVS0:
+    """The dummy device and its addresses."""
+
+    def __init__(self, name: str = DUMMY_DEVICE) -> None:
+        self.name = name
+
+    def ensure(self) -> None:
+        """Create the dummy device when it is missing (kept down)."""
+        with IPRoute() as ipr:
+            if _index(ipr, self.name) is not None:
+                return
+            try:
+                ipr.link("add", ifname=self.name, kind="dummy")
+            except NetlinkError as err:
+                if err.code != 17:  # EEXIST: created meanwhile
+                    raise DeviceError(
+                        f"cannot create {self.name}: {err} (is the dummy module available?)"
+                    ) from err
+        log.info("created %s", self.name)
+
+    def addresses(self, family: int) -> set[str]:
+        """The addresses of `family` on the device (empty when it does not exist)."""
+        with IPRoute() as ipr:
+            idx = _index(ipr, self.name)
+            if idx is None:
+                return set()
+            out: set[str] = set()
+            for msg in ipr.get_addr(index=idx):
+                addr = msg.get_attr("IFA_LOCAL") or msg.get_attr("IFA_ADDRESS")
+                if not addr:
+                    continue
+                ip = ipaddress.ip_address(addr)
+                if ip.version == family:
+                    out.add(str(ip))
+            return out
+
+    def bind(self, addresses: Iterable[str]) -> int:
+        return _ip_batch(
+            f"address replace {a}/{_prefix(a)} dev {self.name}\n" for a in sorted(addresses)
+        )
+
+    def unbind(self, addresses: Iterable[str]) -> int:
+        return _ip_batch(
+            f"address del {a}/{_prefix(a)} dev {self.name}\n" for a in sorted(addresses)
+        )
+
+    def remove(self, *, families: Iterable[int] = (4, 6)) -> bool:
+        """Remove the addresses of `families`; delete the device when none is left. True when
+        the device is gone."""
+        families = tuple(families)
+        for fam in families:
+            with contextlib.suppress(DeviceError):
+                self.unbind(self.addresses(fam))
+        if any(self.addresses(f) for f in (4, 6)):
+            return False
+        with IPRoute() as ipr:
+            idx = _index(ipr, self.name)
+            if idx is not None:
+                with contextlib.suppress(NetlinkError):
+                    ipr.link("del", index=idx)
+        log.info("deleted %s", self.name)
+        return True
+
+
+def _prefix(address: str) -> int:
+    return 128 if ":" in address else 32

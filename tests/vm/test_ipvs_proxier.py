@@ -1,0 +1,559 @@
+"""IPVS mode end to end, inside the qemu guest (a kernel with IPVS): the real `kproxy run
+--proxy-mode ipvs` in a lab node namespace against a fake apiserver, real traffic from pods and
+an outside client, and `ipvsadm` read back and parsed.
+
+Topology (kproxy.lab): node1 runs kproxy and has three pods, node2 (no kproxy) has one pod, the
+client sits outside the cluster CIDR. One lab, apiserver and agent serve the whole module (a
+guest under TCG is slow to start processes); every test uses its own services, except the
+restart and cleanup tests at the end, which run last on purpose.
+
+Run with `python3 tests/vm/run_in_vm.py` (see docs/vm-tests.md); on a kernel without IPVS every
+test skips.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from typing import Any
+
+import pytest
+
+from kproxy.lab.netlab import CLIENT_IP, FABRIC_IP, Lab, Pod
+from kproxy.lab.nsexec import module_argv
+from kproxy.lab.servers import serve_pods
+from kproxy.lab.traffic import http_batch, http_get, start_hold, start_stream, udp_query
+from tests.support.agent import CLUSTER_CIDR, Agent, eventually, node_obj
+from tests.support.fakeapi import FakeApiServer
+from tests.support.lab import require_netns
+from tests.support.objects import make_service_obj, make_slice_obj
+
+pytestmark = [pytest.mark.vm]
+
+VIP = "10.96.0.80"
+LB_IP = "203.0.113.10"
+EXT_IP = "198.51.100.10"
+IPVS_FLAGS = ["--proxy-mode", "ipvs", "--ipvs-min-sync-period", "0s", "--ipvs-sync-period", "5s"]
+
+
+def ipvs_unavailable() -> str | None:
+    if not os.path.exists("/proc/net/ip_vs"):
+        subprocess.run(["modprobe", "ip_vs"], capture_output=True, check=False)
+    if not os.path.exists("/proc/net/ip_vs"):
+        return "this kernel has no IPVS (run the vm tier through tests/vm/run_in_vm.py)"
+    for tool in ("ipvsadm", "ipset"):
+        if shutil.which(tool) is None:
+            return f"needs {tool}"
+    return None
+
+
+# -- ipvsadm output, parsed ----------------------------------------------------------------------
+@dataclass(frozen=True)
+class RS:
+    address: str
+    port: int
+    forward: str
+    weight: int
+    active: int
+    inactive: int
+
+
+@dataclass(frozen=True)
+class VS:
+    proto: str
+    address: str
+    port: int
+    scheduler: str
+    flags: str  # what follows the scheduler, e.g. "persistent 60"
+    dests: tuple[RS, ...]
+
+    @property
+    def key(self) -> tuple[str, str, int]:
+        return (self.proto, self.address, self.port)
+
+    def dest(self, address: str) -> RS | None:
+        return next((d for d in self.dests if d.address == address), None)
+
+
+_HOSTPORT = re.compile(r"^\[?([0-9a-fA-F:.]+)\]?:(\d+)$")
+
+
+def _hostport(text: str) -> tuple[str, int]:
+    m = _HOSTPORT.match(text)
+    assert m, f"not host:port: {text!r}"
+    return m.group(1), int(m.group(2))
+
+
+def parse_ipvsadm(text: str) -> dict[tuple[str, str, int], VS]:
+    """`ipvsadm -Ln` -> virtual servers by (proto, address, port)."""
+    out: dict[tuple[str, str, int], VS] = {}
+    current: list[Any] | None = None
+
+    def flush() -> None:
+        if current is not None:
+            proto, addr, port, sched, flags, dests = current
+            vs = VS(proto, addr, port, sched, flags, tuple(dests))
+            out[vs.key] = vs
+
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] in ("TCP", "UDP", "SCTP"):
+            flush()
+            addr, port = _hostport(words[1])
+            current = [words[0], addr, port, words[2], " ".join(words[3:]), []]
+        elif words[0] == "->" and words[1] != "RemoteAddress:Port" and current is not None:
+            addr, port = _hostport(words[1])
+            current[5].append(RS(addr, port, words[2], *(int(w) for w in words[3:6])))
+    flush()
+    return out
+
+
+def parse_columns(text: str) -> dict[tuple[str, str, int], dict[tuple[str, int], list[int]]]:
+    """`ipvsadm -Ln --stats` / `--persistent-conn`: numeric columns per real server, by virtual
+    server (the virtual server's own numbers under the key ("", 0))."""
+    out: dict[tuple[str, str, int], dict[tuple[str, int], list[int]]] = {}
+    key: tuple[str, str, int] | None = None
+    for line in text.splitlines():
+        words = line.split()
+        if not words:
+            continue
+        if words[0] in ("TCP", "UDP", "SCTP"):
+            addr, port = _hostport(words[1])
+            key = (words[0], addr, port)
+            out[key] = {("", 0): [int(w) for w in words[2:] if w.isdigit()]}
+        elif words[0] == "->" and key is not None and words[1] != "RemoteAddress:Port":
+            out[key][_hostport(words[1])] = [int(w) for w in words[2:] if w.isdigit()]
+    return out
+
+
+# -- the module's lab ----------------------------------------------------------------------------
+@dataclass
+class Env:
+    lab: Lab
+    api: FakeApiServer
+    agent: Agent
+
+    @property
+    def node(self) -> Any:
+        return self.lab.nodes[0]
+
+    @property
+    def local_pods(self) -> list[Pod]:
+        return self.lab.pods_on(0)
+
+    @property
+    def remote_pod(self) -> Pod:
+        return self.lab.pods_on(1)[0]
+
+    def run(self, *argv: str) -> str:
+        return str(self.lab.run(self.node.ns, list(argv)).stdout)
+
+    def ipvsadm(self, *args: str) -> dict[tuple[str, str, int], VS]:
+        return parse_ipvsadm(self.run("ipvsadm", "-Ln", *args))
+
+    def node_addresses(self) -> set[str]:
+        """IPv4 addresses of node1 that carry NodePorts (all but loopback and kube-ipvs0)."""
+        out = set()
+        for line in self.run("ip", "-4", "-o", "addr", "show").splitlines():
+            words = line.split()
+            if words[1] in ("lo", "kube-ipvs0"):
+                continue
+            out.add(words[3].split("/")[0])
+        return out
+
+    def wait_vs(self, key: tuple[str, str, int], timeout: float = 15.0) -> VS:
+        def check() -> VS:
+            table = self.ipvsadm()
+            assert key in table, f"{key} not in {sorted(table)}"
+            return table[key]
+
+        result: VS = eventually(check, timeout=timeout, step=0.2)
+        return result
+
+
+def web_service(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": "LoadBalancer",
+        "clusterIP": VIP,
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053},
+        ],
+        "externalIPs": [EXT_IP],
+    }
+    body.update(spec)
+    return make_service_obj(
+        "default", "web", status={"loadBalancer": {"ingress": [{"ip": LB_IP}]}}, **body
+    )
+
+
+def slice_of(name: str, pods: list[Pod], ports: Any = None) -> dict[str, Any]:
+    return make_slice_obj(
+        "default",
+        f"{name}-x1",
+        name,
+        [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in pods],
+        ports if ports is not None else [("http", 80, "TCP"), ("dns", 5353, "UDP")],
+    )
+
+
+@pytest.fixture(scope="module")
+def env() -> Iterator[Env]:
+    require_netns()
+    reason = ipvs_unavailable()
+    if reason:
+        pytest.skip(reason)
+    lab = Lab.create(nodes=2, pods_per_node=[3, 1], prefix="kpv")
+    api = FakeApiServer(host=FABRIC_IP, netns=lab.fabric_ns)
+    try:
+        api.start()
+        for node in lab.nodes:
+            api.upsert(node_obj(node))
+        kubeconfig = api.write_kubeconfig(str(lab.workdir / "kubeconfig"))
+        serve_pods(lab, tcp=[80], udp=[5353], timeout=60)
+        api.upsert(web_service())
+        api.upsert(slice_of("web", lab.pods_on(0)))
+        agent = Agent(lab, lab.nodes[0], kubeconfig, extra=IPVS_FLAGS)
+        agent.start(wait=False)
+        agent.wait_ready(timeout=120)
+        yield Env(lab, api, agent)
+        if agent.proc is not None and agent.proc.poll() is None:
+            agent.stop()
+    finally:
+        api.stop()
+        lab.teardown()
+
+
+def names(batch: Any) -> set[str]:
+    return set(batch.names)
+
+
+# -- what ipvsadm shows --------------------------------------------------------------------------
+def test_ipvsadm_shows_exactly_the_expected_virtual_and_real_servers(env: Env) -> None:
+    pods = {p.ip for p in env.local_pods}
+    expected_keys = set()
+    for addr in (VIP, EXT_IP, LB_IP):
+        expected_keys |= {("TCP", addr, 80), ("UDP", addr, 53)}
+    for addr in env.node_addresses():
+        expected_keys |= {("TCP", addr, 30080), ("UDP", addr, 30053)}
+    env.wait_vs(("TCP", VIP, 80))
+    table = env.ipvsadm()
+    assert set(table) == expected_keys
+    for vs in table.values():
+        assert vs.scheduler == "rr" and vs.flags == ""
+        port = 80 if vs.proto == "TCP" else 5353
+        assert {(d.address, d.port, d.forward, d.weight) for d in vs.dests} == {
+            (ip, port, "Masq", 1) for ip in pods
+        }
+    # the VIPs (not the node addresses) are bound on kube-ipvs0
+    bound = env.run("ip", "-4", "-o", "addr", "show", "dev", "kube-ipvs0")
+    assert {VIP, EXT_IP, LB_IP} <= set(re.findall(r"inet ([0-9.]+)/32", bound))
+    assert env.node.ip not in bound
+    # and the companion rules match the sets
+    nat = env.agent.save("nat")
+    assert "--match-set KUBE-CLUSTER-IP dst,dst" in nat
+    assert env.run("ipset", "test", "KUBE-CLUSTER-IP", f"{VIP},tcp:80") is not None
+
+
+def test_clusterip_balances_round_robin_over_all_pods(env: Env) -> None:
+    batch = http_batch(env.local_pods[0].ns, VIP, 80, n=30)
+    assert batch.ok_count == 30
+    assert batch.names == {p.name: 10 for p in env.local_pods}
+    stats = parse_columns(env.run("ipvsadm", "-Ln", "--stats"))[("TCP", VIP, 80)]
+    assert stats[("", 0)][0] >= 30  # connections counted on the virtual server
+    assert all(stats[(p.ip, 80)][0] >= 10 for p in env.local_pods)
+
+
+@pytest.mark.parametrize(
+    ("target", "port"),
+    [("node", 30080), (LB_IP, 80), (EXT_IP, 80)],
+    ids=["nodeport", "loadbalancer-ip", "external-ip"],
+)
+def test_external_addresses_reach_every_pod_masqueraded(env: Env, target: str, port: int) -> None:
+    ip = env.node.ip if target == "node" else target
+    batch = http_batch(env.lab.client.ns, ip, port, n=12)
+    assert batch.ok_count == 12
+    assert names(batch) == {p.name for p in env.local_pods}
+    # off-cluster traffic is masqueraded: pods see the node, not the client
+    assert set(batch.clients) == {env.node.gateway}
+
+
+def test_udp_clusterip_and_nodeport(env: Env) -> None:
+    inside = udp_query(env.local_pods[0].ns, VIP, 53, n=3)
+    outside = udp_query(env.lab.client.ns, env.node.ip, 30053, n=3)
+    assert inside.all_ok and outside.all_ok
+
+
+def test_client_ip_affinity_is_ipvs_persistence(env: Env) -> None:
+    env.api.upsert(
+        make_service_obj(
+            "default",
+            "sticky",
+            clusterIP="10.96.0.81",
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+        )
+    )
+    env.api.upsert(slice_of("sticky", env.local_pods, [("http", 80, "TCP")]))
+    vs = env.wait_vs(("TCP", "10.96.0.81", 80))
+    assert vs.flags == "persistent 60"
+    batch = http_batch(env.local_pods[0].ns, "10.96.0.81", 80, n=12)
+    assert batch.ok_count == 12 and len(batch.names) == 1
+    (chosen,) = batch.names
+    pod_ip = next(p.ip for p in env.local_pods if p.name == chosen)
+    persist = parse_columns(env.run("ipvsadm", "-Ln", "--persistent-conn"))
+    # columns: Weight PersistConn ActiveConn InActConn
+    assert persist[("TCP", "10.96.0.81", 80)][(pod_ip, 80)][1] == 1
+    # another client gets its own (persistent) choice, and keeps it
+    other = http_batch(env.local_pods[1].ns, "10.96.0.81", 80, n=6)
+    assert other.ok_count == 6 and len(other.names) == 1
+
+
+def test_scheduler_from_annotation_and_edited_in_place(env: Env) -> None:
+    def svc(scheduler: str) -> dict[str, Any]:
+        return make_service_obj(
+            "default",
+            "sched",
+            clusterIP="10.96.0.82",
+            annotations={"kproxy.io/ipvs-scheduler": scheduler},
+        )
+
+    env.api.upsert(svc("sh"))
+    env.api.upsert(slice_of("sched", env.local_pods, [("http", 80, "TCP")]))
+    assert env.wait_vs(("TCP", "10.96.0.82", 80)).scheduler == "sh"
+    before = http_batch(env.local_pods[0].ns, "10.96.0.82", 80, n=6)
+    assert before.ok_count == 6 and len(before.names) == 1  # source hashing: one pod per client
+    env.api.upsert(svc("wlc"))
+    eventually(lambda: env.ipvsadm()[("TCP", "10.96.0.82", 80)].scheduler == "wlc", timeout=15)
+    assert len(env.ipvsadm()[("TCP", "10.96.0.82", 80)].dests) == 3
+
+
+def test_pod_reaches_itself_through_its_service(env: Env) -> None:
+    me = env.local_pods[1]
+    env.api.upsert(make_service_obj("default", "self", clusterIP="10.96.0.83"))
+    env.api.upsert(slice_of("self", [me], [("http", 80, "TCP")]))
+    env.wait_vs(("TCP", "10.96.0.83", 80))
+    batch = http_batch(me.ns, "10.96.0.83", 80, n=4)
+    assert batch.ok_count == 4 and names(batch) == {me.name}
+    # hairpin needs masquerade (KUBE-LOOP-BACK): the pod sees the node, not itself
+    assert me.ip not in set(batch.clients)
+
+
+def test_service_without_endpoints_refuses_at_once(env: Env) -> None:
+    env.api.upsert(make_service_obj("default", "empty", clusterIP="10.96.0.84"))
+    env.api.upsert(make_slice_obj("default", "empty-x1", "empty", []))
+    vs = env.wait_vs(("TCP", "10.96.0.84", 80))
+    assert vs.dests == ()
+    res = http_get(env.local_pods[0].ns, "10.96.0.84", 80, timeout=3.0)
+    assert not res.ok and res.error_kind == "refused"
+    assert res.elapsed < 1.0
+    # a port of the VIP that no service uses is refused as well (KUBE-IPVS-FILTER)
+    res = http_get(env.local_pods[0].ns, "10.96.0.84", 8080, timeout=3.0)
+    assert not res.ok and res.error_kind == "refused"
+
+
+def test_external_policy_local_keeps_client_ip_and_drops_without_local_endpoints(
+    env: Env,
+) -> None:
+    here, there = env.local_pods[0], env.remote_pod
+
+    def svc() -> dict[str, Any]:
+        return make_service_obj(
+            "default",
+            "local",
+            type="NodePort",
+            clusterIP="10.96.0.85",
+            externalTrafficPolicy="Local",
+            ports=[{"name": "http", "port": 80, "targetPort": 80, "nodePort": 30090}],
+        )
+
+    env.api.upsert(svc())
+    env.api.upsert(slice_of("local", [here, there], [("http", 80, "TCP")]))
+    vs = env.wait_vs(("TCP", env.node.ip, 30090))
+    assert {d.address for d in vs.dests} == {here.ip}
+    batch = http_batch(env.lab.client.ns, env.node.ip, 30090, n=4)
+    assert batch.ok_count == 4 and names(batch) == {here.name}
+    assert set(batch.clients) == {CLIENT_IP}  # not masqueraded
+    # ClusterIP traffic still goes to every endpoint
+    inside = http_batch(env.local_pods[1].ns, "10.96.0.85", 80, n=6)
+    assert names(inside) == {here.name, there.name}
+
+    env.api.upsert(slice_of("local", [there], [("http", 80, "TCP")]))
+    eventually(
+        lambda: {d.address for d in env.ipvsadm()[("TCP", env.node.ip, 30090)].dests} == {there.ip},
+        timeout=15,
+    )
+    res = http_get(env.lab.client.ns, env.node.ip, 30090, timeout=1.5)
+    assert not res.ok and res.error_kind == "timeout"  # dropped: this node has no local pod
+    from_pod = http_get(env.local_pods[1].ns, env.node.ip, 30090, timeout=3.0)
+    assert from_pod.ok and from_pod.name == there.name
+
+
+def test_internal_policy_local_without_local_endpoints_drops(env: Env) -> None:
+    env.api.upsert(
+        make_service_obj("default", "itp", clusterIP="10.96.0.87", internalTrafficPolicy="Local")
+    )
+    env.api.upsert(slice_of("itp", [env.remote_pod], [("http", 80, "TCP")]))
+    vs = env.wait_vs(("TCP", "10.96.0.87", 80))
+    assert vs.dests == ()
+    res = http_get(env.local_pods[0].ns, "10.96.0.87", 80, timeout=1.5)
+    assert not res.ok and res.error_kind == "timeout"
+
+
+def test_load_balancer_source_ranges(env: Env) -> None:
+    env.api.upsert(
+        make_service_obj(
+            "default",
+            "fw",
+            type="LoadBalancer",
+            clusterIP="10.96.0.88",
+            loadBalancerSourceRanges=["10.244.0.0/16"],
+            ports=[{"name": "http", "port": 80, "targetPort": 80, "nodePort": 30091}],
+            status={"loadBalancer": {"ingress": [{"ip": "203.0.113.20"}]}},
+        )
+    )
+    env.api.upsert(slice_of("fw", env.local_pods, [("http", 80, "TCP")]))
+    env.wait_vs(("TCP", "203.0.113.20", 80))
+    allowed = http_get(env.local_pods[0].ns, "203.0.113.20", 80, timeout=3.0)
+    assert allowed.ok
+    denied = http_get(env.lab.client.ns, "203.0.113.20", 80, timeout=1.5)
+    assert not denied.ok and denied.error_kind == "timeout"
+
+
+def test_removed_endpoint_drains_with_weight_zero_and_comes_back(env: Env) -> None:
+    vip = "10.96.0.86"
+    pods = env.local_pods
+    env.api.upsert(make_service_obj("default", "drain", clusterIP=vip))
+    env.api.upsert(slice_of("drain", pods, [("http", 80, "TCP")]))
+    env.wait_vs(("TCP", vip, 80))
+    hold = start_hold(pods[0].ns, vip, 80, interval=0.1, timeout=2.0)
+    hold.wait_started(timeout=20)
+
+    def held() -> str:
+        vs = env.ipvsadm()[("TCP", vip, 80)]
+        (busy,) = [d.address for d in vs.dests if d.active == 1]
+        return busy
+
+    busy_ip = eventually(held, timeout=10, step=0.2)
+    busy = next(p for p in pods if p.ip == busy_ip)
+    keep, idle = [p for p in pods if p is not busy]
+    # the held pod and an idle one leave the service
+    env.api.upsert(slice_of("drain", [keep], [("http", 80, "TCP")]))
+
+    def drained() -> VS:
+        vs = env.ipvsadm()[("TCP", vip, 80)]
+        assert vs.dest(idle.ip) is None  # no connections: deleted at once
+        d = vs.dest(busy.ip)
+        assert d is not None and d.weight == 0 and d.active == 1  # draining
+        assert vs.dest(keep.ip) is not None and vs.dest(keep.ip).weight == 1  # type: ignore[union-attr]
+        return vs
+
+    eventually(drained, timeout=15, step=0.2)
+    batch = http_batch(pods[1].ns, vip, 80, n=6)
+    assert batch.ok_count == 6 and names(batch) == {keep.name}  # no new connection drains
+    time.sleep(1.0)
+    hold.stop()
+    result = hold.result(timeout=30)
+    assert result.ok and set(result.names) == {busy.name}  # the held connection never broke
+    # a returning endpoint is restored to weight 1
+    env.api.upsert(slice_of("drain", [keep, busy], [("http", 80, "TCP")]))
+    eventually(
+        lambda: env.ipvsadm()[("TCP", vip, 80)].dest(busy.ip).weight == 1,  # type: ignore[union-attr]
+        timeout=15,
+        step=0.2,
+    )
+
+
+def test_removed_udp_endpoint_is_deleted_at_once(env: Env) -> None:
+    vip = "10.96.0.89"
+    pods = env.local_pods
+    env.api.upsert(
+        make_service_obj(
+            "default",
+            "udrain",
+            clusterIP=vip,
+            ports=[{"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}],
+        )
+    )
+    env.api.upsert(slice_of("udrain", pods, [("dns", 5353, "UDP")]))
+    env.wait_vs(("UDP", vip, 53))
+    assert udp_query(pods[0].ns, vip, 53, n=6).all_ok  # every real server has a connection
+    env.api.upsert(slice_of("udrain", pods[:1], [("dns", 5353, "UDP")]))
+    eventually(
+        lambda: [d.address for d in env.ipvsadm()[("UDP", vip, 53)].dests] == [pods[0].ip],
+        timeout=15,
+        step=0.2,
+    )
+    replies = udp_query(pods[1].ns, vip, 53, n=3)
+    assert replies.all_ok and names(replies) == {pods[0].name}
+
+
+def test_deleted_service_leaves_no_virtual_server_or_vip(env: Env) -> None:
+    env.api.upsert(make_service_obj("default", "gone", clusterIP="10.96.0.90"))
+    env.api.upsert(slice_of("gone", env.local_pods, [("http", 80, "TCP")]))
+    env.wait_vs(("TCP", "10.96.0.90", 80))
+    env.api.delete("Service", "default", "gone")
+    eventually(lambda: ("TCP", "10.96.0.90", 80) not in env.ipvsadm(), timeout=15, step=0.2)
+    assert "10.96.0.90" not in env.run("ip", "-o", "addr", "show", "dev", "kube-ipvs0")
+    assert "10.96.0.90" not in env.run("ipset", "list", "KUBE-CLUSTER-IP")
+
+
+def test_foreign_virtual_servers_are_left_alone(env: Env) -> None:
+    env.run("ipvsadm", "-A", "-t", "192.0.2.1:9999", "-s", "rr")
+    try:
+        # a full sync (periodic: 5 s) must not remove it
+        time.sleep(6.0)
+        assert ("TCP", "192.0.2.1", 9999) in env.ipvsadm()
+    finally:
+        env.run("ipvsadm", "-D", "-t", "192.0.2.1:9999")
+
+
+# -- restart and cleanup (last: they change the agent) -------------------------------------------
+def test_restart_keeps_connections_and_the_table(env: Env) -> None:
+    before = env.ipvsadm()
+    hold = start_hold(env.local_pods[0].ns, VIP, 80, interval=0.1, timeout=2.0)
+    hold.wait_started(timeout=20)
+    stream = start_stream(env.lab.client.ns, env.node.ip, 30080, interval=0.1, timeout=2.0)
+    stream.wait_started(timeout=20)
+    env.agent.stop()
+    env.agent.start(wait=False)
+    env.agent.wait_ready(timeout=120)
+    time.sleep(1.0)
+    stream.stop()
+    hold.stop()
+    streamed = stream.result(timeout=60)
+    held = hold.result(timeout=60)
+    assert held.ok, held.error
+    assert streamed.failures == 0 and streamed.ok_count > 10
+    after = env.ipvsadm()
+    assert {
+        k: (v.scheduler, v.flags, {(d.address, d.port, d.weight) for d in v.dests})
+        for k, v in after.items()
+    } == {
+        k: (v.scheduler, v.flags, {(d.address, d.port, d.weight) for d in v.dests})
+        for k, v in before.items()
+    }
+
+
+def test_cleanup_leaves_nothing(env: Env) -> None:
+    env.agent.stop()
+    env.lab.run(
+        env.node.ns,
+        module_argv("kproxy", "cleanup", "--proxy-mode", "ipvs", "--cluster-cidr", CLUSTER_CIDR),
+        timeout=120,
+    )
+    assert env.ipvsadm() == {}
+    link = env.lab.run(env.node.ns, ["ip", "link", "show", "kube-ipvs0"], check=False)
+    assert link.returncode != 0
+    assert not [s for s in env.run("ipset", "list", "-n").split() if s.startswith("KUBE-")]
+    for prog in ("iptables", "ip6tables"):
+        for flavour in ("nft", "legacy"):
+            save = env.run(f"{prog}-{flavour}-save")
+            assert "KUBE-" not in save, f"{prog}-{flavour}: {save}"
