@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 _H = struct.Struct("!H")
 _QTAIL = struct.Struct("!HH")
 MAX_PENDING_FORWARDS = 1024
-POLL_MS = 200
+POLL_MS = 200  # TCP accept loop
 RCODE_NAMES = {0: "noerror", 1: "formerr", 2: "servfail", 3: "nxdomain", 4: "notimp", 5: "refused"}
 
 
@@ -150,6 +150,11 @@ class Engine:
 
     def stop(self, timeout: float = 2.0) -> None:
         self._stop.set()
+        for sock in self._udp:
+            # wakes the blocked recvfrom; Linux raises ENOTCONN for an unconnected UDP
+            # socket but still shuts the receive side down
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RD)
         for conn in list(self._tcp_conns):
             with contextlib.suppress(OSError):
                 conn.shutdown(socket.SHUT_RDWR)
@@ -251,22 +256,21 @@ class Engine:
 
     # -- UDP -------------------------------------------------------------------------------
     def _serve_udp(self, sock: socket.socket) -> None:
-        sock.setblocking(False)
+        # A plain blocking loop: one syscall per query under load and no polling when idle.
+        # stop() wakes it with shutdown(SHUT_RD), which makes recvfrom return b"".
+        sock.setblocking(True)
         recvfrom = sock.recvfrom
         sendto = sock.sendto
-        poller = select.poll()
-        poller.register(sock.fileno(), select.POLLIN)
         stop = self._stop
         opt_plain, opt_do, max_udp = self._opt, self._opt_do, self._max_udp
         while True:
             try:
                 data, addr = recvfrom(65535)
-            except BlockingIOError:
+            except OSError:
                 if stop.is_set():
                     return
-                poller.poll(POLL_MS)
-                continue
-            except OSError:
+                continue  # e.g. an ICMP error queued on the socket
+            if not data:
                 if stop.is_set():
                     return
                 continue
