@@ -174,8 +174,12 @@ class Engine:
             return b""
         return self._opt_do if q.dnssec_ok else self._opt
 
-    def local(self, q: Query, *, udp: bool) -> bytes | None:
-        """The reply when the index alone can give it; None when the upstream is needed."""
+    def local(self, q: Query, client: str, *, udp: bool) -> bytes | None:
+        """The reply when no upstream exchange is needed; None when it is.
+
+        Answers from the index, refusals, and upstream answers still in the forwarding cache
+        are all given here, in the receiving thread.
+        """
         self.counters["slow_queries"] += 1
         opt = self._opt_for(q)
         if q.edns_version:
@@ -186,7 +190,15 @@ class Engine:
         if t is None:
             ans = resolve(q.question, index)
             if ans.forward:
-                return None
+                if not self.policy.allowed(client):
+                    self.counters["recursion_refused"] += 1
+                    return reply_for(q, REFUSED, opt=opt)
+                up = self.forwarder.cached(q.key)
+                if up is None:
+                    return None
+                self.counters["forward_cache_hits"] += 1
+                body = up.body_at(self.forwarder.now())
+                return self._render(up.template, q, udp=udp, opt=opt, body=body)
             t = encode(q.question, ans)
             if ans.cacheable:
                 self._cache_put(cache, q, t)
@@ -224,7 +236,7 @@ class Engine:
             self.counters["upstream_errors"] += 1
             log.debug("dns: forwarding %r failed: %s", q.question.name, exc)
             return reply_for(q, SERVFAIL, opt=opt)
-        return self._render(up.template, q, udp=udp, opt=opt, body=up.body_at(time.monotonic()))
+        return self._render(up.template, q, udp=udp, opt=opt, body=up.body_at(self.forwarder.now()))
 
     def _chase(self, ans: Answer, q: Query, client: str, *, udp: bool, opt: bytes) -> bytes:
         assert ans.chase is not None
@@ -249,7 +261,7 @@ class Engine:
         if isinstance(parsed, bytes):
             self.counters["malformed"] += 1
             return parsed
-        resp = self.local(parsed, udp=udp)
+        resp = self.local(parsed, client, udp=udp)
         if resp is None:
             resp = self.remote(parsed, client, udp=udp)
         return resp
@@ -293,7 +305,7 @@ class Engine:
             self.counters["malformed"] += 1
             sock.sendto(parsed, addr)
             return
-        resp = self.local(parsed, udp=True)
+        resp = self.local(parsed, addr[0], udp=True)
         if resp is not None:
             sock.sendto(resp, addr)
             return

@@ -223,6 +223,10 @@ class Forwarder:
         self._lock = threading.Lock()
         self._next = 0
 
+    def now(self) -> float:
+        """The forwarder's clock (cache ages are measured with it)."""
+        return self._clock()
+
     # -- cache ---------------------------------------------------------------------------
     def cached(self, key: bytes) -> Upstreamed | None:
         hit = self._cache.get(key)
