@@ -79,9 +79,15 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("config field %s is accepted for compatibility and ignored", ignored)
     if settings.cleanup:
         return cmd_cleanup(args)
+    from kproxy.kube.watch import KubeConfigError
     from kproxy.runtime.daemon import Daemon
 
-    return Daemon(settings).run()
+    try:
+        daemon = Daemon(settings)
+    except KubeConfigError as err:
+        log.error("cannot reach the Kubernetes API: %s", err)
+        return 2
+    return daemon.run()
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:
