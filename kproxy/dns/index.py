@@ -309,8 +309,9 @@ def service_part(
                     host = _label(ep.hostname or _dashed(ep.address))
                 except (BadName, UnicodeEncodeError):
                     host = _label(_dashed(ep.address))
+                owner = host + name_w
                 try:
-                    hit = (host + name_w, a_rr(host + name_w, ttl, ep.address))
+                    hit = (owner, a_rr(owner, ttl, ep.address))
                 except ValueError:
                     continue
                 endpoints[ep.address] = hit
@@ -419,7 +420,7 @@ class IndexBuilder:
         self._services: dict[Ref, DnsService] = {}
         self._slices: dict[Ref, tuple[DnsSlice, ...]] = {}
         self._parts: dict[Ref, dict[bytes, Node]] = {}
-        self._ptr_owners: dict[bytes, tuple[Ref, ...]] = {}
+        self._ptr_owners: dict[bytes, Ref | tuple[Ref, ...]] = {}
         self._ents: dict[bytes, int] = {}
         self._static = self._static_names(serial=1)
         self._names: dict[bytes, Node] = dict(self._static)
@@ -513,11 +514,7 @@ class IndexBuilder:
                 else:
                     self._ents.pop(name, None)
             elif _is_reverse(name):
-                owners = tuple(r for r in self._ptr_owners.get(name, ()) if r != ref)
-                if owners:
-                    self._ptr_owners[name] = owners
-                else:
-                    self._ptr_owners.pop(name, None)
+                self._set_owners(name, tuple(r for r in self._owners(name) if r != ref))
             if name not in new:
                 self._recompute(name)
                 changed.add(name)
@@ -529,17 +526,30 @@ class IndexBuilder:
                     changed.add(name)
                 continue
             if _is_reverse(name):
-                self._ptr_owners[name] = (*self._ptr_owners.get(name, ()), ref)
+                self._set_owners(name, (*self._owners(name), ref))
                 self._recompute(name)
             else:
                 names[name] = node
             changed.add(name)
 
+    def _owners(self, name: bytes) -> tuple[Ref, ...]:
+        found = self._ptr_owners.get(name)
+        if found is None:
+            return ()
+        return (found,) if isinstance(found, Ref) else found
+
+    def _set_owners(self, name: bytes, owners: tuple[Ref, ...]) -> None:
+        # one owner (the common case) is stored bare: 32k reverse names, 2 MB less
+        if not owners:
+            self._ptr_owners.pop(name, None)
+        else:
+            self._ptr_owners[name] = owners[0] if len(owners) == 1 else owners
+
     def _recompute(self, name: bytes) -> None:
         """Set a shared or vanishing name from what its owners contribute now."""
         node: Node | None = self._static.get(name)
         if node is None:
-            owners = self._ptr_owners.get(name)
+            owners = self._owners(name)
             if owners:
                 node = _merge_ptr([self._parts[r][name] for r in owners])
             elif self._ents.get(name):
