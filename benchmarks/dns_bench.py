@@ -334,7 +334,9 @@ zone:
     raise RuntimeError("NSD did not come up; see " + str(workdir / "nsd.log"))
 
 
-def churn(store: Store, dns: DNSService, model: Model, stop: threading.Event) -> None:
+def churn(
+    store: Store, dns: DNSService, model: Model, stop: threading.Event, out: dict[str, float]
+) -> None:
     """Daemon-side load: endpoint changes, DNS updates and full iptables renders."""
     from kproxy.model.options import ProxyOptions
     from kproxy.model.view import build_views
@@ -350,7 +352,10 @@ def churn(store: Store, dns: DNSService, model: Model, stop: threading.Event) ->
         store.set_slice(replace(sl, endpoints=eps))
         snap = store.peek()
         dns.update(snap)
+        t0 = time.monotonic()
         render_ruleset(build_views(snap, family=4, node_name="node-0"), opts)
+        out["render_s"] += time.monotonic() - t0
+        out["changes"] += 1
         stop.wait(0.1)
 
 
@@ -367,6 +372,7 @@ def main() -> int:
     ap.add_argument("--workers", type=int, default=1)
     ap.add_argument("--nsd-servers", type=int, default=1)
     ap.add_argument("--churn", action="store_true")
+    ap.add_argument("--rounds", type=int, default=1, help="alternating rounds per server")
     ap.add_argument("--skip-nsd", action="store_true")
     ap.add_argument("--json", help="write the figures to this file")
     args = ap.parse_args()
@@ -388,6 +394,7 @@ def main() -> int:
         "clients": args.clients,
         "workers": args.workers,
         "churn": args.churn,
+        "rounds": args.rounds,
     }
 
     store = Store()
@@ -403,6 +410,7 @@ def main() -> int:
         )
     )
     stop = threading.Event()
+    churned = {"changes": 0, "render_s": 0.0}
     try:
         if not args.skip_nsd:
             nsd = start_nsd(model, workdir, args.nsd_servers)
@@ -427,44 +435,67 @@ def main() -> int:
         if nsd is not None:
             servers.append(("nsd", NSD_ADDR, pids_with(str(workdir / "nsd.conf"))))
         servers.append(("kproxy", KPROXY_ADDR, pids))
-        churner = None
-        for name, addr, ps in servers:
+        for _, addr, ps in servers:
             warm(addr, ps)
-            if name == "kproxy" and args.churn:
-                churner = threading.Thread(target=churn, args=(store, dns, model, stop))
-                churner.start()
-            top = dnsperf(addr, str(qfile), duration=args.duration, clients=args.clients, pids=ps)
-            fixed = dnsperf(
-                addr,
-                str(qfile),
-                duration=args.duration,
-                clients=args.clients,
-                pids=ps,
-                rate=args.rate,
-            )
-            results[name] = {
-                "max_qps": round(top.qps),
-                "lost_pct": top.lost,
-                "cpu_us_per_query": round(top.cpu_us_per_query, 2),
-                f"at_{args.rate}_qps": {
-                    "qps": round(fixed.qps),
-                    "lost_pct": fixed.lost,
-                    "p50_ms": round(fixed.pct(50), 3),
-                    "p99_ms": round(fixed.pct(99), 3),
-                    "max_ms": round(max(fixed.latencies_ms, default=float("nan")), 3),
-                    "mean_ms": round(statistics.fmean(fixed.latencies_ms), 3)
-                    if fixed.latencies_ms
-                    else None,
-                },
-            }
+        churner = None
+        if args.churn:
+            churner = threading.Thread(target=churn, args=(store, dns, model, stop, churned))
+            churner.start()
+        # rounds alternate between the servers so that both see the same machine load
+        tops: dict[str, list[Run]] = {name: [] for name, _, _ in servers}
+        fixed: dict[str, list[Run]] = {name: [] for name, _, _ in servers}
+        for _ in range(args.rounds):
+            for name, addr, ps in servers:
+                tops[name].append(
+                    dnsperf(addr, str(qfile), duration=args.duration, clients=args.clients, pids=ps)
+                )
+            for name, addr, ps in servers:
+                fixed[name].append(
+                    dnsperf(
+                        addr,
+                        str(qfile),
+                        duration=args.duration,
+                        clients=args.clients,
+                        pids=ps,
+                        rate=args.rate,
+                    )
+                )
         stop.set()
         if churner is not None:
             churner.join()
+            results["churn"] = {
+                "model_changes": churned["changes"],
+                "iptables_render_s_mean": round(
+                    churned["render_s"] / max(churned["changes"], 1), 3
+                ),
+            }
+        for name, _, _ in servers:
+            top = max(tops[name], key=lambda r: r.qps)
+            lat = sorted(fixed[name], key=lambda r: r.pct(99))[len(fixed[name]) // 2]
+            results[name] = {
+                "max_qps": round(top.qps),
+                "max_qps_rounds": [round(r.qps) for r in tops[name]],
+                "lost_pct": top.lost,
+                "cpu_us_per_query": round(
+                    statistics.median(r.cpu_us_per_query for r in tops[name]), 2
+                ),
+                f"at_{args.rate}_qps": {
+                    "qps": round(lat.qps),
+                    "lost_pct": lat.lost,
+                    "p50_ms": round(lat.pct(50), 3),
+                    "p99_ms": round(lat.pct(99), 3),
+                    "p99_ms_rounds": [round(r.pct(99), 3) for r in fixed[name]],
+                    "max_ms": round(max(lat.latencies_ms, default=float("nan")), 3),
+                },
+            }
         results["kproxy_rss_mb_after"] = round(sum(rss_mb(p) for p in dns.worker_pids), 1)
         if nsd is not None:
             k, ns_ = results["kproxy"], results["nsd"]
             assert isinstance(k, dict) and isinstance(ns_, dict)
             results["qps_ratio_kproxy_to_nsd"] = round(k["max_qps"] / max(ns_["max_qps"], 1), 2)
+            results["cpu_ratio_kproxy_to_nsd"] = round(
+                k["cpu_us_per_query"] / max(ns_["cpu_us_per_query"], 0.01), 2
+            )
     finally:
         stop.set()
         dns.stop()
