@@ -155,6 +155,10 @@ def _netlink_ops(ops: Iterable[D.Op]) -> list[N.Op]:
             out.append(N.DeleteDest(_service_key(op.key), N.DestKey(op.address, op.port)))
         elif isinstance(op, D.AddVS):
             out.append(N.AddService(_netlink_vs(op.vs)))
+            key = _service_key(op.vs.key)
+            out.extend(
+                N.AddDest(key, N.RealServer(d.address, d.port, d.weight)) for d in op.vs.dests
+            )
         elif isinstance(op, D.EditVS):
             out.append(N.EditService(_netlink_vs(op.vs)))
         else:
@@ -438,7 +442,7 @@ class IPVSProxier:
             counts["iptables"] = rules
         detail = (
             f"{plan.count(D.AddVS)} services added, {plan.count(D.DelVS)} deleted, "
-            f"{plan.count(D.EditVS)} edited; {plan.count(D.AddDest)} real servers added, "
+            f"{plan.count(D.EditVS)} edited; {plan.dests_added} real servers added, "
             f"{plan.count(D.EditDest)} re-weighted, {plan.count(D.DelDest)} deleted; "
             f"{len(self._draining)} services draining"
         )

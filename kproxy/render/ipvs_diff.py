@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import NamedTuple
 
 from kproxy.render.ipvs import (
     COMPARED_FLAGS,
@@ -32,8 +33,7 @@ from kproxy.render.ipvs import (
 )
 
 
-@dataclass(frozen=True, slots=True)
-class ObservedDest:
+class ObservedDest(NamedTuple):
     """A real server as the kernel reports it."""
 
     address: str
@@ -61,6 +61,10 @@ class ObservedVS:
 
 @dataclass(frozen=True, slots=True)
 class AddVS:
+    """Create a virtual server *with all its real servers* (`vs.dests`): a start-up from empty
+    programs 100,000 real servers, and one operation per real server here would only be
+    translated once more into the adapter's own operations."""
+
     vs: VirtualServer
 
 
@@ -102,9 +106,10 @@ Op = AddVS | EditVS | DelVS | AddDest | EditDest | DelDest
 class Plan:
     """The ordered operations that turn the observed table into the desired one.
 
-    Order: virtual servers deleted, added, edited; then per virtual server its real servers
-    deleted, re-weighted, added. `draining` names the virtual servers that still hold weight-0
-    real servers with connections after the plan (the next sync must look at them again).
+    Order: virtual servers deleted, added (each with its real servers), edited; then the real
+    servers of existing virtual servers deleted, re-weighted, added. `draining` names the
+    virtual servers that still hold weight-0 real servers with connections after the plan (the
+    next sync must look at them again).
     """
 
     ops: tuple[Op, ...] = ()
@@ -116,6 +121,13 @@ class Plan:
 
     def count(self, kind: type) -> int:
         return sum(1 for op in self.ops if isinstance(op, kind))
+
+    @property
+    def dests_added(self) -> int:
+        """Real servers added, those of new virtual servers included."""
+        return self.count(AddDest) + sum(
+            len(op.vs.dests) for op in self.ops if isinstance(op, AddVS)
+        )
 
 
 def _vs_equal(desired: VirtualServer, observed: ObservedVS) -> bool:
@@ -185,7 +197,6 @@ def diff_ipvs(
         found = observed.get(key)
         if found is None:
             vs_adds.append(AddVS(vs))
-            adds.extend(AddDest(key, d) for d in vs.dests)
             continue
         if not _vs_equal(vs, found):
             vs_edits.append(EditVS(vs))

@@ -1,6 +1,10 @@
 """IPVS mode end to end, inside the qemu guest (a kernel with IPVS): the real `kproxy run
---proxy-mode ipvs` in a lab node namespace against a fake apiserver, real traffic from pods and
-an outside client, and `ipvsadm` read back and parsed.
+--proxy-mode ipvs` in a lab node namespace, real traffic from pods and an outside client, and
+`ipvsadm` read back and parsed.
+
+kproxy reads its Services and EndpointSlices from a manifest directory (`--manifests`) the tests
+write, not from the fake apiserver: under TCG emulation over the guest's 9p root filesystem,
+importing the `kubernetes` client alone takes minutes. The sync path is the same either way.
 
 Topology (kproxy.lab): node1 runs kproxy and has three pods, node2 (no kproxy) has one pod, the
 client sits outside the cluster CIDR. One lab, apiserver and agent serve the whole module (a
@@ -13,6 +17,7 @@ test skips.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -20,16 +25,16 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from kproxy.lab.netlab import CLIENT_IP, FABRIC_IP, Lab, Pod
+from kproxy.lab.netlab import CLIENT_IP, Lab, Node, Pod
 from kproxy.lab.nsexec import module_argv
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_batch, http_get, start_hold, start_stream, udp_query
 from tests.support.agent import CLUSTER_CIDR, Agent, eventually, node_obj
-from tests.support.fakeapi import FakeApiServer
 from tests.support.lab import require_netns
 from tests.support.objects import make_service_obj, make_slice_obj
 
@@ -134,10 +139,59 @@ def parse_columns(text: str) -> dict[tuple[str, str, int], dict[tuple[str, int],
 
 
 # -- the module's lab ----------------------------------------------------------------------------
+class Manifests:
+    """The directory kproxy reads (one JSON file per object, replaced atomically)."""
+
+    def __init__(self, directory: Path) -> None:
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, kind: str, namespace: str | None, name: str) -> Path:
+        return self.directory / f"{kind}-{namespace or ''}-{name}.json"
+
+    def upsert(self, obj: dict[str, Any]) -> None:
+        meta = obj["metadata"]
+        path = self._path(obj["kind"], meta.get("namespace"), meta["name"])
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(obj))
+        tmp.replace(path)
+
+    def delete(self, kind: str, namespace: str | None, name: str) -> None:
+        self._path(kind, namespace, name).unlink(missing_ok=True)
+
+
+class ManifestAgent(Agent):
+    """`kproxy run --manifests DIR --proxy-mode ipvs` in a node namespace."""
+
+    def __init__(self, lab: Lab, node: Node, directory: Path) -> None:
+        super().__init__(lab, node, "", extra=IPVS_FLAGS)
+        self.directory = directory
+
+    def argv(self) -> list[str]:
+        args = [
+            "run",
+            "--manifests",
+            str(self.directory),
+            "--hostname-override",
+            self.node.name,
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+            "--healthz-bind-address",
+            "127.0.0.1:10256",
+            "--metrics-bind-address",
+            "127.0.0.1:10249",
+            "--no-dns",
+            "-v",
+            "-v",
+            *self.extra,
+        ]
+        return module_argv("kproxy", *args)
+
+
 @dataclass
 class Env:
     lab: Lab
-    api: FakeApiServer
+    api: Manifests
     agent: Agent
 
     @property
@@ -211,23 +265,20 @@ def env() -> Iterator[Env]:
     if reason:
         pytest.skip(reason)
     lab = Lab.create(nodes=2, pods_per_node=[3, 1], prefix="kpv")
-    api = FakeApiServer(host=FABRIC_IP, netns=lab.fabric_ns)
     try:
-        api.start()
+        api = Manifests(lab.workdir / "manifests")
         for node in lab.nodes:
             api.upsert(node_obj(node))
-        kubeconfig = api.write_kubeconfig(str(lab.workdir / "kubeconfig"))
         serve_pods(lab, tcp=[80], udp=[5353], timeout=60)
         api.upsert(web_service())
         api.upsert(slice_of("web", lab.pods_on(0)))
-        agent = Agent(lab, lab.nodes[0], kubeconfig, extra=IPVS_FLAGS)
+        agent = ManifestAgent(lab, lab.nodes[0], api.directory)
         agent.start(wait=False)
-        agent.wait_ready(timeout=120)
+        agent.wait_ready(timeout=180)
         yield Env(lab, api, agent)
         if agent.proc is not None and agent.proc.poll() is None:
             agent.stop()
     finally:
-        api.stop()
         lab.teardown()
 
 
@@ -524,7 +575,7 @@ def test_restart_keeps_connections_and_the_table(env: Env) -> None:
     stream.wait_started(timeout=20)
     env.agent.stop()
     env.agent.start(wait=False)
-    env.agent.wait_ready(timeout=120)
+    env.agent.wait_ready(timeout=180)
     time.sleep(1.0)
     stream.stop()
     hold.stop()
