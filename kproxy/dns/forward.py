@@ -184,7 +184,9 @@ def to_upstreamed(msg: bytes, qlen: int, *, now: float, max_ttl: int) -> Upstrea
     rcode = parsed.flags & 0xF
     flags = QR | RA | rcode | (parsed.flags & 0x0020)  # keep AD, drop AA and TC
     ttl = min(_cache_ttl(parsed, msg, rcode), max_ttl)
+    question = msg[12:qend]
     template = make_template(
+        question=question[:-4].lower() + question[-4:],
         flags=flags,
         an=counts[0],
         ns=counts[1],

@@ -6,7 +6,9 @@ lower-cased. An answer is encoded once per (name, type) into a `Template`: every
 question, plus the counts and the byte offset where each record ends. Serving a cached answer
 is then `id + flags + counts + the client's own question bytes + body [+ OPT]`: the client's
 question is echoed byte for byte (its case included) and every compression pointer in the body
-still lands right, because the question has the same length whatever its case.
+still lands right, because the question has the same length whatever its case. For the most
+common query (RD set, no EDNS, lower-case question) the whole reply after the id is stored
+ready-made, and the reply is one concatenation.
 
 Truncation keeps as many whole records as fit (records only ever point backwards, so cutting
 at a record boundary never leaves a dangling pointer) and sets TC when an answer or authority
@@ -79,25 +81,31 @@ class Query:
 
 
 class Template(NamedTuple):
-    """An encoded answer without header and question (see the module docstring).
+    """An encoded answer (see the module docstring).
 
-    A tuple of atomic values, so the garbage collector stops tracking it: a large answer
-    cache then costs the collector nothing.
+    `wire` is the whole reply after the id for the most common query (RD set, no other flag,
+    no EDNS) with the question in lower case: the fast path sends `id + wire`. Every other
+    shape is assembled from `flags`, the counts and `body` (what follows the question).
+    A tuple of atomic values, so the garbage collector stops tracking it: a large answer cache
+    costs the collector nothing.
     """
 
     flags: int
     an: int
     ns: int
     ar: int
-    body: bytes
-    ends: tuple[int, ...]
+    wire: bytes
+    qlen: int  # length of the question section inside `wire`
+    ends: tuple[int, ...]  # end offset of each record, relative to the body
     chase: bytes | None
-    counts: bytes  # the header after id and flags, without our OPT record
-    counts_opt: bytes  # ... and with it
 
     @property
     def rcode(self) -> int:
         return self.flags & 0xF
+
+    @property
+    def body(self) -> bytes:
+        return self.wire[10 + self.qlen :]
 
 
 def make_template(
@@ -106,21 +114,14 @@ def make_template(
     an: int,
     ns: int,
     ar: int,
+    question: bytes,
     body: bytes,
     ends: tuple[int, ...],
     chase: bytes | None = None,
 ) -> Template:
-    return Template(
-        flags,
-        an,
-        ns,
-        ar,
-        body,
-        ends,
-        chase,
-        _COUNTS.pack(1, an, ns, ar),
-        _COUNTS.pack(1, an, ns, ar + 1),
-    )
+    """A template; `question` is the question section (name, type, class) it answers."""
+    head = _H.pack(flags | RD) + _COUNTS.pack(1, an, ns, ar)
+    return Template(flags, an, ns, ar, head + question + body, len(question), ends, chase)
 
 
 # -- parsing --------------------------------------------------------------------------------
@@ -245,6 +246,7 @@ _QD1 = b"\x00\x01\x00\x00\x00\x00"
 _AR0 = b"\x00\x00"
 _AR1 = b"\x00\x01"
 _OPT_TYPE = b"\x00\x29"
+_RD_ONLY = b"\x01\x00"
 
 
 def fast_reply(
@@ -255,9 +257,9 @@ def fast_reply(
     Plain: QR=0, opcode 0, one question, no answer/authority records, and nothing or one
     well-formed EDNS version 0 OPT record after the question. The cache key is the question
     exactly as sent, so a hit proves the name parsed right (the key is a valid uncompressed
-    name followed by type and class) and lower-case questions need no further work; questions
-    in other cases miss here and hit the cache on the slow path. None also when the answer
-    needs truncation or the upstream.
+    name followed by type and class) and that the template's question is byte for byte the
+    client's; questions in other cases miss here and hit the cache on the slow path. None also
+    when the answer needs truncation or the upstream.
     """
     if data[4:10] != _QD1 or data[2] & 0xF8:
         return None
@@ -266,11 +268,16 @@ def fast_reply(
     if t is None or t.chase is not None:
         return None
     n = len(data)
-    ar = data[10:12]
-    if ar == _AR0 and n == qe:
-        opt, limit = b"", MIN_UDP
-    elif (
-        ar == _AR1
+    if n == qe and data[10:12] == _AR0:
+        if data[2:4] == _RD_ONLY:
+            resp = data[:2] + t.wire
+        else:
+            resp = (
+                data[:2] + _H.pack(t.flags | (((data[2] << 8) | data[3]) & ECHO_FLAGS)) + t.wire[2:]
+            )
+        return resp if len(resp) <= MIN_UDP else None
+    if (
+        data[10:12] == _AR1
         and n >= qe + 11
         and data[qe] == 0
         and data[qe + 1 : qe + 3] == _OPT_TYPE
@@ -280,17 +287,19 @@ def fast_reply(
         opt = opt_do if data[qe + 7] & 0x80 else opt_plain
         size = (data[qe + 3] << 8) | data[qe + 4]
         limit = MIN_UDP if size < MIN_UDP else (size if size < max_udp else max_udp)
-    else:
-        return None
-    resp = (
-        data[:2]
-        + _H.pack(t.flags | (((data[2] << 8) | data[3]) & ECHO_FLAGS))
-        + (t.counts_opt if opt else t.counts)
-        + data[12:qe]
-        + t.body
-        + opt
-    )
-    return resp if len(resp) <= limit else None
+        w = t.wire
+        resp = b"".join(
+            (
+                data[:2],
+                _H.pack(t.flags | (((data[2] << 8) | data[3]) & ECHO_FLAGS)),
+                w[2:8],
+                _H.pack(t.ar + 1),
+                w[10:],
+                opt,
+            )
+        )
+        return resp if len(resp) <= limit else None
+    return None
 
 
 def header_reply(data: bytes, rcode: int) -> bytes:
@@ -356,6 +365,7 @@ def encode(q: Question, ans: Answer) -> Template:
             ends.append(len(enc.out))
     flags = QR | RA | ans.rcode | (AA if ans.authoritative else 0)
     return make_template(
+        question=q.name + _QTAIL.pack(q.qtype, q.qclass),
         flags=flags,
         an=len(ans.answer),
         ns=len(ans.authority),
