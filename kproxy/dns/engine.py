@@ -25,7 +25,7 @@ import struct
 import threading
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
 from kproxy.dns.forward import Forwarder, RecursionPolicy, UpstreamError
@@ -143,8 +143,10 @@ class Engine:
         for s in self._tcp:
             self._spawn(self._serve_tcp, s, name="dns-tcp")
 
-    def _spawn(self, target: object, *args: object, name: str) -> None:
-        t = threading.Thread(target=target, args=args, name=name, daemon=True)  # type: ignore[arg-type]
+    def _spawn(
+        self, target: Callable[[socket.socket], None], sock: socket.socket, *, name: str
+    ) -> None:
+        t = threading.Thread(target=target, args=(sock,), name=name, daemon=True)
         t.start()
         self._threads.append(t)
 
