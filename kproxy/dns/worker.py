@@ -18,6 +18,7 @@ import gc
 import json
 import logging
 import os
+import signal
 import socket
 import sys
 import threading
@@ -40,6 +41,11 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(
         level=logging.INFO, format=f"kproxy dns-worker[{os.getpid()}] %(levelname)s %(message)s"
     )
+    # The daemon decides when a worker stops (a "stop" frame, or the pipe closing when the
+    # daemon dies). systemd's SIGTERM to the whole unit must not kill workers first: the
+    # daemon would see them die and restart them during its own shutdown.
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
     stdin = sys.stdin.buffer
     out_lock = threading.Lock()
 
