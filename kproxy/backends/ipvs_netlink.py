@@ -210,8 +210,8 @@ class VirtualServer:
 
     `timeout` is the persistence timeout in seconds (0: not persistent); the PERSISTENT flag follows
     it. `flags` may carry ONEPACKET and the scheduler flags (SCHED1..3). `netmask` is the
-    persistence granularity as a prefix length; None means one address (/32 or /128). `stats` is
-    filled by dumps and never compared.
+    persistence granularity as a prefix length; None (or the full length, normalised to None)
+    means one address. `stats` is filled by dumps and never compared.
     """
 
     address: str
@@ -238,8 +238,11 @@ class VirtualServer:
             raise ValueError("flags: PERSISTENT needs timeout > 0")
         if self.timeout and not self.flags & FLAG_PERSISTENT:
             object.__setattr__(self, "flags", self.flags | FLAG_PERSISTENT)
-        if self.netmask is not None and not 0 < self.netmask <= self.host_prefix:
-            raise ValueError(f"netmask /{self.netmask} out of range")
+        if self.netmask is not None:
+            if not 0 < self.netmask <= self.host_prefix:
+                raise ValueError(f"netmask /{self.netmask} out of range")
+            if self.netmask == self.host_prefix:
+                object.__setattr__(self, "netmask", None)
 
     @property
     def key(self) -> ServiceKey:

@@ -1,0 +1,418 @@
+"""The IPVS netlink adapter and the kube-ipvs0 dummy interface on a real IPVS kernel (the VM).
+
+Everything happens in a fresh network namespace per test, and every check reads the kernel back
+through an independent tool: `ipvsadm -Ln` (and `--persistent-conn`, `--stats --exact`) parsed by
+tests/vm/ipvsadm.py, or `ip addr`.
+"""
+
+from __future__ import annotations
+
+import errno
+import ipaddress
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from kproxy.backends.dummy import DummyInterface
+from kproxy.backends.ipvs_netlink import (
+    FLAG_SCHED1,
+    FLAG_SCHED2,
+    AddDest,
+    AddService,
+    DeleteDest,
+    DeleteService,
+    DestKey,
+    EditDest,
+    EditService,
+    IPVSAdapter,
+    IPVSOpError,
+    Op,
+    RealServer,
+    ServiceKey,
+    VirtualServer,
+    netns_socket,
+)
+from tests.vm.conftest import Run, del_netns, new_netns, sh
+from tests.vm.ipvsadm import (
+    ListedDest,
+    ListedService,
+    expected_listing,
+    parse_list,
+    parse_stats,
+    restore_text,
+)
+
+pytestmark = pytest.mark.vm
+
+Table = dict[VirtualServer, list[RealServer]]
+
+
+# -- builders ------------------------------------------------------------------------------------
+def make_vs(address: str, port: int = 80, protocol: str = "TCP", **kw: object) -> VirtualServer:
+    kw.setdefault("scheduler", "rr")
+    return VirtualServer(address, protocol, port, **kw)  # type: ignore[arg-type]
+
+
+def make_table(services: int, dests: int, *, scheduler: str = "rr") -> Table:
+    """`services` TCP virtual servers 10.96.x.y:80, each with `dests` real servers :8080."""
+    vbase = int(ipaddress.IPv4Address("10.96.0.0"))
+    rbase = int(ipaddress.IPv4Address("10.128.0.0"))
+    table: Table = {}
+    for i in range(services):
+        vs = make_vs(str(ipaddress.IPv4Address(vbase + i)), scheduler=scheduler)
+        table[vs] = [
+            RealServer(str(ipaddress.IPv4Address(rbase + i * 16 + j)), 8080, weight=1 + j % 3)
+            for j in range(dests)
+        ]
+    return table
+
+
+def ops_for(table: Table) -> list[Op]:
+    ops: list[Op] = []
+    for vs, dests in table.items():
+        ops.append(AddService(vs))
+        ops.extend(AddDest(vs.key, rs) for rs in dests)
+    return ops
+
+
+def listing_of(table: Table) -> dict[tuple[str, str, int], ListedService]:
+    """What `ipvsadm -Ln` must show for `table` (connection counts 0)."""
+    out = {}
+    for vs, dests in table.items():
+        listed = expected_listing(vs)
+        for rs in dests:
+            listed.dests[(rs.address, rs.port)] = ListedDest(
+                rs.address, rs.port, rs.weight, rs.forward, active=0, inactive=0
+            )
+        out[listed.key] = listed
+    return out
+
+
+def assert_kernel_holds(ipvs: IPVSAdapter, ipvsadm: Run, table: Table) -> None:
+    """ipvsadm's listing and the adapter's dump both show exactly `table`."""
+    assert parse_list(ipvsadm("-Ln")) == listing_of(table)
+    dumped = ipvs.dump()
+    assert {k: (o.service, o.dests) for k, o in dumped.items()} == {
+        vs.key: (vs, {rs.key: rs for rs in dests}) for vs, dests in table.items()
+    }
+
+
+# -- the table ---------------------------------------------------------------------------------
+MIXED: Table = {
+    make_vs("10.96.0.1", 80): [RealServer("10.244.1.5", 8080), RealServer("10.244.2.7", 8080)],
+    make_vs("10.96.0.10", 53, "UDP", scheduler="sh", flags=FLAG_SCHED1 | FLAG_SCHED2): [
+        RealServer("10.244.1.9", 53, weight=2)
+    ],
+    make_vs("10.96.0.11", 443, scheduler="wrr", timeout=10800): [
+        RealServer("10.244.3.1", 8443, weight=5),
+        RealServer("10.244.3.2", 8443, weight=0),
+    ],
+    make_vs("10.96.0.12", 9000, scheduler="lc", timeout=60, netmask=24): [],
+    make_vs("fd00:96::1", 80, scheduler="mh", flags=FLAG_SCHED2, timeout=300, netmask=64): [
+        RealServer("fd00:244::1:5", 8080, u_threshold=100, l_threshold=10)
+    ],
+    make_vs("fd00:96::2", 53, "UDP", scheduler="wlc"): [RealServer("fd00:244::2:9", 5353)],
+    make_vs("10.96.0.13", 36412, "SCTP", scheduler="dh"): [RealServer("10.244.4.4", 36412)],
+    # direct routing cannot change the port: ipvsadm gives the real server the service's
+    make_vs("192.168.50.1", 30080, scheduler="nq"): [
+        RealServer("10.244.1.5", 30080, forward="route")
+    ],
+}
+
+
+def test_applied_table_matches_ipvsadm_listing(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
+    result = ipvs.apply(ops_for(MIXED))
+    assert result.ok, result.failures
+    assert result.done == sum(1 + len(d) for d in MIXED.values())
+    assert_kernel_holds(ipvs, ipvsadm, MIXED)
+    # --persistent-conn shows the same real servers and weights
+    persist = parse_list(ipvsadm("-Ln", "--persistent-conn"))
+    assert {k: {d: x.weight for d, x in s.dests.items()} for k, s in persist.items()} == {
+        vs.key: {(rs.address, rs.port): rs.weight for rs in dests} for vs, dests in MIXED.items()
+    }
+
+
+@pytest.mark.parametrize(
+    "scheduler", ["rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh"]
+)
+def test_every_scheduler(ipvs: IPVSAdapter, ipvsadm: Run, scheduler: str) -> None:
+    table = make_table(2, 3, scheduler=scheduler)
+    assert ipvs.apply(ops_for(table)).ok
+    assert_kernel_holds(ipvs, ipvsadm, table)
+
+
+def test_ipvsadm_programmed_table_dumps_as_objects(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
+    ipvsadm("-R", stdin=restore_text(MIXED))
+    assert_kernel_holds(ipvs, ipvsadm, MIXED)
+
+
+def test_edit_service_and_dest(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
+    table = make_table(3, 3)
+    ipvs.apply(ops_for(table))
+    (vs0, _dests0), (vs1, dests1) = list(table.items())[:2]
+    new0 = make_vs(vs0.address, scheduler="sh", flags=FLAG_SCHED1, timeout=900)
+    reweighted = RealServer(dests1[0].address, dests1[0].port, weight=0)
+    result = ipvs.apply([EditService(new0), EditDest(vs1.key, reweighted)])
+    assert result.ok, result.failures
+    table[new0] = table.pop(vs0)
+    table[vs1] = [reweighted, *dests1[1:]]
+    assert_kernel_holds(ipvs, ipvsadm, table)
+    # persistence off again
+    plain = make_vs(vs0.address, scheduler="rr")
+    ipvs.edit_service(plain)
+    table[plain] = table.pop(new0)
+    assert_kernel_holds(ipvs, ipvsadm, table)
+
+
+def test_delete_and_idempotence(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
+    table = make_table(3, 2)
+    ipvs.apply(ops_for(table))
+    (vs0, _d0), (vs1, dests1) = list(table.items())[:2]
+    ops: list[Op] = [DeleteService(vs0.key), DeleteDest(vs1.key, dests1[0].key)]
+    first = ipvs.apply(ops)
+    assert first.ok and first.already == 0
+    del table[vs0]
+    table[vs1] = dests1[1:]
+    assert_kernel_holds(ipvs, ipvsadm, table)
+    again = ipvs.apply(ops)  # both already gone: success, counted as already
+    assert again.ok and again.done == 2 and again.already == 2
+    assert_kernel_holds(ipvs, ipvsadm, table)
+
+
+def test_add_of_existing_objects_edits_them(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
+    table = make_table(1, 2)
+    ipvs.apply(ops_for(table))
+    (vs, dests) = next(iter(table.items()))
+    wanted = make_vs(vs.address, scheduler="wlc", timeout=30)
+    heavier = RealServer(dests[0].address, dests[0].port, weight=7)
+    result = ipvs.apply([AddService(wanted), AddDest(vs.key, heavier)])
+    assert result.ok and result.already == 2 and result.done == 2
+    assert_kernel_holds(ipvs, ipvsadm, {wanted: [heavier, dests[1]]})
+
+
+def test_failures_are_reported_per_op_and_the_batch_goes_on(
+    ipvs: IPVSAdapter, ipvsadm: Run
+) -> None:
+    good = make_vs("10.96.7.1")
+    missing = ServiceKey("10.96.7.2", "TCP", 80)
+    bad_sched = make_vs("10.96.7.3", scheduler="nosuch")
+    ops: list[Op] = [
+        AddService(good),
+        AddDest(missing, RealServer("10.244.0.1", 80)),
+        AddService(bad_sched),
+        EditDest(good.key, RealServer("10.244.0.2", 80)),
+        AddDest(good.key, RealServer("10.244.0.3", 80)),
+    ]
+    result = ipvs.apply(ops)
+    failed = {type(f.op).__name__: f.errno for f in result.failures}
+    assert set(failed) == {"AddDest", "AddService", "EditDest"}
+    assert failed["AddDest"] == errno.ESRCH
+    assert failed["EditDest"] == errno.ENOENT
+    assert result.done == 2
+    assert_kernel_holds(ipvs, ipvsadm, {good: [RealServer("10.244.0.3", 80)]})
+    with pytest.raises(IPVSOpError) as info:
+        ipvs.add_dest(missing, RealServer("10.244.0.1", 80))
+    assert info.value.errno == errno.ESRCH
+
+
+def test_batch_2000_services_x_10_real_servers(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
+    table = make_table(2000, 10)
+    ops = ops_for(table)
+    result = ipvs.apply(ops)
+    assert result.ok, result.failures[:3]
+    assert result.done == len(ops) == 22000
+    assert result.sends < len(ops) / 100  # batched: far fewer datagrams than requests
+    print(f"\n2000x10 via netlink batches: {result.seconds:.2f} s, {result.sends} sends")
+    assert_kernel_holds(ipvs, ipvsadm, table)
+    # and take it all down again in one batch
+    down = ipvs.apply([DeleteService(vs.key) for vs in table])
+    assert down.ok and down.already == 0
+    assert ipvs.dump() == {}
+    assert parse_list(ipvsadm("-Ln")) == {}
+
+
+def test_without_cap_net_admin_apply_raises(vm_netns: str) -> None:
+    """EPERM is fatal: a process without CAP_NET_ADMIN gets IPVSPermissionError."""
+    code = (
+        "import sys\n"
+        "from kproxy.backends.ipvs_netlink import *\n"
+        "try:\n"
+        "    IPVSAdapter().apply([AddService(VirtualServer('10.96.0.1', 'TCP', 80, 'rr'))])\n"
+        "except IPVSPermissionError as e:\n"
+        "    print('EPERM', e); sys.exit(0)\n"
+        "sys.exit(1)\n"
+    )
+    out = sh(
+        "setpriv",
+        "--inh-caps=-net_admin",
+        "--bounding-set=-net_admin",
+        sys.executable,
+        "-c",
+        code,
+        netns=vm_netns,
+    )
+    assert out.startswith("EPERM")
+
+
+# -- connections and counters -------------------------------------------------------------------
+class Topology:
+    """client netns -> node netns (IPVS, kube-ipvs0 with the VIP) -> pod netns (a TCP server)."""
+
+    def __init__(self, node: str) -> None:
+        self.node = node
+        self.client = new_netns("kpvc")
+        self.pod = new_netns("kpvp")
+        script = f"""
+        ip link add kpc0 netns {node} type veth peer name eth0 netns {self.client}
+        ip link add kpp0 netns {node} type veth peer name eth0 netns {self.pod}
+        ip -n {node} addr add 192.168.77.1/24 dev kpc0
+        ip -n {node} addr add 10.250.0.1/24 dev kpp0
+        ip -n {node} link set kpc0 up
+        ip -n {node} link set kpp0 up
+        ip -n {self.client} addr add 192.168.77.2/24 dev eth0
+        ip -n {self.client} link set eth0 up
+        ip -n {self.client} route add default via 192.168.77.1
+        ip -n {self.pod} addr add 10.250.0.2/24 dev eth0
+        ip -n {self.pod} link set eth0 up
+        ip -n {self.pod} route add default via 10.250.0.1
+        ip netns exec {node} sysctl -qw net.ipv4.ip_forward=1
+        """
+        sh("sh", "-ec", script)
+        self.listener = netns_socket(self.pod, socket.AF_INET, socket.SOCK_STREAM)
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("10.250.0.2", 8080))
+        self.listener.listen(16)
+        self.accepted: list[socket.socket] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.listener.accept()
+            except OSError:
+                return
+            conn.sendall(b"hello\n")
+            self.accepted.append(conn)
+
+    def connect(self, address: str, port: int) -> socket.socket:
+        s = netns_socket(self.client, socket.AF_INET, socket.SOCK_STREAM)
+        s.settimeout(10)
+        s.connect((address, port))
+        assert s.recv(16) == b"hello\n"
+        return s
+
+    def close(self) -> None:
+        self.listener.close()
+        for c in self.accepted:
+            c.close()
+        del_netns(self.client)
+        del_netns(self.pod)
+
+
+@pytest.fixture
+def topology(vm_netns: str) -> Iterator[Topology]:
+    topo = Topology(vm_netns)
+    try:
+        yield topo
+    finally:
+        topo.close()
+
+
+def test_connection_counts_and_stats(
+    vm_netns: str, ipvs: IPVSAdapter, ipvsadm: Run, topology: Topology
+) -> None:
+    vip = "10.96.5.5"
+    with DummyInterface(netns=vm_netns) as dummy:
+        dummy.ensure()
+        dummy.add(vip)
+    vs = make_vs(vip, 80)
+    ipvs.apply([AddService(vs), AddDest(vs.key, RealServer("10.250.0.2", 8080))])
+    open_conns = [topology.connect(vip, 80) for _ in range(3)]
+    open_conns.pop().close()  # one closed by the client: no longer active
+    deadline = time.monotonic() + 10
+    while True:
+        dest = ipvs.dump()[vs.key].dests[DestKey("10.250.0.2", 8080)]
+        if dest.active_conns == 2 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert dest.active_conns == 2
+    assert dest.connections == 3  # the closed one lingers as inactive until it expires
+    listed = parse_list(ipvsadm("-Ln"))[(vip, "TCP", 80)].dests[("10.250.0.2", 8080)]
+    assert (listed.active, listed.inactive) == (dest.active_conns, dest.inactive_conns)
+    # the kernel folds its per-CPU counters into the totals every 2 s (the rate estimator)
+    deadline = time.monotonic() + 10
+    while True:
+        observed = ipvs.dump()[vs.key]
+        assert observed.service.stats is not None
+        if observed.service.stats.conns == 3 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert observed.service.stats.conns == 3
+    stats = parse_stats(ipvsadm("-Ln", "--stats", "--exact"))[(vip, "TCP", 80)]
+    assert stats[0].conns == observed.service.stats.conns
+    assert stats[0].inpkts >= observed.service.stats.inpkts > 0
+    dest_stats = observed.dests[DestKey("10.250.0.2", 8080)].stats
+    assert dest_stats is not None
+    assert stats[1][("10.250.0.2", 8080)].outbytes >= dest_stats.outbytes > 0
+    # draining: weight 0 keeps the established connections, takes no new ones
+    ipvs.edit_dest(vs.key, RealServer("10.250.0.2", 8080, weight=0))
+    for c in open_conns:
+        c.sendall(b"x")
+    dest = ipvs.dump()[vs.key].dests[DestKey("10.250.0.2", 8080)]
+    assert dest.weight == 0 and dest.active_conns == 2
+    with pytest.raises(OSError):
+        topology.connect(vip, 80)
+    for c in open_conns:
+        c.close()
+
+
+# -- kube-ipvs0 --------------------------------------------------------------------------------
+def _ip_addrs(netns: str, dev: str) -> set[str]:
+    out = sh("ip", "-o", "addr", "show", "dev", dev, netns=netns)
+    found = set()
+    for line in out.splitlines():
+        words = line.split()
+        addr = words[words.index("inet" if "inet" in words else "inet6") + 1]
+        if not addr.startswith("fe80:"):
+            found.add(addr)
+    return found
+
+
+def test_dummy_interface_addresses(vm_netns: str) -> None:
+    with DummyInterface("kube-ipvs0", netns=vm_netns) as dummy:
+        assert not dummy.exists() and dummy.addresses() == set()
+        idx = dummy.ensure()
+        assert dummy.ensure() == idx  # idempotent
+        assert dummy.kind() == "dummy" and not dummy.is_up()
+        assert dummy.add("10.96.0.1") and dummy.add("fd00:96::1")
+        assert not dummy.add("10.96.0.1")  # already there
+        assert _ip_addrs(vm_netns, "kube-ipvs0") == {"10.96.0.1/32", "fd00:96::1/128"}
+        assert dummy.addresses() == {"10.96.0.1", "fd00:96::1"}
+        # the IPv4 VIP is local although the interface is down
+        local = sh("ip", "route", "show", "table", "local", netns=vm_netns)
+        assert "local 10.96.0.1 dev kube-ipvs0" in local
+        change = dummy.sync(["10.96.0.2", "fd00:96::1", "fd00:96:0:0::2"])
+        assert change.added == ("10.96.0.2", "fd00:96::2") and change.removed == ("10.96.0.1",)
+        assert not dummy.sync(["10.96.0.2", "fd00:96::1", "fd00:96::2"]).changed
+        assert _ip_addrs(vm_netns, "kube-ipvs0") == {
+            "10.96.0.2/32",
+            "fd00:96::1/128",
+            "fd00:96::2/128",
+        }
+        assert dummy.remove("10.96.0.2") and not dummy.remove("10.96.0.2")
+        dummy.ensure(up=True)
+        assert dummy.is_up()
+        local6 = sh("ip", "-6", "route", "show", "table", "local", netns=vm_netns)
+        assert "local fd00:96::1 dev kube-ipvs0" in local6
+        assert dummy.delete() and not dummy.delete()
+        assert not dummy.exists()
+    links = subprocess.run(
+        ["ip", "-n", vm_netns, "link", "show", "kube-ipvs0"], capture_output=True, check=False
+    )
+    assert links.returncode != 0
