@@ -123,6 +123,12 @@ class _Worker:
             "--tcp",
             ",".join(str(s.fileno()) for s in tcp),
         ]
+        old = self.proc
+        if old is not None:  # a dead predecessor: release its pipes
+            for stream in (old.stdin, old.stdout):
+                if stream is not None:
+                    with contextlib.suppress(OSError):
+                        stream.close()
         self.started.clear()
         self.dead = False
         self.applied_seq = -1
