@@ -69,7 +69,9 @@ def _settings(args: argparse.Namespace) -> Settings:
 def _setup_logging(settings: Settings) -> None:
     from kproxy.logs import setup_logging
 
-    setup_logging(verbosity=settings.verbosity, fmt=settings.log_format)
+    setup_logging(
+        verbosity=settings.verbosity, fmt="json" if settings.log_format == "json" else "text"
+    )
 
 
 def cmd_run(args: argparse.Namespace) -> int:
@@ -109,14 +111,16 @@ def cmd_status(args: argparse.Namespace) -> int:
     from kproxy.inspect.status import status_command
 
     settings = _settings(args)
-    return status_command(settings, output=args.output)
+    return int(status_command(settings, output=args.output))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from kproxy.inspect.explain import explain_command
 
     settings = _settings(args)
-    return explain_command(settings, target=args.target, source=args.source, output=args.output)
+    return int(
+        explain_command(settings, target=args.target, source=args.source, output=args.output)
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -129,6 +133,11 @@ def cmd_reference(args: argparse.Namespace) -> int:
     from kproxy.config import reference_markdown
 
     sys.stdout.write(reference_markdown())
+    return 0
+
+
+def cmd_version(args: argparse.Namespace) -> int:
+    print(f"kproxy {__version__}")
     return 0
 
 
@@ -145,7 +154,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "explain": cmd_explain,
         "demo": cmd_demo,
         "config-reference": cmd_reference,
-        "version": lambda a: print(f"kproxy {__version__}") or 0,
+        "version": cmd_version,
     }
     try:
         return int(handlers[args.command](args))

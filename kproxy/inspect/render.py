@@ -15,9 +15,22 @@ def render_command(settings: Settings, *, family: int = 4) -> int:
     options = offline_options(settings, family=family)
     views = build_views(snapshot, family=family, node_name=options.node_name)
     if settings.proxy_mode == "ipvs":
-        from kproxy.render.ipvs import describe_desired
+        from kproxy.render.ipvs import ipvsadm_rules, render_desired
+        from kproxy.render.ipvs_rules import companion_rules
 
-        sys.stdout.write(describe_desired(views, options, scheduler=settings.ipvs_scheduler))
+        desired = render_desired(views, options, scheduler=settings.ipvs_scheduler)
+        out = [
+            "# IPVS virtual servers (ipvsadm -R input)\n",
+            ipvsadm_rules(desired.servers.values()),
+        ]
+        out.append("# addresses bound on kube-ipvs0\n")
+        out.extend(f"#   {ip}\n" for ip in sorted(desired.bind))
+        out.append("# ipsets\n")
+        for name, entries in sorted(desired.sets.items()):
+            out.append(f"#   {name}: {' '.join(sorted(entries)) or '(empty)'}\n")
+        out.append("# companion iptables rules (iptables-restore input)\n")
+        out.append(companion_rules(options))
+        sys.stdout.write("".join(out))
         return 0
     sys.stdout.write(render_ruleset(views, options))
     return 0
