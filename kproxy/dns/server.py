@@ -379,9 +379,13 @@ class DNSService:
             if time.monotonic() - w.last_spawn < 1.0:
                 self._wake.set()  # come back shortly: restart at most once a second
                 continue
-            w.spawn(self._udp[w.number], self._tcp, self._init)
+            # the replacement builds the whole index before it reads its socket: queries wait
+            # in the socket buffer for a moment instead of getting SERVFAIL
+            assert isinstance(self._init, tuple)
+            init = self._init
             if self._sent is not None:
-                w.send(("delta", self._seq, diff_snapshots(None, self._sent)))
+                init = (*init, self._seq, diff_snapshots(None, self._sent))
+            w.spawn(self._udp[w.number], self._tcp, init)
 
     def _feed(self) -> None:
         while not self._stopping:

@@ -4,7 +4,9 @@ The daemon (`DNSService`) opens the sockets and starts one or more of these proc
 DNS answers never wait for the daemon's GIL while it renders and applies proxy rules. Protocol:
 
 - parent -> worker, on stdin: frames of a 4-byte big-endian length and a pickle:
-  ("init", DNSOptions, upstreams), then ("delta", seq, ModelDelta)..., then ("stop",).
+  ("init", DNSOptions, upstreams[, seq, full ModelDelta]), then ("delta", seq, ModelDelta)...,
+  then ("stop",). A restarted worker gets the whole model in its init frame and builds its
+  index before it starts reading its sockets.
 - worker -> parent, on stdout: one JSON object per line: {"event": "started"},
   {"event": "applied", "seq": n, "generation": g, "synced": b}, {"event": "stats", ...}.
 
@@ -57,10 +59,27 @@ def main(argv: list[str] | None = None) -> int:
     init = read_frame(stdin)
     if not init or init[0] != "init":
         return 2
-    _, options, upstreams = init
+    options, upstreams = init[1], init[2]
     udp = [socket.socket(fileno=fd) for fd in _fds(args.udp)]
     tcp = [socket.socket(fileno=fd) for fd in _fds(args.tcp)]
     engine = Engine(options, udp=udp, tcp=tcp, upstreams=upstreams)
+
+    def apply(seq: int, delta: Any) -> None:
+        # The index is hundreds of thousands of small acyclic objects: a cyclic GC pass over
+        # them mid-build doubles the build time and stalls answers, so build without it and
+        # move the survivors out of the collector's sight.
+        gc.disable()
+        try:
+            index = engine.apply(delta)
+        finally:
+            gc.freeze()
+            gc.enable()
+        emit(
+            {"event": "applied", "seq": seq, "generation": index.generation, "synced": index.synced}
+        )
+
+    if len(init) > 3:  # a restarted worker: serve only once the index is complete
+        apply(init[3], init[4])
     engine.start()
     emit({"event": "started", "pid": os.getpid()})
 
@@ -81,24 +100,7 @@ def main(argv: list[str] | None = None) -> int:
             if msg is None or msg[0] == "stop":
                 break
             if msg[0] == "delta":
-                _, seq, delta = msg
-                # The index is hundreds of thousands of small acyclic objects: a cyclic GC
-                # pass over them mid-build doubles the build time and stalls answers, so
-                # build without it and move the survivors out of the collector's sight.
-                gc.disable()
-                try:
-                    index = engine.apply(delta)
-                finally:
-                    gc.freeze()
-                    gc.enable()
-                emit(
-                    {
-                        "event": "applied",
-                        "seq": seq,
-                        "generation": index.generation,
-                        "synced": index.synced,
-                    }
-                )
+                apply(msg[1], msg[2])
     finally:
         done.set()
         engine.stop()
