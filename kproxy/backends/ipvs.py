@@ -210,6 +210,7 @@ class IPVSProxier:
         self._rules = rules
         self._started = False
         self._needs_full = True
+        self._contrib_valid = False
         # what the last sync left in the kernel, as kproxy knows it
         self._renderer = R.IPVSRenderer(options, scheduler=self.scheduler)
         self._contrib: dict[Ref, R.ServiceIPVS] = {}
@@ -247,17 +248,23 @@ class IPVSProxier:
             if not self._started:
                 self._start()
             if full or self._needs_full or changes.node_changed or changes.full:
-                result = self._full_sync(snapshot)
+                result = self._full_sync(snapshot, changes)
             else:
                 result = self._partial_sync(snapshot, changes.services)
             self._needs_full = False
             return result
         except SyncError:
-            self._needs_full = True
+            self._failed()
             raise
         except (N.IPVSError, OSError, RuntimeError) as err:
-            self._needs_full = True
+            self._failed()
             raise SyncError(f"IPVS sync: {err}") from err
+
+    def _failed(self) -> None:
+        # The next sync reads the whole kernel state again and renders every service anew
+        # (a sync that failed half-way may have left some contributions out of date).
+        self._needs_full = True
+        self._contrib_valid = False
 
     def cleanup(self) -> None:
         cleanup_ipvs(families=(self.family,), ipvs=self._ipvs)
@@ -292,17 +299,27 @@ class IPVSProxier:
         return replace(self.options, node_ips=node_ips, nodeport_ips=nodeport_ips)
 
     # -- full sync -----------------------------------------------------------------------------
-    def _full_sync(self, snapshot: Snapshot) -> SyncResult:
+    def _full_sync(self, snapshot: Snapshot, changes: Changes) -> SyncResult:
+        """Read everything from the kernel and reconcile all of it. Services are rendered anew
+        only when needed: all of them at start-up, after a failure, or when the node (addresses,
+        zone) changed; otherwise only those in `changes` (a periodic resync of an idle cluster
+        renders nothing)."""
         t0 = time.perf_counter()
         fam = self.family
         bound = self.device.addresses(fam)
         options = self._node_addresses(bound)
-        self._renderer = R.IPVSRenderer(options, scheduler=self.scheduler)
+        node = self.options.node_name
+        if not self._contrib_valid or changes.node_changed or options != self._renderer.options:
+            self._renderer = R.IPVSRenderer(options, scheduler=self.scheduler)
+            views = build_views(snapshot, family=fam, node_name=node)
+            contrib = {ref: self._renderer.render_service(v) for ref, v in views.items()}
+        else:
+            views = build_views(snapshot, family=fam, node_name=node, refs=changes.services)
+            contrib = dict(self._contrib)
+            for ref, v in views.items():
+                contrib[ref] = self._renderer.render_service(v)
+        contrib = {ref: c for ref, c in contrib.items() if not c.empty}
         self.rules.options = options
-        views: dict[Ref, Sequence[ServicePortView]] = dict(
-            build_views(snapshot, family=fam, node_name=self.options.node_name)
-        )
-        contrib = {ref: self._renderer.render_service(v) for ref, v in views.items()}
         desired = R.aggregate(contrib[ref] for ref in sorted(contrib))
         for line in desired.conflicts:
             log.warning("IPVS virtual server conflict: %s", line)
@@ -333,7 +350,8 @@ class IPVSProxier:
             self._add_contribution(ref, contrib[ref])
         self._observed = _after(observed, plan, desired.servers)
         self._draining = set(plan.draining)
-        self.timings = {"render": t1 - t0, "read": t2 - t1, "apply": t3 - t2}
+        self._contrib_valid = True
+        self.timings.update(render=t1 - t0, read=t2 - t1, apply=t3 - t2)
         return self._result(full=True, written=len(contrib), rules=nat_filter, plan=plan)
 
     # -- partial sync --------------------------------------------------------------------------
@@ -392,7 +410,7 @@ class IPVSProxier:
             self._observed.pop(key, None)
         self._observed.update(_after(observed, plan, desired))
         self._draining = (self._draining - affected) | set(plan.draining)
-        self.timings = {"render": t1 - t0, "read": t2 - t1, "apply": t3 - t2}
+        self.timings.update(render=t1 - t0, read=t2 - t1, apply=t3 - t2)
         return self._result(full=False, written=written, rules=None, plan=plan)
 
     # -- bookkeeping ---------------------------------------------------------------------------
@@ -422,9 +440,12 @@ class IPVSProxier:
 
     def _apply(self, plan: D.Plan) -> None:
         self.last_plan = plan
+        self.timings["ipvs"] = 0.0
         if plan.empty:
             return
+        started = time.perf_counter()
         result = self.ipvs.apply(_netlink_ops(plan.ops))
+        self.timings["ipvs"] = time.perf_counter() - started
         if result.failures:
             raise SyncError(
                 f"{len(result.failures)} of {len(plan.ops)} IPVS operations failed, first: "
