@@ -7,6 +7,7 @@ and assert with real traffic.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import subprocess
@@ -159,9 +160,10 @@ def eventually(check: Callable[[], Any], *, timeout: float = 5.0, step: float = 
         time.sleep(step)
 
 
-@pytest.fixture
-def cluster_api(lab: Lab) -> Iterator[tuple[FakeApiServer, str]]:
-    """A fake apiserver listening in the lab's fabric namespace (reachable from every node)."""
+@contextlib.contextmanager
+def serve_cluster_api(lab: Lab) -> Iterator[tuple[FakeApiServer, str]]:
+    """A fake apiserver listening in the lab's fabric namespace (reachable from every node),
+    holding one Node object per lab node; yields it and the path of a kubeconfig for it."""
     api = FakeApiServer(host=FABRIC_IP, netns=lab.fabric_ns)
     api.start()
     for node in lab.nodes:
@@ -171,3 +173,49 @@ def cluster_api(lab: Lab) -> Iterator[tuple[FakeApiServer, str]]:
         yield api, kubeconfig
     finally:
         api.stop()
+
+
+@pytest.fixture
+def cluster_api(lab: Lab) -> Iterator[tuple[FakeApiServer, str]]:
+    """A fake apiserver listening in the lab's fabric namespace (reachable from every node)."""
+    with serve_cluster_api(lab) as served:
+        yield served
+
+
+@pytest.fixture
+def cluster_api2(lab2: Lab) -> Iterator[tuple[FakeApiServer, str]]:
+    """`cluster_api` for the two-node lab `lab2`."""
+    with serve_cluster_api(lab2) as served:
+        yield served
+
+
+def start_agents(
+    lab: Lab, kubeconfig: str, *, extra: Sequence[str] = (), timeout: float = 30.0
+) -> list[Agent]:
+    """Start one agent per lab node, all at once, and wait until each has synced; in node
+    order. The lab's teardown kills them."""
+    agents = [Agent(lab, node, kubeconfig, extra=extra) for node in lab.nodes]
+    for agent in agents:
+        agent.start(wait=False)
+    for agent in agents:
+        agent.wait_ready(timeout)
+    return agents
+
+
+def http_json(
+    ns: str, ip: str, port: int, *, path: str = "/", timeout: float = 1.0
+) -> tuple[int, dict[str, Any]]:
+    """GET ip:port/path from `ns`: (HTTP status, the JSON body). Status 0 when no HTTP answer
+    came back (refused, timeout, ...); the body is {} when it is not JSON."""
+    res = http_get(ns, ip, port, timeout=timeout, path=path)
+    if res.ok:
+        status = 200
+    elif res.error_kind == "http" and res.error.startswith("HTTP "):
+        status = int(res.error.split()[1])
+    else:
+        return 0, {}
+    try:
+        body = json.loads(res.body)
+    except ValueError:
+        body = {}
+    return status, body if isinstance(body, dict) else {}
