@@ -109,3 +109,37 @@ def remove_listen_addresses(placement: Placement) -> None:
                         raise
     except NetlinkError as exc:
         log.warning("dns: removing DNS addresses from %s failed: %s", placement.ifname, exc)
+
+
+def cleanup_listen_addresses(addresses: Iterable[str], *, ifname: str = INTERFACE) -> list[str]:
+    """Remove kproxy's DNS placement after a crash (`kproxy cleanup`): the `kproxy-dns`
+    interface, and those of `addresses` that sit on `lo` with a host prefix (where kproxy puts
+    them when there is no dummy support). Returns what was removed, for the log."""
+    removed: list[str] = []
+    wanted = set()
+    for text in addresses:
+        ip = ipaddress.ip_address(text)
+        if not (ip.is_unspecified or ip.is_loopback):
+            wanted.add(str(ip))
+    try:
+        with IPRoute() as ipr:
+            index = _link_index(ipr, ifname)
+            if index is not None:
+                ipr.link("del", index=index)
+                removed.append(ifname)
+            lo = _link_index(ipr, "lo")
+            if lo is None:
+                return removed
+            for msg in ipr.get_addr(index=lo):
+                address = msg.get("IFA_ADDRESS")
+                prefix = msg.get("prefixlen")
+                if address in wanted and prefix in (32, 128):
+                    try:
+                        ipr.addr("del", index=lo, address=address, prefixlen=prefix)
+                        removed.append(f"{address}/{prefix} on lo")
+                    except NetlinkError as exc:
+                        if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
+                            raise
+    except NetlinkError as exc:
+        raise PlacementError(f"removing DNS addresses: {exc}") from exc
+    return removed

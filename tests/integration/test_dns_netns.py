@@ -92,3 +92,37 @@ def test_node_local_address_is_created_served_and_removed(netns: str) -> None:
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_cleanup_after_a_crash_removes_the_address(netns: str) -> None:
+    proc = subprocess.Popen(
+        ["ip", "netns", "exec", netns, sys.executable, "-c", DRIVER],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        env=helper_env(),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline().strip() == "READY"
+        proc.kill()  # no chance to clean up
+        proc.wait(5)
+        assert NODE_LOCAL in ns_run(netns, "ip", "-o", "addr", "show")
+        code = (
+            "from kproxy.dns.placement import cleanup_listen_addresses as c; "
+            f"print(c(['{NODE_LOCAL}']))"
+        )
+        out = subprocess.run(
+            ["ip", "netns", "exec", netns, sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=helper_env(),
+            check=True,
+        ).stdout
+        assert NODE_LOCAL in out
+        assert NODE_LOCAL not in ns_run(netns, "ip", "-o", "addr", "show")
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
