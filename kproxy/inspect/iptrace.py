@@ -384,9 +384,9 @@ def parse_ipset_save(text: str) -> dict[str, frozenset[str]]:
         if len(words) >= 2 and words[0] == "create":
             sets.setdefault(words[1], set())
         elif len(words) >= 3 and words[0] == "add":
-            if "nomatch" in words[3:]:
-                continue
-            sets.setdefault(words[1], set()).add(words[2])
+            entries = sets.setdefault(words[1], set())
+            if "nomatch" not in words[3:]:  # a nomatch entry carves out of a net: left out
+                entries.add(words[2])
     return {name: frozenset(entries) for name, entries in sets.items()}
 
 

@@ -1,0 +1,474 @@
+"""The packet tracer against rulesets kproxy renders: packet-flow checks in the style of
+kube-proxy's proxier_test.go (source, destination, port -> DNAT targets, REJECT/DROP, masquerade),
+plus the parser on real `iptables-save -c` text and the generic chain semantics."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kproxy.inspect import iptrace as T
+from kproxy.model.objects import EndpointSlice, Service
+from kproxy.model.options import ProxyOptions
+from kproxy.model.view import service_views
+from kproxy.render import chains as C
+from kproxy.render.iptables import render_ruleset
+from kproxy.render.ipvs import render_desired
+from kproxy.render.ipvs_rules import HOOKS as IPVS_HOOKS
+from kproxy.render.ipvs_rules import companion_rules
+from tests.support.builders import make_endpoint, make_port, make_service, make_slice
+
+NODE = "node1"
+NODE_IP = "192.168.50.11"
+GATEWAY = "10.244.1.1"
+VIP = "172.30.0.41"
+CLIENT = "192.168.50.2"  # off-cluster, not local
+POD = "10.244.1.50"  # some pod in the cluster CIDR, not an endpoint
+LOCAL = (NODE_IP, GATEWAY, "127.0.0.1")
+OPTS = ProxyOptions(family=4, node_name=NODE, node_ips=(NODE_IP,), cluster_cidrs=("10.244.0.0/16",))
+ENV = T.Environment(local_addresses=frozenset(LOCAL))
+
+
+def hooks_text() -> str:
+    """The built-in chains with kproxy's hook jumps, as the backend installs them."""
+    out = []
+    for table in ("nat", "filter"):
+        out.append(f"*{table}\n")
+        out.extend(f":{chain} ACCEPT [0:0]\n" for chain in C.BUILTIN[table])
+        for chain in C.BUILTIN[table]:
+            out.extend(h.line + "\n" for h in C.hooks_for(table, chain))
+        out.append("COMMIT\n")
+    return "".join(out)
+
+
+def ruleset(
+    *services: tuple[Service, Sequence[EndpointSlice]], options: ProxyOptions = OPTS
+) -> T.Ruleset:
+    views = {
+        svc.ref: service_views(svc, slices, family=4, node_name=NODE) for svc, slices in services
+    }
+    rs = T.parse_save(hooks_text())
+    return T.parse_save(render_ruleset(views, options), rs)
+
+
+def local(ip: str, **kw: Any) -> Any:
+    return make_endpoint(ip, node_name=NODE, **kw)
+
+
+def remote(ip: str, **kw: Any) -> Any:
+    return make_endpoint(ip, node_name="node2", **kw)
+
+
+THREE = ("10.244.1.11", "10.244.2.11", "10.244.2.12")
+
+
+def three_pods() -> EndpointSlice:
+    return make_slice(endpoints=[local(THREE[0]), remote(THREE[1]), remote(THREE[2])])
+
+
+def trace(
+    rs: T.Ruleset,
+    src: str,
+    dst: str,
+    port: int,
+    *,
+    hook: str = T.PREROUTING,
+    proto: str = "tcp",
+    env: T.Environment = ENV,
+) -> tuple[T.Outcome, ...]:
+    outcomes = T.trace_packet(rs, T.Packet(src, dst, port, proto), hook=hook, env=env)
+    assert math.isclose(sum(o.probability for o in outcomes), 1.0, abs_tol=1e-9)
+    return outcomes
+
+
+def targets(outcomes: Sequence[T.Outcome]) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for o in outcomes:
+        out[o.dnat] = out.get(o.dnat, 0.0) + o.probability
+    return out
+
+
+def nodeport_service(**kw: Any) -> Service:
+    return make_service(type="NodePort", ports=(make_port(80, name="p80", node_port=30080),), **kw)
+
+
+# -- ClusterIP ---------------------------------------------------------------------------------
+def test_cluster_ip_with_three_endpoints_splits_evenly() -> None:
+    rs = ruleset((make_service(), [three_pods()]))
+    outcomes = trace(rs, POD, VIP, 80)
+    got = targets(outcomes)
+    assert set(got) == {f"{ip}:80" for ip in THREE}
+    for p in got.values():
+        assert math.isclose(p, 1 / 3, abs_tol=1e-6)
+    for o in outcomes:
+        assert o.verdict == "accept" and not o.masquerade and o.filter_chain == "FORWARD"
+        assert o.after.dst in THREE and o.after.dport == 80
+
+
+def test_random_rules_show_the_branches_not_taken() -> None:
+    rs = ruleset((make_service(), [three_pods()]))
+    last = next(o for o in trace(rs, POD, VIP, 80) if o.dnat == f"{THREE[2]}:80")
+    passed = [s for s in last.steps if not s.taken]
+    assert len(passed) == 2 and all(s.chain.startswith(C.SVC_PREFIX) for s in passed)
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(min_value=1, max_value=40))
+def test_any_number_of_endpoints_gets_an_equal_share(n: int) -> None:
+    ips = [f"10.244.2.{i + 1}" for i in range(n)]
+    rs = ruleset((make_service(), [make_slice(endpoints=[remote(ip) for ip in ips])]))
+    got = targets(trace(rs, POD, VIP, 80))
+    assert set(got) == {f"{ip}:80" for ip in ips}
+    assert all(math.isclose(p, 1 / n, abs_tol=1e-6) for p in got.values())
+
+
+def test_cluster_ip_from_the_node_is_masqueraded() -> None:
+    rs = ruleset((make_service(), [three_pods()]))
+    outcomes = trace(rs, NODE_IP, VIP, 80, hook=T.OUTPUT)
+    assert set(targets(outcomes)) == {f"{ip}:80" for ip in THREE}
+    for o in outcomes:
+        assert o.filter_chain == "OUTPUT" and o.masquerade
+        assert o.mark_by is not None and o.mark_by.chain.startswith(C.SVC_PREFIX)
+        assert o.masquerade_rule is not None and o.masquerade_rule.target == "MASQUERADE"
+
+
+def test_wrong_port_or_address_is_not_touched() -> None:
+    rs = ruleset((make_service(), [three_pods()]))
+    for dst, port in ((VIP, 81), ("172.30.0.42", 80)):
+        (o,) = trace(rs, POD, dst, port)
+        assert o.dnat == "" and o.verdict == "accept" and not o.masquerade
+        assert not any(C.is_service_chain(s.chain) for s in o.steps)
+
+
+def test_udp_packet_does_not_match_a_tcp_port() -> None:
+    rs = ruleset((make_service(), [three_pods()]))
+    (o,) = trace(rs, POD, VIP, 80, proto="udp")
+    assert o.dnat == ""
+
+
+def test_pod_reaching_itself_is_masqueraded_hairpin() -> None:
+    rs = ruleset((make_service(), [make_slice(endpoints=[local(THREE[0])])]))
+    (o,) = trace(rs, THREE[0], VIP, 80)
+    assert o.dnat == f"{THREE[0]}:80" and o.masquerade
+    assert o.mark_by is not None and o.mark_by.chain.startswith(C.SEP_PREFIX)
+
+
+def test_no_endpoints_is_rejected_by_filter() -> None:
+    rs = ruleset((make_service(), [make_slice(endpoints=[])]))
+    for hook, src in ((T.PREROUTING, POD), (T.OUTPUT, NODE_IP)):
+        (o,) = trace(rs, src, VIP, 80, hook=hook)
+        assert o.verdict == "reject" and o.dnat == ""
+        assert o.verdict_rule is not None and "has no endpoints" in o.verdict_rule.comment
+        assert o.verdict_rule.chain == C.SERVICES and o.verdict_rule.table == "filter"
+
+
+def test_several_cluster_cidrs_return_before_marking() -> None:
+    opts = ProxyOptions(
+        family=4,
+        node_name=NODE,
+        node_ips=(NODE_IP,),
+        cluster_cidrs=("10.244.0.0/16", "10.245.0.0/16"),
+    )
+    rs = ruleset((make_service(), [three_pods()]), options=opts)
+    assert all(not o.masquerade for o in trace(rs, "10.245.3.3", VIP, 80))
+    assert all(o.masquerade for o in trace(rs, CLIENT, VIP, 80))
+
+
+# -- external traffic --------------------------------------------------------------------------
+def test_nodeport_from_outside_reaches_every_endpoint_masqueraded() -> None:
+    rs = ruleset((nodeport_service(), [three_pods()]))
+    outcomes = trace(rs, CLIENT, NODE_IP, 30080)
+    got = targets(outcomes)
+    assert set(got) == {f"{ip}:80" for ip in THREE}
+    assert all(math.isclose(p, 1 / 3, abs_tol=1e-6) for p in got.values())
+    for o in outcomes:
+        assert o.masquerade and o.verdict == "accept"
+        assert o.mark_by is not None and o.mark_by.chain.startswith(C.EXT_PREFIX)
+
+
+def test_nodeport_on_another_address_or_loopback_is_not_translated() -> None:
+    rs = ruleset((nodeport_service(), [three_pods()]))
+    (o,) = trace(rs, CLIENT, "192.168.50.99", 30080)
+    assert o.dnat == ""
+    (o,) = trace(rs, NODE_IP, "127.0.0.1", 30080, hook=T.OUTPUT)
+    assert o.dnat == ""
+
+
+def test_external_policy_local_keeps_the_client_address() -> None:
+    rs = ruleset((nodeport_service(external_policy_local=True), [three_pods()]))
+    outcomes = trace(rs, CLIENT, NODE_IP, 30080)
+    assert set(targets(outcomes)) == {f"{THREE[0]}:80"}  # the local endpoint only
+    assert all(not o.masquerade for o in outcomes)
+    assert any(s.chain.startswith(C.SVL_PREFIX) for s in outcomes[0].steps)
+    # the ClusterIP still uses every endpoint
+    assert set(targets(trace(rs, POD, VIP, 80))) == {f"{ip}:80" for ip in THREE}
+
+
+def test_external_policy_local_without_local_endpoints_drops_external_traffic() -> None:
+    svc = nodeport_service(external_policy_local=True)
+    rs = ruleset((svc, [make_slice(endpoints=[remote(THREE[1])])]))
+    (o,) = trace(rs, CLIENT, NODE_IP, 30080)
+    assert o.verdict == "drop" and o.dnat == ""
+    assert o.verdict_rule is not None and "has no local endpoints" in o.verdict_rule.comment
+    assert o.filter_chain == "INPUT"
+    assert set(targets(trace(rs, POD, VIP, 80))) == {f"{THREE[1]}:80"}
+
+
+def test_external_ip_from_a_pod_short_circuits_under_local_policy() -> None:
+    svc = make_service(external_ips=("198.51.100.10",), external_policy_local=True)
+    rs = ruleset((svc, [three_pods()]))
+    # a pod: as if it went out to the external IP and back, so every endpoint
+    assert set(targets(trace(rs, POD, "198.51.100.10", 80))) == {f"{ip}:80" for ip in THREE}
+    # from outside: local endpoints only, source preserved
+    outcomes = trace(rs, CLIENT, "198.51.100.10", 80)
+    assert set(targets(outcomes)) == {f"{THREE[0]}:80"} and not outcomes[0].masquerade
+
+
+def lb_service(ranges: tuple[str, ...]) -> Service:
+    return make_service(
+        type="LoadBalancer",
+        load_balancer_ips=("203.0.113.10",),
+        load_balancer_source_ranges=ranges,
+        ports=(make_port(80, name="p80", node_port=30080),),
+    )
+
+
+def test_source_ranges_admit_listed_sources_and_drop_the_rest() -> None:
+    rs = ruleset((lb_service(("192.168.50.0/28",)), [three_pods()]))
+    allowed = trace(rs, CLIENT, "203.0.113.10", 80)
+    assert set(targets(allowed)) == {f"{ip}:80" for ip in THREE}
+    assert all(o.masquerade for o in allowed)
+    (o,) = trace(rs, "198.51.100.77", "203.0.113.10", 80)
+    assert o.verdict == "drop" and o.dnat == ""
+    assert o.verdict_rule is not None and o.verdict_rule.chain == C.PROXY_FIREWALL
+    # the NodePort is not filtered by source ranges
+    assert trace(rs, "198.51.100.77", NODE_IP, 30080)[0].dnat
+
+
+# -- affinity ----------------------------------------------------------------------------------
+def test_affinity_new_client_is_spread_and_remembered() -> None:
+    rs = ruleset((make_service(affinity_timeout=600), [three_pods()]))
+    outcomes = trace(rs, POD, VIP, 80)
+    assert set(targets(outcomes)) == {f"{ip}:80" for ip in THREE}
+    for o in outcomes:
+        assert not o.pinned
+        (name,) = o.recent_set
+        assert name.startswith(C.SEP_PREFIX)
+        assert rs.recent_seconds(name) == 600
+
+
+def test_affinity_known_client_is_pinned() -> None:
+    rs = ruleset((make_service(affinity_timeout=600), [three_pods()]))
+    fresh = trace(rs, POD, VIP, 80)
+    chosen = fresh[1]
+    env = T.Environment(
+        local_addresses=frozenset(LOCAL), recent={chosen.recent_set[0]: frozenset({POD})}
+    )
+    (o,) = trace(rs, POD, VIP, 80, env=env)
+    assert o.dnat == chosen.dnat and o.pinned == chosen.recent_set
+    # another client is not pinned
+    assert len(trace(rs, "10.244.3.3", VIP, 80, env=env)) == 3
+
+
+# -- IPVS companion rules ----------------------------------------------------------------------
+def test_ipvs_companion_rules_with_ipset_membership() -> None:
+    svc = make_service()
+    empty = make_service(name="empty", cluster_ips=("172.30.0.42",))
+    views = {
+        svc.ref: service_views(svc, [three_pods()], family=4, node_name=NODE),
+        empty.ref: service_views(empty, [make_slice(service="empty")], family=4, node_name=NODE),
+    }
+    desired = render_desired(views, OPTS)
+    builtin = "".join(
+        f"*{t}\n"
+        + "".join(f":{c} ACCEPT [0:0]\n" for c in C.BUILTIN[t])
+        + "".join(f"{h.line}\n" for h in IPVS_HOOKS if h.table == t)
+        + "COMMIT\n"
+        for t in ("nat", "filter")
+    )
+    rs = T.parse_save(companion_rules(OPTS), T.parse_save(builtin))
+    env = T.Environment(local_addresses=frozenset((*LOCAL, *desired.bind)), sets=dict(desired.sets))
+    # off-cluster client to the ClusterIP: accepted in nat (IPVS translates later), marked
+    (o,) = trace(rs, CLIENT, VIP, 80, env=env)
+    assert o.dnat == "" and o.verdict == "accept" and o.filter_chain == "INPUT" and o.marked
+    (o,) = trace(rs, POD, VIP, 80, env=env)
+    assert not o.marked and o.verdict == "accept"
+    (o,) = trace(rs, POD, "172.30.0.42", 80, env=env)
+    assert o.verdict == "reject"
+    # without the ipset contents nothing matches, and the trace says why
+    (o,) = trace(rs, CLIENT, VIP, 80, env=T.Environment(local_addresses=frozenset(LOCAL)))
+    assert not o.marked and any("ipset" in n for n in o.notes)
+
+
+# -- parser and chain semantics ----------------------------------------------------------------
+SAVED = """# Generated by iptables-save v1.8.9 (nf_tables) on Sun Nov 22 04:51:07 2026
+*nat
+:PREROUTING ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:POSTROUTING ACCEPT [0:0]
+:KUBE-MARK-MASQ - [0:0]
+:KUBE-POSTROUTING - [0:0]
+:KUBE-SEP-A - [0:0]
+:KUBE-SEP-B - [0:0]
+:KUBE-SERVICES - [0:0]
+:KUBE-SVC-X - [0:0]
+[10:600] -A PREROUTING -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+[0:0] -A OUTPUT -m comment --comment "kubernetes service portals" -j KUBE-SERVICES
+[10:600] -A POSTROUTING -m comment --comment "kubernetes postrouting rules" -j KUBE-POSTROUTING
+[10:600] -A KUBE-MARK-MASQ -j MARK --set-xmark 0x4000/0x4000
+[0:0] -A KUBE-POSTROUTING -m mark ! --mark 0x4000/0x4000 -j RETURN
+[10:600] -A KUBE-POSTROUTING -j MARK --set-xmark 0x4000/0x0
+[10:600] -A KUBE-POSTROUTING -m comment --comment "kubernetes service traffic requiring SNAT" -j MASQUERADE --random-fully
+[0:0] -A KUBE-SEP-A -s 10.244.1.11/32 -m comment --comment "default/x:http" -j KUBE-MARK-MASQ
+[4:240] -A KUBE-SEP-A -p tcp -m comment --comment "default/x:http" -m tcp -j DNAT --to-destination 10.244.1.11:80
+[0:0] -A KUBE-SEP-B -s 10.244.1.12/32 -m comment --comment "default/x:http" -j KUBE-MARK-MASQ
+[6:360] -A KUBE-SEP-B -p tcp -m comment --comment "default/x:http" -m tcp -j DNAT --to-destination 10.244.1.12:80
+[0:0] -A KUBE-SERVICES -d 10.96.0.80/32 -p tcp -m comment --comment "default/x:http cluster IP" -m tcp --dport 80 -j KUBE-SVC-X
+[0:0] -A KUBE-SERVICES ! -d 127.0.0.0/8 -m comment --comment "kubernetes service nodeports; NOTE: this must be the last rule in this chain" -m addrtype --dst-type LOCAL -j KUBE-NODEPORTS
+[0:0] -A KUBE-SVC-X ! -s 10.244.0.0/16 -d 10.96.0.80/32 -p tcp -m comment --comment "default/x:http cluster IP" -m tcp --dport 80 -j KUBE-MARK-MASQ
+[4:240] -A KUBE-SVC-X -m comment --comment "default/x:http -> 10.244.1.11:80" -m statistic --mode random --probability 0.50000000000 -j KUBE-SEP-A
+[6:360] -A KUBE-SVC-X -m comment --comment "default/x:http -> 10.244.1.12:80" -j KUBE-SEP-B
+COMMIT
+"""  # noqa: E501
+
+
+def test_saved_text_with_counters_parses() -> None:
+    rs = T.parse_save(SAVED)
+    dnat = rs.rules("nat", "KUBE-SEP-B")[1]
+    assert (dnat.pkts, dnat.bytes) == (6, 360)
+    assert dnat.target == "DNAT" and dnat.option("--to-destination") == "10.244.1.12:80"
+    assert dnat.comment == "default/x:http" and dnat.index == 2
+    rule = rs.rules("nat", "KUBE-SVC-X")[0]
+    assert [(c.kind, c.negate) for c in rule.conditions if c.kind in ("src", "dst")] == [
+        ("src", True),
+        ("dst", False),
+    ]
+    assert rs.rules("nat", "KUBE-SVC-X")[1].probability == 0.5
+    assert rs.chain("nat", "PREROUTING") is not None
+    assert rs.chain("nat", "PREROUTING").policy == "ACCEPT"  # type: ignore[union-attr]
+    assert not rs.chain("nat", "KUBE-SVC-X").builtin  # type: ignore[union-attr]
+
+
+def test_saved_text_traces_like_the_rendered_text() -> None:
+    rs = T.parse_save(SAVED)
+    outcomes = trace(rs, POD, "10.96.0.80", 80)
+    assert targets(outcomes) == pytest.approx({"10.244.1.11:80": 0.5, "10.244.1.12:80": 0.5})
+    # a reference to a chain that does not exist is reported, not followed
+    (o,) = trace(rs, CLIENT, NODE_IP, 30080)
+    assert o.dnat == "" and any("KUBE-NODEPORTS" in n for n in o.notes)
+
+
+def test_flushed_endpoint_chain_falls_through_to_the_next_rule() -> None:
+    text = SAVED.replace(
+        '[4:240] -A KUBE-SEP-A -p tcp -m comment --comment "default/x:http" -m tcp -j DNAT '
+        "--to-destination 10.244.1.11:80\n",
+        "",
+    )
+    outcomes = trace(T.parse_save(text), POD, "10.96.0.80", 80)
+    # the half that went into the empty chain came back and took the last rule
+    assert targets(outcomes) == pytest.approx({"10.244.1.12:80": 1.0})
+
+
+def test_goto_return_and_loops() -> None:
+    text = """*filter
+:INPUT ACCEPT [0:0]
+:A - [0:0]
+:B - [0:0]
+:LOOP - [0:0]
+-A INPUT -p udp -j LOOP
+-A INPUT -p tcp -g A
+-A INPUT -j DROP
+-A A -d 10.0.0.1 -j RETURN
+-A A -j B
+-A B -m mark --mark 0x1/0x1 -j REJECT --reject-with icmp-port-unreachable
+-A LOOP -j LOOP
+COMMIT
+"""
+    rs = T.parse_save(text)
+
+    def verdict(dst: str, proto: str = "tcp", mark: int = 0) -> str:
+        (w,) = T.walk(rs, "filter", "INPUT", T.Packet(CLIENT, dst, 1, proto, mark=mark))
+        return w.verdict
+
+    # goto: a RETURN from A goes back past INPUT's caller: the policy applies, not the DROP
+    assert verdict("10.0.0.1") == "ACCEPT"
+    assert verdict("10.0.0.2") == "ACCEPT"
+    assert verdict("10.0.0.2", mark=1) == "REJECT"
+    (w,) = T.walk(rs, "filter", "INPUT", T.Packet(CLIENT, "10.0.0.2", 1, "udp"))
+    assert w.verdict == "DROP" and any("deeper" in n for n in w.notes)
+
+
+@pytest.mark.parametrize(
+    ("spec", "before", "after"),
+    [
+        ("--set-xmark 0x4000/0x4000", 0x1, 0x4001),
+        ("--set-xmark 0x4000/0x0", 0x4001, 0x1),
+        ("--or-mark 0x4000", 0x2, 0x4002),
+        ("--xor-mark 0x4000", 0x4002, 0x2),
+        ("--and-mark 0xff", 0x4102, 0x2),
+        ("--set-mark 0x8", 0x4102, 0x8),
+    ],
+    ids=["set-xmark", "clear", "or", "xor", "and", "set"],
+)
+def test_mark_arithmetic(spec: str, before: int, after: int) -> None:
+    rs = T.parse_save(f"*nat\n:OUTPUT ACCEPT [0:0]\n-A OUTPUT -j MARK {spec}\nCOMMIT\n")
+    (w,) = T.walk(rs, "nat", "OUTPUT", T.Packet(NODE_IP, VIP, 80, mark=before))
+    assert w.mark == after
+
+
+def test_set_entries_match_by_direction() -> None:
+    sets = {
+        "S-IPPORT": frozenset({"172.30.0.41,tcp:80"}),
+        "S-PORT": frozenset({"30080"}),
+        "S-NET": frozenset({"203.0.113.10,tcp:80,192.168.50.0/24"}),
+    }
+    text = """*filter
+:INPUT ACCEPT [0:0]
+-A INPUT -m set --match-set S-IPPORT dst,dst -j REJECT
+-A INPUT -m set --match-set S-PORT dst -j DROP
+-A INPUT -m set ! --match-set S-NET dst,dst,src -j DROP
+COMMIT
+"""
+    rs = T.parse_save(text)
+    env = T.Environment(sets=sets)
+
+    def verdict(src: str, dst: str, port: int, proto: str = "tcp") -> str:
+        (w,) = T.walk(rs, "filter", "INPUT", T.Packet(src, dst, port, proto), env=env)
+        return w.verdict
+
+    assert verdict(CLIENT, VIP, 80) == "REJECT"
+    assert verdict(CLIENT, VIP, 80, "udp") == "DROP"  # not in S-IPPORT, not in S-NET
+    assert verdict(CLIENT, NODE_IP, 30080) == "DROP"
+    assert verdict(CLIENT, "203.0.113.10", 80) == "ACCEPT"
+    assert verdict("198.51.100.1", "203.0.113.10", 80) == "DROP"
+
+
+def test_describe_rule_reads_like_the_rule() -> None:
+    rule = T.parse_save(SAVED).rules("nat", "KUBE-SVC-X")[0]
+    text = T.describe_rule(rule)
+    assert '"default/x:http cluster IP"' in text
+    assert "source not in 10.244.0.0/16" in text and "dport 80" in text
+    assert T.describe_target(rule) == "-> KUBE-MARK-MASQ"
+
+
+def test_ipset_save_and_hostports() -> None:
+    sets = T.parse_ipset_save(
+        "create KUBE-CLUSTER-IP hash:ip,port family inet hashsize 1024 maxelem 65536\n"
+        "add KUBE-CLUSTER-IP 10.96.0.1,tcp:443\n"
+        "create KUBE-EMPTY bitmap:port range 0-65535\n"
+        "add KUBE-X 10.0.0.0/8 nomatch\n"
+    )
+    assert sets == {
+        "KUBE-CLUSTER-IP": frozenset({"10.96.0.1,tcp:443"}),
+        "KUBE-EMPTY": frozenset(),
+        "KUBE-X": frozenset(),
+    }
+    assert T.split_hostport("10.0.0.1:80") == ("10.0.0.1", 80)
+    assert T.split_hostport("[fd00::1]:443") == ("fd00::1", 443)
+    assert T.split_hostport("10.0.0.1") == ("10.0.0.1", None)
+    assert T.split_hostport("10.0.0.1-10.0.0.9:80-90") == ("10.0.0.1", 80)
