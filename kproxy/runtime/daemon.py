@@ -13,7 +13,8 @@ import signal
 import socket
 import threading
 import time
-from types import FrameType
+from dataclasses import replace
+from types import FrameType, MappingProxyType
 from typing import TYPE_CHECKING
 
 from kproxy.backends.base import SyncError, SyncResult
@@ -39,6 +40,18 @@ log = logging.getLogger("kproxy")
 
 def node_name(settings: Settings) -> str:
     return (settings.hostname_override or socket.gethostname()).strip().lower()
+
+
+def without_proxy_for(snapshot: Snapshot, ip: str) -> Snapshot:
+    """The snapshot with the service owning cluster IP `ip` left unproxied: kproxy answers DNS
+    on the cluster DNS Service IP itself, so no rule may DNAT that address away."""
+    owners = [ref for ref, svc in snapshot.services.items() if ip in svc.cluster_ips]
+    if not owners:
+        return snapshot
+    services = dict(snapshot.services)
+    for ref in owners:
+        services[ref] = replace(services[ref], skip_proxy=True)
+    return replace(snapshot, services=MappingProxyType(services))
 
 
 class Daemon:
@@ -124,6 +137,8 @@ class Daemon:
     # -- syncing ---------------------------------------------------------------------------
     def _sync(self, full: bool) -> bool:
         snapshot, changes = self.store.take()
+        if self.settings.dns and self.settings.dns_service_ip:
+            snapshot = without_proxy_for(snapshot, self.settings.dns_service_ip)
         if full:
             changes = Changes(
                 services=changes.services,
