@@ -52,6 +52,8 @@ def parse_target(text: str) -> tuple[str, int, str]:
         port_text = rest[1:] if rest.startswith(":") else ""
     else:
         host, _, port_text = spec.rpartition(":")
+        if ":" in host:  # fd00::1:80 is ambiguous
+            raise TargetError(f"{text!r}: write an IPv6 address in brackets, [ADDR]:PORT")
     if not host or not port_text:
         raise TargetError(f"{text!r} is not IP:PORT[/PROTO] (IPv6: [ADDR]:PORT)")
     try:

@@ -783,7 +783,8 @@ class Outcome:
     FORWARD or OUTPUT), then nat POSTROUTING when it leaves the node.
 
     verdict: "accept" (delivered or forwarded), "drop" or "reject"; verdict_rule is the rule
-    that said so (None for a chain policy). dnat is the --to-destination, "" when none.
+    that said so (None for a chain policy). dnat is the --to-destination, "" when none. mark is
+    the packet's mark when it is routed (after nat and filter, before nat POSTROUTING).
     """
 
     probability: float
@@ -892,7 +893,6 @@ def trace_packet(
                         probability=filtered.probability * pw.probability,
                         steps=filtered.steps + pw.steps,
                         verdict="drop" if pw.verdict in ("DROP", "REJECT") else "accept",
-                        mark=pw.mark,
                         masquerade=masq is not None,
                         masquerade_rule=masq,
                         notes=tuple(dict.fromkeys(filtered.notes + pw.notes)),
