@@ -20,7 +20,14 @@ import pytest
 from kproxy.lab.netlab import CLIENT_IP, Lab, Pod
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import Batch, http_batch, http_get
-from tests.support.agent import Agent, eventually, http_json, start_agents
+from tests.support.agent import (
+    Agent,
+    eventually,
+    http_json,
+    node_obj,
+    start_agents,
+    syncs,
+)
 from tests.support.fakeapi import FakeApiServer
 from tests.support.objects import make_service_obj, make_slice_obj
 
@@ -87,7 +94,7 @@ def names(batch: Batch) -> set[str]:
 
 
 def test_client_ip_affinity_holds_then_expires(cluster: Cluster) -> None:
-    timeout = 2
+    timeout = 3
     svc = make_service_obj(
         "default",
         "sticky",
@@ -95,17 +102,24 @@ def test_client_ip_affinity_holds_then_expires(cluster: Cluster) -> None:
         sessionAffinity="ClientIP",
         sessionAffinityConfig={"clientIP": {"timeoutSeconds": timeout}},
     )
-    cluster.publish(svc, cluster.lab.pods)
-    cluster.start()
+    pods = cluster.lab.pods
+    cluster.publish(svc, pods[:3])
+    agent = cluster.start()[0]
     me = cluster.pods(0)[0].ns
 
     pinned = http_batch(me, VIP, 80, n=30)
     assert pinned.ok_count == 30
     assert len(pinned.names) == 1, pinned.names
     (first,) = pinned.names
-    # still pinned after a pause shorter than the timeout (each hit refreshes the entry)
-    again = http_batch(me, VIP, 80, n=5, interval=timeout / 3)
+    # still pinned after pauses shorter than the timeout (each hit refreshes the entry)
+    again = http_batch(me, VIP, 80, n=4, interval=timeout / 3)
     assert set(again.names) == {first}, again.names
+    # ... and across an endpoint change that rewrites the service's chains (kube-proxy keeps
+    # the affinity: the `recent` lists are named after the endpoint chains, which stay)
+    before = len(syncs(agent))
+    cluster.api.upsert(slice_of("sticky", pods))
+    eventually(lambda: len(syncs(agent)) > before, step=0.05)
+    assert set(http_batch(me, VIP, 80, n=10).names) == {first}
 
     # A second client on the other node is pinned on its own (affinity is per source address).
     other = http_batch(cluster.pods(1)[1].ns, VIP, 80, n=10)
@@ -284,6 +298,65 @@ def test_terminating_fallback(cluster: Cluster) -> None:
     time.sleep(1.0)
     res = http_get(client, VIP, 80, timeout=2.0)
     assert res.error_kind == "refused" and res.elapsed < 1.0, res
+
+
+def test_local_policy_falls_back_to_local_terminating_endpoints(cluster: Cluster) -> None:
+    """Under externalTrafficPolicy Local the fallback is per node: node1's only endpoints are
+    terminating (but serving), node2's are ready; node1 keeps serving external traffic with its
+    own terminating pods, while its health check already fails so load balancers drain it."""
+    draining = [endpoint(p, ready=False, serving=True, terminating=True) for p in cluster.pods(0)]
+    cluster.publish(local_service(), [*draining, *cluster.pods(1)])
+    cluster.start()
+    client = cluster.lab.client.ns
+
+    batch = http_batch(client, cluster.node_ip(0), NODE_PORT, n=20)
+    assert batch.ok_count == 20, batch.errors
+    assert names(batch) == cluster.names(0) and set(batch.clients) == {CLIENT_IP}
+    assert health(cluster, 0)[0] == 503
+    assert health(cluster, 1)[0] == 200
+    # pod traffic (Cluster policy) goes to the ready endpoints only
+    batch = http_batch(cluster.pods(0)[0].ns, VIP, 80, n=20)
+    assert batch.ok_count == 20 and names(batch) == cluster.names(1)
+
+
+# -- topology (trafficDistribution / zone hints) ------------------------------------------------
+
+
+def zoned(pod: Pod, zone: str, hints: Sequence[str]) -> dict[str, Any]:
+    ep: dict[str, Any] = {
+        "addresses": [pod.ip],
+        "conditions": {"ready": True, "serving": True, "terminating": False},
+        "nodeName": pod.node.name,
+        "zone": zone,
+    }
+    if hints:
+        ep["hints"] = {"forZones": [{"name": z} for z in hints]}
+    return ep
+
+
+def test_topology_hints_keep_traffic_in_the_zone(cluster: Cluster) -> None:
+    zones = {0: "zone-a", 1: "zone-b"}
+    for index, zone in zones.items():
+        cluster.api.upsert(node_obj(cluster.lab.nodes[index], zone=zone))
+    svc = make_service_obj("default", "zonal", clusterIP=VIP, trafficDistribution="PreferClose")
+    hinted = [zoned(p, zones[n], [zones[n]]) for n in (0, 1) for p in cluster.pods(n)]
+    cluster.publish(svc, hinted)
+    agents = cluster.start()
+
+    for node in (0, 1):
+        batch = http_batch(cluster.pods(node)[0].ns, VIP, 80, n=30)
+        assert batch.ok_count == 30 and names(batch) == cluster.names(node), node
+
+    # one ready endpoint without hints: hints are ignored everywhere (kube-proxy's
+    # canUseTopology), every node spreads over all endpoints
+    before = [len(syncs(a)) for a in agents]
+    unhinted = [*hinted[:-1], zoned(cluster.pods(1)[1], zones[1], [])]
+    cluster.api.upsert(slice_of("zonal", unhinted))
+    for agent, count in zip(agents, before, strict=True):
+        eventually(lambda agent=agent, count=count: len(syncs(agent)) > count)
+    for node in (0, 1):
+        batch = http_batch(cluster.pods(node)[0].ns, VIP, 80, n=40)
+        assert batch.ok_count == 40 and names(batch) == cluster.names(), node
 
 
 # -- loadBalancerSourceRanges --------------------------------------------------------------------

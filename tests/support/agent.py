@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import re
 import signal
 import subprocess
 import time
@@ -140,6 +141,19 @@ class Agent:
     def metrics(self) -> str:
         res = http_get(self.node.ns, "127.0.0.1", 10249, timeout=2.0, path="/metrics")
         return res.body if res.ok else ""
+
+
+SYNC_LINE = re.compile(r"synced (all rules|changes) in [\d.]+ ms: .*?(\d+) changed, (\d+) written")
+
+
+def syncs(agent: Agent) -> list[tuple[bool, int, int]]:
+    """(full, changed, written) of every sync in the agent's whole log, oldest first (across
+    restarts)."""
+    try:
+        text = Path(agent.log_path).read_text(errors="replace")
+    except OSError:
+        return []
+    return [(m[0] == "all rules", int(m[1]), int(m[2])) for m in SYNC_LINE.findall(text)]
 
 
 def eventually(check: Callable[[], Any], *, timeout: float = 5.0, step: float = 0.05) -> Any:
