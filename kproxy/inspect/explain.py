@@ -90,6 +90,7 @@ class Explanation:
     hints: tuple[str, ...] = ()
     affinity: dict[str, int] = field(default_factory=dict)  # recent list -> seconds
     ipvs: IPVSView | None = None
+    empty_chains: frozenset[str] = frozenset()  # user chains without rules (jumps come back)
 
 
 def service_name(comment: str) -> str:
@@ -217,6 +218,9 @@ def explain_packet(
         hints=hints,
         affinity=affinity,
         ipvs=view,
+        empty_chains=frozenset(
+            name for t in ("nat", "filter") for name, ch in rs.chains(t).items() if not ch.rules
+        ),
     )
 
 
@@ -299,7 +303,7 @@ def _step_key(s: T.Step) -> tuple[str, str, int, bool, str]:
     return (s.table, s.chain, s.index, s.taken, s.policy)
 
 
-def _step_line(s: T.Step, nxt: T.Step | None) -> str:
+def _step_line(s: T.Step, nxt: T.Step | None, empty: frozenset[str] = frozenset()) -> str:
     if s.rule is None:
         return f"{s.chain}: end of chain, policy {s.policy}"
     r = s.rule
@@ -312,14 +316,21 @@ def _step_line(s: T.Step, nxt: T.Step | None) -> str:
     line = f"{head} {desc}{chance} {T.describe_target(r)}".replace("  ", " ")
     if r.target and r.target not in T.TERMINAL and r.target not in ("RETURN", "MARK"):
         entered = nxt is not None and nxt.chain == r.target and nxt.table == s.table
-        if not entered and not r.goto:
+        if r.target in empty and C.is_service_chain(r.target):
+            line += " (an empty chain: the packet comes back and goes on)"
+        elif not entered and not r.goto:
             line += " (nothing there matched)"
     if r.target == "DNAT" and r.pkts is not None:
         line += f"  [new connections so far: {r.pkts}]"
     return line
 
 
-def _print_stage(out: list[str], title: str, paths: list[tuple[float, tuple[T.Step, ...]]]) -> None:
+def _print_stage(
+    out: list[str],
+    title: str,
+    paths: list[tuple[float, tuple[T.Step, ...]]],
+    empty: frozenset[str],
+) -> None:
     out.append(title)
     keys = [[_step_key(s) for s in steps] for _, steps in paths]
     n = 0
@@ -327,7 +338,8 @@ def _print_stage(out: list[str], title: str, paths: list[tuple[float, tuple[T.St
         n += 1
     first = paths[0][1]
     for i in range(n):
-        out.append("  " + _step_line(first[i], first[i + 1] if i + 1 < len(first) else None))
+        nxt = first[i + 1] if i + 1 < len(first) else None
+        out.append("  " + _step_line(first[i], nxt, empty))
     tails: dict[tuple[Any, ...], tuple[float, tuple[T.Step, ...]]] = {}
     for prob, steps in paths:
         key = tuple(_step_key(s) for s in steps[n:])
@@ -343,7 +355,7 @@ def _print_stage(out: list[str], title: str, paths: list[tuple[float, tuple[T.St
             out.append(f"  [{k}] {_pct(prob)}")
         for i in range(n, len(steps)):
             nxt = steps[i + 1] if i + 1 < len(steps) else None
-            out.append(indent + _step_line(steps[i], nxt))
+            out.append(indent + _step_line(steps[i], nxt, empty))
 
 
 def _describe_real(vs: VirtualService, view: IPVSView) -> list[str]:
@@ -404,7 +416,7 @@ def render_text(ex: Explanation) -> str:
             for t, steps in stages
             if t == title
         ]
-        _print_stage(out, title, paths)
+        _print_stage(out, title, paths, ex.empty_chains)
     out.append("")
 
     out.append("Result:")

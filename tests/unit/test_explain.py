@@ -345,3 +345,15 @@ def test_ipvs_status_rows() -> None:
     fewer = listing.replace("  -> 10.244.2.12:80               Masq    2      0          0\n", "")
     row = {tuple(r.addresses): r for r in S.ipvs_rows(desired, fewer)}[("172.30.0.41:80",)]
     assert row.problems == ["real server 10.244.2.12:80 is not programmed"]
+
+
+def test_flushed_endpoint_chain_shows_in_the_walk() -> None:
+    text = rendered((make_service(), [three_pods()]))
+    sep = C.sep_chain("ns1/svc1:p80", "tcp", f"{THREE[1]}:80")
+    damaged = "".join(
+        line + "\n" for line in text.splitlines() if not line.startswith(f"-A {sep} ")
+    )
+    ex = explain(T.parse_save(damaged, T.parse_save(hooks_text())), POD, VIP, 80)
+    assert ex.result == "dnat"
+    assert {t["endpoint"] for t in E.to_json(ex)["targets"]} == {f"{THREE[0]}:80", f"{THREE[2]}:80"}
+    assert f"-> {sep} (an empty chain: the packet comes back and goes on)" in E.render_text(ex)
