@@ -118,8 +118,7 @@ def test_udp_client_with_fixed_port_moves_off_a_removed_endpoint(
     # The service is deleted: its flows are forgotten too, so nothing answers them any more
     # (a stale entry would keep DNATing them to the pods, which still listen).
     api.delete("Service", "default", "dns")
-    for flow in flows:
-        eventually(lambda flow=flow: ask(flow) == [None], timeout=5.0, step=0.2)
+    eventually(lambda: all(ask(flow) == [None] for flow in flows), timeout=5.0, step=0.2)
 
 
 # -- IPv6 ----------------------------------------------------------------------------------------
@@ -211,7 +210,7 @@ def test_healthz_livez_and_node_deletion(served: tuple[Lab, FakeApiServer, str])
         status, body = health(agents[1], "/healthz")
         assert (status, body.get("nodeEligible")) == (503, False), (status, body)
 
-    eventually(draining, timeout=8.0, step=0.2)
+    eventually(draining, timeout=5.0, step=0.1)
     assert health(agents[1], "/livez")[0] == 200
     status, body = health(agents[0], "/healthz")
     assert (status, body["nodeEligible"]) == (200, True)

@@ -181,6 +181,12 @@ def test_external_policy_local_keeps_client_ip_and_stays_on_the_node(cluster: Cl
         batch = http_batch(pod.ns, ip, port, n=40)
         assert batch.ok_count == 40, (ip, port, batch.errors)
         assert names(batch) == cluster.names(), (ip, port)
+    # so is the node itself: its own NodePort and the LoadBalancer IP reach every endpoint
+    node = cluster.lab.nodes[0].ns
+    for ip, port in ((cluster.node_ip(0), NODE_PORT), (LB_IP, 80)):
+        batch = http_batch(node, ip, port, n=40)
+        assert batch.ok_count == 40, (ip, port, batch.errors)
+        assert names(batch) == cluster.names(), (ip, port)
 
 
 def test_external_policy_local_drops_on_a_node_without_local_endpoints(cluster: Cluster) -> None:
@@ -352,8 +358,9 @@ def test_topology_hints_keep_traffic_in_the_zone(cluster: Cluster) -> None:
     before = [len(syncs(a)) for a in agents]
     unhinted = [*hinted[:-1], zoned(cluster.pods(1)[1], zones[1], [])]
     cluster.api.upsert(slice_of("zonal", unhinted))
-    for agent, count in zip(agents, before, strict=True):
-        eventually(lambda agent=agent, count=count: len(syncs(agent)) > count)
+    eventually(
+        lambda: all(len(syncs(a)) > n for a, n in zip(agents, before, strict=True)), step=0.1
+    )
     for node in (0, 1):
         batch = http_batch(cluster.pods(node)[0].ns, VIP, 80, n=40)
         assert batch.ok_count == 40 and names(batch) == cluster.names(), node
