@@ -88,6 +88,9 @@ class Netns:
     def __init__(self) -> None:
         self.name = f"kpbench{secrets.token_hex(3)}"
         subprocess.run(["ip", "netns", "add", self.name], check=True)
+        # IPVS refuses real servers (EINVAL) while the namespace has no local routing table yet:
+        # the kernel then classifies every address as broadcast. Bringing lo up creates it.
+        subprocess.run(["ip", "-n", self.name, "link", "set", "lo", "up"], check=True)
 
     def __enter__(self) -> Netns:
         return self

@@ -48,6 +48,8 @@ def sh(*argv: str, netns: str | None = None, stdin: str | None = None) -> str:
 def new_netns(prefix: str = "kpvm") -> str:
     name = f"{prefix}{secrets.token_hex(3)}"
     sh("ip", "netns", "add", name)
+    # Also needed by IPVS: until the namespace has a local routing table (lo up creates it), the
+    # kernel classifies every real server address as broadcast and refuses it with EINVAL.
     sh("ip", "-n", name, "link", "set", "lo", "up")
     return name
 

@@ -243,10 +243,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     results = args.results or Path(tempfile.mkdtemp(prefix="kproxy-vm-"))
     results = results.resolve()
+    python = os.path.realpath(sys.executable)
     words = [w for w in args.command if w != "--"] if args.command else []
-    command = shlex.join(words) if words else DEFAULT_COMMAND
-    command = command.replace("{python}", shlex.quote(os.path.realpath(sys.executable)))
-    command = command.replace("{results}", shlex.quote(str(results)))
+    if words:  # {python} and {results} may stand in the command's words
+        words = [w.replace("{python}", python).replace("{results}", str(results)) for w in words]
+        command = shlex.join(words)
+    else:
+        command = DEFAULT_COMMAND.format(
+            python=shlex.quote(python), results=shlex.quote(str(results))
+        )
     started = time.monotonic()
     rc = run(
         command,
