@@ -123,8 +123,9 @@ def missing_tools() -> list[str]:
     return [t for t in ("vng", "qemu-system-x86_64") if shutil.which(t) is None]
 
 
-def guest_script(command: str, results: Path) -> str:
+def guest_script(command: str, results: Path, *, modules: Sequence[str] = MODULES) -> str:
     """The shell script the guest runs: modules, environment, the command, its exit status."""
+    load = f'modprobe -a {" ".join(modules)} 2>>"$R/guest.log"' if modules else ":"
     python = os.path.realpath(sys.executable)
     path = os.pathsep.join(
         dict.fromkeys(
@@ -148,7 +149,7 @@ export PYTHONPATH={q(str(REPO))}${{PYTHONPATH:+:$PYTHONPATH}}
 cd {q(str(REPO))} || {{ echo 125 > "$R/exit-code"; exit 0; }}
 echo "guest: $(uname -r) up $(cut -d' ' -f1 /proc/uptime)s" > "$R/guest.log"
 # one modprobe for all (each process start is slow under emulation); it goes on past a missing one
-modprobe -a {" ".join(MODULES)} 2>>"$R/guest.log"
+{load}
 sysctl -qw net.ipv4.ip_forward=1 >/dev/null 2>&1
 echo "guest: modules loaded at $(cut -d' ' -f1 /proc/uptime)s" >> "$R/guest.log"
 ( {command} ) > "$R/output.log" 2>&1 < /dev/null

@@ -1,0 +1,153 @@
+"""The VM harness's pure parts: the ipvsadm listing parser (on text a real ipvsadm printed in the
+VM) and the guest script (run here, in a throwaway namespace, in place of the guest)."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from kproxy.backends.ipvs_netlink import FLAG_SCHED1, FLAG_SCHED2, RealServer, VirtualServer
+from tests.vm.ipvsadm import (
+    ListedDest,
+    expected_listing,
+    parse_list,
+    parse_stats,
+    restore_text,
+)
+from tests.vm.run_in_vm import guest_script, vng_argv
+
+# Printed by ipvsadm v1.31 in the VM after the `-R` input further down.
+LISTING = """\
+IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port Scheduler Flags
+  -> RemoteAddress:Port           Forward Weight ActiveConn InActConn
+TCP  10.0.0.1:80 rr
+  -> 10.1.0.1:8080                Masq    3      0          0
+  -> 10.1.0.2:8080                Masq    0      2          1
+TCP  10.0.0.4:81 lblcr persistent 100 mask 255.255.255.0
+  -> 10.1.0.9:81                  Route   1      0          0
+UDP  10.0.0.2:53 sh (sh-fallback,sh-port) persistent 300
+  -> 10.1.0.3:5353                Masq    1      0          0
+TCP  [fd00::1]:443 mh (mh-port) persistent 60 mask 64
+  -> [fd00:1::5]:8443             Masq    1      0          0
+"""
+
+PERSISTENT_LISTING = """\
+IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port            Weight    PersistConn ActiveConn InActConn
+  -> RemoteAddress:Port
+TCP  10.0.0.1:80 rr
+  -> 10.1.0.1:8080                3         0           0          0
+  -> 10.1.0.2:8080                0         4           2          1
+"""
+
+STATS = """\
+IP Virtual Server version 1.2.1 (size=4096)
+Prot LocalAddress:Port               Conns   InPkts  OutPkts  InBytes OutBytes
+  -> RemoteAddress:Port
+TCP  10.0.0.1:80                         3       18       12     1090      794
+  -> 10.1.0.1:8080                       3       18       12     1090      794
+"""
+
+TABLE = {
+    VirtualServer("10.0.0.1", "TCP", 80, "rr"): [
+        RealServer("10.1.0.1", 8080, weight=3),
+        RealServer("10.1.0.2", 8080, weight=0),
+    ],
+    VirtualServer("10.0.0.4", "TCP", 81, "lblcr", timeout=100, netmask=24): [
+        RealServer("10.1.0.9", 81, forward="route")
+    ],
+    VirtualServer("10.0.0.2", "UDP", 53, "sh", flags=FLAG_SCHED1 | FLAG_SCHED2, timeout=300): [
+        RealServer("10.1.0.3", 5353)
+    ],
+    VirtualServer("fd00::1", "TCP", 443, "mh", flags=FLAG_SCHED2, timeout=60, netmask=64): [
+        RealServer("fd00:1::5", 8443)
+    ],
+}
+
+
+def test_listing_parses_to_what_was_programmed() -> None:
+    listed = parse_list(LISTING)
+    assert set(listed) == {(vs.address, vs.protocol, vs.port) for vs in TABLE}
+    for vs, dests in TABLE.items():
+        got = listed[(vs.address, vs.protocol, vs.port)]
+        want = expected_listing(vs)
+        assert (got.scheduler, got.sched_flags, got.persistent, got.mask) == (
+            want.scheduler,
+            want.sched_flags,
+            want.persistent,
+            want.mask,
+        )
+        assert {k: (d.weight, d.forward) for k, d in got.dests.items()} == {
+            (rs.address, rs.port): (rs.weight, rs.forward) for rs in dests
+        }
+    assert listed[("10.0.0.1", "TCP", 80)].dests[("10.1.0.2", 8080)] == ListedDest(
+        "10.1.0.2", 8080, 0, "masq", active=2, inactive=1
+    )
+
+
+def test_persistent_conn_and_stats_listings() -> None:
+    dest = parse_list(PERSISTENT_LISTING)[("10.0.0.1", "TCP", 80)].dests[("10.1.0.2", 8080)]
+    assert (dest.weight, dest.persist, dest.active, dest.inactive) == (0, 4, 2, 1)
+    svc, dests = parse_stats(STATS)[("10.0.0.1", "TCP", 80)]
+    assert (svc.conns, svc.inpkts, svc.outbytes) == (3, 18, 794)
+    assert dests[("10.1.0.1", 8080)].inbytes == 1090
+
+
+def test_restore_text_is_what_ipvsadm_saves() -> None:
+    # `ipvsadm -Sn` printed these lines for the table above (its option order differs: -p
+    # before -b; the set of words per line is what must agree)
+    saved = """\
+-A -t 10.0.0.1:80 -s rr
+-a -t 10.0.0.1:80 -r 10.1.0.1:8080 -m -w 3
+-a -t 10.0.0.1:80 -r 10.1.0.2:8080 -m -w 0
+-A -t 10.0.0.4:81 -s lblcr -p 100 -M 255.255.255.0
+-a -t 10.0.0.4:81 -r 10.1.0.9:81 -g -w 1
+-A -u 10.0.0.2:53 -s sh -p 300 -b sh-fallback,sh-port
+-a -u 10.0.0.2:53 -r 10.1.0.3:5353 -m -w 1
+-A -t [fd00::1]:443 -s mh -p 60 -M 64 -b mh-port
+-a -t [fd00::1]:443 -r [fd00:1::5]:8443 -m -w 1
+"""
+
+    def words(text: str) -> list[frozenset[str]]:
+        return sorted((frozenset(line.split()) for line in text.splitlines()), key=sorted)
+
+    assert words(restore_text(TABLE)) == words(saved)
+
+
+def test_vng_command_line() -> None:
+    argv = vng_argv(Path("/k/vmlinuz"), Path("/r"), memory="2G", cpus=2)
+    assert argv[:4] == ["vng", "--disable-kvm", "--disable-microvm", "--verbose"]
+    assert argv[argv.index("-r") + 1] == "/k/vmlinuz"
+    assert argv[argv.index("--rwdir") + 1] == "/r"
+    assert argv[-2:] == ["--", "sh /r/guest.sh"]
+
+
+@pytest.mark.parametrize("status", [0, 3])
+def test_guest_script_reports_the_command_status_in_a_file(tmp_path: Path, status: int) -> None:
+    """Run the guest script here (in a throwaway network namespace, as its sysctl is per
+    namespace) instead of in the VM: the exit-code file must carry the command's status."""
+    if os.geteuid() != 0 or shutil.which("ip") is None:
+        pytest.skip("needs root and iproute2 for a throwaway namespace")
+    ns = f"kpgs{secrets.token_hex(3)}"
+    if subprocess.run(["ip", "netns", "add", ns], capture_output=True, check=False).returncode:
+        pytest.skip("cannot create a network namespace here")
+    try:
+        script = tmp_path / "guest.sh"
+        command = f'echo "in $PWD as $KPROXY_IN_VM"; exit {status}'
+        script.write_text(guest_script(command, tmp_path, modules=()))  # no modules on the host
+        proc = subprocess.run(
+            ["ip", "netns", "exec", ns, "sh", str(script)], capture_output=True, check=False
+        )
+        assert proc.returncode == 0  # the guest script itself always ends well
+    finally:
+        subprocess.run(["ip", "netns", "del", ns], capture_output=True, check=False)
+    assert (tmp_path / "exit-code").read_text().strip() == str(status)
+    repo = Path(__file__).resolve().parents[2]
+    assert (tmp_path / "output.log").read_text().strip() == f"in {repo} as 1"
+    assert f"command exited {status}" in (tmp_path / "guest.log").read_text()
