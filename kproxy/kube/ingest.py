@@ -35,10 +35,12 @@ class StoreSink:
         *,
         node_name: str,
         on_invalid: Callable[[str], None] | None = None,
+        on_event: Callable[[str], None] | None = None,
     ) -> None:
         self._store = store
         self._node_name = node_name
         self._on_invalid = on_invalid or (lambda kind: None)
+        self._on_event = on_event or (lambda kind: None)
 
     def _invalid(self, kind: str, obj: RawObject, reason: str) -> None:
         ns, name = object_ref(obj)
@@ -78,6 +80,8 @@ class StoreSink:
 
     # -- Sink protocol ---------------------------------------------------------------------
     def replace(self, kind: str, objects: list[RawObject]) -> None:
+        for _ in objects:  # a (re)list counts each object as a change, as kube-proxy's adds do
+            self._on_event(kind)
         if kind == "Service":
             services = [s for s in map(self._service, objects) if s is not None]
             self._store.replace_services(services)
@@ -90,6 +94,7 @@ class StoreSink:
             self._store.set_node(node)
 
     def apply(self, kind: str, event_type: str, obj: RawObject) -> None:
+        self._on_event(kind)
         ns, name = object_ref(obj)
         ref = Ref(ns, name)
         if kind == "Service":

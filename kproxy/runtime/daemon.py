@@ -70,6 +70,8 @@ class Daemon:
         self._views: dict[int, dict[Ref, tuple[ServicePortView, ...]]] = {}
         self._cleaner: ConntrackCleaner | None = None
         self._conntrack_retry = False
+        self._pending_lock = threading.Lock()
+        self._pending: dict[str, int] = {}
         self.service_health: ServiceHealthServer | None = None
         self.dns: DNSService | None = None
         self.loop = SyncLoop(
@@ -84,6 +86,7 @@ class Daemon:
             self.store,
             node_name=self.node_name,
             on_invalid=lambda kind: self.metrics.invalid_objects.labels(kind).inc(),
+            on_event=self._on_event,
         )
         self.source = self._make_source(sink)
         self.store.subscribe(self._on_change)
@@ -110,6 +113,17 @@ class Daemon:
         )
 
     # -- events ----------------------------------------------------------------------------
+    def _on_event(self, kind: str) -> None:
+        """Count watch events the way kube-proxy counts changes (pending until the next sync)."""
+        with self._pending_lock:
+            self._pending[kind] = self._pending.get(kind, 0) + 1
+        if kind == "EndpointSlice":
+            self.metrics.endpoint_changes_total.inc()
+            self.metrics.endpoint_changes_pending.inc()
+        elif kind == "Service":
+            self.metrics.service_changes_total.inc()
+            self.metrics.service_changes_pending.inc()
+
     def _on_change(self) -> None:
         self.health.queued()
         self.metrics.last_queued.set(time.time())
@@ -118,7 +132,6 @@ class Daemon:
 
     def _tick(self) -> None:
         self.notifier.watchdog()
-        self.metrics.service_changes_pending.set(self.store.pending)
         node = self.store.peek().node
         self.health.node_deleting = bool(node and node.deleting)
 
@@ -137,6 +150,10 @@ class Daemon:
     # -- syncing ---------------------------------------------------------------------------
     def _sync(self, full: bool) -> bool:
         snapshot, changes = self.store.take()
+        with self._pending_lock:
+            self._pending.clear()
+        self.metrics.endpoint_changes_pending.set(0)
+        self.metrics.service_changes_pending.set(0)
         if self.settings.dns and self.settings.dns_service_ip:
             snapshot = without_proxy_for(snapshot, self.settings.dns_service_ip)
         if full:
@@ -197,6 +214,7 @@ class Daemon:
             except Exception:
                 self._conntrack_retry = True
                 log.exception("stale UDP conntrack cleanup failed; retrying with the next sync")
+        self._count_no_local_endpoints()
         if self.service_health is not None:
             if full:
                 self.service_health.sync(*(self._views.get(p.family, {}) for p in self.planes))
@@ -220,7 +238,6 @@ class Daemon:
         for trigger in changes.trigger_times:
             if trigger <= now:
                 m.network_programming.observe(now - trigger)
-        m.service_changes_total.inc(len(changes.services))
         m.services.set(len(snapshot.services))
         tables: dict[str, int] = {}
         for r in results:
@@ -282,6 +299,21 @@ class Daemon:
             self._http.append(HTTPEndpoint(s.metrics_bind_address, routes, name="metrics"))
         for endpoint in self._http:
             endpoint.start()
+
+    def _count_no_local_endpoints(self) -> None:
+        """kube-proxy's serviceNoLocalEndpointsTotal{internal,external}."""
+        internal = external = 0
+        for known in self._views.values():
+            for views in known.values():
+                for v in views:
+                    if v.local_endpoints:
+                        continue
+                    if v.internal_local:
+                        internal += 1
+                    if v.external_local and v.has_external:
+                        external += 1
+        self.metrics.no_local_endpoints.labels("internal").set(internal)
+        self.metrics.no_local_endpoints.labels("external").set(external)
 
     def _start_conntrack(self) -> None:
         if not self.settings.conntrack_udp_cleanup:

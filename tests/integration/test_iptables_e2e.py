@@ -103,7 +103,7 @@ def test_pod_reaches_itself_through_its_service(lab: Lab, web: Any) -> None:
     api, _ = web
     me = lab.pods[1]
     api.upsert(web_slice(lab, [me]))
-    eventually(lambda: names(http_batch(lab.pods[0].ns, VIP, 80, n=3)) == {me.name})
+    eventually(lambda: names(http_batch(lab.pods[0].ns, VIP, 80, n=20)) == {me.name})
     batch = http_batch(me.ns, VIP, 80, n=5)
     assert batch.ok_count == 5 and names(batch) == {me.name}
     # hairpin needs masquerade: the pod sees the node's address, not itself

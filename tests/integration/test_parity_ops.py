@@ -272,11 +272,6 @@ def test_metrics_mirror_kube_proxy(served: tuple[Lab, FakeApiServer, str]) -> No
     assert (sample(text, "kproxy_sync_proxy_rules_service_changes_total") or 0) >= 1
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="kproxy never updates kproxy_sync_proxy_rules_endpoint_changes_{pending,total} nor "
-    "kproxy_sync_proxy_rules_no_local_endpoints_total (runtime/daemon.py does not set them)",
-)
 def test_metrics_count_endpoint_changes_and_services_without_local_endpoints(
     served: tuple[Lab, FakeApiServer, str],
 ) -> None:
