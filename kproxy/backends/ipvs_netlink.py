@@ -144,7 +144,11 @@ _FATAL = frozenset({errnos.EPERM, errnos.EACCES})
 
 # -- errors ------------------------------------------------------------------------------------
 class IPVSError(RuntimeError):
-    """IPVS could not be read or changed."""
+    """IPVS could not be read or changed. `errno` is the kernel's answer when there was one."""
+
+    def __init__(self, message: str, errno: int = 0) -> None:
+        super().__init__(message)
+        self.errno = errno
 
 
 class IPVSUnavailable(IPVSError):
@@ -159,9 +163,8 @@ class IPVSOpError(IPVSError):
     """One operation failed (raised by the single-operation methods)."""
 
     def __init__(self, failure: OpFailure) -> None:
-        super().__init__(str(failure))
+        super().__init__(str(failure), failure.errno)
         self.failure = failure
-        self.errno = failure.errno
 
 
 # -- the typed objects -------------------------------------------------------------------------
@@ -863,7 +866,7 @@ class IPVSAdapter:
                             "the kernel has no IPVS netlink family (modprobe ip_vs?)"
                         )
                     if err:
-                        raise IPVSError(f"generic netlink family lookup: {_strerror(err)}")
+                        raise IPVSError(f"generic netlink family lookup: {_strerror(err)}", err)
                     if family_id is None:
                         raise IPVSError("generic netlink family lookup: no answer")
                     return family_id
@@ -886,9 +889,9 @@ class IPVSAdapter:
                 if m.type == NLMSG_ERROR:
                     err = error_code(m.payload)
                     if err in _FATAL:
-                        raise IPVSPermissionError(f"IPVS dump: {_strerror(err)}")
+                        raise IPVSPermissionError(f"IPVS dump: {_strerror(err)}", err)
                     if err:
-                        raise IPVSError(f"IPVS dump (cmd {cmd}): {_strerror(err)}")
+                        raise IPVSError(f"IPVS dump (cmd {cmd}): {_strerror(err)}", err)
                     return
                 yield m.payload
 
@@ -910,10 +913,10 @@ class IPVSAdapter:
             for payload in self._dump_raw(CMD_GET_DEST, encode_service_key(key)):
                 rs = decode_dest(payload, fam)
                 out[rs.key] = rs
-        except IPVSPermissionError:
-            raise
-        except IPVSError as err:  # the service vanished between the two dumps
-            log.debug("dest dump of %s: %s", key, err)
+        except IPVSError as err:
+            if err.errno not in (errnos.ESRCH, errnos.ENOENT):
+                raise
+            log.debug("dest dump of %s: %s (the service vanished)", key, err)
         return out
 
     def dump(self) -> IPVSTable:
@@ -950,7 +953,6 @@ class IPVSAdapter:
                     done += 1
                     already += 1
                 elif (nxt := follow_up(op, err)) is not None:
-                    already += 1
                     retry.append((nxt, *op_request(nxt, cache)))
                 else:
                     failures.append(OpFailure(op, err))
@@ -962,12 +964,13 @@ class IPVSAdapter:
                     err = errors.get(i, 0)
                     if not err:
                         done += 1
+                        already += 1
                     elif err in _FATAL:
                         fatal = fatal or OpFailure(op, err)
                     else:
                         failures.append(OpFailure(op, err))
             if fatal is not None:
-                raise IPVSPermissionError(str(fatal))
+                raise IPVSPermissionError(str(fatal), fatal.errno)
         result = ApplyResult(
             done=done,
             already=already,
