@@ -219,7 +219,7 @@ def explain_packet(
         affinity=affinity,
         ipvs=view,
         empty_chains=frozenset(
-            name for t in ("nat", "filter") for name, ch in rs.chains(t).items() if not ch.rules
+            name for t in ("nat", "filter") for name, ch in rs.chains(t).items() if not ch.lines
         ),
     )
 

@@ -23,6 +23,8 @@ nat/filter/nat sequence a packet meets at one hook), `parse_ipset_save`.
 
 from __future__ import annotations
 
+import functools
+import gc
 import ipaddress
 import re
 from collections.abc import Iterable, Mapping
@@ -64,7 +66,11 @@ class Cond:
     kind: str  # src dst proto dport sport addrtype mark ctstate set iface unknown
     args: tuple[str, ...]
     negate: bool = False
-    net: IPNet | None = None  # src/dst
+
+    @property
+    def net(self) -> IPNet | None:
+        """The network of a src/dst condition."""
+        return _network(self.args[0]) if self.kind in ("src", "dst") else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -110,13 +116,36 @@ class Rule:
 
 @dataclass(slots=True)
 class Chain:
+    """A chain and its rules. Rules are parsed when first asked for: a trace visits a few
+    chains of a ruleset that may hold a hundred thousand rules."""
+
     name: str
     policy: str = "-"  # ACCEPT/DROP for built-in chains, "-" for user chains
-    rules: list[Rule] = field(default_factory=list)
+    table: str = ""
+    lines: list[tuple[str, tuple[int, int] | None]] = field(default_factory=list)
+    _rules: list[Rule] | None = None
 
     @property
     def builtin(self) -> bool:
         return self.policy != "-"
+
+    @property
+    def rules(self) -> list[Rule]:
+        if self._rules is None:
+            collecting = gc.isenabled()
+            gc.disable()  # see parse_save
+            try:
+                self._rules = [
+                    parse_rule(self.table, self.name, i, text, counters=counters)
+                    for i, (text, counters) in enumerate(self.lines, start=1)
+                ]
+            finally:
+                if collecting:
+                    gc.enable()
+        return self._rules
+
+    def __len__(self) -> int:
+        return len(self.lines)
 
 
 @dataclass(slots=True)
@@ -142,26 +171,62 @@ class Ruleset:
         """The --seconds of the rcheck/update rules of recent list `name` (affinity timeout)."""
         for chains in self.tables.values():
             for chain in chains.values():
-                for rule in chain.rules:
-                    r = rule.recent
+                for i, (text, _) in enumerate(chain.lines):
+                    if name not in text or "--seconds" not in text:
+                        continue  # a cheap look first: parse only the likely lines
+                    r = chain.rules[i].recent
                     if r and r.name == name and r.action in ("rcheck", "update") and r.seconds:
                         return r.seconds
         return None
 
 
 def _tokens(line: str) -> list[str]:
-    out = []
-    for quoted, plain in _TOKEN.findall(line):
-        out.append(plain if plain else re.sub(r"\\(.)", r"\1", quoted))
+    """Split a rule into words; "quoted text" (iptables-save quotes comments) is one word."""
+    if '"' not in line:
+        return line.split()
+    if "\\" in line:  # escaped quotes inside a comment: the careful way
+        return [
+            plain if plain else re.sub(r"\\(.)", r"\1", quoted)
+            for quoted, plain in _TOKEN.findall(line)
+        ]
+    out: list[str] = []
+    for i, part in enumerate(line.split('"')):
+        if i % 2:
+            out.append(part)
+        else:
+            out.extend(part.split())
     return out
 
 
+@functools.lru_cache(maxsize=65536)
+def _address(text: str) -> IPAddr:
+    return ipaddress.ip_address(text)
+
+
+@functools.lru_cache(maxsize=65536)
 def _network(text: str) -> IPNet:
     try:
         return ipaddress.ip_network(text, strict=False)
     except ValueError:
         raise ParseError(f"bad address {text!r}") from None
 
+
+_KNOWN_MODULES = frozenset(
+    (
+        "tcp",
+        "udp",
+        "sctp",
+        "multiport",
+        "addrtype",
+        "comment",
+        "mark",
+        "statistic",
+        "recent",
+        "conntrack",
+        "state",
+        "set",
+    )
+)
 
 # options that take one value inside a match module, by module (anything else: a flag)
 _VALUE_OPTIONS = {
@@ -236,38 +301,24 @@ def parse_rule(
                     topts.append((key, ""))
                     i += 1
             break
-        if t in ("-s", "--source", "-d", "--destination"):
+        if t == "-m" or t == "--match":
+            module = value()
+            if module not in _KNOWN_MODULES:
+                conds.append(Cond("unknown", (f"-m {module}",), False))
+        elif t == "--comment" and module == "comment":
+            comment = value()
+        elif t in ("-s", "--source", "-d", "--destination"):
             kind = "src" if t in ("-s", "--source") else "dst"
-            v = value()
-            conds.append(Cond(kind, (v,), neg, _network(v)))
+            conds.append(Cond(kind, (value(),), neg))
         elif t in ("-p", "--protocol"):
             conds.append(Cond("proto", (value().lower(),), neg))
         elif t in ("-i", "--in-interface", "-o", "--out-interface"):
             conds.append(Cond("iface", ("in" if t.startswith("-i") else "out", value()), neg))
-        elif t in ("-m", "--match"):
-            module = value()
-            if module not in (
-                "tcp",
-                "udp",
-                "sctp",
-                "multiport",
-                "addrtype",
-                "comment",
-                "mark",
-                "statistic",
-                "recent",
-                "conntrack",
-                "state",
-                "set",
-            ):
-                conds.append(Cond("unknown", (f"-m {module}",), False))
         elif t in ("-c", "--set-counters"):
             value()
             value()
         elif t in ("-4", "-6", "-f", "--fragment"):
             pass
-        elif module == "comment" and t == "--comment":
-            comment = value()
         elif t in ("--dport", "--destination-port", "--dports", "--destination-ports"):
             conds.append(Cond("dport", (value(),), neg))
         elif t in ("--sport", "--source-port", "--sports", "--source-ports"):
@@ -334,6 +385,17 @@ def parse_save(text: str, into: Ruleset | None = None) -> Ruleset:
     """Read `iptables-save` output (any tables, with or without -c counters), or
     iptables-restore input in the same shape. Several outputs can be merged with `into`."""
     rs = into if into is not None else Ruleset()
+    collecting = gc.isenabled()
+    gc.disable()  # a big listing makes many small objects: no cycles to look for among them
+    try:
+        _parse_into(rs, text)
+    finally:
+        if collecting:
+            gc.enable()
+    return rs
+
+
+def _parse_into(rs: Ruleset, text: str) -> None:
     table: dict[str, Chain] | None = None
     table_name = ""
     for raw in text.splitlines():
@@ -356,7 +418,7 @@ def parse_save(text: str, into: Ruleset | None = None) -> Ruleset:
             if name in table:
                 table[name].policy = policy
             else:
-                table[name] = Chain(name, policy)
+                table[name] = Chain(name, policy, table_name)
             continue
         counters: tuple[int, int] | None = None
         m = _COUNTERS.match(line)
@@ -368,12 +430,9 @@ def parse_save(text: str, into: Ruleset | None = None) -> Ruleset:
         _, name, *rest = line.split(" ", 2)
         chain = table.get(name)
         if chain is None:
-            chain = table[name] = Chain(name)
-        body = rest[0] if rest else ""
-        chain.rules.append(
-            parse_rule(table_name, name, len(chain.rules) + 1, body, counters=counters)
-        )
-    return rs
+            chain = table[name] = Chain(name, "-", table_name)
+        chain.lines.append((rest[0] if rest else "", counters))
+        chain._rules = None
 
 
 def parse_ipset_save(text: str) -> dict[str, frozenset[str]]:
@@ -434,7 +493,7 @@ class Environment:
         object.__setattr__(self, "local_addresses", canonical)
 
     def is_local(self, address: str) -> bool:
-        ip = ipaddress.ip_address(address)
+        ip = _address(address)
         return ip.is_loopback or str(ip) in self.local_addresses
 
 
@@ -488,8 +547,17 @@ class _Branch:
     pinned: tuple[str, ...] = ()
     notes: tuple[str, ...] = ()
 
-    def copy(self, **kw: object) -> _Branch:
-        return replace(self, **kw)  # type: ignore[arg-type]
+    def split(self, share: float) -> _Branch:
+        """A copy carrying `share` of this branch's probability."""
+        return _Branch(
+            self.probability * share,
+            self.mark,
+            self.steps,
+            self.mark_by,
+            self.recent_set,
+            self.pinned,
+            self.notes,
+        )
 
     def note(self, text: str) -> None:
         if text not in self.notes:
@@ -555,9 +623,9 @@ class _Tracer:
         """True/False, or None when the condition cannot be evaluated (noted on the branch)."""
         k = c.kind
         if k in ("src", "dst"):
-            ip = ipaddress.ip_address(pkt.src if k == "src" else pkt.dst)
-            assert c.net is not None
-            return ip.version == c.net.version and ip in c.net
+            ip = _address(pkt.src if k == "src" else pkt.dst)
+            net = _network(c.args[0])
+            return ip.version == net.version and ip in net
         if k == "proto":
             return c.args[0] in ("all", "0") or c.args[0] == pkt.proto
         if k in ("dport", "sport", "port"):
@@ -572,7 +640,7 @@ class _Tracer:
         if k == "addrtype":
             which, types = c.args
             addr = pkt.src if which == "src" else pkt.dst
-            ip = ipaddress.ip_address(addr)
+            ip = _address(addr)
             local = self.is_local(addr)
             found = False
             for t in types.split(","):
@@ -651,13 +719,13 @@ class _Tracer:
                 if p is not None:
                     p = min(max(p, 0.0), 1.0)
                     if 1.0 - p > EPSILON:
-                        rest = b.copy(probability=b.probability * (1.0 - p))
+                        rest = b.split(1.0 - p)
                         rest.steps = (*b.steps, Step(table, chain_name, rule, False, p))
                         work.append((i, rest))
                     if p <= EPSILON:
                         finished = True
                         break
-                    b = b.copy(probability=b.probability * p)
+                    b = b.split(p)
                 step = Step(table, chain_name, rule, True, p)
                 b.steps = (*b.steps, step)
                 if rule.recent is not None and rule.recent.action == "set":
