@@ -45,6 +45,8 @@ LEGACY_PREFIXES = ("KUBE-XLB-",)
 SERVICE_PREFIXES = (SVC_PREFIX, SVL_PREFIX, EXT_PREFIX, FW_PREFIX, SEP_PREFIX)
 
 NAT_FIXED = (SERVICES, NODEPORTS, POSTROUTING, MARK_MASQ)
+# nat chains whose content depends only on the options and that service chains jump to
+NAT_FIXED_TARGETS = (MARK_MASQ, MASQ_OFF_CLUSTER)
 FILTER_FIXED = (SERVICES, EXTERNAL_SERVICES, FORWARD, NODEPORTS, PROXY_FIREWALL)
 
 # Every fixed chain kproxy owns per table (cleanup removes exactly these plus service chains).
