@@ -58,7 +58,7 @@ def start(lab: Lab, api: FakeApiServer, kubeconfig: str, *, policy: str = "Clust
     # no periodic full resync during the test: damage done by hand must stay visible
     agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--iptables-sync-period", "1h"])
     agent.start()
-    eventually(lambda: "default/empty:http has no endpoints" in agent.save("filter"))
+    eventually(lambda: "default/empty:http has no endpoints" in agent.save("filter"), timeout=15)
     return agent
 
 
