@@ -522,9 +522,13 @@ def test_deleted_service_leaves_no_virtual_server_or_vip(env: Env) -> None:
     env.api.upsert(slice_of("gone", env.local_pods, [("http", 80, "TCP")]))
     env.wait_serving(k("10.96.0.90", 80), env.local_pods)
     env.api.delete("Service", "default", "gone")
-    eventually(lambda: k("10.96.0.90", 80) not in env.ipvsadm(), timeout=20, step=0.3)
-    assert "10.96.0.90" not in env.run("ip", "-o", "addr", "show", "dev", "kube-ipvs0")
-    assert "10.96.0.90" not in env.run("ipset", "list", "KUBE-CLUSTER-IP")
+
+    def gone() -> None:
+        assert k("10.96.0.90", 80) not in env.ipvsadm()
+        assert "10.96.0.90" not in env.run("ip", "-o", "addr", "show", "dev", "kube-ipvs0")
+        assert "10.96.0.90" not in env.run("ipset", "list", "KUBE-CLUSTER-IP")
+
+    eventually(gone, timeout=20, step=0.3)
 
 
 def test_foreign_virtual_servers_are_left_alone(env: Env) -> None:
@@ -538,8 +542,14 @@ def test_foreign_virtual_servers_are_left_alone(env: Env) -> None:
 
 # -- restart and cleanup (last: they change the agent) -------------------------------------------
 def shape(table: dict[Key, ListedService]) -> dict[Key, Any]:
+    """What a restart must keep: services, schedulers, persistence, serving real servers
+    (draining ones may finish draining meanwhile)."""
     return {
-        key: (vs.scheduler, vs.persistent, {(a, p, d.weight) for (a, p), d in vs.dests.items()})
+        key: (
+            vs.scheduler,
+            vs.persistent,
+            {(a, p, d.weight) for (a, p), d in vs.dests.items() if d.weight > 0},
+        )
         for key, vs in table.items()
     }
 
