@@ -452,7 +452,9 @@ class IPVSProxier:
                 f"{result.failures[0]}"
             )
 
-    def _result(self, *, full: bool, written: int, rules: int | None, plan: D.Plan) -> SyncResult:
+    def _result(
+        self, *, full: bool, written: int, rules: dict[str, int] | None, plan: D.Plan
+    ) -> SyncResult:
         counts: dict[str, int] = {}
         if full:  # O(table): only on full syncs (the gauges keep their value in between)
             counts["ipvs-services"] = len(self._claims)
@@ -460,7 +462,7 @@ class IPVSProxier:
                 len(next(iter(c.values())).dests) for c in self._claims.values()
             )
         if rules is not None:
-            counts["iptables"] = rules
+            counts.update(rules)
         detail = (
             f"{plan.count(D.AddVS)} services added, {plan.count(D.DelVS)} deleted, "
             f"{plan.count(D.EditVS)} edited; {plan.dests_added} real servers added, "

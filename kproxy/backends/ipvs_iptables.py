@@ -114,6 +114,19 @@ def _missing_hooks(current: str) -> dict[str, list[str]]:
     return out
 
 
+def rule_counts(text: str) -> dict[str, int]:
+    """table -> number of "-A" rules in an iptables-restore text."""
+    out: dict[str, int] = {}
+    table = ""
+    for line in text.splitlines():
+        if line.startswith("*"):
+            table = line[1:].strip()
+            out[table] = 0
+        elif line.startswith("-A ") and table:
+            out[table] += 1
+    return out
+
+
 class CompanionRules:
     """Writes the companion rules of one family with the detected (or given) flavour."""
 
@@ -129,8 +142,9 @@ class CompanionRules:
     def text(self) -> str:
         return RR.companion_rules(self.options, random_fully=self.random_fully)
 
-    def apply(self) -> int:
-        """Rewrite kproxy's chains and insert missing hooks in one restore; returns rule count."""
+    def apply(self) -> dict[str, int]:
+        """Rewrite kproxy's chains and insert missing hooks in one restore; returns the rule
+        count per table."""
         body = self.text()
         current = save(self.family, self.flavour)
         hooks = _missing_hooks(current)
@@ -146,7 +160,7 @@ class CompanionRules:
         self.writes += 1
         if hooks:
             log.warning("hooks for tables without kproxy chains were skipped: %s", sorted(hooks))
-        return body.count("\n-A ")
+        return rule_counts(body)
 
     def present(self) -> bool:
         """True when every kproxy chain and hook is in place (a cheap drift check)."""
