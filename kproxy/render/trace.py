@@ -9,6 +9,7 @@ Pure and standard-library only. `parse_ruleset` reads iptables-save (or iptables
 
 and returns every possible outcome with its probability: DNAT to an endpoint, REJECT, DROP, or
 ACCEPT (nothing translated it), whether it was masqueraded, and the rules that decided it.
+A built-in chain's DROP policy applies when the packet falls off its end.
 `statistic --mode random` rules split a trace into weighted branches, so a service with three
 endpoints yields three outcomes of 1/3 each.
 
@@ -219,6 +220,7 @@ class _Chain:
     builtin: bool
     lines: list[str] = field(default_factory=list)
     parsed: list[Rule] | None = None
+    policy: str = "-"
 
 
 class Ruleset:
@@ -236,6 +238,13 @@ class Ruleset:
 
     def has_chain(self, table: str, chain: str) -> bool:
         return chain in self._tables.get(table, {})
+
+    def policy(self, table: str, chain: str) -> str:
+        """A built-in chain's policy (ACCEPT when the text does not say), "-" for others."""
+        c = self._tables.get(table, {}).get(chain)
+        if c is None:
+            return "ACCEPT" if chain in C.BUILTIN.get(table, ()) else "-"
+        return c.policy if c.builtin else "-"
 
     def rules(self, table: str, chain: str) -> list[Rule]:
         """The rules of `chain` (empty when it does not exist). A built-in chain missing from the
@@ -261,6 +270,8 @@ def parse_ruleset(text: str) -> Ruleset:
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
+        if line.startswith("[") and "] " in line:  # iptables-save -c counters
+            line = line.split("] ", 1)[1]
         if line.startswith("*"):
             current = tables.setdefault(line[1:], {})
             continue
@@ -273,7 +284,7 @@ def parse_ruleset(text: str) -> Ruleset:
             policy = rest.split(" ", 1)[0] if rest else "-"
             chain = current.get(name)
             if chain is None:
-                current[name] = _Chain(builtin=policy != "-")
+                current[name] = _Chain(builtin=policy != "-", policy=policy)
             else:
                 chain.lines.clear()  # a restore declaration flushes the chain
         elif line.startswith("-A "):
@@ -540,6 +551,10 @@ class _Tracer:
                     yield sub, decided
                 else:
                     yield from self.walk(table, chain, sub, pos + 1, depth)
+            return
+        if self.ruleset.policy(table, chain) in (DROP, REJECT):
+            note = f"{table} {chain} policy {self.ruleset.policy(table, chain)}"
+            yield replace(st, verdict=DROP, notes=(*st.notes, note)), True
             return
         yield st, False
 
