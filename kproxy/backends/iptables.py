@@ -5,11 +5,13 @@ Owns the kernel side of iptables mode for one IP family:
 - Flavour detection (legacy or nft), as kubelet's iptables-wrapper does: the flavour whose mangle
   table holds kubelet's KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY chain, else the one holding more
   rules, else nft. Binaries are iptables-<flavour>-restore/-save (ip6tables-* for IPv6).
-- Full syncs reconcile: the three tables are read back, every kproxy chain is declared (which with
-  --noflush flushes it) and refilled, owned chains that are no longer wanted are deleted, and
-  missing hook jumps are inserted ("-I", never duplicated). Nothing that is still wanted is ever
-  flushed outside the transaction that refills it, so a restart drops no established or new
-  connection.
+- Full syncs declare every kproxy chain (which with --noflush flushes it) and refill it, delete
+  owned chains that are no longer wanted, and insert missing hook jumps ("-I", never
+  duplicated). Nothing that is still wanted is ever flushed outside the transaction that refills
+  it, so a restart drops no established or new connection. The first full sync, and the first
+  after a failure or a flush, reconciles with what the kernel really holds (the three tables are
+  read back, so chains left by an earlier agent or kube-proxy are adopted or deleted); periodic
+  full syncs trust what kproxy applied and read only the built-in chains, for the hooks.
 - Partial syncs write only what changed: the chains of changed services whose text differs, the
   chains that disappeared (deleted), and in-place "-D"/"-I" edits of the shared chains for the
   lines that changed, all in one atomic restore. An endpoint change at 10k services rewrites one
@@ -35,13 +37,15 @@ namespace only, and reads nothing the save output does not already give.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from contextlib import contextmanager
 
 from kproxy.backends.base import SyncError, SyncResult
 from kproxy.model.objects import IPV6, Ref
@@ -148,6 +152,19 @@ def _count(text: str) -> int:
     return text.count("\n")
 
 
+@contextmanager
+def _gc_paused() -> Iterator[None]:
+    """Rendering 10k services allocates a few hundred thousand strings and tuples, none of
+    them cyclic; the cyclic collector's passes over them cost up to half the render time."""
+    enabled = gc.isenabled()
+    gc.disable()
+    try:
+        yield
+    finally:
+        if enabled:
+            gc.enable()
+
+
 class IptablesProxier:
     """Programs one IP family's kube-proxy-style rules. See the module docstring."""
 
@@ -174,6 +191,8 @@ class IptablesProxier:
         self._nat_rules = 0
         self._filter_rules = 0
         self._need_full = True
+        self._reconcile = True  # the next full sync reads the tables back (start-up, failures)
+        self._applied: dict[str, set[str]] = {t: set() for t in TABLES}
         self._canary_checked = float("-inf")
         self.restores = 0  # restore invocations of the last sync
         log.info("iptables mode: IPv%d via %s", self.family, self.restore)
@@ -191,7 +210,7 @@ class IptablesProxier:
             check=False,
         )
         if res.returncode != 0:
-            self._need_full = True
+            self._need_full = self._reconcile = True
             detail = (res.stderr.strip() or res.stdout.strip())[-2000:]
             log.debug("failed restore input:\n%s", _excerpt(text, detail))
             raise SyncError(f"{self.restore} failed ({res.returncode}): {detail}")
@@ -210,8 +229,27 @@ class IptablesProxier:
         )
         if res.returncode != 0:
             log.warning("canary chain %s is gone: tables were flushed, resyncing all", C.CANARY)
+            self._reconcile = True
             return True
         return False
+
+    def _builtin_rules(self, table: str) -> str:
+        """The rules of the built-in chains kproxy hooks into, as iptables-save lines. nft
+        lists single chains cheaply; legacy reads the whole table either way, so one save."""
+        if self.flavour == "legacy":
+            return self.save(table)
+        out = []
+        for chain in C.BUILTIN.get(table, ()):
+            if not C.hooks_for(table, chain):
+                continue
+            res = self._run(
+                [self.iptables, "-w", "5", "-t", table, "-S", chain],
+                capture_output=True,
+                text=True,
+                check=False,
+            )
+            out.append(res.stdout)
+        return "".join(out)
 
     def _canary_due_and_missing(self) -> bool:
         if self._clock() - self._canary_checked < CANARY_CHECK_INTERVAL:
@@ -235,24 +273,29 @@ class IptablesProxier:
 
     def _full_sync(self, snapshot: Snapshot) -> SyncResult:
         self._need_full = True  # until this sync has landed
-        blocks = {ref: b for ref, b in self._render(snapshot, None).items() if not b.empty}
-        ordered = [blocks[ref] for ref in sorted(blocks)]
-        shared = self.renderer.shared_chains(b.shared for b in ordered)
-        existing = {t: self.save(t) for t in TABLES}
-        wanted: dict[str, set[str]] = {NAT: set(), FILTER: set(), MANGLE: set()}
+        with _gc_paused():
+            blocks = {ref: b for ref, b in self._render(snapshot, None).items() if not b.empty}
+            ordered = [blocks[ref] for ref in sorted(blocks)]
+            shared = self.renderer.shared_chains(b.shared for b in ordered)
+        wanted: dict[str, set[str]] = {NAT: {C.CANARY}, FILTER: {C.CANARY}, MANGLE: {C.CANARY}}
         for table, chain in shared:
             wanted[table].add(chain)
         for b in ordered:
             wanted[NAT].update(b.names)
+        reconcile = self._reconcile
+        if reconcile:
+            # start-up or after trouble: what is really there decides what goes
+            existing = {t: self.save(t) for t in TABLES}
+            present = {t: set(chains_in(existing[t])) for t in TABLES}
+            builtin = existing
+        else:
+            present = self._applied
+            builtin = {t: self._builtin_rules(t) for t in (NAT, FILTER)}
         delete = {
-            t: [
-                c
-                for c in chains_in(existing[t])
-                if C.is_owned(t, c) and c not in wanted[t] and c != C.CANARY
-            ]
+            t: sorted(c for c in present[t] if C.is_owned(t, c) and c not in wanted[t])
             for t in TABLES
         }
-        hooks = {t: missing_hooks(t, existing[t]) for t in TABLES}
+        hooks = {t: missing_hooks(t, builtin.get(t, "")) for t in TABLES}
         n_chains = sum(len(b.chains) for b in ordered)
         if self.flavour == "nft" and n_chains > self.nft_chunk_chains:
             # service chains first, in inputs of about nft_chunk_chains chains each; the first
@@ -273,8 +316,12 @@ class IptablesProxier:
             TableWrite(w.table, chains=w.chains, edits=hooks.get(w.table, ""), delete=w.delete)
             for w in writes
         ]
-        self._apply(assemble(writes))
+        with _gc_paused():
+            text = assemble(writes)
+        self._apply(text)
         self._blocks = blocks
+        self._applied = wanted
+        self._reconcile = False
         self._nat_rules = sum(_count(t) for (table, _), t in shared.items() if table == NAT)
         self._nat_rules += sum(b.nat_rule_count for b in ordered)
         self._filter_rules = sum(_count(t) for (table, _), t in shared.items() if table == FILTER)
@@ -284,7 +331,10 @@ class IptablesProxier:
             full=True,
             services_written=len(blocks),
             rules=self._rule_counts(),
-            detail=f"{self.flavour}: {self.restores} restore(s), {len(delete[NAT])} stale chains",
+            detail=(
+                f"{self.flavour}: {self.restores} restore(s), {len(delete[NAT])} stale chains"
+                f"{', tables read back' if reconcile else ''}"
+            ),
         )
 
     def _partial_sync(self, snapshot: Snapshot, refs: frozenset[Ref]) -> SyncResult:
@@ -320,6 +370,8 @@ class IptablesProxier:
             TableWrite(NAT, chains=chains, edits="".join(edits.get(NAT, ())), delete=delete),
         ]
         self._apply(assemble(writes))
+        self._applied[NAT].difference_update(delete)
+        self._applied[NAT].update(c for c, _ in chains)
         for ref, block in changed.items():
             if block.empty:
                 self._blocks.pop(ref, None)
@@ -363,7 +415,8 @@ class IptablesProxier:
                 raise SyncError(f"{restore} cleanup failed: {res.stderr.strip()}")
             log.info("removed kproxy's IPv%d chains (%s)", self.family, flavour)
         self._blocks = {}
-        self._need_full = True
+        self._applied = {t: set() for t in TABLES}
+        self._need_full = self._reconcile = True
 
 
 def cleanup_text(saved: Mapping[str, str]) -> str:

@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kproxy.model.endpoints import EndpointInfo
 from kproxy.model.objects import IPV6, Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import ServicePortView
@@ -320,16 +321,25 @@ class Renderer:
             chains[svl] = []
         if has_internal and self._masq_internal:
             chains[internal_chain].append(f"-A {internal_chain} {cip_match}{self._masq_internal}\n")
-        # endpoint -> (KUBE-SEP chain, "ip:port"), each hashed once
+        # endpoint -> (KUBE-SEP chain, "ip:port"), each hashed once; keyed by identity because
+        # categorize() hands out the same objects in all three tuples (with a fallback if not)
         sep_chain = C.sep_chain
-        seps = {}
+        seps: dict[int, tuple[str, str]] = {}
+        sep_ips: list[tuple[str, str, str]] = []
         for ep in cat.all_reachable:
             hostport = ep.hostport
-            seps[ep] = (sep_chain(name, proto, hostport), hostport)
+            sep = sep_chain(name, proto, hostport)
+            seps[id(ep)] = (sep, hostport)
+            sep_ips.append((sep, hostport, ep.ip))
+
+        def sep_of(ep: EndpointInfo) -> tuple[str, str]:
+            got = seps.get(id(ep))
+            return got if got is not None else (sep_chain(name, proto, ep.hostport), ep.hostport)
+
         if uses_cluster_chain:
-            self._balance(chains[svc], v, svc, [seps[ep] for ep in cluster_eps])
+            self._balance(chains[svc], v, svc, [sep_of(ep) for ep in cluster_eps])
         if uses_local_chain:
-            self._balance(chains[svl], v, svl, [seps[ep] for ep in local_eps])
+            self._balance(chains[svl], v, svl, [sep_of(ep) for ep in local_eps])
 
         if uses_ext:
             rules = chains[ext] = []
@@ -378,9 +388,9 @@ class Renderer:
             if service.affinity_timeout
             else ""
         )
-        for ep, (sep, hostport) in seps.items():
+        for sep, hostport, ip in sep_ips:
             chains[sep] = [
-                f"-A {sep} -m comment --comment {name} -s {ep.ip} -j KUBE-MARK-MASQ\n",
+                f"-A {sep} -m comment --comment {name} -s {ip} -j KUBE-MARK-MASQ\n",
                 f"-A {sep} -m comment --comment {name} {recent.format(sep)}{pm} -j DNAT "
                 f"--to-destination {hostport}\n",
             ]

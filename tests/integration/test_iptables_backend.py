@@ -363,3 +363,31 @@ def test_ipv6(netns: str, flavour: str) -> None:
     result = trace(nat, Packet("2001:db8::9", "fd00:172:30::1", 80))
     assert result.summary == "[fd00:10::1]:80, [fd00:10::2]:80" and result.masqueraded
     assert "KUBE-" not in r["after"]
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_periodic_full_sync_repairs_hooks_without_reading_everything(
+    netns: str, flavour: str
+) -> None:
+    r = run_in(
+        netns,
+        flavour,
+        """
+        store = Store()
+        store.replace_services([make_service("ns1", "a", cluster_ips=("172.30.0.1",))])
+        store.replace_slices([make_slice("ns1", "a", endpoints=[make_endpoint("10.1.0.1")])])
+        p = IptablesProxier(options=ProxyOptions(node_name="n"), flavour=FLAVOUR, run=run)
+        out["first"] = p.sync(*store.take(), full=True).detail
+        ipt("-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment",
+            "kubernetes service portals", "-j", "KUBE-SERVICES")
+        ipt("-t", "filter", "-D", "FORWARD", "-m", "comment", "--comment",
+            "kubernetes forwarding rules", "-j", "KUBE-FORWARD")
+        out["second"] = p.sync(*store.take(), full=True).detail
+        out["nat"] = save()
+        out["filter"] = save("filter")
+        """,
+    )
+    assert "read back" in r["first"] and "read back" not in r["second"]
+    for hook in C.HOOKS:
+        text = r["nat"] if hook.table == "nat" else r["filter"]
+        assert text.splitlines().count(hook.line) == 1, hook.line
