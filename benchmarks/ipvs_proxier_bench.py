@@ -120,7 +120,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
             Endpoint(_endpoint_ip(i * args.endpoints + j), node_name="elsewhere")
             for j in range(args.endpoints)
         )
-        eps[k % args.endpoints] = Endpoint(_endpoint_ip(10_000_000 + k), node_name="elsewhere")
+        eps[k % args.endpoints] = Endpoint(f"10.250.{k // 256}.{k % 256}", node_name="elsewhere")
         t = time.perf_counter()
         store.set_slice(
             EndpointSlice(

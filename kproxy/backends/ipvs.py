@@ -256,7 +256,7 @@ class IPVSProxier:
         except SyncError:
             self._failed()
             raise
-        except (N.IPVSError, OSError, RuntimeError) as err:
+        except Exception as err:
             self._failed()
             raise SyncError(f"IPVS sync: {err}") from err
 
