@@ -3,7 +3,8 @@
 
 Run inside a kernel with IPVS (the qemu guest), as root:
 
-    python3 tests/vm/run_in_vm.py -- '{python}' benchmarks/ipvs_proxier_bench.py --services 2000 10000
+    python3 tests/vm/run_in_vm.py -- '{python}' benchmarks/ipvs_proxier_bench.py \
+        --services 2000 10000
 
 Each measurement runs in a fresh network namespace (IPVS, ipsets, iptables and kube-ipvs0 are all
 per namespace), so runs never see each other's state. What is timed:
