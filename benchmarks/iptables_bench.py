@@ -36,17 +36,17 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from kproxy.backends.iptables import IptablesProxier  # noqa: E402
-from kproxy.model.objects import (  # noqa: E402
+from kproxy.backends.iptables import IptablesProxier
+from kproxy.model.objects import (
     Endpoint,
     EndpointPort,
     EndpointSlice,
     Service,
     ServicePort,
 )
-from kproxy.model.options import ProxyOptions  # noqa: E402
-from kproxy.model.store import Store  # noqa: E402
-from kproxy.render import chains as C  # noqa: E402
+from kproxy.model.options import ProxyOptions
+from kproxy.model.store import Store
+from kproxy.render import chains as C
 
 
 def service(i: int) -> Service:
@@ -127,11 +127,12 @@ def inner_kproxy(flavour: str, n: int, m: int, changes: int, workdir: str) -> di
     options = ProxyOptions(node_name="bench", cluster_cidrs=("10.0.0.0/8",))
     proxier = IptablesProxier(options=options, flavour=flavour, run=run)
     snap, changed = store.take()
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     result = proxier.sync(snap, changed, full=True)
     full = time.perf_counter() - started
     out: dict[str, Any] = {
         "full": full,
+        "full_cpu": time.process_time() - cpu,
         "full_restore": run.restore_s,
         "full_save": run.save_s,
         "restores": len(run.inputs),
@@ -140,6 +141,8 @@ def inner_kproxy(flavour: str, n: int, m: int, changes: int, workdir: str) -> di
     for k, text in enumerate(run.inputs):
         Path(workdir, f"full-{k:04d}.txt").write_text(text)
 
+    if not changes:
+        return out
     run.reset()
     started = time.perf_counter()
     proxier.sync(*store.take(), full=True)
@@ -230,6 +233,7 @@ def main() -> None:
     parser.add_argument("--changes", type=int, default=20)
     parser.add_argument("--flavours", nargs="+", default=["nft", "legacy"])
     parser.add_argument("--single-max", type=int, default=2000)
+    parser.add_argument("--repeat", type=int, default=3, help="full-sync runs (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
     parser.add_argument("--inner", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -253,33 +257,53 @@ def main() -> None:
         print(header)
     for flavour in args.flavours:
         for n in args.services:
-            with tempfile.TemporaryDirectory(prefix="kproxy-iptbench-") as workdir:
-                k = in_netns(
-                    ["kproxy", flavour, str(n), str(args.endpoints), str(args.changes), workdir]
-                )
-                raw = in_netns(["raw", flavour, workdir, "0"])
-                single = None
-                if k and k["restores"] > 1 and n <= args.single_max:
-                    single = in_netns(["raw", flavour, workdir, "1"])
-            assert k is not None and raw is not None
-            row = {"flavour": flavour, "services": n, **k, **raw, **(single or {})}
+            fulls, raws, first, single = [], [], None, None
+            for rep in range(args.repeat):
+                changes = args.changes if rep == 0 else 0
+                with tempfile.TemporaryDirectory(prefix="kproxy-iptbench-") as workdir:
+                    # alternate kproxy and raw so that load from elsewhere hits both alike
+                    k = in_netns(
+                        ["kproxy", flavour, str(n), str(args.endpoints), str(changes), workdir]
+                    )
+                    raw = in_netns(["raw", flavour, workdir, "0"])
+                    if rep == 0 and k and k["restores"] > 1 and n <= args.single_max:
+                        single = in_netns(["raw", flavour, workdir, "1"])
+                assert k is not None and raw is not None
+                first = first or k
+                fulls.append(k["full"])
+                raws.append(raw["raw"])
+            k = first
+            assert k is not None
+            full, raw_full = statistics.median(fulls), statistics.median(raws)
+            row = {
+                "flavour": flavour,
+                "services": n,
+                **k,
+                "full": full,
+                "raw": raw_full,
+                "fulls": fulls,
+                "raws": raws,
+                **(single or {}),
+            }
             if args.json:
                 print(json.dumps(row), flush=True)
                 continue
             one = ms(single["raw_single"]) if single else ("-" if k["restores"] == 1 else "n/a")
             print(
-                f"{flavour:7} {n:8d} {k['rules']['nat']:9d} {k['restores']:8d} {ms(k['full']):>8} "
-                f"{ms(raw['raw']):>8} {k['full'] / raw['raw']:5.2f} {one:>11} "
+                f"{flavour:7} {n:8d} {k['rules']['nat']:9d} {k['restores']:8d} {ms(full):>8} "
+                f"{ms(raw_full):>8} {full / raw_full:5.2f} {one:>11} "
                 f"{ms(k['resync']):>9} "
                 f"{ms(k['change_p50']) + '/' + ms(k['change_p95']):>17} "
                 f"{ms(k['raw_change_p50']) + '/' + ms(k['raw_change_p95']):>19}",
                 flush=True,
             )
+            other = k["full"] - k["full_restore"] - k["full_save"]
             print(
-                f"        breakdown: full = restore {ms(k['full_restore'])} + save "
-                f"{ms(k['full_save'])} + model/render "
-                f"{ms(k['full'] - k['full_restore'] - k['full_save'])}; resync = restore "
-                f"{ms(k['resync_restore'])} + save {ms(k['resync_save'])}",
+                f"        first run: full = restore {ms(k['full_restore'])} + save "
+                f"{ms(k['full_save'])} + model/render {ms(other)}"
+                f" (process CPU {ms(k['full_cpu'])}); resync = restore {ms(k['resync_restore'])}"
+                f" + save {ms(k['resync_save'])}; runs: kproxy {', '.join(ms(x) for x in fulls)},"
+                f" raw {', '.join(ms(x) for x in raws)}",
                 flush=True,
             )
 

@@ -291,10 +291,7 @@ class IptablesProxier:
         else:
             present = self._applied
             builtin = {t: self._builtin_rules(t) for t in (NAT, FILTER)}
-        delete = {
-            t: sorted(c for c in present[t] if C.is_owned(t, c) and c not in wanted[t])
-            for t in TABLES
-        }
+        delete = {t: sorted(c for c in present[t] - wanted[t] if C.is_owned(t, c)) for t in TABLES}
         hooks = {t: missing_hooks(t, builtin.get(t, "")) for t in TABLES}
         n_chains = sum(len(b.chains) for b in ordered)
         if self.flavour == "nft" and n_chains > self.nft_chunk_chains:
