@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy.model.objects import EndpointPort, EndpointSlice, Ref, Service
+from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice, Ref, Service
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import ServicePortView, service_views
 from kproxy.render import chains as C
@@ -43,11 +43,11 @@ def views_of(
     }
 
 
-def local(address: str) -> object:
+def local(address: str) -> Endpoint:
     return make_endpoint(address, node_name=NODE)
 
 
-def remote(address: str) -> object:
+def remote(address: str) -> Endpoint:
     return make_endpoint(address, node_name="node2")
 
 

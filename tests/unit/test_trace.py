@@ -14,10 +14,11 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from kproxy.model.objects import EndpointPort, EndpointSlice, Service
+from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice, Service
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import service_views
 from kproxy.render.iptables import render_ruleset
@@ -77,11 +78,11 @@ def check(rs: Ruleset, flows: Sequence[Flow], *, local: Sequence[str] = NODE_IPS
     assert not errors, "\n".join(errors)
 
 
-def local(address: str, **kw: object) -> object:
+def local(address: str, **kw: Any) -> Endpoint:
     return make_endpoint(address, node_name=NODE, **kw)
 
 
-def remote(address: str, **kw: object) -> object:
+def remote(address: str, **kw: Any) -> Endpoint:
     return make_endpoint(address, node_name="node2", **kw)
 
 
@@ -285,7 +286,7 @@ def test_node_ports(family: int, nodeport_ips: tuple[str, ...] | None, alt_allow
             NODE_IP_ALT,
             "127.0.0.1",
         )
-        cidr, local_ips = "10.0.0.0/8", NODE_IPS
+        cidr, local_ips = "10.0.0.0/8", list(NODE_IPS)
         fmt = "{}:80"
     else:
         vip, eps, pod, client, node, alt, lo = (
@@ -297,7 +298,7 @@ def test_node_ports(family: int, nodeport_ips: tuple[str, ...] | None, alt_allow
             "2001:db8:1::2",
             "::1",
         )
-        cidr, local_ips = "fd00:10::/64", ("2001:db8::1", "2001:db8:1::2")
+        cidr, local_ips = "fd00:10::/64", ["2001:db8::1", "2001:db8:1::2"]
         fmt = "[{}]:80"
     opts = ProxyOptions(
         family=family,
@@ -356,7 +357,7 @@ def test_external_ips() -> None:
 
 
 # -- traffic policies --------------------------------------------------------------------------
-def etp_local(*endpoints: object) -> Ruleset:
+def etp_local(*endpoints: Endpoint) -> Ruleset:
     return ruleset(
         (
             make_service(
@@ -427,7 +428,7 @@ def test_internal_traffic_policy_local() -> None:
 
 
 def test_terminating_endpoints_fallback() -> None:
-    def go(*eps: object, **svc: object) -> Ruleset:
+    def go(*eps: Endpoint, **svc: Any) -> Ruleset:
         return ruleset((make_service(**svc), [make_slice(endpoints=list(eps))]))
 
     ready, terminating, gone = (
