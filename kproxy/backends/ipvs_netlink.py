@@ -659,8 +659,19 @@ def _addr_text(buf: memoryview, span: Span, family: int) -> str:
     return socket.inet_ntoa(buf[off : off + 4])
 
 
+# The kernel's stats64 nest starts with CONNS, INPKTS, OUTPKTS, INBYTES, OUTBYTES as u64
+# attributes, in that order: one unpack reads them (anything else takes the general path).
+_STATS64_HEAD = struct.Struct("=HHQHHQHHQHHQHHQ")
+_STATS64_SHAPE = (12, 1, 12, 2, 12, 3, 12, 4, 12, 5)
+
+
 def _stats(buf: memoryview, a: dict[int, Span], a64: int, a32: int) -> Stats | None:
-    span = a.get(a64) or a.get(a32)
+    span = a.get(a64)
+    if span is not None and span[1] >= _STATS64_HEAD.size:
+        v = _STATS64_HEAD.unpack_from(buf, span[0])
+        if v[0::3] + v[1::3] == _STATS64_SHAPE[0::2] + _STATS64_SHAPE[1::2]:
+            return Stats(v[2], v[5], v[8], v[11], v[14])
+    span = span or a.get(a32)
     if span is None:
         return None
     s = scan_attrs(buf, span[0], span[0] + span[1])
@@ -719,22 +730,41 @@ def decode_service(payload: memoryview) -> VirtualServer | None:
     )
 
 
-def decode_dest(payload: memoryview, family: int) -> RealServer:
-    """A real server from a GET_DEST reply (the genl payload) of a virtual server in `family`."""
-    a = _nest(payload, CMD_ATTR_DEST, "dest")
-    fam = _uint(payload, a.get(DEST_ATTR_ADDR_FAMILY)) or family
-    fwd = _uint(payload, a.get(DEST_ATTR_FWD_METHOD)) & 0x7
+def decode_dest(payload: memoryview, family: int, *, stats: bool = True) -> RealServer:
+    """A real server from a GET_DEST reply (the genl payload) of a virtual server in `family`.
+
+    The hot path of a dump: one pass over the attributes, u32 values read as they pass
+    (`stats=False` skips the counters)."""
+    top = scan_attrs(payload, 4)
+    nest = top.get(CMD_ATTR_DEST)
+    if nest is None:
+        raise IPVSError("dest reply without its attribute nest")
+    ints = [0] * 16
+    spans: dict[int, Span] = {}
+    off, stop = nest[0], nest[0] + nest[1]
+    unpack, u32 = _NLA.unpack_from, _U32.unpack_from
+    while off + 4 <= stop:
+        length, kind = unpack(payload, off)
+        if length < 4:
+            break
+        kind &= 0x3FFF
+        if length == 8 and 1 < kind < 16:  # a u32 (kind 1, the address, may be 4 bytes too)
+            ints[kind] = u32(payload, off + 4)[0]
+        else:
+            spans[kind] = (off + 4, length - 4)
+        off += (length + 3) & ~3
+    fam = _uint(payload, spans.get(DEST_ATTR_ADDR_FAMILY)) or family
     return RealServer(
-        address=_addr_text(payload, a[DEST_ATTR_ADDR], fam),
-        port=_be16(payload, a.get(DEST_ATTR_PORT)),
-        weight=_uint(payload, a.get(DEST_ATTR_WEIGHT)),
-        forward=FORWARD_NAMES.get(fwd, "masq"),
-        u_threshold=_uint(payload, a.get(DEST_ATTR_U_THRESH)),
-        l_threshold=_uint(payload, a.get(DEST_ATTR_L_THRESH)),
-        active_conns=_uint(payload, a.get(DEST_ATTR_ACTIVE_CONNS)),
-        inactive_conns=_uint(payload, a.get(DEST_ATTR_INACT_CONNS)),
-        persist_conns=_uint(payload, a.get(DEST_ATTR_PERSIST_CONNS)),
-        stats=_stats(payload, a, DEST_ATTR_STATS64, DEST_ATTR_STATS),
+        address=_addr_text(payload, spans[DEST_ATTR_ADDR], fam),
+        port=_be16(payload, spans.get(DEST_ATTR_PORT)),
+        weight=ints[DEST_ATTR_WEIGHT],
+        forward=FORWARD_NAMES.get(ints[DEST_ATTR_FWD_METHOD] & 0x7, "masq"),
+        u_threshold=ints[DEST_ATTR_U_THRESH],
+        l_threshold=ints[DEST_ATTR_L_THRESH],
+        active_conns=ints[DEST_ATTR_ACTIVE_CONNS],
+        inactive_conns=ints[DEST_ATTR_INACT_CONNS],
+        persist_conns=ints[DEST_ATTR_PERSIST_CONNS],
+        stats=_stats(payload, spans, DEST_ATTR_STATS64, DEST_ATTR_STATS) if stats else None,
     )
 
 
@@ -905,13 +935,13 @@ class IPVSAdapter:
                 out.append(vs)
         return out
 
-    def dests(self, key: ServiceKey) -> dict[DestKey, RealServer]:
+    def dests(self, key: ServiceKey, *, stats: bool = True) -> dict[DestKey, RealServer]:
         """The real servers of one virtual server (empty when it does not exist)."""
         fam = address_family(key.address)
         out: dict[DestKey, RealServer] = {}
         try:
             for payload in self._dump_raw(CMD_GET_DEST, encode_service_key(key)):
-                rs = decode_dest(payload, fam)
+                rs = decode_dest(payload, fam, stats=stats)
                 out[rs.key] = rs
         except IPVSError as err:
             if err.errno not in (errnos.ESRCH, errnos.ENOENT):
@@ -919,10 +949,13 @@ class IPVSAdapter:
             log.debug("dest dump of %s: %s (the service vanished)", key, err)
         return out
 
-    def dump(self) -> IPVSTable:
+    def dump(self, *, stats: bool = True) -> IPVSTable:
         """The whole table: virtual server key -> (virtual server, {real server key: real
-        server}), with counters and connection counts."""
-        return {vs.key: ObservedService(vs, self.dests(vs.key)) for vs in self.services()}
+        server}), with connection counts, and with the counters unless `stats=False` (a
+        reconcile needs none: it saves about a third of the decoding)."""
+        return {
+            vs.key: ObservedService(vs, self.dests(vs.key, stats=stats)) for vs in self.services()
+        }
 
     # -- writing ---------------------------------------------------------------------------
     def apply(self, ops: Sequence[Op]) -> ApplyResult:

@@ -276,6 +276,35 @@ def test_dest_reply_decodes_counts_and_stats() -> None:
     assert rs.stats == Stats(conns=9, outpkts=4)
 
 
+STATS_ORDER = ("CONNS", "INPKTS", "OUTPKTS", "INBYTES", "OUTBYTES", "CPS", "INPPS")
+
+
+@pytest.mark.parametrize(
+    "order",
+    [STATS_ORDER, tuple(reversed(STATS_ORDER))],
+    ids=["kernel-order", "any-order"],
+)
+def test_stats64_read_in_any_attribute_order(order: tuple[str, ...]) -> None:
+    values = {"CONNS": 7, "INPKTS": 70, "OUTPKTS": 50, "INBYTES": 1 << 33, "OUTBYTES": 9000}
+    nest = [(f"IPVS_STATS_ATTR_{k}", values.get(k, 1)) for k in order]
+    data = kernel_reply(
+        CMD_NEW_DEST,
+        "IPVS_CMD_ATTR_DEST",
+        [
+            ("IPVS_DEST_ATTR_ADDR_FAMILY", socket.AF_INET),
+            ("IPVS_DEST_ATTR_ADDR", "10.1.1.1"),
+            ("IPVS_DEST_ATTR_PORT", 80),
+            ("IPVS_DEST_ATTR_WEIGHT", 1),
+            ("IPVS_DEST_ATTR_STATS64", {"attrs": nest}),
+        ],
+    )
+    (msg,) = parse_messages(data)
+    assert decode_dest(msg.payload, socket.AF_INET).stats == Stats(
+        conns=7, inpkts=70, outpkts=50, inbytes=1 << 33, outbytes=9000
+    )
+    assert decode_dest(msg.payload, socket.AF_INET, stats=False).stats is None
+
+
 def test_parse_messages_walks_a_datagram_and_reads_errors() -> None:
     # two acknowledgements in one datagram: seq 7 ok, seq 8 EEXIST
     datagram = _ack(7, 0) + _ack(8, errno.EEXIST)
