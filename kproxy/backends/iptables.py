@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import gc
 import logging
-import re
 import shutil
 import subprocess
 import time
@@ -48,6 +47,14 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 from kproxy.backends.base import SyncError, SyncResult
+from kproxy.backends.iptables_exec import (
+    ProcessRestorer,
+    RestoreFailed,
+    Restorer,
+    RestoreSink,
+    Run,
+    RunRestorer,
+)
 from kproxy.model.objects import IPV6, Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
@@ -73,8 +80,6 @@ KUBELET_MARKERS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 CANARY_CHECK_INTERVAL = 10.0
 NFT_CHUNK_CHAINS = 2000
 TABLES = (NAT, FILTER, MANGLE)
-
-Run = Callable[..., subprocess.CompletedProcess[str]]
 
 
 def _binary(family: int, flavour: str, tool: str | None) -> str:
@@ -174,12 +179,17 @@ class IptablesProxier:
         options: ProxyOptions,
         flavour: str | None = None,
         run: Run = subprocess.run,
+        restorer: Restorer | None = None,
         clock: Callable[[], float] = time.monotonic,
         nft_chunk_chains: int = NFT_CHUNK_CHAINS,
     ) -> None:
         self.options = options
         self.family = options.family
         self._run = run
+        # restores stream into the process, unless the caller injected its own runner
+        self._restorer: Restorer = restorer or (
+            ProcessRestorer() if run is subprocess.run else RunRestorer(run)
+        )
         self._clock = clock
         self.flavour = flavour or detect_flavour(self.family, run)
         self.restore = _binary(self.family, self.flavour, "restore")
@@ -198,22 +208,25 @@ class IptablesProxier:
         log.info("iptables mode: IPv%d via %s", self.family, self.restore)
 
     # -- kernel I/O ----------------------------------------------------------------------------
+    def _open(self) -> RestoreSink:
+        self.restores += 1
+        return self._restorer.open([self.restore, "--noflush", "-w", "5"])
+
+    def _finish(self, sink: RestoreSink) -> None:
+        """Wait for a restore; a failure makes the next sync a reconciling full one."""
+        try:
+            sink.wait()
+        except RestoreFailed as err:
+            self._need_full = self._reconcile = True
+            log.debug("refused restore input:\n%s", err.lines)
+            raise SyncError(str(err)) from err
+
     def _apply(self, text: str) -> None:
         if not text:
             return
-        self.restores += 1
-        res = self._run(
-            [self.restore, "--noflush", "-w", "5"],
-            input=text,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if res.returncode != 0:
-            self._need_full = self._reconcile = True
-            detail = (res.stderr.strip() or res.stdout.strip())[-2000:]
-            log.debug("failed restore input:\n%s", _excerpt(text, detail))
-            raise SyncError(f"{self.restore} failed ({res.returncode}): {detail}")
+        sink = self._open()
+        sink.write(text)
+        self._finish(sink)
 
     def save(self, table: str) -> str:
         return _save(self.family, self.flavour, table, self._run)
@@ -273,15 +286,6 @@ class IptablesProxier:
 
     def _full_sync(self, snapshot: Snapshot) -> SyncResult:
         self._need_full = True  # until this sync has landed
-        with _gc_paused():
-            blocks = {ref: b for ref, b in self._render(snapshot, None).items() if not b.empty}
-            ordered = [blocks[ref] for ref in sorted(blocks)]
-            shared = self.renderer.shared_chains(b.shared for b in ordered)
-        wanted: dict[str, set[str]] = {NAT: {C.CANARY}, FILTER: {C.CANARY}, MANGLE: {C.CANARY}}
-        for table, chain in shared:
-            wanted[table].add(chain)
-        for b in ordered:
-            wanted[NAT].update(b.names)
         reconcile = self._reconcile
         if reconcile:
             # start-up or after trouble: what is really there decides what goes
@@ -291,36 +295,22 @@ class IptablesProxier:
         else:
             present = self._applied
             builtin = {t: self._builtin_rules(t) for t in (NAT, FILTER)}
-        delete = {t: sorted(c for c in present[t] - wanted[t] if C.is_owned(t, c)) for t in TABLES}
         hooks = {t: missing_hooks(t, builtin.get(t, "")) for t in TABLES}
-        n_chains = sum(len(b.chains) for b in ordered)
-        if self.flavour == "nft" and n_chains > self.nft_chunk_chains:
-            # service chains first, in inputs of about nft_chunk_chains chains each; the first
-            # also writes the fixed chains they jump to (KUBE-MARK-MASQ, ...)
-            fixed = C.NAT_FIXED_TARGETS
-            chunk = [(c, text) for (t, c), text in shared.items() if t == NAT and c in fixed]
-            for b in ordered:
-                chunk.extend(b.chains)
-                if len(chunk) >= self.nft_chunk_chains:
-                    self._apply(assemble([TableWrite(NAT, chains=chunk)]))
-                    chunk = []
-            if chunk:
-                self._apply(assemble([TableWrite(NAT, chains=chunk)]))
-            writes = full_writes(shared, (), delete=delete, canary=True)
-        else:
-            writes = full_writes(shared, ordered, delete=delete, canary=True)
-        writes = [
-            TableWrite(w.table, chains=w.chains, edits=hooks.get(w.table, ""), delete=w.delete)
-            for w in writes
-        ]
         with _gc_paused():
-            text = assemble(writes)
-        self._apply(text)
+            if self.flavour == "legacy":
+                blocks, shared, delete = self._stream_legacy(snapshot, present, hooks)
+            else:
+                blocks, shared, delete = self._stream_nft(snapshot, present, hooks)
         self._blocks = blocks
+        wanted: dict[str, set[str]] = {NAT: {C.CANARY}, FILTER: {C.CANARY}, MANGLE: {C.CANARY}}
+        for table, chain in shared:
+            wanted[table].add(chain)
+        for b in blocks.values():
+            wanted[NAT].update(b.names)
         self._applied = wanted
         self._reconcile = False
         self._nat_rules = sum(_count(t) for (table, _), t in shared.items() if table == NAT)
-        self._nat_rules += sum(b.nat_rule_count for b in ordered)
+        self._nat_rules += sum(b.nat_rule_count for b in blocks.values())
         self._filter_rules = sum(_count(t) for (table, _), t in shared.items() if table == FILTER)
         self._need_full = False
         self._canary_checked = self._clock()
@@ -329,10 +319,127 @@ class IptablesProxier:
             services_written=len(blocks),
             rules=self._rule_counts(),
             detail=(
-                f"{self.flavour}: {self.restores} restore(s), {len(delete[NAT])} stale chains"
+                f"{self.flavour}: {self.restores} restore(s), {len(delete)} stale chains"
                 f"{', tables read back' if reconcile else ''}"
             ),
         )
+
+    def _blocks_of(self, snapshot: Snapshot) -> Iterator[tuple[Ref, ServiceRules]]:
+        """Every non-empty service block, in namespace/name order, rendered on demand."""
+        render = self.renderer.render_service
+        node = self.options.node_name
+        for ref in sorted(snapshot.services):
+            views = build_views(snapshot, family=self.family, node_name=node, refs=(ref,))[ref]
+            block = render(views)
+            if not block.empty:
+                yield ref, block
+
+    def _deletions(
+        self,
+        present: Mapping[str, set[str]],
+        shared: Mapping[tuple[str, str], str],
+        blocks: Mapping[Ref, ServiceRules],
+    ) -> dict[str, list[str]]:
+        """Owned chains present but no longer wanted, per table."""
+        keep = {t: set(present[t]) for t in TABLES}
+        for table, chain in shared:
+            keep[table].discard(chain)
+        for b in blocks.values():
+            keep[NAT].difference_update(b.names)
+        return {t: sorted(c for c in keep[t] if C.is_owned(t, c) and c != C.CANARY) for t in TABLES}
+
+    def _final_writes(
+        self,
+        shared: Mapping[tuple[str, str], str],
+        blocks: Iterable[ServiceRules],
+        delete: Mapping[str, list[str]],
+        hooks: Mapping[str, str],
+    ) -> list[TableWrite]:
+        return [
+            TableWrite(w.table, chains=w.chains, edits=hooks.get(w.table, ""), delete=w.delete)
+            for w in full_writes(shared, blocks, delete=delete, canary=True)
+        ]
+
+    def _stream_legacy(
+        self, snapshot: Snapshot, present: Mapping[str, set[str]], hooks: Mapping[str, str]
+    ) -> tuple[dict[Ref, ServiceRules], dict[tuple[str, str], str], list[str]]:
+        """One restore, written while it is being rendered: the nat table first (fixed chains,
+        then each service's block as soon as it is rendered, declarations before rules within
+        a block, then the shared chains that jump into the blocks), then filter and mangle."""
+        blocks: dict[Ref, ServiceRules] = {}
+        sink = self._open()
+        try:
+            fixed = self.renderer.fixed_nat()
+            sink.write("*nat\n" + "".join(f":{c} - [0:0]\n" for c, _ in fixed))
+            sink.write("".join(text for _, text in fixed))
+            for ref, block in self._blocks_of(snapshot):
+                blocks[ref] = block
+                sink.write("".join(f":{c} - [0:0]\n" for c, _ in block.chains))
+                sink.write("".join(text for _, text in block.chains))
+            shared = self.renderer.shared_chains(b.shared for b in blocks.values())
+            delete = self._deletions(present, shared, blocks)
+            fixed_names = {c for c, _ in fixed}
+            writes = self._final_writes(shared, (), delete, hooks)
+            writes.sort(key=lambda w: w.table != NAT)  # finish the open nat section first
+            for w in writes:
+                if w.table == NAT:  # the fixed chains are already written
+                    w = TableWrite(
+                        NAT,
+                        chains=[(c, t) for c, t in w.chains if c not in fixed_names],
+                        edits=w.edits,
+                        delete=w.delete,
+                    )
+                    sink.write(assemble([w], sort=False).removeprefix("*nat\n"))
+                else:
+                    sink.write(assemble([w], sort=False))
+        except BaseException:
+            sink.abort()
+            raise
+        self._finish(sink)
+        return blocks, shared, delete[NAT]
+
+    def _stream_nft(
+        self, snapshot: Snapshot, present: Mapping[str, set[str]], hooks: Mapping[str, str]
+    ) -> tuple[dict[Ref, ServiceRules], dict[tuple[str, str], str], list[str]]:
+        """Service chains in inputs of about nft_chunk_chains chains (each service whole),
+        each restored while the next is rendered; then one input with the shared chains,
+        deletions, hooks and canaries. Small rulesets go in a single input."""
+        blocks: dict[Ref, ServiceRules] = {}
+        fixed = [(c, t) for c, t in self.renderer.fixed_nat() if c in C.NAT_FIXED_TARGETS]
+        chunk: list[tuple[str, str]] = list(fixed)
+        pending: RestoreSink | None = None
+        sent = False
+        try:
+            for ref, block in self._blocks_of(snapshot):
+                blocks[ref] = block
+                chunk.extend(block.chains)
+                if len(chunk) >= self.nft_chunk_chains:
+                    text = assemble([TableWrite(NAT, chains=chunk)])
+                    if pending is not None:
+                        self._finish(pending)
+                    pending = self._open()
+                    pending.write(text)
+                    pending.end()
+                    chunk, sent = [], True
+            shared = self.renderer.shared_chains(b.shared for b in blocks.values())
+            delete = self._deletions(present, shared, blocks)
+            if sent and chunk:
+                text = assemble([TableWrite(NAT, chains=chunk)])
+                if pending is not None:
+                    self._finish(pending)
+                pending = self._open()
+                pending.write(text)
+                pending.end()
+            if pending is not None:
+                self._finish(pending)
+                pending = None
+            final = self._final_writes(shared, () if sent else blocks.values(), delete, hooks)
+            self._apply(assemble(final))
+        except BaseException:
+            if pending is not None:
+                pending.abort()
+            raise
+        return blocks, shared, delete[NAT]
 
     def _partial_sync(self, snapshot: Snapshot, refs: frozenset[Ref]) -> SyncResult:
         if not refs:
@@ -439,14 +546,3 @@ def cleanup_text(saved: Mapping[str, str]) -> str:
         out.extend(f"-X {c}\n" for c in owned)
         out.append("COMMIT\n")
     return "".join(out)
-
-
-def _excerpt(text: str, error: str, context: int = 3) -> str:
-    """The lines around the line number iptables-restore reported, for the debug log."""
-    m = re.search(r"line:? (\d+)", error)
-    lines = text.splitlines()
-    if not m:
-        return "\n".join(lines[:20])
-    n = int(m.group(1))
-    lo, hi = max(0, n - 1 - context), min(len(lines), n + context)
-    return "\n".join(f"{i + 1}: {lines[i]}" for i in range(lo, hi))

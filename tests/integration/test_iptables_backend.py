@@ -42,6 +42,7 @@ PRELUDE = """
 import json, subprocess, itertools
 from kproxy.backends.base import SyncError
 from kproxy.backends.iptables import IptablesProxier
+from kproxy.backends.iptables_exec import ProcessRestorer
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Store
 from kproxy.model.objects import Ref, EndpointPort
@@ -52,10 +53,38 @@ FAMILY = {family!r}
 BASE = "ip6tables" if FAMILY == 6 else "iptables"
 INPUTS = []
 
-def run(argv, **kw):
-    if "restore" in argv[0] and kw.get("input"):
-        INPUTS.append(kw["input"])
-    return subprocess.run(argv, **kw)
+class Recorder:
+    \"\"\"The real streaming restorer, remembering each input (and able to spoil the next).\"\"\"
+    spoil = None
+
+    def open(self, argv):
+        real, parts = ProcessRestorer().open(argv), []
+        INPUTS.append(parts)
+        spoil, self.spoil = self.spoil, None
+
+        class Sink:
+            def write(self, text):
+                nonlocal spoil
+                if spoil and "COMMIT" in text:
+                    text, spoil = text.replace("COMMIT", spoil + "\\nCOMMIT", 1), None
+                parts.append(text)
+                real.write(text)
+
+            def end(self):
+                real.end()
+
+            def wait(self):
+                real.wait()
+
+            def abort(self):
+                real.abort()
+
+        return Sink()
+
+REC = Recorder()
+
+def inputs():
+    return ["".join(parts) for parts in INPUTS]
 
 def save(t="nat"):
     return subprocess.run([f"{{BASE}}-{{FLAVOUR}}-save", "-t", t], capture_output=True,
@@ -111,7 +140,7 @@ def test_full_partial_delete_cleanup(netns: str, flavour: str) -> None:
                        endpoints=[make_endpoint("10.1.0.1"), make_endpoint("10.1.0.2")]),
             make_slice("ns1", "b", endpoints=[make_endpoint("10.1.0.3")])])
         p = IptablesProxier(options=ProxyOptions(node_name="n", cluster_cidrs=("10.0.0.0/8",)),
-                            flavour=FLAVOUR, run=run, clock=lambda: next(tick))
+                            flavour=FLAVOUR, restorer=REC, clock=lambda: next(tick))
         snap, ch = store.take()
         first = p.sync(snap, ch, full=True)
         out["first"] = save() + save("filter") + save("mangle")
@@ -125,14 +154,14 @@ def test_full_partial_delete_cleanup(netns: str, flavour: str) -> None:
         snap, ch = store.take()
         part = p.sync(snap, ch, full=False)
         out["partial"] = dict(full=part.full, written=part.services_written, rules=part.rules)
-        out["partial_inputs"] = list(INPUTS)
+        out["partial_inputs"] = inputs()
         out["third"] = save()
         # nothing changed: nothing is written
         INPUTS.clear()
         p.sync(*store.take(), full=False)
         store.set_service(make_service("ns1", "a", cluster_ips=("172.30.0.1",)))  # same object
         p.sync(*store.take(), full=False)
-        out["idle_inputs"] = list(INPUTS)
+        out["idle_inputs"] = inputs()
         # b is deleted
         store.delete_service(Ref("ns1", "b"))
         snap, ch = store.take()
@@ -194,12 +223,12 @@ def test_startup_reconciles_without_flushing(netns: str, flavour: str) -> None:
         store = Store()
         store.replace_services([make_service("ns1", "a", cluster_ips=("172.30.0.1",))])
         store.replace_slices([make_slice("ns1", "a", endpoints=[make_endpoint("10.1.0.1")])])
-        p = IptablesProxier(options=ProxyOptions(node_name="n"), flavour=FLAVOUR, run=run)
+        p = IptablesProxier(options=ProxyOptions(node_name="n"), flavour=FLAVOUR, restorer=REC)
         res = p.sync(*store.take(), full=True)
         out["detail"] = res.detail
         out["nat"] = save()
         out["mangle"] = save("mangle")
-        out["inputs"] = list(INPUTS)
+        out["inputs"] = inputs()
         """,
     )
     nat = r["nat"]
@@ -224,17 +253,11 @@ def test_failed_restore_and_flush_make_the_next_sync_full(netns: str, flavour: s
         store = Store()
         store.replace_services([make_service("ns1", "a", cluster_ips=("172.30.0.1",))])
         store.replace_slices([make_slice("ns1", "a", endpoints=[make_endpoint("10.1.0.1")])])
-        p = IptablesProxier(options=ProxyOptions(node_name="n"), flavour=FLAVOUR, run=run,
+        p = IptablesProxier(options=ProxyOptions(node_name="n"), flavour=FLAVOUR, restorer=REC,
                             clock=lambda: next(tick))
         p.sync(*store.take(), full=True)
         # a rule the kernel refuses (a target no module provides) fails the restore
-        real = run
-        def broken(argv, **kw):
-            if "restore" in argv[0]:
-                bad = "-A KUBE-SERVICES -j NO-SUCH-TARGET\\nCOMMIT"
-                kw["input"] = kw["input"].replace("COMMIT", bad, 1)
-            return real(argv, **kw)
-        p._run = broken
+        REC.spoil = "-A KUBE-SERVICES -j NO-SUCH-TARGET"
         store.set_slice(make_slice("ns1", "a", endpoints=[make_endpoint("10.1.0.2")]))
         try:
             p.sync(*store.take(), full=False)
@@ -243,7 +266,6 @@ def test_failed_restore_and_flush_make_the_next_sync_full(netns: str, flavour: s
             out["raised"] = True
             out["error"] = str(err)
         out["after_failure"] = save()
-        p._run = real
         res = p.sync(*store.take(), full=False)  # no new change, but the last one was lost
         out["retry_full"] = res.full
         out["retried"] = save()
@@ -297,7 +319,7 @@ def test_every_rule_family_loads_and_traces_the_same_as_rendered(netns: str, fla
         ])
         opts = ProxyOptions(node_name="n", node_ips=("192.168.0.2",), cluster_cidrs=("10.0.0.0/8",),
                             nodeport_ips=None)
-        p = IptablesProxier(options=opts, flavour=FLAVOUR, run=run, nft_chunk_chains=4)
+        p = IptablesProxier(options=opts, flavour=FLAVOUR, restorer=REC, nft_chunk_chains=4)
         snap, ch = store.take()
         p.sync(snap, ch, full=True)
         out["restores"] = p.restores
@@ -349,7 +371,7 @@ def test_ipv6(netns: str, flavour: str) -> None:
                                                     make_endpoint("fd00:10::2")])])
         p = IptablesProxier(options=ProxyOptions(family=6, node_name="n",
                                                  cluster_cidrs=("fd00:10::/64",)),
-                            flavour=FLAVOUR, run=run)
+                            flavour=FLAVOUR, restorer=REC)
         p.sync(*store.take(), full=True)
         out["nat"] = save()
         p.cleanup()
@@ -376,7 +398,7 @@ def test_periodic_full_sync_repairs_hooks_without_reading_everything(
         store = Store()
         store.replace_services([make_service("ns1", "a", cluster_ips=("172.30.0.1",))])
         store.replace_slices([make_slice("ns1", "a", endpoints=[make_endpoint("10.1.0.1")])])
-        p = IptablesProxier(options=ProxyOptions(node_name="n"), flavour=FLAVOUR, run=run)
+        p = IptablesProxier(options=ProxyOptions(node_name="n"), flavour=FLAVOUR, restorer=REC)
         out["first"] = p.sync(*store.take(), full=True).detail
         ipt("-t", "nat", "-D", "PREROUTING", "-m", "comment", "--comment",
             "kubernetes service portals", "-j", "KUBE-SERVICES")
