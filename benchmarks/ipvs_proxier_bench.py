@@ -110,7 +110,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     t = time.perf_counter()
     result = proxier.sync(snap, changes, full=True)
     out["full_sync_s"] = time.perf_counter() - t
-    out["full_sync_parts_s"] = proxier.timings
+    out["full_sync_parts_s"] = dict(proxier.timings)
     out["full_sync_detail"] = result.detail
     out["ipvs_apply_s"] = proxier.timings.get("ipvs", 0.0)
 
@@ -140,13 +140,13 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         out["change_p50_ms"] = statistics.median(ordered) * 1000
         out["change_p90_ms"] = ordered[int(len(ordered) * 0.9) - 1] * 1000
         out["change_max_ms"] = ordered[-1] * 1000
-        out["change_parts_s"] = proxier.timings
+        out["change_parts_s"] = dict(proxier.timings)
     # a periodic full resync with nothing changed
     snap, changes = store.take()
     t = time.perf_counter()
     proxier.sync(snap, changes, full=True)
     out["resync_s"] = time.perf_counter() - t
-    out["resync_parts_s"] = proxier.timings
+    out["resync_parts_s"] = dict(proxier.timings)
     return out
 
 
@@ -209,9 +209,14 @@ def main() -> int:
             f"p90 {mine.get('change_p90_ms', 0):.1f} ms | idle resync {mine['resync_s']:.2f} s",
             flush=True,
         )
-        print(f"        parts: full {mine['full_sync_parts_s']}", flush=True)
-        print(f"        parts: change {mine.get('change_parts_s')}", flush=True)
-        print(f"        parts: resync {mine['resync_parts_s']}", flush=True)
+        for label, key in (
+            ("full", "full_sync_parts_s"),
+            ("change", "change_parts_s"),
+            ("resync", "resync_parts_s"),
+        ):
+            parts = mine.get(key) or {}
+            text = ", ".join(f"{k} {v:.3f}" for k, v in parts.items())
+            print(f"        {label:>6} parts (s): {text}", flush=True)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=2))
     return 0

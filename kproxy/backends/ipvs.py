@@ -48,10 +48,12 @@ from dataclasses import replace
 from typing import Protocol
 
 from kproxy.backends import ipvs_netlink as N
+from kproxy.backends import ipvs_procfs as procfs
 from kproxy.backends.base import SyncError, SyncResult
 from kproxy.backends.ipset import IPSets
+from kproxy.backends.ipvs_device import address_map
 from kproxy.backends.ipvs_iptables import CompanionRules
-from kproxy.backends.netinfo import addresses_in, local_addresses, write_sysctl
+from kproxy.backends.netinfo import write_sysctl
 from kproxy.config import Settings
 from kproxy.model.objects import IPV6, Ref
 from kproxy.model.options import ProxyOptions
@@ -172,16 +174,6 @@ def _observed_dest(rs: N.RealServer) -> D.ObservedDest:
     )
 
 
-def _observed(vs: N.VirtualServer, dests: Iterable[N.RealServer]) -> D.ObservedVS:
-    return D.ObservedVS(
-        key=R.VSKey(vs.address, vs.protocol, vs.port),
-        scheduler=vs.scheduler,
-        flags=vs.flags,
-        timeout=vs.timeout,
-        dests=tuple(_observed_dest(rs) for rs in dests),
-    )
-
-
 def _family_of(address: str) -> int:
     return IPV6 if ":" in address else 4
 
@@ -282,21 +274,55 @@ class IPVSProxier:
         self.ipsets.ensure()
         self._started = True
 
-    def _node_addresses(self, bound: set[str]) -> ProxyOptions:
-        """The options with this moment's node addresses (kube-ipvs0's excluded)."""
+    def _addresses(self) -> tuple[set[str], ProxyOptions]:
+        """(addresses on kube-ipvs0, the options with this moment's node addresses): one read
+        of every interface; the node's addresses are all but kube-ipvs0's."""
         fam = self.family
-        node_ips = tuple(a for a in local_addresses(fam) if a not in bound)
+        amap = address_map(fam)
+        bound = amap.pop(R.DUMMY_DEVICE, set())
+        local = sorted({a for addrs in amap.values() for a in addrs})
         nodeport_ips = self.options.nodeport_ips
         if nodeport_ips is not None:
-            cidrs = tuple(
-                c
+            nets = [
+                ipaddress.ip_network(c)
                 for c in self.settings.nodeport_addresses
                 if c != "primary" and ipaddress.ip_network(c).version == fam
-            )
-            if cidrs:
-                nodeport_ips = addresses_in(cidrs, fam)
+            ]
+            if nets:
+                nodeport_ips = tuple(
+                    a for a in local if any(ipaddress.ip_address(a) in n for n in nets)
+                )
             nodeport_ips = tuple(a for a in nodeport_ips if a not in bound)
-        return replace(self.options, node_ips=node_ips, nodeport_ips=nodeport_ips)
+        options = replace(self.options, node_ips=tuple(local), nodeport_ips=nodeport_ips)
+        return bound, options
+
+    def _read_table(self) -> dict[R.VSKey, D.ObservedVS]:
+        """The kernel's virtual servers of this family with their real servers: one netlink
+        service dump plus /proc/net/ip_vs (kproxy.backends.ipvs_procfs), or one dest dump per
+        service when /proc cannot be read."""
+        fam = self.family
+        services = [
+            (R.VSKey(vs.address, vs.protocol, vs.port), vs.scheduler, vs.flags, vs.timeout)
+            for vs in self.ipvs.services()
+            if _family_of(vs.address) == fam
+        ]
+        try:
+            dests = procfs.read()
+        except OSError as err:
+            log.info(
+                "reading %s failed (%s): one netlink dump per virtual server", procfs.PATH, err
+            )
+            return {
+                key: D.ObservedVS(
+                    key,
+                    sched,
+                    flags,
+                    timeout,
+                    tuple(_observed_dest(rs) for rs in self.ipvs.dests(_service_key(key)).values()),
+                )
+                for key, sched, flags, timeout in services
+            }
+        return procfs.merge(services, dests)
 
     # -- full sync -----------------------------------------------------------------------------
     def _full_sync(self, snapshot: Snapshot, changes: Changes) -> SyncResult:
@@ -306,8 +332,8 @@ class IPVSProxier:
         renders nothing)."""
         t0 = time.perf_counter()
         fam = self.family
-        bound = self.device.addresses(fam)
-        options = self._node_addresses(bound)
+        bound, options = self._addresses()
+        t_addr = time.perf_counter()
         node = self.options.node_name
         if not self._contrib_valid or changes.node_changed or options != self._renderer.options:
             self._renderer = R.IPVSRenderer(options, scheduler=self.scheduler)
@@ -325,23 +351,30 @@ class IPVSProxier:
             log.warning("IPVS virtual server conflict: %s", line)
         t1 = time.perf_counter()
 
-        observed = {
-            R.VSKey(k.address, k.protocol, k.port): _observed(o.service, o.dests.values())
-            for k, o in self.ipvs.dump().items()
-            if _family_of(k.address) == fam
-        }
+        observed = self._read_table()
+        t_ipvs = time.perf_counter()
         sets = self.ipsets.read()
         owned = D.owner_predicate(bound=bound, sets=sets)
         plan = D.diff_ipvs(desired.servers, observed, owned=owned)
         t2 = time.perf_counter()
 
         self.ipsets.sync_to(desired.sets, phase="add")
+        t_sets = time.perf_counter()
         nat_filter = self.rules.apply()
+        t_rules = time.perf_counter()
         self.device.bind(desired.bind - bound)
+        t_bind = time.perf_counter()
         self._apply(plan)
+        t_apply = time.perf_counter()
         self.ipsets.sync_to(desired.sets, phase="delete")
         self.device.unbind(bound - desired.bind)
         t3 = time.perf_counter()
+        self.timings.update(
+            ipset_add=t_sets - t2,
+            rules=t_rules - t_sets,
+            bind=t_bind - t_rules,
+            cleanup=t3 - t_apply,
+        )
 
         self._contrib = contrib
         self._claims = {}
@@ -351,7 +384,13 @@ class IPVSProxier:
         self._observed = _after(observed, plan, desired.servers)
         self._draining = set(plan.draining)
         self._contrib_valid = True
-        self.timings.update(render=t1 - t0, read=t2 - t1, apply=t3 - t2)
+        self.timings.update(
+            addresses=t_addr - t0,
+            render=t1 - t_addr,
+            read_ipvs=t_ipvs - t1,
+            read=t2 - t1,
+            apply=t3 - t2,
+        )
         return self._result(full=True, written=len(contrib), rules=nat_filter, plan=plan)
 
     # -- partial sync --------------------------------------------------------------------------
