@@ -138,9 +138,9 @@ def categorize(
     has_external = bool(
         service.external_ips or service.load_balancer_ips or any(p.node_port for p in service.ports)
     )
-    uses_cluster = not service.internal_policy_local or (
-        has_external and not service.external_policy_local
-    )
+    # External traffic from pods and the node itself short-circuits to the cluster endpoints
+    # even under externalTrafficPolicy Local (kube-proxy's UsesClusterEndpoints).
+    uses_cluster = not service.internal_policy_local or has_external
     uses_local = service.internal_policy_local or (has_external and service.external_policy_local)
 
     cluster: tuple[EndpointInfo, ...] | None = None

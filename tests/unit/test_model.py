@@ -121,7 +121,7 @@ def test_no_serving_endpoint_means_no_endpoints() -> None:
         (False, False, ["10.0.0.1:80", "10.0.0.2:80"], None),
         (True, False, ["10.0.0.1:80", "10.0.0.2:80"], ["10.0.0.1:80"]),
         (False, True, ["10.0.0.1:80", "10.0.0.2:80"], ["10.0.0.1:80"]),
-        (True, True, None, ["10.0.0.1:80"]),
+        (True, True, ["10.0.0.1:80", "10.0.0.2:80"], ["10.0.0.1:80"]),
     ],
     ids=["cluster", "etp-local", "itp-local", "both-local"],
 )
