@@ -301,9 +301,14 @@ def test_clusterip_balances_round_robin_over_all_pods(env: Env) -> None:
     batch = http_batch(env.local_pods[0].ns, VIP, 80, n=30)
     assert batch.ok_count == 30
     assert batch.names == {p.name: 10 for p in env.local_pods}
-    stats, per_dest = parse_stats(env.run("ipvsadm", "-Ln", "--stats", "--exact"))[k(VIP, 80)]
-    assert stats.conns >= 30
-    assert all(per_dest[(p.ip, 80)].conns >= 10 for p in env.local_pods)
+
+    def counted() -> None:  # IPVS folds its counters in with up to ~2 s of lag
+        listed = parse_stats(env.run("ipvsadm", "-Ln", "--stats", "--exact"))[k(VIP, 80)]
+        stats, per_dest = listed
+        assert stats.conns >= 30
+        assert all(per_dest[(p.ip, 80)].conns >= 10 for p in env.local_pods)
+
+    eventually(counted, timeout=10, step=0.5)
 
 
 @pytest.mark.parametrize(
