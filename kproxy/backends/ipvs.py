@@ -301,13 +301,11 @@ class IPVSProxier:
         service dump plus /proc/net/ip_vs (kproxy.backends.ipvs_procfs), or one dest dump per
         service when /proc cannot be read."""
         fam = self.family
-        started = time.perf_counter()
         services = [
             (R.VSKey(vs.address, vs.protocol, vs.port), vs.scheduler, vs.flags, vs.timeout)
             for vs in self.ipvs.services()
             if _family_of(vs.address) == fam
         ]
-        self.timings["read_services"] = time.perf_counter() - started
         try:
             dests = procfs.read()
         except OSError as err:
