@@ -17,8 +17,13 @@ entry, not the rules). `statistic --mode random` rules split the trace: the matc
 probability p, the unmatched one passes on with 1-p, and each outcome carries the product along
 its path.
 
+Besides iptables-save output, `parse_save` applies the edits of iptables-restore --noflush input
+(-I, -D, -F, -N, -X, and a user chain declared again is flushed), so a partial sync's input can be
+laid over the rules it changes; a line it cannot read, or a table without COMMIT, is an error.
+
 Entry points: `parse_save` (a Ruleset), `walk` (one table from one chain), `trace_packet` (the
-nat/filter/nat sequence a packet meets at one hook), `parse_ipset_save`.
+nat/filter/nat sequence a packet meets at one hook; `flow_output` sums its outcomes up the way
+kube-proxy's packet-flow tests do), `parse_ipset_save`.
 """
 
 from __future__ import annotations
@@ -52,6 +57,8 @@ _TOKEN = re.compile(r'"((?:[^"\\]|\\.)*)"|(\S+)')
 _COUNTERS = re.compile(r"^\[(\d+):(\d+)\]\s+")
 _PORT_ENTRY = re.compile(r"^(tcp|udp|sctp|udplite|tcpudp):(\d+)(?:-(\d+))?$")
 _BITMAP_PORT = re.compile(r"^(\d+)(?:-(\d+))?$")
+# iptables-save prints a protocol number when it has no name for it (no /etc/protocols)
+_PROTO_NAMES = {"1": "icmp", "6": "tcp", "17": "udp", "58": "ipv6-icmp", "132": "sctp"}
 
 
 class ParseError(ValueError):
@@ -311,7 +318,8 @@ def parse_rule(
             kind = "src" if t in ("-s", "--source") else "dst"
             conds.append(Cond(kind, (value(),), neg))
         elif t in ("-p", "--protocol"):
-            conds.append(Cond("proto", (value().lower(),), neg))
+            proto = value().lower()
+            conds.append(Cond("proto", (_PROTO_NAMES.get(proto, proto),), neg))
         elif t in ("-i", "--in-interface", "-o", "--out-interface"):
             conds.append(Cond("iface", ("in" if t.startswith("-i") else "out", value()), neg))
         elif t in ("-c", "--set-counters"):
@@ -383,7 +391,8 @@ def parse_rule(
 
 def parse_save(text: str, into: Ruleset | None = None) -> Ruleset:
     """Read `iptables-save` output (any tables, with or without -c counters), or
-    iptables-restore input in the same shape. Several outputs can be merged with `into`."""
+    iptables-restore input. Several texts can be merged with `into`: a later one changes the
+    rules an earlier one declared the way `iptables-restore --noflush` would."""
     rs = into if into is not None else Ruleset()
     collecting = gc.isenabled()
     gc.disable()  # a big listing makes many small objects: no cycles to look for among them
@@ -398,41 +407,102 @@ def parse_save(text: str, into: Ruleset | None = None) -> Ruleset:
 def _parse_into(rs: Ruleset, text: str) -> None:
     table: dict[str, Chain] | None = None
     table_name = ""
-    for raw in text.splitlines():
+    for lineno, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
         if line.startswith("*"):
+            if table is not None:
+                raise ParseError(f"line {lineno}: *{line[1:]} before the COMMIT of *{table_name}")
             table_name = line[1:].strip()
             table = rs.tables.setdefault(table_name, {})
             continue
+        if table is None:
+            raise ParseError(f"line {lineno}: outside a table: {line!r}")
         if line == "COMMIT":
             table = None
             continue
-        if table is None:
-            raise ParseError(f"rule outside a table: {line!r}")
         if line.startswith(":"):
             parts = line[1:].split()
             name = parts[0]
             policy = parts[1] if len(parts) > 1 else "-"
-            if name in table:
-                table[name].policy = policy
-            else:
+            chain = table.get(name)
+            if chain is None:
                 table[name] = Chain(name, policy, table_name)
+            elif chain.builtin:
+                chain.policy = policy
+            else:  # iptables-restore --noflush: declaring a user chain again flushes it
+                _set_lines(chain, [])
             continue
         counters: tuple[int, int] | None = None
         m = _COUNTERS.match(line)
         if m:
             counters = (int(m.group(1)), int(m.group(2)))
             line = line[m.end() :]
-        if not line.startswith("-A "):
-            continue  # -I/-D/-X lines of restore input: not a listing
-        _, name, *rest = line.split(" ", 2)
+        op, _, rest = line.partition(" ")
+        name, _, spec = rest.partition(" ")
+        if op not in _EDITS or not name:
+            raise ParseError(f"line {lineno}: not iptables-save or -restore text: {line!r}")
         chain = table.get(name)
+        if op == "-X":
+            table.pop(name, None)
+            continue
         if chain is None:
             chain = table[name] = Chain(name, "-", table_name)
-        chain.lines.append((rest[0] if rest else "", counters))
-        chain._rules = None
+        if op == "-A":
+            chain.lines.append((spec, counters))
+            chain._rules = None
+        elif op == "-I":
+            pos, _, rule = spec.partition(" ")
+            at, rule_text = (int(pos) - 1, rule) if pos.isdigit() else (0, spec)
+            _set_lines(chain, [*chain.lines[:at], (rule_text, counters), *chain.lines[at:]])
+        elif op == "-D":
+            found = _find_rule(chain, spec)
+            if found is None:
+                raise ParseError(f"line {lineno}: -D {name}: no such rule: {spec!r}")
+            _set_lines(chain, chain.lines[:found] + chain.lines[found + 1 :])
+        elif op == "-F":
+            _set_lines(chain, [])
+        # -N: the chain exists now
+    if table is not None:
+        raise ParseError(f"*{table_name} has no COMMIT at the end")
+
+
+# the lines iptables-restore (--noflush, as kproxy's partial syncs use it) may hold besides -A
+_EDITS = frozenset({"-A", "-I", "-D", "-F", "-N", "-X"})
+
+
+def _set_lines(chain: Chain, lines: list[tuple[str, tuple[int, int] | None]]) -> None:
+    chain.lines = lines
+    chain._rules = None
+
+
+def _find_rule(chain: Chain, spec: str) -> int | None:
+    """The position of the rule `-D CHAIN spec` deletes: a rule number, the same text, or a rule
+    that means the same (iptables-save spells rules its own way: /32 masks, -m tcp, order)."""
+    if spec.isdigit():
+        at = int(spec) - 1
+        return at if 0 <= at < len(chain.lines) else None
+    for i, (text, _) in enumerate(chain.lines):
+        if text == spec:
+            return i
+    want = _meaning(parse_rule(chain.table, chain.name, 0, spec))
+    return next((i for i, r in enumerate(chain.rules) if _meaning(r) == want), None)
+
+
+def _meaning(rule: Rule) -> tuple[object, ...]:
+    conds = frozenset(
+        (c.kind, (str(c.net),) if c.net is not None else c.args, c.negate) for c in rule.conditions
+    )
+    return (
+        conds,
+        rule.comment,
+        rule.probability,
+        rule.recent,
+        rule.target,
+        rule.goto,
+        frozenset(rule.target_options),
+    )
 
 
 def parse_ipset_save(text: str) -> dict[str, frozenset[str]]:
@@ -877,6 +947,23 @@ class Outcome:
     def chosen(self) -> bool:
         """True when the packet was translated (its endpoint is chosen)."""
         return bool(self.dnat)
+
+    @property
+    def label(self) -> str:
+        """kube-proxy's packet-flow wording: the endpoint "ip:port" ("[ip]:port" for IPv6) it was
+        translated to, "DROP", "REJECT", or "" when the rules left it alone."""
+        if self.verdict in ("drop", "reject"):
+            return self.verdict.upper()
+        if not self.dnat:
+            return ""
+        host = f"[{self.after.dst}]" if self.after.family == 6 else self.after.dst
+        return f"{host}:{self.after.dport}"
+
+
+def flow_output(outcomes: Iterable[Outcome]) -> str:
+    """The distinct labels of the outcomes in order, comma separated: the "output" column of
+    kube-proxy's packet-flow tests ("10.0.0.1:80, 10.0.0.2:80", "REJECT", "DROP" or "")."""
+    return ", ".join(label for label in dict.fromkeys(o.label for o in outcomes) if label)
 
 
 def _rewrite(pkt: Packet, dnat: str) -> Packet:

@@ -21,6 +21,7 @@ from kproxy.render.ipvs import render_desired
 from kproxy.render.ipvs_rules import HOOKS as IPVS_HOOKS
 from kproxy.render.ipvs_rules import companion_rules
 from tests.support.builders import make_endpoint, make_port, make_service, make_slice
+from tests.support.rulesets import hooks_text
 from tests.unit.test_iptrace import (
     CLIENT,
     ENV,
@@ -31,7 +32,6 @@ from tests.unit.test_iptrace import (
     POD,
     THREE,
     VIP,
-    hooks_text,
     three_pods,
 )
 

@@ -1,11 +1,14 @@
 """The packet tracer against rulesets kproxy renders: packet-flow checks in the style of
 kube-proxy's proxier_test.go (source, destination, port -> DNAT targets, REJECT/DROP, masquerade),
-plus the parser on real `iptables-save -c` text and the generic chain semantics."""
+including its own tables in its address conventions, plus the parser on real `iptables-save -c`
+text and on iptables-restore edits, and the generic chain semantics."""
 
 from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -13,7 +16,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kproxy.inspect import iptrace as T
-from kproxy.model.objects import EndpointSlice, Service
+from kproxy.model.objects import EndpointPort, EndpointSlice, Service
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import service_views
 from kproxy.render import chains as C
@@ -22,6 +25,7 @@ from kproxy.render.ipvs import render_desired
 from kproxy.render.ipvs_rules import HOOKS as IPVS_HOOKS
 from kproxy.render.ipvs_rules import companion_rules
 from tests.support.builders import make_endpoint, make_port, make_service, make_slice
+from tests.support.rulesets import as_installed
 
 NODE = "node1"
 NODE_IP = "192.168.50.11"
@@ -34,26 +38,14 @@ OPTS = ProxyOptions(family=4, node_name=NODE, node_ips=(NODE_IP,), cluster_cidrs
 ENV = T.Environment(local_addresses=frozenset(LOCAL))
 
 
-def hooks_text() -> str:
-    """The built-in chains with kproxy's hook jumps, as the backend installs them."""
-    out = []
-    for table in ("nat", "filter"):
-        out.append(f"*{table}\n")
-        out.extend(f":{chain} ACCEPT [0:0]\n" for chain in C.BUILTIN[table])
-        for chain in C.BUILTIN[table]:
-            out.extend(h.line + "\n" for h in C.hooks_for(table, chain))
-        out.append("COMMIT\n")
-    return "".join(out)
-
-
 def ruleset(
     *services: tuple[Service, Sequence[EndpointSlice]], options: ProxyOptions = OPTS
 ) -> T.Ruleset:
     views = {
-        svc.ref: service_views(svc, slices, family=4, node_name=NODE) for svc, slices in services
+        svc.ref: service_views(svc, slices, family=options.family, node_name=NODE)
+        for svc, slices in services
     }
-    rs = T.parse_save(hooks_text())
-    return T.parse_save(render_ruleset(views, options), rs)
+    return as_installed(render_ruleset(views, options))
 
 
 def local(ip: str, **kw: Any) -> Any:
@@ -275,6 +267,348 @@ def test_affinity_known_client_is_pinned() -> None:
     assert len(trace(rs, "10.244.3.3", VIP, 80, env=env)) == 3
 
 
+# -- kube-proxy's packet-flow tables ------------------------------------------------------------
+# The cases of kube-proxy's proxier_test.go, in its address conventions: pods 10.0.0.0/8,
+# ClusterIPs 172.30.0.0/16, node 192.168.0.2 (also 192.168.1.2, 192.168.99.11), LB IPs 1.2.3.4
+# and 5.6.7.8, clients off the cluster in 203.0.113.0/24, of which 203.0.113.0/25 is in the LB
+# source range.
+K_NODE_IP, K_NODE_IP_ALT, K_NODE_EXTERNAL_IP = "192.168.0.2", "192.168.1.2", "192.168.99.11"
+K_NODE_IPS = (K_NODE_IP, K_NODE_IP_ALT, K_NODE_EXTERNAL_IP)
+K_POD = "10.0.0.2"
+K_CLIENT = "203.0.113.2"
+K_CLIENT_BLOCKED = "203.0.113.130"
+K_OPTS = ProxyOptions(node_name=NODE, node_ips=(K_NODE_IP,), cluster_cidrs=("10.0.0.0/8",))
+
+
+@dataclass(frozen=True)
+class Flow:
+    name: str
+    src: str
+    dst: str
+    port: int
+    output: str  # T.flow_output: "ip:port, ...", "DROP", "REJECT" or "" (untouched)
+    masq: bool = False
+    proto: str = "tcp"
+
+
+def check(rs: T.Ruleset, flows: Sequence[Flow], *, local: Sequence[str] = K_NODE_IPS) -> None:
+    """Each flow enters at nat OUTPUT when its source is a node address, else at PREROUTING."""
+    env = T.Environment(local_addresses=frozenset(local))
+    errors = []
+    for f in flows:
+        hook = T.OUTPUT if env.is_local(f.src) else T.PREROUTING
+        outcomes = trace(rs, f.src, f.dst, f.port, hook=hook, proto=f.proto, env=env)
+        got, masq = T.flow_output(outcomes), {o.masquerade for o in outcomes}
+        if got != f.output or (f.output not in ("DROP", "REJECT") and masq != {f.masq}):
+            path = "\n    ".join(
+                f"{s.chain} {s.rule.text}" for o in outcomes for s in o.steps if s.rule
+            )
+            errors.append(
+                f"{f.name}: {f.src} -> {f.dst}:{f.port}/{f.proto}: expected {f.output!r} "
+                f"masq={f.masq}, got {got!r} masq={masq}\n    {path}"
+            )
+    assert not errors, "\n".join(errors)
+
+
+def test_flow_cluster_ip_ports_and_protocols() -> None:
+    rs = ruleset(
+        (
+            make_service("ns1", "svc1", ports=(make_port(80, name="http"),)),
+            [
+                make_slice(
+                    "ns1",
+                    "svc1",
+                    endpoints=[local("10.180.0.1")],
+                    ports=[EndpointPort("http", "TCP", 80)],
+                )
+            ],
+        ),
+        (
+            make_service(
+                "ns2",
+                "svc2",
+                cluster_ips=("172.30.0.42",),
+                ports=(
+                    make_port(80, name="http"),
+                    make_port(443, name="https", target=8443),
+                    make_port(53, name="dns-udp", protocol="UDP"),
+                    make_port(53, name="dns-tcp", target=5353),
+                    make_port(53, name="dns-sctp", protocol="SCTP"),
+                ),
+            ),
+            [
+                make_slice(
+                    "ns2",
+                    "svc2",
+                    endpoints=[local("10.180.0.1"), remote("10.180.2.1")],
+                    ports=[
+                        EndpointPort("http", "TCP", 80),
+                        EndpointPort("https", "TCP", 8443),
+                        EndpointPort("dns-udp", "UDP", 53),
+                        EndpointPort("dns-tcp", "TCP", 5353),
+                        EndpointPort("dns-sctp", "SCTP", 53),
+                    ],
+                )
+            ],
+        ),
+        options=K_OPTS,
+    )
+    both = "10.180.0.1:{0}, 10.180.2.1:{0}"
+    check(
+        rs,
+        [
+            Flow("simple clusterIP", "10.180.0.2", VIP, 80, "10.180.0.1:80"),
+            Flow("hairpin to cluster IP", "10.180.0.1", VIP, 80, "10.180.0.1:80", True),
+            Flow("multiple endpoints", "10.180.0.2", "172.30.0.42", 80, both.format(80)),
+            Flow("targetPort", "10.180.0.2", "172.30.0.42", 443, both.format(8443)),
+            Flow("same port, TCP", "10.180.0.2", "172.30.0.42", 53, both.format(5353)),
+            Flow("same port, UDP", "10.180.0.2", "172.30.0.42", 53, both.format(53), proto="udp"),
+            Flow("same port, SCTP", "10.180.0.2", "172.30.0.42", 53, both.format(53), proto="sctp"),
+            Flow("TCP-only port, UDP", "10.180.0.2", "172.30.0.42", 80, "", proto="udp"),
+            Flow("svc1 has no 443", "10.180.0.2", VIP, 443, ""),
+            Flow("off-cluster client is masqueraded", K_CLIENT, VIP, 80, "10.180.0.1:80", True),
+        ],
+    )
+
+
+def test_flow_masquerade_all_marks_pod_traffic_too() -> None:
+    opts = ProxyOptions(node_name=NODE, masquerade_all=True)
+    rs = ruleset(
+        (make_service(), [make_slice(endpoints=[make_endpoint("10.180.0.1")])]), options=opts
+    )
+    check(rs, [Flow("pod to cluster IP", K_POD, VIP, 80, "10.180.0.1:80", True)])
+
+
+def test_flow_without_cluster_cidr_only_hairpin_is_masqueraded() -> None:
+    opts = ProxyOptions(node_name=NODE)
+    rs = ruleset(
+        (make_service(), [make_slice(endpoints=[make_endpoint("10.180.0.1")])]), options=opts
+    )
+    check(
+        rs,
+        [
+            Flow("off-cluster client", K_CLIENT, VIP, 80, "10.180.0.1:80", False),
+            Flow("hairpin", "10.180.0.1", VIP, 80, "10.180.0.1:80", True),
+        ],
+    )
+
+
+def test_flow_no_endpoints_reject_on_every_address() -> None:
+    svc = make_service(
+        type="LoadBalancer",
+        external_ips=(K_NODE_EXTERNAL_IP,),
+        load_balancer_ips=("1.2.3.4",),
+        ports=(make_port(80, name="p80", node_port=3001),),
+    )
+    check(
+        ruleset((svc, []), options=K_OPTS),
+        [
+            Flow("pod to cluster IP", K_POD, VIP, 80, "REJECT"),
+            Flow("external to external IP", K_CLIENT, K_NODE_EXTERNAL_IP, 80, "REJECT"),
+            Flow("pod to NodePort", K_POD, K_NODE_IP, 3001, "REJECT"),
+            Flow("external to NodePort", K_CLIENT, K_NODE_IP, 3001, "REJECT"),
+            Flow("pod to LoadBalancer IP", K_POD, "1.2.3.4", 80, "REJECT"),
+            Flow("external to LoadBalancer IP", K_CLIENT, "1.2.3.4", 80, "REJECT"),
+            Flow("node to cluster IP", K_NODE_IP, VIP, 80, "REJECT"),
+        ],
+    )
+
+
+def test_flow_load_balancer_with_source_ranges() -> None:
+    svc = make_service(
+        type="LoadBalancer",
+        ports=(make_port(80, name="p80", node_port=3001),),
+        load_balancer_ips=("1.2.3.4", "5.6.7.8"),
+        load_balancer_source_ranges=("192.168.0.0/24", "203.0.113.0/25"),
+    )
+    rs = ruleset((svc, [make_slice(endpoints=[make_endpoint("10.180.0.1")])]), options=K_OPTS)
+    ep = "10.180.0.1:80"
+    check(
+        rs,
+        [
+            Flow("pod to cluster IP", K_POD, VIP, 80, ep),
+            Flow("external to nodePort", K_CLIENT, K_NODE_IP, 3001, ep, True),
+            Flow("nodePort bypasses source ranges", K_CLIENT_BLOCKED, K_NODE_IP, 3001, ep, True),
+            Flow("accepted external to LB1", K_CLIENT, "1.2.3.4", 80, ep, True),
+            Flow("accepted external to LB2", K_CLIENT, "5.6.7.8", 80, ep, True),
+            Flow("blocked external to LB1", K_CLIENT_BLOCKED, "1.2.3.4", 80, "DROP"),
+            Flow("blocked external to LB2", K_CLIENT_BLOCKED, "5.6.7.8", 80, "DROP"),
+            Flow("pod to LB1 (not in the ranges)", K_POD, "1.2.3.4", 80, "DROP"),
+            Flow("node to LB1 (node IP in the ranges)", K_NODE_IP, "1.2.3.4", 80, ep, True),
+            Flow("node to LB2, SNATted to LB2", "5.6.7.8", "5.6.7.8", 80, ep, True),
+        ],
+    )
+
+
+@pytest.mark.parametrize(
+    ("family", "nodeport_ips", "alt_allowed"),
+    [
+        (4, None, True),
+        (4, (K_NODE_IP, "127.0.0.1"), False),
+        (6, None, True),
+        (6, ("2001:db8::1",), False),
+    ],
+    ids=["v4-all-addresses", "v4-nodeport-addresses", "v6-all-addresses", "v6-nodeport-addresses"],
+)
+def test_flow_node_ports(
+    family: int, nodeport_ips: tuple[str, ...] | None, alt_allowed: bool
+) -> None:
+    if family == 4:
+        vip, eps, pod, client, node, alt, lo = (
+            VIP,
+            ("10.180.0.1", "10.180.2.1"),
+            K_POD,
+            K_CLIENT,
+            K_NODE_IP,
+            K_NODE_IP_ALT,
+            "127.0.0.1",
+        )
+        cidr, local_ips, fmt = "10.0.0.0/8", list(K_NODE_IPS), "{}:80"
+    else:
+        vip, eps, pod, client, node, alt, lo = (
+            "fd00:172:30::41",
+            ("fd00:10:180::1", "fd00:10:180::2:1"),
+            "fd00:10::2",
+            "2600:5200::1",
+            "2001:db8::1",
+            "2001:db8:1::2",
+            "::1",
+        )
+        cidr, local_ips, fmt = "fd00:10::/64", ["2001:db8::1", "2001:db8:1::2"], "[{}]:80"
+    opts = ProxyOptions(
+        family=family,
+        node_name=NODE,
+        node_ips=(node,),
+        nodeport_ips=nodeport_ips,
+        cluster_cidrs=(cidr,),
+    )
+    svc = make_service(
+        type="NodePort", cluster_ips=(vip,), ports=(make_port(80, name="p80", node_port=3001),)
+    )
+    eps_slice = make_slice(
+        endpoints=[make_endpoint(eps[0]), local(eps[1])],
+        address_type="IPv4" if family == 4 else "IPv6",
+    )
+    both = ", ".join(fmt.format(e) for e in eps)
+    check(
+        ruleset((svc, [eps_slice]), options=opts),
+        [
+            Flow("pod to cluster IP", pod, vip, 80, both),
+            Flow("external to nodePort", client, node, 3001, both, True),
+            Flow("node to nodePort", node, node, 3001, both, True),
+            Flow("localhost to nodePort is ignored", lo, lo, 3001, ""),
+            Flow("secondary address", client, alt, 3001, both if alt_allowed else "", alt_allowed),
+        ],
+        local=local_ips,
+    )
+
+
+def test_flow_external_ips_under_cluster_policy() -> None:
+    svc = make_service(external_ips=("192.168.99.33",))
+    eps = [make_endpoint("10.180.0.4"), local("10.180.0.5")]
+    rs = ruleset((svc, [make_slice(endpoints=eps)]), options=K_OPTS)
+    both = "10.180.0.4:80, 10.180.0.5:80"
+    check(
+        rs,
+        [
+            Flow("external to external IP", K_CLIENT, "192.168.99.33", 80, both, True),
+            # Cluster policy: anything to an external destination is masqueraded
+            Flow("pod to external IP", K_POD, "192.168.99.33", 80, both, True),
+            Flow("external IP on another port", K_CLIENT, "192.168.99.33", 81, ""),
+        ],
+    )
+
+
+def etp_local(*endpoints: Any) -> T.Ruleset:
+    svc = make_service(
+        type="LoadBalancer",
+        ports=(make_port(80, name="p80", node_port=3001),),
+        load_balancer_ips=("1.2.3.4",),
+        external_ips=("192.168.99.22",),
+        external_policy_local=True,
+        health_check_node_port=30000,
+    )
+    return ruleset((svc, [make_slice(endpoints=list(endpoints))]), options=K_OPTS)
+
+
+def test_flow_external_traffic_policy_local() -> None:
+    rs = etp_local(local("10.180.0.1"), remote("10.180.2.1"))
+    here, both = "10.180.0.1:80", "10.180.0.1:80, 10.180.2.1:80"
+    check(
+        rs,
+        [
+            Flow("pod to cluster IP", K_POD, VIP, 80, both),
+            Flow("external to NodePort: local only, source kept", K_CLIENT, K_NODE_IP, 3001, here),
+            Flow("external to LB IP", K_CLIENT, "1.2.3.4", 80, here),
+            Flow("external to external IP", K_CLIENT, "192.168.99.22", 80, here),
+            Flow("pod to LB IP: short-circuit, all", K_POD, "1.2.3.4", 80, both),
+            Flow("pod to NodePort", K_POD, K_NODE_IP, 3001, both),
+            Flow("node to NodePort: all, masqueraded", K_NODE_IP, K_NODE_IP, 3001, both, True),
+            Flow("node to LB IP", K_NODE_IP, "1.2.3.4", 80, both, True),
+        ],
+    )
+
+
+def test_flow_external_traffic_policy_local_without_local_endpoints() -> None:
+    rs = etp_local(remote("10.180.2.1"))
+    there = "10.180.2.1:80"
+    check(
+        rs,
+        [
+            Flow("external to NodePort", K_CLIENT, K_NODE_IP, 3001, "DROP"),
+            Flow("external to LB IP", K_CLIENT, "1.2.3.4", 80, "DROP"),
+            Flow("external to external IP", K_CLIENT, "192.168.99.22", 80, "DROP"),
+            Flow("pod to LB IP still works", K_POD, "1.2.3.4", 80, there),
+            Flow("node to NodePort still works", K_NODE_IP, K_NODE_IP, 3001, there, True),
+            Flow("pod to cluster IP", K_POD, VIP, 80, there),
+        ],
+    )
+
+
+def test_flow_internal_traffic_policy_local() -> None:
+    svc = make_service(internal_policy_local=True)
+    with_local = ruleset(
+        (svc, [make_slice(endpoints=[local("10.180.0.1"), remote("10.180.2.1")])]), options=K_OPTS
+    )
+    check(with_local, [Flow("only the local endpoint", K_POD, VIP, 80, "10.180.0.1:80")])
+    without = ruleset((svc, [make_slice(endpoints=[remote("10.180.2.1")])]), options=K_OPTS)
+    check(
+        without,
+        [
+            Flow("no local endpoint: dropped, not rejected", K_POD, VIP, 80, "DROP"),
+            Flow("from the node too", K_NODE_IP, VIP, 80, "DROP"),
+        ],
+    )
+
+
+def test_flow_terminating_endpoints_fallback() -> None:
+    def go(*eps: Any) -> T.Ruleset:
+        return ruleset((make_service(), [make_slice(endpoints=list(eps))]), options=K_OPTS)
+
+    ready, terminating, gone = (
+        local("10.180.0.1"),
+        local("10.180.0.2", ready=False, terminating=True),
+        local("10.180.0.3", ready=False, serving=False, terminating=True),
+    )
+    check(go(ready, terminating, gone), [Flow("ready wins", K_POD, VIP, 80, "10.180.0.1:80")])
+    check(go(terminating, gone), [Flow("serving+terminating", K_POD, VIP, 80, "10.180.0.2:80")])
+    check(go(gone), [Flow("none serving: reject", K_POD, VIP, 80, "REJECT")])
+    # Local policy falls back per node: a remote ready endpoint does not help here
+    svc = make_service(
+        type="NodePort",
+        ports=(make_port(80, name="p80", node_port=3001),),
+        external_policy_local=True,
+    )
+    rs = ruleset((svc, [make_slice(endpoints=[remote("10.180.2.1"), terminating])]), options=K_OPTS)
+    check(
+        rs,
+        [
+            Flow("external: local terminating one", K_CLIENT, K_NODE_IP, 3001, "10.180.0.2:80"),
+            Flow("pod: cluster-wide ready one", K_POD, VIP, 80, "10.180.2.1:80"),
+        ],
+    )
+
+
 # -- IPVS companion rules ----------------------------------------------------------------------
 def test_ipvs_companion_rules_with_ipset_membership() -> None:
     svc = make_service()
@@ -472,3 +806,157 @@ def test_ipset_save_and_hostports() -> None:
     assert T.split_hostport("[fd00::1]:443") == ("fd00::1", 443)
     assert T.split_hostport("10.0.0.1") == ("10.0.0.1", None)
     assert T.split_hostport("10.0.0.1-10.0.0.9:80-90") == ("10.0.0.1", 80)
+
+
+# Real `iptables-save -c` spelling (normalised matches, /32 masks, --set-xmark, counters), a
+# FORWARD policy of DROP, and a foreign rule (an interface match) in PREROUTING.
+GOLDEN = (Path(__file__).parent / "golden" / "iptables-save-sample.txt").read_text()
+GOLDEN_ENV = T.Environment(local_addresses=frozenset(K_NODE_IPS))
+
+
+def test_golden_save_traces_through_affinity_checks_marks_and_policies() -> None:
+    rs = T.parse_save(GOLDEN)
+    outcomes = trace(rs, K_CLIENT, VIP, 80, env=GOLDEN_ENV)
+    assert targets(outcomes) == pytest.approx(
+        {"10.180.0.1:80": 1 / 3, "10.180.0.2:80": 1 / 3, "10.180.0.3:8080": 1 / 3}, abs=1e-8
+    )
+    # --set-xmark marks, KUBE-FORWARD accepts the marked packet, POSTROUTING's xor clears it
+    assert all(o.masquerade and o.verdict == "accept" for o in outcomes)
+    # the interface match is not guessed: the DOCKER rule is noted and skipped
+    assert all("-i docker0: the interface is not known" in " ".join(o.notes) for o in outcomes)
+    assert not any(s.chain == "DOCKER" for o in outcomes for s in o.steps)
+    # an unmarked pod packet falls off FORWARD (kube-proxy's KUBE-FORWARD accepts only marked
+    # traffic here) and meets its DROP policy
+    pod = trace(rs, K_POD, VIP, 80, env=GOLDEN_ENV)
+    assert T.flow_output(pod) == "DROP"
+    for o in pod:
+        assert o.filter_chain == "FORWARD" and o.verdict_rule is None
+        assert (o.steps[-1].chain, o.steps[-1].policy) == ("FORWARD", "DROP")
+    assert T.flow_output(trace(rs, K_POD, "172.30.0.46", 80)) == "REJECT"
+
+
+def test_outcome_steps_name_every_rule_that_decided() -> None:
+    outcomes = trace(T.parse_save(GOLDEN), K_CLIENT, VIP, 80, env=GOLDEN_ENV)
+    via_c = next(o for o in outcomes if o.dnat == "10.180.0.3:8080")
+    chains = [(s.table, s.chain) for s in via_c.steps if s.taken]
+    assert chains[:4] == [
+        ("nat", "PREROUTING"),
+        ("nat", "KUBE-SERVICES"),
+        ("nat", "KUBE-SVC-X"),
+        ("nat", "KUBE-MARK-MASQ"),
+    ]
+    assert ("nat", "KUBE-SEP-C") in chains and chains[-1] == ("nat", "KUBE-POSTROUTING")
+    assert ("filter", "KUBE-FORWARD") in chains
+    assert via_c.label == "10.180.0.3:8080" and via_c.masquerade_rule is not None
+
+
+def test_return_to_the_caller_goto_and_non_terminal_targets() -> None:
+    rs = T.parse_save(
+        """*nat
+:PREROUTING ACCEPT [0:0]
+:A - [0:0]
+:B - [0:0]
+-A PREROUTING -j A
+-A PREROUTING -p tcp --dport 80 -j DNAT --to-destination 10.9.9.9:80
+-A A -s 10.0.0.0/8 -j RETURN
+-A A -j LOG --log-prefix "x y"
+-A A -g B
+-A A -j DNAT --to-destination 10.1.1.1
+-A B -p udp -j DNAT --to-destination 10.2.2.2:53
+COMMIT
+"""
+    )
+
+    def output(src: str, port: int, proto: str = "tcp") -> str:
+        return T.flow_output(trace(rs, src, "1.1.1.1", port, proto=proto))
+
+    assert output(K_POD, 80) == "10.9.9.9:80"  # RETURN: on with the caller's next rule
+    # LOG lets the packet go on; goto: B falls off its end and returns to A's caller,
+    # skipping A's DNAT
+    assert output(K_CLIENT, 80) == "10.9.9.9:80"
+    assert output(K_CLIENT, 53, "udp") == "10.2.2.2:53"
+    (o,) = trace(rs, K_CLIENT, "1.1.1.1", 22)
+    assert o.label == "" and o.verdict == "accept" and not o.notes
+
+
+def test_dnat_without_a_port_keeps_the_port_and_labels_name_ipv6_in_brackets() -> None:
+    rs = T.parse_save(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n"
+        "-A PREROUTING -d 10.96.0.1 -j DNAT --to-destination 10.1.1.1\n"
+        "-A PREROUTING -d fd00::1 -j DNAT --to-destination [fd00:10::1]:8080\nCOMMIT\n"
+    )
+    (o,) = trace(rs, K_CLIENT, "10.96.0.1", 443)
+    assert o.dnat == "10.1.1.1" and o.label == "10.1.1.1:443"
+    (o,) = trace(rs, "2001:db8::9", "fd00::1", 80)
+    assert o.label == "[fd00:10::1]:8080"
+
+
+def test_protocol_numbers_are_protocols() -> None:
+    rs = T.parse_save(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n"
+        "-A PREROUTING -p 17 -m udp --dport 53 -j DNAT --to-destination 10.1.1.1:53\nCOMMIT\n"
+    )
+    assert rs.rules("nat", "PREROUTING")[0].conditions[0].args == ("udp",)
+    assert T.flow_output(trace(rs, K_CLIENT, "10.96.0.10", 53, proto="udp")) == "10.1.1.1:53"
+    assert T.flow_output(trace(rs, K_CLIENT, "10.96.0.10", 53)) == ""
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "-A X -j Y\n",
+        "*nat\n-A X -j Y\n",
+        "*nat\nnonsense\nCOMMIT\n",
+        "*nat\n-A X -j Y\n*filter\nCOMMIT\n",
+        "*nat\n:PREROUTING ACCEPT [0:0]\n-A PREROUTING -s\nCOMMIT\n",
+        "*nat\n:A - [0:0]\n-D A -j RETURN\nCOMMIT\n",
+    ],
+    ids=[
+        "outside-table",
+        "no-commit",
+        "unknown-line",
+        "table-in-table",
+        "missing-value",
+        "no-rule",
+    ],
+)
+def test_malformed_input(text: str) -> None:
+    with pytest.raises(T.ParseError):
+        rs = T.parse_save(text)
+        T.trace_packet(rs, T.Packet(K_POD, "1.1.1.1", 80), hook=T.PREROUTING)
+
+
+def test_restore_edits_are_applied_when_parsing() -> None:
+    """A --noflush restore input's -I, -D, -F and -X lines change the chains like the kernel."""
+    rs = T.parse_save(
+        "*nat\n:A - [0:0]\n:B - [0:0]\n:C - [0:0]\n-A A -j RETURN\n"
+        "-I A 1 -s 10.0.0.1 -j DNAT --to-destination 10.5.5.5:1\n"
+        "-I A -j LOG\n-D A -j RETURN\n-A B -j RETURN\n-F B\n-X C\nCOMMIT\n"
+    )
+    assert [r.text for r in rs.rules("nat", "A")] == [
+        "-j LOG",
+        "-s 10.0.0.1 -j DNAT --to-destination 10.5.5.5:1",
+    ]
+    assert rs.rules("nat", "B") == [] and rs.chain("nat", "C") is None
+
+
+def test_a_partial_sync_input_laid_over_the_saved_rules() -> None:
+    """kproxy's partial syncs declare the chains they rewrite again (which flushes them) and
+    delete lines of shared chains by their rendered spelling, which is not iptables-save's."""
+    rs = T.parse_save(SAVED)
+    T.parse_save(
+        "*nat\n:PREROUTING ACCEPT [0:0]\n:KUBE-SEP-B - [0:0]\n:KUBE-SVC-X - [0:0]\n"
+        "-A KUBE-SVC-X -j KUBE-SEP-B\n"
+        "-A KUBE-SEP-B -p tcp -j DNAT --to-destination 10.244.1.13:80\n"
+        '-D KUBE-SERVICES -m comment --comment "default/x:http cluster IP" -m tcp -p tcp '
+        "-d 10.96.0.80 --dport 80 -j KUBE-SVC-X\n"
+        '-I KUBE-SERVICES -m comment --comment "default/x:http cluster IP" -m tcp -p tcp '
+        "-d 10.96.0.81 --dport 80 -j KUBE-SVC-X\n"
+        "COMMIT\n",
+        rs,
+    )
+    assert len(rs.rules("nat", "PREROUTING")) == 1  # declaring a built-in chain keeps its rules
+    assert [r.text for r in rs.rules("nat", "KUBE-SVC-X")] == ["-j KUBE-SEP-B"]
+    assert targets(trace(rs, POD, "10.96.0.81", 80)) == {"10.244.1.13:80": 1.0}
+    (o,) = trace(rs, POD, "10.96.0.80", 80)
+    assert o.dnat == ""
