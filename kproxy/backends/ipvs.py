@@ -179,6 +179,31 @@ def _family_of(address: str) -> int:
 
 
 # -- the proxier ---------------------------------------------------------------------------------
+def node_options(
+    options: ProxyOptions, settings: Settings, amap: Mapping[str, set[str]]
+) -> tuple[set[str], ProxyOptions]:
+    """(addresses on kube-ipvs0, `options` with the node's addresses taken from `amap`, an
+    interface -> addresses map of one family): the node's addresses are all but kube-ipvs0's
+    (the VIPs there are local too, but no NodePort listens on them). Pure; shared by the
+    proxier and `kproxy status`, so both want the same virtual servers."""
+    amap = dict(amap)
+    bound = set(amap.pop(R.DUMMY_DEVICE, set()))
+    local = sorted({a for addrs in amap.values() for a in addrs})
+    nodeport_ips = options.nodeport_ips
+    if nodeport_ips is not None:
+        nets = [
+            ipaddress.ip_network(c)
+            for c in settings.nodeport_addresses
+            if c != "primary" and ipaddress.ip_network(c).version == options.family
+        ]
+        if nets:
+            nodeport_ips = tuple(
+                a for a in local if any(ipaddress.ip_address(a) in n for n in nets)
+            )
+        nodeport_ips = tuple(a for a in nodeport_ips if a not in bound)
+    return bound, replace(options, node_ips=tuple(local), nodeport_ips=nodeport_ips)
+
+
 class IPVSProxier:
     """The IPVS dataplane of one IP family (see the module docstring)."""
 
@@ -276,25 +301,8 @@ class IPVSProxier:
 
     def _addresses(self) -> tuple[set[str], ProxyOptions]:
         """(addresses on kube-ipvs0, the options with this moment's node addresses): one read
-        of every interface; the node's addresses are all but kube-ipvs0's."""
-        fam = self.family
-        amap = address_map(fam)
-        bound = amap.pop(R.DUMMY_DEVICE, set())
-        local = sorted({a for addrs in amap.values() for a in addrs})
-        nodeport_ips = self.options.nodeport_ips
-        if nodeport_ips is not None:
-            nets = [
-                ipaddress.ip_network(c)
-                for c in self.settings.nodeport_addresses
-                if c != "primary" and ipaddress.ip_network(c).version == fam
-            ]
-            if nets:
-                nodeport_ips = tuple(
-                    a for a in local if any(ipaddress.ip_address(a) in n for n in nets)
-                )
-            nodeport_ips = tuple(a for a in nodeport_ips if a not in bound)
-        options = replace(self.options, node_ips=tuple(local), nodeport_ips=nodeport_ips)
-        return bound, options
+        of every interface."""
+        return node_options(self.options, self.settings, address_map(self.family))
 
     def _read_table(self) -> dict[R.VSKey, D.ObservedVS]:
         """The kernel's virtual servers of this family with their real servers: one netlink

@@ -412,8 +412,12 @@ def status_command(settings: Settings, *, output: str = "table") -> int:
         options = proxy_options(settings, family=family, node_name=node)
         views = build_views(snapshot, family=family, node_name=node)
         if ipvs:
+            from kproxy.backends.ipvs import node_options
+            from kproxy.backends.ipvs_device import address_map
             from kproxy.render.ipvs import render_desired
 
+            # the node's addresses as the proxier sees them (not the VIPs on kube-ipvs0)
+            _bound, options = node_options(options, settings, address_map(family))
             desired = render_desired(views, options, scheduler=settings.ipvs_scheduler)
             wanted_servers.update(desired.servers)
             continue

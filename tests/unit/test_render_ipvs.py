@@ -529,3 +529,35 @@ def test_ipvsadm_rules_text() -> None:
         "-A -t 172.30.0.41:80 -s mh -b mh-port -p 60\n"
         "-a -t 172.30.0.41:80 -r 10.244.1.11:8080 -m -w 1\n"
     )
+
+
+# -- the node's addresses as the proxier and `kproxy status` see them ------------------------------
+def test_node_options_leave_the_vips_on_kube_ipvs0_out_of_the_node_addresses() -> None:
+    from dataclasses import replace
+
+    from kproxy.backends.ipvs import node_options
+    from kproxy.config import Settings
+
+    amap = {
+        "lo": {"127.0.0.1"},
+        "eth0": {NODE_IP},
+        "eth1": {"10.0.9.11"},
+        R.DUMMY_DEVICE: {"10.96.0.10", "203.0.113.10"},
+    }
+    bound, opts = node_options(OPTS, Settings(), amap)
+    assert bound == {"10.96.0.10", "203.0.113.10"}
+    assert set(opts.node_ips) == {"127.0.0.1", NODE_IP, "10.0.9.11"}
+    assert opts.nodeport_ips is None  # NodePorts on every node address
+
+    svc = make_service(type="NodePort", ports=(make_port(80, name="p80", node_port=30080),))
+    keys = set(render(svc, options=opts).servers)
+    assert {(k.address, k.port) for k in keys if k.port == 30080} == {
+        (NODE_IP, 30080),
+        ("10.0.9.11", 30080),
+    }  # not on the VIPs, not on loopback
+
+    # --nodeport-addresses picks among the node's addresses, never a VIP
+    limited = replace(OPTS, nodeport_ips=())
+    settings = Settings(nodeport_addresses=("10.0.0.0/8",))
+    _bound, opts = node_options(limited, settings, amap)
+    assert opts.nodeport_ips == ("10.0.9.11",)

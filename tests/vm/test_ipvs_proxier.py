@@ -545,6 +545,100 @@ def test_foreign_virtual_servers_are_left_alone(env: Env) -> None:
         env.run("ipvsadm", "-D", "-t", "192.0.2.1:9999")
 
 
+# -- kproxy status / explain read the IPVS table -------------------------------------------
+def kproxy_json(env: Env, *args: str, manifests: Path | None = None) -> tuple[int, Any]:
+    """Run an inspection subcommand in node1's namespace with the agent's own settings."""
+    res = env.lab.run(
+        env.node.ns,
+        module_argv(
+            "kproxy",
+            *args,
+            "--proxy-mode",
+            "ipvs",
+            "--manifests",
+            str(manifests or env.api.directory),
+            "--hostname-override",
+            env.node.name,
+            "--cluster-cidr",
+            CLUSTER_CIDR,
+            "-o",
+            "json",
+        ),
+        check=False,
+        timeout=600,
+    )
+    assert res.stdout, res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def test_status_and_explain_show_the_programmed_virtual_servers(env: Env) -> None:
+    vip = "10.96.0.91"
+    key = k(vip, 80)
+    pods = env.local_pods
+    env.api.upsert(
+        make_service_obj(
+            "default",
+            "insp",
+            clusterIP=vip,
+            annotations={"kproxy.io/ipvs-scheduler": "wrr"},
+            ports=[{"name": "http", "port": 80, "targetPort": 80, "nodePort": 30092}],
+            type="NodePort",
+        )
+    )
+    env.api.upsert(slice_of("insp", pods, [("http", 80, "TCP")]))
+    env.wait_serving(key, pods)
+    env.wait_serving(k(env.node.ip, 30092), pods)
+    batch = http_batch(pods[0].ns, vip, 80, n=6)
+    assert batch.ok_count == 6 and names(batch) == {p.name for p in pods}
+
+    # status: read back from the kernel, every service port as wanted, with its counters
+    rc, doc = kproxy_json(env, "status")
+    assert doc["mode"] == "ipvs" and doc["rules_from"] == "ipvsadm -Ln"
+    rows = {tuple(r["addresses"]): r for r in doc["services"]}
+    row = rows[(f"{vip}:80",)]
+    assert row["state"] == "ok" and row["problems"] == [], row
+    want = sorted(f"{p.ip}:80" for p in pods)
+    assert [b["endpoint"] for b in row["backends"]] == want
+    assert row["expected_backends"] == want
+    assert sum(b["share"] for b in row["backends"]) == pytest.approx(1.0)
+    assert row["packets"] >= 1  # the connections just made (active or TIME_WAIT)
+    assert rows[(f"{env.node.ip}:30092",)]["state"] == "ok"
+    assert rc == 0 and doc["ok"], [r["problems"] for r in doc["services"] if r["problems"]]
+
+    # a wanted state the kernel does not have yet is flagged: the same manifests plus a service
+    wanted = env.lab.workdir / "wanted-ahead"
+    shutil.copytree(env.api.directory, wanted, dirs_exist_ok=True)
+    Manifests(wanted).upsert(make_service_obj("default", "ahead", clusterIP="10.96.0.92"))
+    Manifests(wanted).upsert(slice_of("ahead", pods, [("http", 80, "TCP")]))
+    rc, doc = kproxy_json(env, "status", manifests=wanted)
+    assert rc == 1 and not doc["ok"]
+    ahead = {tuple(r["addresses"]): r for r in doc["services"]}[("10.96.0.92:80",)]
+    assert ahead["problems"] == ["virtual server wanted but not programmed"], ahead
+
+    # explain from a pod: the virtual server, its scheduler and real servers as ipvsadm has them;
+    # the pod's own IP among them is the hairpin case, the only one masqueraded
+    rc, ex = kproxy_json(env, "explain", f"{vip}:80/tcp", "--from", pods[0].ip)
+    assert rc == 0 and ex["mode"] == "ipvs" and ex["result"] == "ipvs", ex["result"]
+    vs = ex["ipvs"]["virtual_server"]
+    assert (vs["address"], vs["port"], vs["protocol"], vs["scheduler"]) == (vip, 80, "TCP", "wrr")
+    reals = {r["address"]: r for r in vs["real_servers"]}
+    assert set(reals) == set(names_to_ips(batch, pods))  # what real traffic reached
+    assert {a: (r["forward"], r["weight"]) for a, r in reals.items()} == {
+        p.ip: ("masq", 1) for p in pods
+    }
+    assert {a: r["masquerade"] for a, r in reals.items()} == {p.ip: p is pods[0] for p in pods}
+    # and from outside the cluster to the NodePort: masqueraded to every real server
+    rc, ex = kproxy_json(env, "explain", f"{env.node.ip}:30092/tcp", "--from", CLIENT_IP)
+    assert rc == 0 and ex["result"] == "ipvs", ex["result"]
+    reals = {r["address"]: r for r in ex["ipvs"]["virtual_server"]["real_servers"]}
+    assert {a: r["masquerade"] for a, r in reals.items()} == {p.ip: True for p in pods}
+
+
+def names_to_ips(batch: Batch, pods: list[Pod]) -> set[str]:
+    by_name = {p.name: p.ip for p in pods}
+    return {by_name[n] for n in batch.names}
+
+
 # -- restart and cleanup (last: they change the agent) -------------------------------------------
 def shape(table: dict[Key, ListedService]) -> dict[Key, Any]:
     """What a restart must keep: services, schedulers, persistence, serving real servers
