@@ -1,4 +1,7 @@
-"""`ipvsadm -Ln` text -> virtual servers and real servers (pure), for `status` and `explain`."""
+"""`ipvsadm -Ln` text -> virtual servers and real servers (pure), for `status` and `explain`, and
+for the VM tests that check kproxy's netlink programming against what ipvsadm shows. Reads the
+plain listing and `-Ln --persistent-conn` (whose real-server lines carry a persistent-connection
+count instead of the forwarding method)."""
 
 from __future__ import annotations
 
@@ -31,14 +34,11 @@ class RealServer:
     weight: int
     active: int = 0
     inactive: int = 0
+    persist: int | None = None  # only in --persistent-conn listings (forward is "" there)
 
     @property
     def hostport(self) -> str:
-        return (
-            f"[{self.address}]:{self.port}"
-            if ":" in self.address
-            else (f"{self.address}:{self.port}")
-        )
+        return hostport(self.address, self.port)
 
 
 @dataclass(slots=True)
@@ -47,17 +47,15 @@ class VirtualService:
     address: str
     port: int
     scheduler: str
-    flags: tuple[str, ...] = ()
-    persistent: int | None = None
+    flags: tuple[str, ...] = ()  # scheduler flags: sh-fallback, sh-port, mh-port, ...
+    persistent: int | None = None  # persistence timeout in seconds
+    mask: str | None = None  # persistence netmask
+    one_packet: bool = False  # "ops": one-packet scheduling
     reals: list[RealServer] = field(default_factory=list)
 
     @property
     def hostport(self) -> str:
-        return (
-            f"[{self.address}]:{self.port}"
-            if ":" in self.address
-            else (f"{self.address}:{self.port}")
-        )
+        return hostport(self.address, self.port)
 
     def shares(self) -> dict[str, float] | None:
         """Each real server's share of new connections, when the scheduler makes it predictable
@@ -70,6 +68,10 @@ class VirtualService:
         return {r.hostport: r.weight / total for r in self.reals}
 
 
+def hostport(address: str, port: int) -> str:
+    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
+
+
 def split_hostport(text: str) -> tuple[str, int]:
     """'10.0.0.1:80' / '[fd00::1]:443' -> (address, port)."""
     host, _, port = text.rpartition(":")
@@ -77,35 +79,36 @@ def split_hostport(text: str) -> tuple[str, int]:
 
 
 def parse_listing(text: str) -> list[VirtualService]:
-    """`ipvsadm -Ln` -> virtual services in listing order."""
+    """`ipvsadm -Ln` or `ipvsadm -Ln --persistent-conn` -> virtual services in listing order."""
     out: list[VirtualService] = []
     current: VirtualService | None = None
+    persistent_layout = False
     for line in text.splitlines():
         words = line.split()
-        if not words or line.startswith("IP Virtual Server") or words[0] == "Prot":
+        if not words or line.startswith("IP Virtual Server"):
+            continue
+        if words[0] == "Prot":
+            persistent_layout = "PersistConn" in words
             continue
         if words[0] == "->":
             if words[1] == "RemoteAddress:Port" or current is None or len(words) < 6:
                 continue
             address, port = split_hostport(words[1])
-            current.reals.append(
-                RealServer(
-                    address,
-                    port,
-                    FORWARD_WORDS.get(words[2], words[2].lower()),
-                    int(words[3]),
-                    int(words[4]),
-                    int(words[5]),
-                )
-            )
+            if persistent_layout:
+                weight, persist, active, inactive = (int(w) for w in words[2:6])
+                real = RealServer(address, port, "", weight, active, inactive, persist)
+            else:
+                forward = FORWARD_WORDS.get(words[2], words[2].lower())
+                weight, active, inactive = (int(w) for w in words[3:6])
+                real = RealServer(address, port, forward, weight, active, inactive)
+            current.reals.append(real)
             continue
         if words[0] == "FWM":
             current = VirtualService("FWM", "", int(words[1]), words[2])
-            rest = words[3:]
         else:
             address, port = split_hostport(words[1])
             current = VirtualService(words[0], address, port, words[2])
-            rest = words[3:]
+        rest = words[3:]
         i = 0
         while i < len(rest):
             w = rest[i]
@@ -114,6 +117,11 @@ def parse_listing(text: str) -> list[VirtualService]:
             elif w == "persistent" and i + 1 < len(rest):
                 current.persistent = int(rest[i + 1])
                 i += 1
+            elif w == "mask" and i + 1 < len(rest):
+                current.mask = rest[i + 1]
+                i += 1
+            elif w == "ops":
+                current.one_packet = True
             i += 1
         out.append(current)
     return out

@@ -19,24 +19,14 @@ from kproxy.backends.ipvs_netlink import (
     RealServer,
     VirtualServer,
 )
+from kproxy.inspect.ipvsadm import hostport, parse_listing, split_hostport
 
-FORWARD_WORDS = {"Masq": "masq", "Local": "local", "Tunnel": "tunnel", "Route": "route"}
 FORWARD_OPTIONS = {"masq": "-m", "route": "-g", "tunnel": "-i"}
 PROTO_OPTIONS = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
 SCHED_FLAG_NAMES = {
     "sh": ("sh-fallback", "sh-port"),
     "mh": ("mh-fallback", "mh-port"),
 }
-
-
-def hostport(address: str, port: int) -> str:
-    return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-def split_hostport(text: str) -> tuple[str, int]:
-    """'10.0.0.1:80' / '[fd00::1]:443' -> (address, port)."""
-    host, _, port = text.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 @dataclass
@@ -68,50 +58,25 @@ class ListedService:
 
 
 def parse_list(text: str) -> dict[tuple[str, str, int], ListedService]:
-    """`ipvsadm -Ln` or `ipvsadm -Ln --persistent-conn` -> {(address, protocol, port): service}."""
+    """`ipvsadm -Ln` or `ipvsadm -Ln --persistent-conn` -> {(address, protocol, port): service},
+    read by kproxy's own listing parser (kproxy.inspect.ipvsadm) and keyed for lookups."""
     out: dict[tuple[str, str, int], ListedService] = {}
-    persistent_layout = False
-    current: ListedService | None = None
-    for line in text.splitlines():
-        words = line.split()
-        if not words or line.startswith("IP Virtual Server"):
-            continue
-        if words[0] == "Prot":
-            persistent_layout = "PersistConn" in words
-            continue
-        if words[0] == "->":
-            if words[1] == "RemoteAddress:Port":
-                continue
-            if current is None:
-                raise ValueError(f"real server before any service: {line!r}")
-            address, port = split_hostport(words[1])
-            if persistent_layout:
-                weight, persist, active, inactive = (int(w) for w in words[2:6])
-                dest = ListedDest(address, port, weight, None, active, inactive, persist)
-            else:
-                forward = FORWARD_WORDS.get(words[2], words[2].lower())
-                weight, active, inactive = (int(w) for w in words[3:6])
-                dest = ListedDest(address, port, weight, forward, active, inactive)
-            current.dests[(address, port)] = dest
-            continue
-        address, port = split_hostport(words[1])
-        current = ListedService(words[0], address, port, words[2])
-        rest = words[3:]
-        i = 0
-        while i < len(rest):
-            w = rest[i]
-            if w.startswith("(") and w.endswith(")"):
-                current.sched_flags = tuple(w[1:-1].split(","))
-            elif w == "persistent":
-                current.persistent = int(rest[i + 1])
-                i += 1
-            elif w == "mask":
-                current.mask = rest[i + 1]
-                i += 1
-            elif w == "ops":
-                current.one_packet = True
-            i += 1
-        out[current.key] = current
+    for vs in parse_listing(text):
+        listed = ListedService(
+            vs.protocol,
+            vs.address,
+            vs.port,
+            vs.scheduler,
+            sched_flags=vs.flags,
+            persistent=vs.persistent,
+            mask=vs.mask,
+            one_packet=vs.one_packet,
+        )
+        for r in vs.reals:
+            listed.dests[(r.address, r.port)] = ListedDest(
+                r.address, r.port, r.weight, r.forward or None, r.active, r.inactive, r.persist
+            )
+        out[listed.key] = listed
     return out
 
 
