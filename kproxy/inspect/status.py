@@ -296,7 +296,18 @@ def ipvs_rows(desired: Mapping[Any, Any], listing: str) -> list[Row]:
         elif have is None:
             row.problems.append("virtual server wanted but not programmed")
         else:
-            row.problems += _diff("real server", want_dests, have_dests)
+            # a real server kproxy no longer wants stays at weight 0 until its connections are
+            # gone (graceful termination): shown as draining, not a mismatch
+            draining = {
+                hp: r for hp, r in have_dests.items() if hp not in want_dests and r.weight == 0
+            }
+            row.verdicts += [
+                f"draining {hp} (weight 0, {r.active} active / {r.inactive} inactive)"
+                for hp, r in sorted(draining.items())
+            ]
+            row.problems += _diff(
+                "real server", want_dests, [hp for hp in have_dests if hp not in draining]
+            )
             if have.scheduler != vs.scheduler:
                 row.problems.append(f"scheduler {have.scheduler}, wanted {vs.scheduler}")
             want_persist = vs.timeout if vs.persistent else None
@@ -315,6 +326,8 @@ def render_table(
     for r in rows:
         if r.backends:
             backends = " ".join(sorted(r.backends))
+            if r.verdicts:
+                backends += " (" + ", ".join(r.verdicts) + ")"
         elif r.verdicts:
             backends = "(none: " + ", ".join(r.verdicts) + ")"
         else:

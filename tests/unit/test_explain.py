@@ -345,6 +345,23 @@ def test_ipvs_status_rows() -> None:
     fewer = listing.replace("  -> 10.244.2.12:80               Masq    2      0          0\n", "")
     row = {tuple(r.addresses): r for r in S.ipvs_rows(desired, fewer)}[("172.30.0.41:80",)]
     assert row.problems == ["real server 10.244.2.12:80 is not programmed"]
+    # a real server no longer wanted: a mismatch while it takes new connections, draining (not
+    # a mismatch) once kproxy set its weight to 0
+    extra = listing.replace(
+        "  -> 10.244.2.12:80               Masq    2      0          0\n",
+        "  -> 10.244.2.12:80               Masq    2      0          0\n"
+        "  -> 10.244.9.9:80                Masq    {w}      1          2\n",
+    )
+    row = {tuple(r.addresses): r for r in S.ipvs_rows(desired, extra.format(w=1))}[
+        ("172.30.0.41:80",)
+    ]
+    assert row.problems == ["real server 10.244.9.9:80 is programmed but not wanted"]
+    row = {tuple(r.addresses): r for r in S.ipvs_rows(desired, extra.format(w=0))}[
+        ("172.30.0.41:80",)
+    ]
+    assert row.ok, row.problems
+    assert row.verdicts == ["draining 10.244.9.9:80 (weight 0, 1 active / 2 inactive)"]
+    assert row.backends["10.244.9.9:80"] == 0.0
 
 
 def test_flushed_endpoint_chain_shows_in_the_walk() -> None:
