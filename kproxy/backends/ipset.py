@@ -1,24 +1,29 @@
-"""kproxy's ipsets in the kernel: created, read back and changed through `ipset save/restore`.
+"""kproxy's ipsets in the kernel: created with the `ipset` tool, read and changed over netlink.
 
 One `IPSets` per IP family owns the sets `kproxy.render.ipvs.SETS` names (KUBE-* for IPv4,
-KUBE-6-* for IPv6). Changes go to the kernel as one `ipset restore -exist` batch per sync (add
-and del lines only for entries that change), so a sync that touches no set costs no process at
-all, and a sync that does costs one, whatever the number of entries. The last contents written
-(or read) are kept in memory; `read()` refreshes them from the kernel (start-up, full syncs).
+KUBE-6-* for IPv6). Element changes go to the kernel as batched netlink messages
+(kproxy.backends.ipset_netlink: hundreds of elements per message, only for entries that change),
+so a sync that touches no set costs nothing, and one that does costs a few round trips whatever
+the number of entries; listings are one netlink dump per set. The `ipset` tool creates the sets
+(`ipset restore`, no elements) and destroys them in cleanup: it resolves the protocol of every
+element through /etc/protocols, far too slow for element work at scale (see ipset_netlink).
 
-`-exist` makes adding a present entry and deleting an absent one no-ops, so a batch computed
-from stale knowledge still applies. Sets are never destroyed while kproxy runs (iptables rules
-reference them); `destroy_all` is for cleanup, after the rules are gone.
+The last contents written (or read) are kept in memory; `read()` refreshes them from the kernel
+(start-up, full syncs). Adding a present entry and deleting an absent one are no-ops, so a
+batch computed from stale knowledge still applies. Sets are never destroyed while kproxy runs
+(iptables rules reference them); `destroy_all` is for cleanup, after the rules are gone.
 """
 
 from __future__ import annotations
 
+import errno
 import logging
 import shutil
 import subprocess
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
+from kproxy.backends.ipset_netlink import CMD_ADD, CMD_DEL, IPSetNetlinkError, IPSetSocket
 from kproxy.render.ipvs import SETS, SetSpec
 
 log = logging.getLogger("kproxy.ipset")
@@ -81,6 +86,18 @@ def available() -> bool:
     return shutil.which("ipset") is not None
 
 
+def set_types() -> dict[str, str]:
+    """Name -> type of every set of this network namespace (headers only: `ipset list -t`)."""
+    out: dict[str, str] = {}
+    name = ""
+    for line in _run(["list", "-t"]).splitlines():
+        if line.startswith("Name: "):
+            name = line[6:].strip()
+        elif line.startswith("Type: ") and name:
+            out[name] = line[6:].strip()
+    return out
+
+
 @dataclass
 class IPSets:
     """The ipsets of one family and what they hold (keyed by base name, e.g. KUBE-CLUSTER-IP)."""
@@ -91,36 +108,48 @@ class IPSets:
     restores: int = 0
     _names: dict[str, str] = field(default_factory=dict)
     _existing: set[str] = field(default_factory=set)
-    _mismatched: set[str] = field(default_factory=set)
+    _specs: dict[str, SetSpec] = field(default_factory=dict)
+    _sock: IPSetSocket | None = None
 
     def __post_init__(self) -> None:
         self._names = {s.base: s.name(self.family) for s in self.specs}
+        self._specs = {s.base: s for s in self.specs}
         self.contents = {s.base: set() for s in self.specs}
 
     def name(self, base: str) -> str:
         return self._names[base]
 
+    def _socket(self) -> IPSetSocket:
+        if self._sock is None:
+            self._sock = IPSetSocket()
+        return self._sock
+
     def read(self) -> dict[str, set[str]]:
         """Refresh `contents` from the kernel; sets that do not exist read as empty."""
-        saved = save_all()
+        sock = self._socket()
+        existing = set()
         for spec in self.specs:
-            found = saved.get(self._names[spec.base])
-            self.contents[spec.base] = set(found.entries) if found else set()
-        self._existing = {base for base, name in self._names.items() if name in saved}
-        self._mismatched = {
-            spec.base
-            for spec in self.specs
-            if (s := saved.get(self._names[spec.base])) is not None and s.type != spec.type
-        }
+            try:
+                self.contents[spec.base] = sock.list(self._names[spec.base], spec.type)
+                existing.add(spec.base)
+            except IPSetNetlinkError as err:
+                if err.errno != errno.ENOENT:
+                    raise IPSetError(f"listing {self._names[spec.base]}: {err}") from err
+                self.contents[spec.base] = set()
+        self._existing = existing
         return self.contents
 
     def ensure(self) -> None:
-        """Create every missing set (reads the kernel first)."""
-        self.read()
-        if self._mismatched:
-            bad = ", ".join(sorted(self._names[b] for b in self._mismatched))
-            raise IPSetError(f"ipsets exist with another type: {bad} (run kproxy cleanup)")
-        missing = [s for s in self.specs if s.base not in self._existing]
+        """Create every missing set, then read what the sets hold."""
+        types = set_types()
+        bad = [
+            self._names[s.base]
+            for s in self.specs
+            if self._names[s.base] in types and types[self._names[s.base]] != s.type
+        ]
+        if bad:
+            raise IPSetError(f"ipsets exist with another type: {', '.join(bad)} (kproxy cleanup)")
+        missing = [s for s in self.specs if self._names[s.base] not in types]
         if missing:
             restore(
                 "".join(
@@ -128,7 +157,7 @@ class IPSets:
                 )
             )
             self.restores += 1
-            self._existing.update(s.base for s in missing)
+        self.read()
 
     def update(
         self,
@@ -136,32 +165,31 @@ class IPSets:
         add: Mapping[str, Iterable[str]] | None = None,
         delete: Mapping[str, Iterable[str]] | None = None,
     ) -> int:
-        """Add and delete entries (by base set name) in one batch; returns the lines written.
+        """Delete, then add entries (by base set name); returns how many were sent.
 
         Entries already present (for adds) or absent (for deletes) per `contents` are skipped.
         """
-        lines: list[str] = []
-        for base, entries in (delete or {}).items():
-            have = self.contents[base]
-            name = self._names[base]
-            for e in entries:
-                if e in have:
-                    lines.append(f"del {name} {e}\n")
-        for base, entries in (add or {}).items():
-            have = self.contents[base]
-            name = self._names[base]
-            for e in entries:
-                if e not in have:
-                    lines.append(f"add {name} {e}\n")
-        if not lines:
-            return 0
-        restore("".join(lines))
-        self.restores += 1
-        for base, entries in (delete or {}).items():
-            self.contents[base].difference_update(entries)
-        for base, entries in (add or {}).items():
-            self.contents[base].update(entries)
-        return len(lines)
+        sent = 0
+        for cmd, changes in ((CMD_DEL, delete or {}), (CMD_ADD, add or {})):
+            for base, entries in changes.items():
+                have = self.contents[base]
+                todo = [e for e in entries if (e in have) == (cmd == CMD_DEL)]
+                if not todo:
+                    continue
+                spec = self._specs[base]
+                try:
+                    sent += self._socket().change(
+                        cmd, self._names[base], spec.type, self.family, todo
+                    )
+                except IPSetNetlinkError as err:
+                    raise IPSetError(str(err)) from err
+                if cmd == CMD_DEL:
+                    have.difference_update(todo)
+                else:
+                    have.update(todo)
+        if sent:
+            self.restores += 1
+        return sent
 
     def sync_to(self, desired: Mapping[str, Iterable[str]], *, phase: str) -> int:
         """Make the sets hold `desired`: phase "add" only adds, "delete" only deletes (so a sync
@@ -178,8 +206,8 @@ def destroy_all(families: Iterable[int] = (4, 6)) -> list[str]:
 
     Fails for a set an iptables rule still references: remove the rules first.
     """
-    saved = save_all()
-    names = [s.name(f) for f in families for s in SETS if s.name(f) in saved]
+    existing = set_types()
+    names = [s.name(f) for f in families for s in SETS if s.name(f) in existing]
     names = list(dict.fromkeys(names))
     if names:
         restore("".join(f"destroy {n}\n" for n in names))

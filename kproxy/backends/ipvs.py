@@ -551,13 +551,9 @@ def cleanup_ipvs(*, families: Iterable[int] = (4, 6), ipvs: N.IPVSAdapter | None
 
     families = tuple(families)
     sets: dict[str, set[str]] = {}
-    if ipset_mod.available():
-        saved = ipset_mod.save_all()
-        for fam in families:
-            for spec in R.SETS:
-                found = saved.get(spec.name(fam))
-                if found is not None:
-                    sets.setdefault(spec.base, set()).update(found.entries)
+    for fam in families:
+        for base, entries in IPSets(fam).read().items():
+            sets.setdefault(base, set()).update(entries)
     from kproxy.backends.ipvs_device import KubeIPVS0, device_exists
 
     bound: set[str] = set()

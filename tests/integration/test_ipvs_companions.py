@@ -6,6 +6,7 @@ IPVS itself and kube-ipvs0 need the VM (tests/vm); these parts do not, so they r
 
 from __future__ import annotations
 
+import json
 import os
 import secrets
 import shutil
@@ -39,6 +40,11 @@ if op == "program":
     out["lines3"] = sets.sync_to(want, phase="add")
     out["lines4"] = sets.sync_to(want, phase="delete")
     out["read"] = {k: sorted(v) for k, v in ipset.IPSets(fam).read().items() if v}
+    more = json.loads(sys.argv[5])
+    sets.update(add=more)
+    out["every_type"] = {k: sorted(v) for k, v in ipset.IPSets(fam).read().items() if v}
+    saved = ipset.parse_save(ipset._run(["save"]))
+    out["saved"] = {k: sorted(v.entries) for k, v in saved.items() if v.entries}
     rules = ipvs_iptables.CompanionRules(ProxyOptions(family=fam), flavour=sys.argv[4])
     out["rules"] = rules.apply()
     rules.apply()
@@ -69,8 +75,6 @@ def netns() -> Iterator[str]:
 
 
 def child(ns: str, *args: str) -> dict[str, Any]:
-    import json
-
     env = {**os.environ, "PYTHONPATH": os.getcwd()}
     proc = subprocess.run(
         ["ip", "netns", "exec", ns, "python3", "-c", CHILD, *args],
@@ -99,7 +103,17 @@ def test_sets_and_rules_program_incrementally_and_clean_up(
     netns: str, family: int, flavour: str
 ) -> None:
     vip = "fd00:96::1" if family == 6 else "10.96.0.1"
-    out = child(netns, "program", str(family), vip, flavour)
+    pod = "fd00:10:244:1::11" if family == 6 else "10.244.1.11"
+    net = "fd00:10::/32" if family == 6 else "10.0.0.0/8"
+    host = "2001:db8::5" if family == 6 else "203.0.113.5"
+    more = {  # one element of every set type kproxy uses
+        R.LOOP_BACK: [f"{pod},tcp:8080,{pod}"],
+        R.LB_SOURCE_CIDR: [f"{vip},udp:53,{net}", f"{vip},tcp:80,{host}"],
+        R.IPVS_IPS: [vip],
+        R.NODE_PORT_UDP: ["30053"],
+        R.NODE_PORT_SCTP: [f"{vip},sctp:30099"],
+    }
+    out = child(netns, "program", str(family), vip, flavour, json.dumps(more))
     assert out["lines1"] == 2  # two adds in one batch
     assert out["lines2"] == 0  # already there: no ipset process at all
     assert out["lines3"] == 1 and out["lines4"] == 1  # add 30081, then delete 30080
@@ -109,6 +123,12 @@ def test_sets_and_rules_program_incrementally_and_clean_up(
         R.NODE_PORT_TCP: ["30081"],
     }
     assert name in ns_out(netns, "ipset", "list", "-n").split()
+    # what kproxy writes over netlink is what the ipset tool lists, and reads back the same
+    expected = {base: sorted(entries) for base, entries in more.items()}
+    expected[R.CLUSTER_IP_SET] = [f"{vip},tcp:80"]
+    expected[R.NODE_PORT_TCP] = ["30081"]
+    assert out["every_type"] == expected
+    assert out["saved"] == {R.SET_SPECS[b].name(family): v for b, v in expected.items()}
     prog = "ip6tables" if family == 6 else "iptables"
     save = ns_out(netns, f"{prog}-{flavour}-save")
     # every rule of the companion text is in the kernel, in iptables-save's own spelling
