@@ -258,3 +258,25 @@ def test_views_per_family_and_deleted_refs() -> None:
         Ref("ns1", "gone"): ()
     }
     assert v4[svc.ref][0].name == "ns1/svc1:p80"
+
+
+def test_snapshots_group_slices_per_service_and_never_change_afterwards() -> None:
+    store = Store()
+    a1 = make_slice(name="a-1", endpoints=[make_endpoint("10.0.0.1")])
+    a2 = make_slice(name="a-2", endpoints=[make_endpoint("10.0.0.2")])
+    b1 = make_slice(service="svc2", name="b-1", endpoints=[make_endpoint("10.0.1.1")])
+    store.replace_slices([a1, a2, b1])
+    first, _ = store.take()
+    assert first.slices == {Ref("ns1", "svc1"): (a1, a2), Ref("ns1", "svc2"): (b1,)}
+
+    # a slice edited, one deleted, one moved to another service (its label changed)
+    a1_new = make_slice(name="a-1", endpoints=[make_endpoint("10.0.0.9")])
+    store.set_slice(a1_new)
+    store.delete_slice(b1.ref)
+    moved = make_slice(service="svc3", name="a-2", endpoints=[make_endpoint("10.0.0.2")])
+    store.set_slice(moved)
+    second, changes = store.take()
+    assert second.slices == {Ref("ns1", "svc1"): (a1_new,), Ref("ns1", "svc3"): (moved,)}
+    assert changes.services == {Ref("ns1", n) for n in ("svc1", "svc2", "svc3")}
+    # the earlier snapshot is untouched
+    assert first.slices == {Ref("ns1", "svc1"): (a1, a2), Ref("ns1", "svc2"): (b1,)}
