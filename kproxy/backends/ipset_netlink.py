@@ -155,7 +155,7 @@ def _attr_list(buf: memoryview) -> Iterator[tuple[int, memoryview]]:
 def _ip_text(nested: memoryview) -> str:
     a = _attrs(nested)
     if IPADDR_IPV4 in a:
-        return str(ipaddress.IPv4Address(bytes(a[IPADDR_IPV4])))
+        return socket.inet_ntoa(a[IPADDR_IPV4])
     return str(ipaddress.IPv6Address(bytes(a[IPADDR_IPV6])))
 
 

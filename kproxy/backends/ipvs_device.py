@@ -60,7 +60,8 @@ def address_map(family: int, device: str | None = None) -> dict[str, set[str]]:
             local = info.get("local")
             if not local or info.get("scope") == "link":
                 continue
-            addrs.add(str(ipaddress.ip_address(local)))
+            # `ip` prints IPv4 canonically; IPv6 is normalised like everywhere else in kproxy
+            addrs.add(str(ipaddress.ip_address(local)) if ":" in local else local)
     return out
 
 
