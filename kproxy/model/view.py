@@ -1,5 +1,6 @@
 """Service ports as the dataplane renderers see them: one `ServicePortView` per service port and
-IP family, with its addresses of that family and its categorized endpoints.
+IP family, with its addresses of that family, its endpoints and the decisions every mode
+translates (`decision`, kproxy.model.decisions).
 
 Both the iptables and the IPVS renderers consume these views; `kproxy status` and `kproxy explain`
 use them to say what *should* be programmed.
@@ -11,7 +12,8 @@ import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from kproxy.model.endpoints import Categorized, EndpointInfo, categorize, merge_endpoints
+from kproxy.model.decisions import PortDecision, decide
+from kproxy.model.endpoints import EndpointInfo, categorize, merge_endpoints
 from kproxy.model.objects import EndpointSlice, Ref, Service, ServicePort, ip_family
 from kproxy.model.store import Snapshot
 
@@ -28,7 +30,7 @@ class ServicePortView:
     load_balancer_ips: tuple[str, ...]
     source_ranges: tuple[str, ...]
     endpoints: tuple[EndpointInfo, ...]
-    categorized: Categorized
+    decision: PortDecision
 
     @property
     def name(self) -> str:
@@ -45,38 +47,8 @@ class ServicePortView:
         return self.port.node_port
 
     @property
-    def cluster_endpoints(self) -> tuple[EndpointInfo, ...]:
-        return self.categorized.cluster or ()
-
-    @property
-    def local_endpoints(self) -> tuple[EndpointInfo, ...]:
-        return self.categorized.local or ()
-
-    @property
-    def has_endpoints(self) -> bool:
-        return bool(self.categorized.all_reachable)
-
-    @property
-    def external_local(self) -> bool:
-        return self.service.external_policy_local
-
-    @property
-    def internal_local(self) -> bool:
-        return self.service.internal_policy_local
-
-    @property
     def has_external(self) -> bool:
         return bool(self.external_ips or self.load_balancer_ips or self.port.node_port)
-
-    @property
-    def internal_endpoints(self) -> tuple[EndpointInfo, ...]:
-        """Endpoints for ClusterIP traffic (internalTrafficPolicy)."""
-        return self.local_endpoints if self.internal_local else self.cluster_endpoints
-
-    @property
-    def external_endpoints(self) -> tuple[EndpointInfo, ...]:
-        """Endpoints for NodePort/LB/externalIP traffic (externalTrafficPolicy)."""
-        return self.local_endpoints if self.external_local else self.cluster_endpoints
 
 
 def _of_family(addresses: Iterable[str], family: int) -> tuple[str, ...]:
@@ -105,17 +77,28 @@ def service_views(
     views = []
     for port in service.ports:
         endpoints = merge_endpoints(port, slices, family=family, node_name=node_name)
+        external_ips = _of_family(service.external_ips, family)
+        lb_ips = _of_family(service.load_balancer_ips, family)
+        source_ranges = _cidrs_of_family(service.load_balancer_source_ranges, family)
+        decision = decide(
+            service,
+            endpoints,
+            categorize(service, endpoints, node_zone=node_zone),
+            has_external=bool(external_ips or lb_ips or port.node_port),
+            has_load_balancer_ips=bool(lb_ips),
+            has_source_ranges=bool(source_ranges),
+        )
         views.append(
             ServicePortView(
                 service=service,
                 port=port,
                 family=family,
                 cluster_ip=cluster_ip,
-                external_ips=_of_family(service.external_ips, family),
-                load_balancer_ips=_of_family(service.load_balancer_ips, family),
-                source_ranges=_cidrs_of_family(service.load_balancer_source_ranges, family),
+                external_ips=external_ips,
+                load_balancer_ips=lb_ips,
+                source_ranges=source_ranges,
                 endpoints=endpoints,
-                categorized=categorize(service, endpoints, node_zone=node_zone),
+                decision=decision,
             )
         )
     return tuple(views)

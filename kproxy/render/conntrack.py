@@ -29,7 +29,7 @@ What kproxy does differently, on purpose:
 Kept endpoints are the serving ones (ready or terminating-but-serving), whatever the traffic
 policies: a policy or topology change must not cut flows that still have a live endpoint, which
 keeps UDP consistent with TCP. Everything the renderers may still send traffic to
-(`categorized.all_reachable`) is kept too.
+(`decision.all_reachable`) is kept too.
 
 A nodePort rule matches every destination address unless `nodeport_ips` narrows it (pass
 `ProxyOptions.nodeport_ips`); deleting a flow that was never DNAT'ed only costs the kernel one
@@ -160,7 +160,7 @@ class _Target:
 
 def _kept_endpoints(view: ServicePortView) -> set[HostPort]:
     kept = {(e.ip, e.port) for e in view.endpoints if e.serving or e.ready}
-    kept.update((e.ip, e.port) for e in view.categorized.all_reachable)
+    kept.update((e.ip, e.port) for e in view.decision.all_reachable)
     return kept
 
 

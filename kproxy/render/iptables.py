@@ -32,6 +32,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kproxy.model.decisions import Verdict, node_in_source_ranges
 from kproxy.model.endpoints import EndpointInfo
 from kproxy.model.objects import IPV6, Ref
 from kproxy.model.options import ProxyOptions
@@ -225,30 +226,24 @@ class Renderer:
         pm = f"-m {proto} -p {proto}"
         port = v.port.port
         cip = v.cluster_ip
-        cat = v.categorized
-        cluster_eps = cat.cluster or ()
-        local_eps = cat.local or ()
-        service = v.service
-        internal_local = service.internal_policy_local
-        external_local = service.external_policy_local
+        d = v.decision
+        cluster_eps = d.cluster or ()
+        local_eps = d.local or ()
+        external_local = d.external_local
 
-        # kube-proxy's hasEndpoints: usable endpoints anywhere, not only on this node
-        has_any = bool(cluster_eps) or (
-            cat.local is not None
-            and any(e.ready or (e.serving and e.terminating) for e in v.endpoints)
-        )
-        has_internal = has_any and (not internal_local or bool(local_eps))
-        has_external = has_any and (not external_local or bool(local_eps))
-        internal_chain = svl if internal_local else svc
+        has_any = d.has_endpoints
+        has_internal = d.internal_verdict is Verdict.FORWARD
+        external_ok = d.external_verdict is Verdict.FORWARD
+        internal_chain = svl if d.internal_local else svc
         external_policy_chain = svl if external_local else svc
         lb_ips = v.load_balancer_ips
-        uses_ext = has_any and v.has_external
-        uses_fw = has_any and bool(lb_ips) and bool(v.source_ranges)
+        uses_ext = d.uses_external_chain
+        uses_fw = has_any and d.firewall
         lb_chain = fw if uses_fw else ext
         uses_cluster_chain = bool(cluster_eps)
         uses_local_chain = bool(local_eps)
 
-        if not has_any:
+        if d.no_endpoints_verdict is Verdict.REJECT:
             target = "REJECT"
             comment = f'"{name} has no endpoints"'
         else:
@@ -273,7 +268,7 @@ class Renderer:
                     f'-A KUBE-SERVICES -m comment --comment "{name} external IP" {pm} '
                     f"-d {eip} --dport {port} -j {ext}\n"
                 )
-            if not has_external:
+            if not external_ok:
                 f_external.append(
                     f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {pm} "
                     f"-d {eip} --dport {port} -j {target}\n"
@@ -289,7 +284,7 @@ class Renderer:
                     f'-A KUBE-PROXY-FIREWALL -m comment --comment "{name} traffic not accepted '
                     f'by {fw}" {pm} -d {lbip} --dport {port} -j DROP\n'
                 )
-        if not has_external:
+        if not external_ok:
             for lbip in lb_ips:
                 f_external.append(
                     f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} {pm} "
@@ -302,13 +297,13 @@ class Renderer:
                     f"-A KUBE-NODEPORTS -m comment --comment {name} {pm} --dport {node_port} "
                     f"-j {ext}\n"
                 )
-            if not has_external:
+            if not external_ok:
                 f_external.append(
                     f"-A KUBE-EXTERNAL-SERVICES -m comment --comment {comment} "
                     f"-m addrtype --dst-type LOCAL {pm} --dport {node_port} -j {target}\n"
                 )
-        hc = service.health_check_node_port
-        if hc and external_local and service.type == "LoadBalancer":
+        hc = d.health_check_node_port
+        if hc:
             f_nodeports.append(
                 f'-A KUBE-NODEPORTS -m comment --comment "{name} health check node port" '
                 f"-m tcp -p tcp --dport {hc} -j ACCEPT\n"
@@ -326,7 +321,7 @@ class Renderer:
         sep_chain = C.sep_chain
         seps: dict[int, tuple[str, str]] = {}
         sep_ips: list[tuple[str, str, str]] = []
-        for ep in cat.all_reachable:
+        for ep in d.all_reachable:
             hostport = ep.hostport
             sep = sep_chain(name, proto, hostport)
             seps[id(ep)] = (sep, hostport)
@@ -343,12 +338,12 @@ class Renderer:
 
         if uses_ext:
             rules = chains[ext] = []
-            if not external_local:
+            if d.masquerade_external:
                 rules.append(
                     f'-A {ext} -m comment --comment "masquerade traffic for {name} external '
                     f'destinations" -j KUBE-MARK-MASQ\n'
                 )
-            elif uses_cluster_chain:
+            elif d.short_circuit:
                 # Pod and node traffic to an external address short-circuits to the cluster
                 # chain (as if it had gone out to the load balancer and come back).
                 for cidr in self._cidrs:
@@ -364,18 +359,15 @@ class Renderer:
                     f'-A {ext} -m comment --comment "route LOCAL traffic for {name} external '
                     f'destinations" -m addrtype --src-type LOCAL -j {svc}\n'
                 )
-            if has_external:
+            if external_ok:
                 rules.append(f"-A {ext} -j {external_policy_chain}\n")
 
         if uses_fw:
             rules = chains[fw] = []
             head = f'-A {fw} -m comment --comment "{name} loadbalancer IP"'
-            allow_from_node = False
             for cidr in v.source_ranges:
-                net = ipaddress.ip_network(cidr.strip(), strict=False)
-                rules.append(f"{head} -s {net} -j {ext}\n")
-                allow_from_node = allow_from_node or any(ip in net for ip in self._node_nets)
-            if allow_from_node:
+                rules.append(f"{head} -s {_net(cidr)} -j {ext}\n")
+            if node_in_source_ranges(v.source_ranges, self._node_nets):
                 # a node reaching a VIP-style LB IP often arrives with the LB IP as source
                 rules.extend(f"{head} -s {lbip} -j {ext}\n" for lbip in lb_ips)
             rules.append(
@@ -385,7 +377,7 @@ class Renderer:
 
         recent = (
             f"-m recent --name {{}} --set --mask {self._mask} --rsource "
-            if service.affinity_timeout
+            if d.affinity_timeout
             else ""
         )
         for sep, hostport, ip in sep_ips:
@@ -405,7 +397,7 @@ class Renderer:
         """kube-proxy's writeServiceToEndpointRules: affinity checks, then random balancing
         over `seps`, the (KUBE-SEP chain, "ip:port") of each endpoint."""
         name = v.name
-        timeout = v.service.affinity_timeout
+        timeout = v.decision.affinity_timeout
         if timeout:
             for sep, hostport in seps:
                 rules.append(

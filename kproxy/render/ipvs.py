@@ -43,6 +43,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kproxy.model.decisions import Verdict, node_in_source_ranges
 from kproxy.model.endpoints import EndpointInfo
 from kproxy.model.objects import IPV6, Ref
 from kproxy.model.options import ProxyOptions
@@ -394,22 +395,15 @@ class IPVSRenderer:
         lproto = proto.lower()
         port = v.port.port
         name = v.name
-        cat = v.categorized
-        cluster_eps = cat.cluster or ()
-        local_eps = cat.local or ()
-        internal_local = svc.internal_policy_local
-        external_local = svc.external_policy_local
-
-        # kube-proxy's hasEndpoints: usable endpoints anywhere, not only on this node
-        usable_anywhere = cluster_eps if cat.cluster is not None else _usable(v.endpoints)
-        has_any = bool(usable_anywhere)
+        d = v.decision
+        external_local = d.external_local
 
         scheduler = effective_scheduler(svc.ipvs_scheduler, self.scheduler)
         flags = 0
         timeout = 0
-        if svc.affinity_timeout:
+        if d.affinity_timeout:
             flags |= FLAG_PERSISTENT
-            timeout = svc.affinity_timeout
+            timeout = d.affinity_timeout
         if scheduler == "mh":
             flags |= FLAG_SCHED2  # kube-proxy's FlagSourceHash
 
@@ -433,34 +427,33 @@ class IPVSRenderer:
 
         # -- ClusterIP ---------------------------------------------------------------------
         cip = v.cluster_ip
-        internal = _dests(local_eps if internal_local else cluster_eps)
+        internal = _dests(d.internal)
         server(cip, port, CLUSTER_IP, internal)
         bind.append(cip)
         entries.append((IPVS_IPS, cip))
         cip_entry = set_entry(cip, proto, port)
         entries.append((CLUSTER_IP_SET, cip_entry))
-        if not has_any:
+        if d.internal_verdict is Verdict.REJECT:
             entries.append((NO_ENDPOINTS, cip_entry))
-        elif not internal:
+        elif d.internal_verdict is Verdict.DROP:
             entries.append((NO_LOCAL_ENDPOINTS, cip_entry))
 
-        hc = svc.health_check_node_port
+        hc = d.health_check_node_port
         if hc:
             entries.append((HEALTH_CHECK_NODE_PORT, str(hc)))
 
         # -- external destinations ---------------------------------------------------------
         if not v.has_external:
             return
-        if external_local:
-            external = _dests(local_eps) or _dests(usable_anywhere)
-        elif internal_local:
-            external = _dests(cluster_eps)
-        else:
-            external = internal
+        # One virtual server serves external traffic from outside and from pods/the node
+        # alike; under externalTrafficPolicy Local without local endpoints it gets the
+        # short-circuit (cluster-wide) endpoints for pod/node traffic, and the
+        # EXTERNAL_NO_LOCAL set drops what comes from outside.
+        external = _dests(d.external or d.short_circuit)
         ext_verdict: str | None = None
-        if not has_any:
+        if d.external_verdict is Verdict.REJECT:
             ext_verdict = NO_ENDPOINTS
-        elif external_local and not local_eps:
+        elif d.external_verdict is Verdict.DROP:
             ext_verdict = EXTERNAL_NO_LOCAL
 
         for eip in v.external_ips:
@@ -473,13 +466,9 @@ class IPVSRenderer:
                 bind.append(eip)
                 entries.append((IPVS_IPS, eip))
 
-        ranges = [r for r in (_net_entry(c) for c in v.source_ranges)]
-        filtered = bool(v.source_ranges) and None not in ranges
-        allow_from_node = filtered and any(
-            addr in ipaddress.ip_network(c, strict=False)
-            for c in v.source_ranges
-            for addr in self._node_addrs
-        )
+        ranges = [_net_entry(c) for c in v.source_ranges]
+        filtered = d.firewall and None not in ranges
+        allow_from_node = filtered and node_in_source_ranges(v.source_ranges, self._node_addrs)
         for lb in v.load_balancer_ips:
             e = set_entry(lb, proto, port)
             entries.append((LB_SET, e))

@@ -306,11 +306,12 @@ class Daemon:
         for known in self._views.values():
             for views in known.values():
                 for v in views:
-                    if v.local_endpoints:
+                    d = v.decision
+                    if d.local:
                         continue
-                    if v.internal_local:
+                    if d.internal_local:
                         internal += 1
-                    if v.external_local and v.has_external:
+                    if d.external_local and d.has_external:
                         external += 1
         self.metrics.no_local_endpoints.labels("internal").set(internal)
         self.metrics.no_local_endpoints.labels("external").set(external)

@@ -11,7 +11,7 @@ proxy itself is healthy, 503 otherwise. The body is kube-proxy's, byte for byte 
 
 N counts distinct local ready endpoint addresses over all ports and families of the service, as
 kube-proxy's LocalReadyEndpoints does. Terminating endpoints are not counted even when they still
-receive traffic through the terminating fallback (the views' `categorized.local`): a node left
+receive traffic through the terminating fallback (the decisions' `local` set): a node left
 with only terminating endpoints must fail its check, so the load balancer drains it.
 
 One thread multiplexes every listening socket; each accepted connection is answered by a short
@@ -64,7 +64,8 @@ def _health_check(port_views: Sequence[ServicePortView]) -> HealthCheck | None:
     if not port_views:
         return None
     service = port_views[0].service
-    if not service.external_policy_local or not service.health_check_node_port:
+    port = port_views[0].decision.health_check_node_port
+    if not port:
         return None
     local_ready = {
         e.ip
@@ -72,7 +73,7 @@ def _health_check(port_views: Sequence[ServicePortView]) -> HealthCheck | None:
         for e in view.endpoints
         if e.is_local and (e.ready or service.publish_not_ready)
     }
-    return HealthCheck(port=service.health_check_node_port, local_endpoints=len(local_ready))
+    return HealthCheck(port=port, local_endpoints=len(local_ready))
 
 
 def render_body(ref: Ref, local_endpoints: int, proxy_healthy: bool) -> bytes:

@@ -190,8 +190,12 @@ def test_external_policy_local_without_local_endpoints_drops_outside_traffic_onl
 
 
 def test_health_check_node_port_is_in_its_set() -> None:
-    svc = nodeport_service(external_policy_local=True, health_check_node_port=32000)
+    # the API server allocates a health-check node port only to LoadBalancer + eTP Local
+    # services (kube-proxy's NeedsHealthCheck); every mode honours it only there
+    svc = lb_service(external_policy_local=True, health_check_node_port=32000)
     assert render(svc, [three_pods()]).sets[R.HEALTH_CHECK_NODE_PORT] == {"32000"}
+    stray = nodeport_service(external_policy_local=True, health_check_node_port=32000)
+    assert not render(stray, [three_pods()]).sets[R.HEALTH_CHECK_NODE_PORT]
 
 
 # -- externalIPs and LoadBalancer IPs ------------------------------------------------------------
