@@ -3,15 +3,21 @@
 Pure and strict: every function either returns a valid model object or raises `InvalidObject`
 with a reason. No `kubernetes` import here: the API source hands us parsed JSON directly, which
 is an order of magnitude faster than the client's generated model classes.
+
+Objects are checked as the API server validates them (`kproxy.kube.validate`): names, labels,
+ports, protocols, addresses. Both sources go through here, so a manifest the API server would
+refuse is skipped as a whole, never half-programmed. Two leniencies: a malformed endpoint is
+dropped from its slice (the rest of the slice is used), and IPv4 addresses with leading zeros
+are read as kube-proxy reads them (decimal) and reported through `on_note`.
 """
 
 from __future__ import annotations
 
-import ipaddress
-import re
+from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from kproxy.kube import validate as V
 from kproxy.model.objects import (
     PROTOCOLS,
     TCP,
@@ -21,7 +27,6 @@ from kproxy.model.objects import (
     NodeInfo,
     Service,
     ServicePort,
-    canonical_ip,
     ip_family,
 )
 
@@ -33,7 +38,9 @@ TRIGGER_TIME_ANNOTATION = "endpoints.kubernetes.io/last-change-trigger-time"
 IPVS_SCHEDULER_ANNOTATION = "kproxy.io/ipvs-scheduler"
 ZONE_LABEL = "topology.kubernetes.io/zone"
 DEFAULT_AFFINITY_TIMEOUT = 10800
-_PORT_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,13}[a-z0-9])?$")
+MAX_SLICE_ENDPOINTS = 1000
+Note = Callable[[str], None]
+_POLICIES = (None, "", "Cluster", "Local")
 
 
 class InvalidObject(ValueError):
@@ -48,7 +55,19 @@ def object_ref(obj: RawObject) -> tuple[str, str]:
     return (str(meta.get("namespace") or "default"), str(meta.get("name") or "?"))
 
 
-def _meta(obj: RawObject) -> tuple[str, str, dict[str, str], dict[str, str]]:
+_NAME_RULES = {
+    "Service": V.dns1035_label,
+    "EndpointSlice": V.dns1123_subdomain,
+    "Node": V.dns1123_subdomain,
+}
+
+
+def _check(err: str, what: str) -> None:
+    if err:
+        raise InvalidObject(f"{what}: {err}")
+
+
+def _meta(obj: RawObject, kind: str) -> tuple[str, str, dict[str, str], dict[str, str]]:
     meta = obj.get("metadata")
     if not isinstance(meta, dict) or not meta.get("name"):
         raise InvalidObject("metadata.name is missing")
@@ -56,16 +75,34 @@ def _meta(obj: RawObject) -> tuple[str, str, dict[str, str], dict[str, str]]:
     annotations = meta.get("annotations") or {}
     if not isinstance(labels, dict) or not isinstance(annotations, dict):
         raise InvalidObject("metadata.labels/annotations must be maps")
-    return str(meta.get("namespace") or "default"), str(meta["name"]), labels, annotations
+    name, namespace = meta["name"], meta.get("namespace") or "default"
+    if not isinstance(name, str) or not isinstance(namespace, str):
+        raise InvalidObject("metadata.name/namespace must be strings")
+    _check(_NAME_RULES[kind](name), "metadata.name")
+    if kind != "Node":
+        _check(V.dns1123_label(namespace), "metadata.namespace")
+    _check(V.labels_error(labels), "metadata.labels")
+    _check(V.annotations_error(annotations), "metadata.annotations")
+    return namespace, name, labels, annotations
 
 
-def _ip(value: Any, what: str) -> str:
+def _ip(value: Any, what: str, notes: list[str]) -> str:
+    """The canonical text of an address field; leading-zero IPv4 is accepted and noted."""
     if not isinstance(value, str):
         raise InvalidObject(f"{what} {value!r} is not an IP address")
     try:
-        return canonical_ip(value)
+        canonical, sloppy = V.parse_ip_sloppy(value.strip())
     except ValueError:
-        raise InvalidObject(f"{what} {value!r} is not an IP address") from None
+        raise InvalidObject(f"{what} {V.short(value)!r} is not an IP address") from None
+    if sloppy:
+        notes.append(f"{what} {value!r} read as {canonical} (leading zeros are decimal)")
+    return canonical
+
+
+def _report(notes: list[str], on_note: Note | None) -> None:
+    if on_note is not None:
+        for note in notes:
+            on_note(note)
 
 
 def _int(value: Any, what: str, *, low: int, high: int) -> int:
@@ -88,6 +125,8 @@ def _service_port(raw: Any, index: int, *, with_node_port: bool) -> ServicePort:
     name = raw.get("name") or ""
     if not isinstance(name, str):
         raise InvalidObject(f"spec.ports[{index}].name must be a string")
+    if name:
+        _check(V.dns1123_label(name), f"spec.ports[{index}].name {V.short(name)!r}")
     target: int | str
     raw_target = raw.get("targetPort")
     if raw_target in (None, "", 0):
@@ -95,13 +134,19 @@ def _service_port(raw: Any, index: int, *, with_node_port: bool) -> ServicePort:
     elif isinstance(raw_target, str) and raw_target.isdigit():
         target = _int(int(raw_target), f"spec.ports[{index}].targetPort", low=1, high=65535)
     elif isinstance(raw_target, str):
-        if not _PORT_NAME.match(raw_target):
-            raise InvalidObject(f"spec.ports[{index}].targetPort {raw_target!r} is not a port name")
+        if err := V.port_name(raw_target):
+            raise InvalidObject(
+                f"spec.ports[{index}].targetPort {V.short(raw_target)!r} is not a port name: {err}"
+            )
         target = raw_target
     else:
         target = _int(raw_target, f"spec.ports[{index}].targetPort", low=1, high=65535)
     node_port = 0
-    if with_node_port and raw.get("nodePort") not in (None, 0):
+    if raw.get("nodePort") not in (None, 0):
+        if not with_node_port:
+            raise InvalidObject(
+                f"spec.ports[{index}].nodePort may only be used with type NodePort or LoadBalancer"
+            )
         node_port = _int(raw.get("nodePort"), f"spec.ports[{index}].nodePort", low=1, high=65535)
     return ServicePort(
         name=name,
@@ -112,16 +157,28 @@ def _service_port(raw: Any, index: int, *, with_node_port: bool) -> ServicePort:
     )
 
 
-def _cidr(value: Any, what: str) -> str:
+def _cidr(value: Any, what: str, notes: list[str]) -> str:
     try:
-        return str(ipaddress.ip_network(str(value).strip(), strict=False))
+        canonical, sloppy = V.parse_cidr_sloppy(str(value).strip())
     except ValueError:
-        raise InvalidObject(f"{what} {value!r} is not a CIDR") from None
+        raise InvalidObject(f"{what} {V.short(str(value))!r} is not a CIDR") from None
+    if sloppy:
+        notes.append(f"{what} {value!r} read as {canonical} (leading zeros are decimal)")
+    return canonical
 
 
-def parse_service(obj: RawObject) -> Service:
-    """A Service object -> `Service`; InvalidObject when it cannot be used."""
-    namespace, name, labels, annotations = _meta(obj)
+def parse_service(obj: RawObject, *, on_note: Note | None = None) -> Service:
+    """A Service object -> `Service`; InvalidObject when it cannot be used.
+
+    `on_note(text)` hears what was accepted only leniently (leading-zero IPv4 addresses)."""
+    notes: list[str] = []
+    svc = _service(obj, notes)
+    _report(notes, on_note)
+    return svc
+
+
+def _service(obj: RawObject, notes: list[str]) -> Service:
+    namespace, name, labels, annotations = _meta(obj, "Service")
     spec = obj.get("spec") or {}
     status = obj.get("status") or {}
     if not isinstance(spec, dict) or not isinstance(status, dict):
@@ -133,10 +190,14 @@ def parse_service(obj: RawObject) -> Service:
     raw_ips = spec.get("clusterIPs") or ([spec["clusterIP"]] if spec.get("clusterIP") else [])
     if not isinstance(raw_ips, list):
         raise InvalidObject("spec.clusterIPs must be a list")
+    if len(raw_ips) > 2:
+        raise InvalidObject("spec.clusterIPs may hold at most two addresses")
+    if spec.get("clusterIP") and raw_ips and spec.get("clusterIP") != raw_ips[0]:
+        raise InvalidObject("spec.clusterIP must be the first of spec.clusterIPs")
     headless = bool(raw_ips) and raw_ips[0] == "None"
     cluster_ips: tuple[str, ...] = ()
     if svc_type != "ExternalName" and not headless:
-        cluster_ips = tuple(_ip(ip, "spec.clusterIP") for ip in raw_ips)
+        cluster_ips = tuple(_ip(ip, "spec.clusterIP", notes) for ip in raw_ips)
         if len({ip_family(ip) for ip in cluster_ips}) != len(cluster_ips):
             raise InvalidObject("spec.clusterIPs has two IPs of one family")
 
@@ -149,24 +210,38 @@ def parse_service(obj: RawObject) -> Service:
     )
     if len({(p.port, p.protocol) for p in ports}) != len(ports):
         raise InvalidObject("spec.ports repeats a port/protocol")
+    if len({p.name for p in ports}) != len(ports):
+        raise InvalidObject("spec.ports: every port needs a name of its own when there are several")
+    if not ports and svc_type != "ExternalName" and not headless:
+        raise InvalidObject("spec.ports is required")
+    for field in ("externalTrafficPolicy", "internalTrafficPolicy"):
+        if spec.get(field) not in _POLICIES:
+            raise InvalidObject(
+                f"spec.{field} {V.short(str(spec.get(field)))!r} is not Cluster or Local"
+            )
+    affinity_kind = spec.get("sessionAffinity")
+    if affinity_kind not in (None, "", "None", "ClientIP"):
+        raise InvalidObject(
+            f"spec.sessionAffinity {V.short(str(affinity_kind))!r} is not None or ClientIP"
+        )
 
     external_ips: tuple[str, ...] = ()
     lb_ips: tuple[str, ...] = ()
     source_ranges: tuple[str, ...] = ()
     if svc_type != "ExternalName":
-        external_ips = tuple(_ip(ip, "spec.externalIPs") for ip in spec.get("externalIPs") or [])
+        external_ips = tuple(
+            _external_ip(ip, notes) for ip in _list(spec.get("externalIPs"), "spec.externalIPs")
+        )
+    ranges = _list(spec.get("loadBalancerSourceRanges"), "spec.loadBalancerSourceRanges")
+    if not ranges:
+        note = annotations.get(SOURCE_RANGES_ANNOTATION, "")
+        ranges = [r for r in str(note).split(",") if r.strip()]
+    if ranges and svc_type != "LoadBalancer":
+        raise InvalidObject("spec.loadBalancerSourceRanges may only be used with type LoadBalancer")
     if svc_type == "LoadBalancer":
         ingress = (status.get("loadBalancer") or {}).get("ingress") or []
-        lb_ips = tuple(
-            _ip(i["ip"], "status.loadBalancer.ingress.ip")
-            for i in ingress
-            if isinstance(i, dict) and i.get("ip") and i.get("ipMode") != "Proxy"
-        )
-        ranges = spec.get("loadBalancerSourceRanges") or []
-        if not ranges:
-            note = annotations.get("service.beta.kubernetes.io/load-balancer-source-ranges", "")
-            ranges = [r for r in str(note).split(",") if r.strip()]
-        source_ranges = tuple(_cidr(r, "spec.loadBalancerSourceRanges") for r in ranges)
+        lb_ips = tuple(_ingress_ips(ingress, notes))
+        source_ranges = tuple(_cidr(r, "spec.loadBalancerSourceRanges", notes) for r in ranges)
 
     affinity = 0
     if spec.get("sessionAffinity") == "ClientIP":
@@ -184,6 +259,7 @@ def parse_service(obj: RawObject) -> Service:
         external_name = str(spec.get("externalName") or "").rstrip(".")
         if not external_name:
             raise InvalidObject("spec.externalName is empty")
+        _check(V.dns1123_subdomain(external_name), "spec.externalName")
 
     externally_reachable = bool(external_ips or lb_ips or with_node_port)
     hcnp = spec.get("healthCheckNodePort") or 0
@@ -211,6 +287,41 @@ def parse_service(obj: RawObject) -> Service:
     )
 
 
+SOURCE_RANGES_ANNOTATION = "service.beta.kubernetes.io/load-balancer-source-ranges"
+
+
+def _list(value: Any, what: str) -> list[Any]:
+    if value in (None, ""):
+        return []
+    if not isinstance(value, list):
+        raise InvalidObject(f"{what} must be a list")
+    return value
+
+
+def _external_ip(value: Any, notes: list[str]) -> str:
+    ip = _ip(value, "spec.externalIPs", notes)
+    _check(V.special_ip(ip), f"spec.externalIPs {ip}")
+    return ip
+
+
+def _ingress_ips(ingress: Any, notes: list[str]) -> list[str]:
+    """The ingress IPs kproxy answers (not those with ipMode Proxy); every entry is checked."""
+    out = []
+    for i, entry in enumerate(_list(ingress, "status.loadBalancer.ingress")):
+        if not isinstance(entry, dict):
+            raise InvalidObject(f"status.loadBalancer.ingress[{i}] is not a map")
+        hostname = entry.get("hostname")
+        if hostname:
+            _check(V.dns1123_subdomain(str(hostname)), f"status.loadBalancer.ingress[{i}].hostname")
+        if entry.get("ipMode") not in (None, "", "VIP", "Proxy"):
+            raise InvalidObject(f"status.loadBalancer.ingress[{i}].ipMode is not VIP or Proxy")
+        if entry.get("ip"):
+            ip = _ip(entry["ip"], f"status.loadBalancer.ingress[{i}].ip", notes)
+            if entry.get("ipMode") != "Proxy":
+                out.append(ip)
+    return out
+
+
 def _parse_time(value: Any) -> float | None:
     if not isinstance(value, str) or not value:
         return None
@@ -220,13 +331,15 @@ def _parse_time(value: Any) -> float | None:
         return None
 
 
-def parse_endpoint_slice(obj: RawObject, *, on_bad_endpoint: Any = None) -> EndpointSlice | None:
+def parse_endpoint_slice(
+    obj: RawObject, *, on_bad_endpoint: Any = None, on_note: Note | None = None
+) -> EndpointSlice | None:
     """An EndpointSlice -> `EndpointSlice`; None when it belongs to no service.
 
     A malformed endpoint is dropped (and reported through `on_bad_endpoint(reason)`) while the
     rest of the slice is kept; a malformed slice as a whole raises InvalidObject.
     """
-    namespace, name, labels, annotations = _meta(obj)
+    namespace, name, labels, annotations = _meta(obj, "EndpointSlice")
     service_name = labels.get(SERVICE_NAME_LABEL)
     if not service_name:
         return None
@@ -236,24 +349,38 @@ def parse_endpoint_slice(obj: RawObject, *, on_bad_endpoint: Any = None) -> Endp
     want_family = 6 if address_type == "IPv6" else 4
 
     ports: list[EndpointPort] = []
-    for i, raw in enumerate(obj.get("ports") or []):
+    for i, raw in enumerate(_list(obj.get("ports"), "ports")):
         if not isinstance(raw, dict) or raw.get("port") is None:
             continue  # a nil port means "all ports", which Services never produce
+        port_name = raw.get("name") or ""
+        if not isinstance(port_name, str):
+            raise InvalidObject(f"ports[{i}].name must be a string")
+        if port_name:
+            _check(V.dns1123_label(port_name), f"ports[{i}].name {V.short(port_name)!r}")
         ports.append(
             EndpointPort(
-                name=str(raw.get("name") or ""),
+                name=port_name,
                 protocol=_protocol(raw.get("protocol"), f"ports[{i}].protocol"),
                 port=_int(raw.get("port"), f"ports[{i}].port", low=1, high=65535),
             )
         )
+    if len({p.name for p in ports}) != len(ports):
+        raise InvalidObject("ports repeats a name")
 
+    raw_endpoints = _list(obj.get("endpoints"), "endpoints")
+    if len(raw_endpoints) > MAX_SLICE_ENDPOINTS:
+        raise InvalidObject(f"endpoints has {len(raw_endpoints)} items, more than 1000")
     endpoints: list[Endpoint] = []
-    for i, raw in enumerate(obj.get("endpoints") or []):
+    notes: list[str] = []
+    for i, raw in enumerate(raw_endpoints):
         try:
-            endpoints.append(_endpoint(raw, i, address_type=address_type, family=want_family))
+            endpoints.append(
+                _endpoint(raw, i, address_type=address_type, family=want_family, notes=notes)
+            )
         except InvalidObject as err:
             if on_bad_endpoint is not None:
                 on_bad_endpoint(str(err))
+    _report(notes, on_note)
     return EndpointSlice(
         namespace=namespace,
         name=name,
@@ -265,7 +392,9 @@ def parse_endpoint_slice(obj: RawObject, *, on_bad_endpoint: Any = None) -> Endp
     )
 
 
-def _endpoint(raw: Any, index: int, *, address_type: str, family: int) -> Endpoint:
+def _endpoint(
+    raw: Any, index: int, *, address_type: str, family: int, notes: list[str]
+) -> Endpoint:
     if not isinstance(raw, dict):
         raise InvalidObject(f"endpoints[{index}] is not a map")
     addresses = raw.get("addresses") or []
@@ -274,9 +403,14 @@ def _endpoint(raw: Any, index: int, *, address_type: str, family: int) -> Endpoi
     if address_type == "FQDN":
         address = str(addresses[0])
     else:
-        address = _ip(addresses[0], f"endpoints[{index}].addresses[0]")
+        address = _ip(addresses[0], f"endpoints[{index}].addresses[0]", notes)
         if ip_family(address) != family:
             raise InvalidObject(f"endpoints[{index}] address {address} is not {address_type}")
+        _check(V.special_ip(address), f"endpoints[{index}] address {address}")
+    for field, rule in (("hostname", V.dns1123_label), ("nodeName", V.dns1123_subdomain)):
+        value = raw.get(field)
+        if value:
+            _check(rule(str(value)), f"endpoints[{index}].{field}")
     cond = raw.get("conditions") or {}
     ready = cond.get("ready")
     ready = True if ready is None else bool(ready)
@@ -297,16 +431,26 @@ def _endpoint(raw: Any, index: int, *, address_type: str, family: int) -> Endpoi
     )
 
 
-def parse_node(obj: RawObject) -> NodeInfo:
-    _, name, labels, _ = _meta(obj)
+def parse_node(obj: RawObject, *, on_note: Note | None = None) -> NodeInfo:
+    """A Node -> `NodeInfo`: its InternalIP and ExternalIP addresses in that order (the order
+    kube-proxy's GetNodeHostIPs uses); an address that is not one is left out (and noted)."""
+    _, name, labels, _ = _meta(obj, "Node")
     meta = obj.get("metadata") or {}
-    addresses = []
+    notes: list[str] = []
+    by_type: dict[str, list[str]] = {"InternalIP": [], "ExternalIP": []}
     for addr in (obj.get("status") or {}).get("addresses") or []:
-        if isinstance(addr, dict) and addr.get("type") in ("InternalIP", "ExternalIP"):
+        if isinstance(addr, dict) and addr.get("type") in by_type:
             try:
-                addresses.append(canonical_ip(str(addr.get("address"))))
-            except ValueError:
+                ip = _ip(addr.get("address"), f"status.addresses {addr.get('type')}", notes)
+            except InvalidObject as err:
+                notes.append(f"{err}; left out")
                 continue
+            if ip not in by_type[addr["type"]]:
+                by_type[addr["type"]].append(ip)
+    _report(notes, on_note)
+    addresses = by_type["InternalIP"] + [
+        a for a in by_type["ExternalIP"] if a not in by_type["InternalIP"]
+    ]
     return NodeInfo(
         name=name,
         zone=str(labels.get(ZONE_LABEL, "")),

@@ -2,7 +2,8 @@
 
 `StoreSink` implements the sources' `Sink` protocol: it converts raw objects and updates the
 store. An object that cannot be converted is logged with its namespace/name and reason, counted,
-and left out: it never stops the other services.
+and left out: it never stops the other services. What conversion accepts only leniently
+(leading-zero IPv4 addresses) is logged once per object and text, not on every relist.
 """
 
 from __future__ import annotations
@@ -18,12 +19,14 @@ from kproxy.kube.convert import (
     parse_node,
     parse_service,
 )
+from kproxy.kube.validate import short
 from kproxy.model.objects import EndpointSlice, NodeInfo, Ref, Service
 from kproxy.model.store import Store
 
 log = logging.getLogger("kproxy.kube")
 
 RawObject = dict[str, Any]
+NOTED_MAX = 10_000  # remembered notes; past this the memory starts over (a note may repeat)
 
 
 class StoreSink:
@@ -41,22 +44,37 @@ class StoreSink:
         self._node_name = node_name
         self._on_invalid = on_invalid or (lambda kind: None)
         self._on_event = on_event or (lambda kind: None)
+        self._noted: set[tuple[str, str, str, str]] = set()
 
     def _invalid(self, kind: str, obj: RawObject, reason: str) -> None:
         ns, name = object_ref(obj)
+        ref = f"{short(ns)}/{short(name)}"
         log.warning(
-            "skipping invalid %s %s/%s: %s",
+            "skipping invalid %s %s: %s",
             kind,
-            ns,
-            name,
+            ref,
             reason,
-            extra={"kind": kind, "object": f"{ns}/{name}", "reason": reason},
+            extra={"kind": kind, "object": ref, "reason": reason},
         )
         self._on_invalid(kind)
 
+    def _noter(self, kind: str, obj: RawObject) -> Callable[[str], None]:
+        def note(text: str) -> None:
+            ns, name = object_ref(obj)
+            key = (kind, ns, name, text)
+            if key in self._noted:
+                return
+            if len(self._noted) >= NOTED_MAX:
+                self._noted.clear()
+            self._noted.add(key)
+            ref = f"{short(ns)}/{short(name)}"
+            log.warning("accepting %s %s: %s", kind, ref, text, extra={"kind": kind, "object": ref})
+
+        return note
+
     def _service(self, obj: RawObject) -> Service | None:
         try:
-            return parse_service(obj)
+            return parse_service(obj, on_note=self._noter("Service", obj))
         except (InvalidObject, TypeError, AttributeError, KeyError) as err:
             self._invalid("Service", obj, str(err) or type(err).__name__)
             return None
@@ -66,14 +84,16 @@ class StoreSink:
             self._invalid("EndpointSlice", obj, f"endpoint skipped: {reason}")
 
         try:
-            return parse_endpoint_slice(obj, on_bad_endpoint=bad_endpoint)
+            return parse_endpoint_slice(
+                obj, on_bad_endpoint=bad_endpoint, on_note=self._noter("EndpointSlice", obj)
+            )
         except (InvalidObject, TypeError, AttributeError, KeyError) as err:
             self._invalid("EndpointSlice", obj, str(err) or type(err).__name__)
             return None
 
     def _node(self, obj: RawObject) -> NodeInfo | None:
         try:
-            return parse_node(obj)
+            return parse_node(obj, on_note=self._noter("Node", obj))
         except (InvalidObject, TypeError, AttributeError, KeyError) as err:
             self._invalid("Node", obj, str(err) or type(err).__name__)
             return None
