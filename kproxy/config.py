@@ -88,6 +88,14 @@ def parse_cidrs(value: Any) -> tuple[str, ...]:
     return tuple(out)
 
 
+def parse_ips(value: Any) -> tuple[str, ...]:
+    """At most one IP address per family (kube-proxy's --node-ip-override), canonical."""
+    ips = tuple(str(ipaddress.ip_address(item)) for item in parse_list(value))
+    if len({ipaddress.ip_address(ip).version for ip in ips}) != len(ips):
+        raise ValueError("give at most one IP address per family")
+    return ips
+
+
 def parse_hostport(value: Any) -> str:
     """host:port, [v6]:port or "" (disabled); a bare IP gets kube-proxy's default port later."""
     text = str(value or "").strip()
@@ -147,6 +155,7 @@ class Settings:
     manifests: str = ""
     proxy_mode: str = "iptables"
     hostname_override: str = ""
+    node_ip_override: tuple[str, ...] = ()
     cluster_cidr: tuple[str, ...] = ()
     masquerade_all: bool = False
     masquerade_bit: int = 14
@@ -241,6 +250,16 @@ OPTIONS: tuple[Option, ...] = (
         "This node's name, if not the host name.",
         "hostnameOverride",
         "NAME",
+    ),
+    Option(
+        "node_ip_override",
+        "--node-ip-override",
+        parse_ips,
+        "This node's primary IPs (one per family), as kube-proxy: a LoadBalancer whose source "
+        "ranges contain one also admits its LB IPs as source. Default: any local address "
+        "(run), the Node object's InternalIP/ExternalIP addresses (render).",
+        "nodeIPOverride",
+        "IPS",
     ),
     Option(
         "cluster_cidr",

@@ -7,6 +7,7 @@ import threading
 
 from kproxy.config import Settings
 from kproxy.kube.ingest import StoreSink
+from kproxy.model.objects import NodeInfo
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Snapshot, Store
 from kproxy.runtime.daemon import node_name
@@ -40,13 +41,26 @@ def load_snapshot(settings: Settings, *, timeout: float = 15.0) -> Snapshot:
     return store.peek()
 
 
-def offline_options(settings: Settings, *, family: int) -> ProxyOptions:
-    """ProxyOptions without reading the host (render works anywhere, without root)."""
+def offline_options(
+    settings: Settings, *, family: int, node: NodeInfo | None = None
+) -> ProxyOptions:
+    """ProxyOptions without reading the host (render works anywhere, without root).
+
+    The node's addresses are the ones the agent would find on its interfaces, as the cluster
+    knows them: the Node object's InternalIP/ExternalIP addresses, plus --node-ip-override's,
+    which (as in the agent) are also the primary addresses LoadBalancer source ranges test."""
     import ipaddress
 
+    from kproxy.runtime.dataplane import primary_ips
+
+    primary = primary_ips(settings, family)
+    known = (node.addresses if node else ()) + (primary or ())
+    own = tuple(dict.fromkeys(ip for ip in known if ipaddress.ip_address(ip).version == family))
     return ProxyOptions(
         family=family,
         node_name=node_name(settings),
+        node_ips=own,
+        primary_ips=primary,
         nodeport_ips=None,
         cluster_cidrs=tuple(
             c for c in settings.cluster_cidr if ipaddress.ip_network(c).version == family

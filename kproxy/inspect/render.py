@@ -12,7 +12,7 @@ from kproxy.render.iptables import render_ruleset
 
 def render_command(settings: Settings, *, family: int = 4) -> int:
     snapshot = load_snapshot(settings)
-    options = offline_options(settings, family=family)
+    options = offline_options(settings, family=family, node=snapshot.node)
     views = build_views(snapshot, family=family, node_name=options.node_name)
     if settings.proxy_mode == "ipvs":
         from kproxy.render.ipvs import ipvsadm_rules, render_desired

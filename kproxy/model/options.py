@@ -13,6 +13,8 @@ class ProxyOptions:
     (kube-proxy's `--nodeport-addresses` unset: `-m addrtype --dst-type LOCAL`).
     cluster_cidrs: traffic from outside these is masqueraded when it goes to a ClusterIP;
     empty means "unknown", in which case only masquerade_all masquerades ClusterIP traffic.
+    primary_ips: the node's primary addresses (kube-proxy's --node-ip-override); None means
+    any of node_ips. A LoadBalancer's source ranges that contain one also admit its LB IPs.
     """
 
     family: int = 4
@@ -22,6 +24,12 @@ class ProxyOptions:
     cluster_cidrs: tuple[str, ...] = ()
     masquerade_all: bool = False
     masquerade_bit: int = 14
+    primary_ips: tuple[str, ...] | None = None
+
+    @property
+    def self_ips(self) -> tuple[str, ...]:
+        """The addresses that count as "the node itself" for LoadBalancer source ranges."""
+        return self.node_ips if self.primary_ips is None else self.primary_ips
 
     @property
     def masq_mark(self) -> str:

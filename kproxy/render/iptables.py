@@ -195,7 +195,7 @@ class Renderer:
             self._masq_internal = " -j " + C.MASQ_OFF_CLUSTER
         self._node_nets = tuple(
             ip
-            for ip in (ipaddress.ip_address(a) for a in opts.node_ips)
+            for ip in (ipaddress.ip_address(a) for a in opts.self_ips)
             if ip.version == opts.family
         )
 

@@ -468,7 +468,9 @@ class IPVSRenderer:
 
         ranges = [_net_entry(c) for c in v.source_ranges]
         filtered = d.firewall and None not in ranges
-        allow_from_node = filtered and node_in_source_ranges(v.source_ranges, self._node_addrs)
+        allow_from_node = filtered and node_in_source_ranges(
+            v.source_ranges, map(ipaddress.ip_address, self.options.self_ips)
+        )
         for lb in v.load_balancer_ips:
             e = set_entry(lb, proto, port)
             entries.append((LB_SET, e))

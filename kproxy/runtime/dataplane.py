@@ -32,6 +32,16 @@ def proxy_options(settings: Settings, *, family: int, node_name: str) -> ProxyOp
         ),
         masquerade_all=settings.masquerade_all,
         masquerade_bit=settings.masquerade_bit,
+        primary_ips=primary_ips(settings, family),
+    )
+
+
+def primary_ips(settings: Settings, family: int) -> tuple[str, ...] | None:
+    """--node-ip-override's address of `family`; None (any node address) when not given."""
+    if not settings.node_ip_override:
+        return None
+    return tuple(
+        ip for ip in settings.node_ip_override if ipaddress.ip_address(ip).version == family
     )
 
 
