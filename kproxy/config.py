@@ -24,7 +24,7 @@ import yaml
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
-MODES = ("iptables", "ipvs")
+MODES = ("iptables", "ipvs", "nftables")
 IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh")
 
 
@@ -241,7 +241,12 @@ OPTIONS: tuple[Option, ...] = (
         "DIR",
     ),
     Option(
-        "proxy_mode", "--proxy-mode", parse_mode, "Dataplane: iptables or ipvs.", "mode", "MODE"
+        "proxy_mode",
+        "--proxy-mode",
+        parse_mode,
+        "Dataplane: iptables, ipvs or nftables.",
+        "mode",
+        "MODE",
     ),
     Option(
         "hostname_override",

@@ -45,9 +45,9 @@ def primary_ips(settings: Settings, family: int) -> tuple[str, ...] | None:
     )
 
 
-def families() -> tuple[int, ...]:
-    """IPv4 always; IPv6 too when the host has it and ip6tables exists."""
-    if ipv6_available() and shutil.which("ip6tables-restore"):
+def families(mode: str = "iptables") -> tuple[int, ...]:
+    """IPv4 always; IPv6 too when the host has it (and ip6tables exists, but for nftables)."""
+    if ipv6_available() and (mode == "nftables" or shutil.which("ip6tables-restore")):
         return (4, 6)
     return (4,)
 
@@ -63,10 +63,14 @@ class Plane:
 
 def make_planes(settings: Settings, *, node_name: str) -> list[Plane]:
     out: list[Plane] = []
-    for family in families():
+    for family in families(settings.proxy_mode):
         options = proxy_options(settings, family=family, node_name=node_name)
         proxier: Proxier
-        if settings.proxy_mode == "ipvs":
+        if settings.proxy_mode == "nftables":
+            from kproxy.backends.nftables import NftablesProxier
+
+            proxier = NftablesProxier(options=options)
+        elif settings.proxy_mode == "ipvs":
             from kproxy.backends.ipvs import IPVSProxier
 
             proxier = IPVSProxier(options=options, settings=settings)
@@ -93,3 +97,7 @@ def cleanup_all(settings: Settings) -> None:
         pass
     except Exception as err:  # no IPVS in this kernel is the common case
         log.info("IPVS cleanup skipped: %s", err)
+    from kproxy.backends.nftables import cleanup_nftables
+
+    for family in (4, 6):
+        cleanup_nftables(family)

@@ -1,5 +1,6 @@
-"""iptables mode end to end: the real `kproxy run` in a node namespace, a fake apiserver, real
-traffic from pods and an outside client (issue: Services reachable through kernel NAT rules)."""
+"""iptables and nftables modes end to end: the real `kproxy run` in a node namespace, a fake
+apiserver, real traffic from pods and an outside client (issue: Services reachable through kernel
+NAT rules; nftables mode). Every test runs in both modes (the `web` fixture's parameter)."""
 
 from __future__ import annotations
 
@@ -52,13 +53,15 @@ def web_slice(lab: Lab, pods: list[Any] | None = None) -> dict[str, Any]:
     )
 
 
-@pytest.fixture
-def web(lab: Lab, cluster_api: tuple[FakeApiServer, str]) -> tuple[FakeApiServer, Agent]:
+@pytest.fixture(params=["iptables", "nftables"])
+def web(
+    request: pytest.FixtureRequest, lab: Lab, cluster_api: tuple[FakeApiServer, str]
+) -> tuple[FakeApiServer, Agent]:
     api, kubeconfig = cluster_api
     serve_pods(lab, tcp=[80], udp=[5353])
     api.upsert(web_service())
     api.upsert(web_slice(lab))
-    agent = Agent(lab, lab.nodes[0], kubeconfig)
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", request.param])
     agent.start()
     return api, agent
 
@@ -114,7 +117,7 @@ def test_service_without_endpoints_refuses_at_once(lab: Lab, web: Any) -> None:
     api, agent = web
     api.upsert(make_service_obj("default", "empty", clusterIP="10.96.0.99"))
     api.upsert(make_slice_obj("default", "empty-x1", "empty", []))
-    eventually(lambda: "default/empty:http has no endpoints" in agent.save("filter"))
+    eventually(lambda: "default/empty:http" in agent.ruleset())
     res = http_get(lab.pods[0].ns, "10.96.0.99", 80, timeout=3.0)
     assert not res.ok and res.error_kind == "refused"
     assert res.elapsed < 1.0
@@ -132,11 +135,12 @@ def test_removed_endpoint_gets_no_traffic_within_a_second(lab: Lab, web: Any) ->
 
 def test_deleted_service_leaves_no_chains(lab: Lab, web: Any) -> None:
     api, agent = web
-    chain = svc_chain("default/web:http", "TCP")
-    assert chain in agent.save()
+    chain = svc_chain("default/web:http", "TCP") if agent.mode == "iptables" else "default/web/"
+    assert chain in agent.ruleset()
+    assert VIP in agent.ruleset()
     api.delete("Service", "default", "web")
-    eventually(lambda: chain not in agent.save() and "default/web" not in agent.save())
-    assert "default/web" not in agent.save("filter")
+    eventually(lambda: chain not in agent.ruleset() and "default/web" not in agent.ruleset())
+    assert VIP not in agent.ruleset()
 
 
 def test_restart_loses_no_request_and_keeps_connections(lab: Lab, web: Any) -> None:
@@ -164,6 +168,8 @@ def test_stop_leaves_rules_and_cleanup_removes_everything(lab: Lab, web: Any) ->
     assert out.returncode == 0, out.stderr
     for table in ("nat", "filter", "mangle"):
         assert not re.search(r"KUBE-", agent.save(table)), agent.save(table)
+    tables = lab.run(lab.nodes[0].ns, ["nft", "list", "tables"], capture_output=True, text=True)
+    assert "kube-proxy" not in tables.stdout
 
 
 def test_bad_input_is_skipped_and_logged(lab: Lab, web: Any) -> None:

@@ -48,8 +48,10 @@ class Cluster:
     api: FakeApiServer
     kubeconfig: str
     agents: list[Agent]
+    mode: str = "iptables"
 
     def start(self, *, extra: Sequence[str] = ()) -> list[Agent]:
+        extra = ["--proxy-mode", self.mode, *extra]
         self.agents = start_agents(self.lab, self.kubeconfig, extra=extra)
         return self.agents
 
@@ -79,11 +81,13 @@ def slice_of(service: str, pods: Sequence[Pod | dict[str, Any]]) -> dict[str, An
     return make_slice_obj("default", f"{service}-x1", service, eps, [("http", 80)])
 
 
-@pytest.fixture
-def cluster(lab2: Lab, cluster_api2: tuple[FakeApiServer, str]) -> Cluster:
+@pytest.fixture(params=["iptables", "nftables"])
+def cluster(
+    request: pytest.FixtureRequest, lab2: Lab, cluster_api2: tuple[FakeApiServer, str]
+) -> Cluster:
     api, kubeconfig = cluster_api2
     serve_pods(lab2, tcp=[80], udp=[5353])
-    return Cluster(lab=lab2, api=api, kubeconfig=kubeconfig, agents=[])
+    return Cluster(lab=lab2, api=api, kubeconfig=kubeconfig, agents=[], mode=request.param)
 
 
 def names(batch: Batch) -> set[str]:
@@ -396,4 +400,4 @@ def test_load_balancer_source_ranges(cluster: Cluster) -> None:
     # an ipMode Proxy ingress gets no rule: nothing on the node answers it
     res = http_get(lab.client.ns, proxy_ip, 80, timeout=1.0, src_ip=CLIENT_IP)
     assert not res.ok, res
-    assert proxy_ip not in cluster.agents[0].save()
+    assert proxy_ip not in cluster.agents[0].ruleset()

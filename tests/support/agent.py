@@ -138,6 +138,30 @@ class Agent:
             self.node.ns, [binary, "-t", table], capture_output=True, text=True
         ).stdout
 
+    @property
+    def mode(self) -> str:
+        """The --proxy-mode this agent runs with."""
+        args = self.extra
+        for i, arg in enumerate(args[:-1]):
+            if arg == "--proxy-mode":
+                return args[i + 1]
+        return "iptables"
+
+    def ruleset(self) -> str:
+        """What the agent's mode programmed, as its tools print it: `nft list table` of both
+        kube-proxy tables in nftables mode, iptables-save's nat and filter tables otherwise."""
+        if self.mode == "nftables":
+            return "".join(
+                self.lab.run(
+                    self.node.ns,
+                    ["nft", "list", "table", family, "kube-proxy"],
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                for family in ("ip", "ip6")
+            )
+        return self.save("nat") + self.save("filter")
+
     def metrics(self) -> str:
         res = http_get(self.node.ns, "127.0.0.1", 10249, timeout=2.0, path="/metrics")
         return res.body if res.ok else ""

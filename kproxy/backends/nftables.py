@@ -1,0 +1,265 @@
+"""The nftables dataplane: one `kube-proxy` table per family (see kproxy.render.nftables).
+
+- Full syncs (start-up, after a failure, when the table was tampered with, periodically) go
+  through one `nft -f` transaction that re-declares the table, flushes what kproxy owns and
+  refills it, and deletes stale service chains and sets: atomic, so nothing is ever missing in
+  between and a restart drops no connection. Start-up reads back which chains and sets exist
+  (so chains left by an earlier agent or kube-proxy are deleted); later full syncs trust memory.
+- Partial syncs send only the delta of the changed services (`delta_ops`): new or rewritten
+  per-service chains, element additions and deletions in the shared maps. They are encoded by
+  `Writer`, which is `nft -f` by default; `kproxy.backends.nft_netlink` writes the same ops
+  over a persistent netlink socket, without nft's per-command cache fetch.
+- Nothing is deleted on stop; `cleanup` deletes the table.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+import subprocess
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Protocol
+
+from kproxy.backends.base import SyncError, SyncResult
+from kproxy.model.objects import Ref
+from kproxy.model.options import ProxyOptions
+from kproxy.model.store import Changes, Snapshot
+from kproxy.model.view import build_views
+from kproxy.render.nftables import (
+    EMPTY_BLOCK,
+    TABLE,
+    Element,
+    Op,
+    Renderer,
+    ServiceBlock,
+    delta_ops,
+    element_counts,
+    family_word,
+    full_text,
+    is_service_chain,
+    is_service_set,
+    ops_text,
+)
+
+log = logging.getLogger("kproxy.nftables")
+
+Run = Callable[..., "subprocess.CompletedProcess[str]"]
+TAMPER_CHECK_INTERVAL = 10.0
+
+
+class Writer(Protocol):
+    """Applies the ops of one partial sync as one transaction."""
+
+    def apply(self, ops: Sequence[Op]) -> None: ...
+
+    def table_exists(self) -> bool: ...
+
+
+def nft_binary() -> str:
+    path = shutil.which("nft")
+    if path is None:
+        raise SyncError("nftables mode needs the nft command (Debian package nftables)")
+    return path
+
+
+def run_nft(args: Sequence[str], *, stdin: str | None = None, run: Run = subprocess.run) -> str:
+    """Run nft; a missing nf_tables kernel surfaces here with a clear message."""
+    res = run([nft_binary(), *args], input=stdin, capture_output=True, text=True, check=False)
+    if res.returncode != 0:
+        err = res.stderr.strip()
+        if "Protocol not supported" in err or "Operation not supported" in err:
+            raise SyncError(
+                f"this kernel has no nf_tables (CONFIG_NF_TABLES, kernel >= 5.13 needed): {err}"
+            )
+        raise SyncError(f"nft {' '.join(args[:2])} failed: {err[-2000:]}")
+    return res.stdout
+
+
+class NftCommandWriter:
+    """Partial syncs through `nft -f -` (nft reads the table's cache before each command)."""
+
+    def __init__(self, family: int, run: Run = subprocess.run) -> None:
+        self.family = family
+        self._run = run
+
+    def apply(self, ops: Sequence[Op]) -> None:
+        run_nft(["-f", "-"], stdin=ops_text(ops, self.family), run=self._run)
+
+    def table_exists(self) -> bool:
+        res = self._run(
+            [nft_binary(), "list", "table", family_word(self.family), TABLE, "-t"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        return res.returncode == 0
+
+
+def read_objects(family: int, run: Run = subprocess.run) -> tuple[set[str], set[str]]:
+    """(chains, sets) of the kube-proxy table of `family` as they are in the kernel."""
+    fw = family_word(family)
+    res = run(
+        [nft_binary(), "-j", "-t", "list", "table", fw, TABLE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode != 0:  # no table yet
+        return set(), set()
+    chains: set[str] = set()
+    sets: set[str] = set()
+    for item in json.loads(res.stdout).get("nftables", ()):
+        if "chain" in item:
+            chains.add(item["chain"]["name"])
+        elif "set" in item:
+            sets.add(item["set"]["name"])
+        elif "map" in item:
+            sets.add(item["map"]["name"])
+    return chains, sets
+
+
+class NftablesProxier:
+    """Programs one IP family's kube-proxy table. See the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        options: ProxyOptions,
+        writer: Writer | None = None,
+        run: Run = subprocess.run,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.options = options
+        self.family = options.family
+        self._run = run
+        self._clock = clock
+        self.renderer = Renderer(options)
+        self.writer: Writer = writer or NftCommandWriter(self.family, run)
+        self._blocks: dict[Ref, ServiceBlock] = {}
+        self._counts: dict[Element, int] = {}
+        self._need_full = True
+        self._reconcile = True
+        self._tamper_checked = float("-inf")
+        self._rules = 0
+        log.info("nftables mode: IPv%d, table %s %s", self.family, family_word(self.family), TABLE)
+
+    # -- syncing -------------------------------------------------------------------------------
+    def sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult:
+        full = full or changes.full or changes.node_changed or self._need_full
+        if full or self._tampered():
+            return self._full_sync(snapshot)
+        return self._partial_sync(snapshot, changes.services)
+
+    def _tampered(self) -> bool:
+        if self._clock() - self._tamper_checked < TAMPER_CHECK_INTERVAL:
+            return False
+        self._tamper_checked = self._clock()
+        if self.writer.table_exists():
+            return False
+        log.warning("the %s table is gone: resyncing all", TABLE)
+        self._reconcile = True
+        return True
+
+    def _render_all(self, snapshot: Snapshot) -> dict[Ref, ServiceBlock]:
+        views = build_views(snapshot, family=self.family, node_name=self.options.node_name)
+        render = self.renderer.render_service
+        out = {}
+        for ref in sorted(views):
+            block = render(views[ref])
+            if not block.empty:
+                out[ref] = block
+        return out
+
+    def _full_sync(self, snapshot: Snapshot) -> SyncResult:
+        self._need_full = True  # until this sync has landed
+        reconcile = self._reconcile
+        blocks = self._render_all(snapshot)
+        wanted_chains = {c for b in blocks.values() for c, _ in b.chains}
+        wanted_sets = {s.name for b in blocks.values() for s in b.sets}
+        if reconcile:
+            present_chains, present_sets = read_objects(self.family, self._run)
+        else:
+            present_chains = {c for b in self._blocks.values() for c, _ in b.chains}
+            present_sets = {s.name for b in self._blocks.values() for s in b.sets}
+        stale_chains = sorted(c for c in present_chains - wanted_chains if is_service_chain(c))
+        stale_sets = sorted(s for s in present_sets - wanted_sets if is_service_set(s))
+        text = full_text(
+            self.renderer, blocks.values(), stale_chains=stale_chains, stale_sets=stale_sets
+        )
+        try:
+            run_nft(["-f", "-"], stdin=text, run=self._run)
+        except SyncError:
+            self._reconcile = True
+            raise
+        self._blocks = blocks
+        self._counts = element_counts(blocks.values())
+        self._rules = sum(b.rule_count for b in blocks.values())
+        self._need_full = self._reconcile = False
+        self._tamper_checked = self._clock()
+        return SyncResult(
+            full=True,
+            services_written=len(blocks),
+            rules={TABLE: self._rules},
+            detail=f"{len(stale_chains)} stale chains{', read back' if reconcile else ''}",
+        )
+
+    def _partial_sync(self, snapshot: Snapshot, refs: Iterable[Ref]) -> SyncResult:
+        refs = list(refs)
+        if not refs:
+            return SyncResult(full=False, rules={TABLE: self._rules})
+        views = build_views(
+            snapshot, family=self.family, node_name=self.options.node_name, refs=refs
+        )
+        render = self.renderer.render_service
+        new = {ref: render(v) for ref, v in views.items()}
+        changed = {ref: b for ref, b in new.items() if b != self._blocks.get(ref, EMPTY_BLOCK)}
+        if not changed:
+            return SyncResult(full=False, rules={TABLE: self._rules})
+        ops, counts = delta_ops(self._blocks, changed, self._counts)
+        try:
+            self.writer.apply(ops)
+        except Exception as err:
+            self._need_full = self._reconcile = True
+            raise SyncError(f"nftables partial sync failed: {err}") from err
+        self._counts = counts
+        for ref, block in changed.items():
+            self._rules += block.rule_count - self._blocks.get(ref, EMPTY_BLOCK).rule_count
+            if block.empty:
+                self._blocks.pop(ref, None)
+            else:
+                self._blocks[ref] = block
+        return SyncResult(
+            full=False,
+            services_written=len(changed),
+            rules={TABLE: self._rules},
+            detail=f"{len(ops)} ops",
+        )
+
+    @property
+    def programmed(self) -> Mapping[Ref, ServiceBlock]:
+        return dict(self._blocks)
+
+    # -- cleanup -------------------------------------------------------------------------------
+    def cleanup(self) -> None:
+        cleanup_nftables(self.family, self._run)
+        self._blocks = {}
+        self._counts = {}
+        self._need_full = self._reconcile = True
+
+
+def cleanup_nftables(family: int, run: Run = subprocess.run) -> bool:
+    """Delete the kube-proxy table of `family`; True when there was one."""
+    if shutil.which("nft") is None:
+        return False
+    res = run(
+        [nft_binary(), "delete", "table", family_word(family), TABLE],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    if res.returncode == 0:
+        log.info("removed the nftables table %s %s", family_word(family), TABLE)
+        return True
+    return False

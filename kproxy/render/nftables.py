@@ -1,0 +1,763 @@
+"""Service views -> kube-proxy-shaped nftables: one `kube-proxy` table per family.
+
+Pure and standard-library only. Every service renders into a `ServiceBlock`: the chains it owns
+(each a tuple of `Rule`s built from a few statement types) and the elements it adds to the
+table's shared sets and maps. A backend keeps the blocks it applied and turns the difference
+between an old and a new block into `Op`s (add/flush/delete chain, add rule, add/delete element),
+which `ops_text` writes as `nft -f` input and `kproxy.backends.nft_netlink` encodes as one
+netlink batch. `render_ruleset` gives the complete `nft -f` input of a full sync.
+
+Names follow kube-proxy's nftables mode (pkg/proxy/nftables/proxier.go): table `kube-proxy`,
+base chains filter-prerouting/-input/-forward/-output/-output-post-dnat and
+nat-prerouting/-output/-postrouting, the chains services, masquerading, mark-for-masquerade,
+firewall-check, cluster-ips-check, service-endpoints-check, nodeport-endpoints-check,
+reject-chain, the sets cluster-ips and nodeport-ips, the verdict maps service-ips,
+service-nodeports, firewall-ips, no-endpoint-services, no-endpoint-nodeports, and per service
+port `service-`, `local-`, `external-`, `firewall-` chains named
+`<prefix><HASH8>-<ns>/<svc>/<proto>/<port name>`.
+
+Where the layout differs from kube-proxy's on purpose (the kernel validates every chain reachable
+from the hooks whenever a rule with a jump, goto or nat expression is committed, so the number of
+chains decides the latency of every change):
+
+- No per-endpoint chains: a service chain picks the endpoint with one
+  `dnat ip to numgen random mod N map { 0 : ip . port, ... }` rule. One chain per service port
+  (two for eTP/iTP Local, one more for source ranges) instead of one per endpoint.
+- Hairpin masquerade (a pod reaching itself through a service) is one rule in `masquerading`
+  matching the set `hairpin-endpoints` of (endpoint ip . endpoint ip) pairs, instead of a rule
+  in every endpoint chain; an endpoint change is then an element change there.
+- Masquerading ClusterIP traffic from outside the cluster CIDR is one rule in `services` over
+  `@cluster-ips`, instead of one per service chain.
+- ClientIP affinity needs per-endpoint state: only services with affinity get kube-proxy's
+  `endpoint-` chains and `affinity-` sets.
+- No "drop traffic to unallocated ClusterIPs" rule: kproxy is not told the service CIDR.
+- Health-check node ports need no accept rule: this table drops nothing else.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from kproxy.model.endpoints import EndpointInfo
+from kproxy.model.objects import IPV6, Ref
+from kproxy.model.options import ProxyOptions
+from kproxy.model.view import ServicePortView
+
+TABLE = "kube-proxy"
+
+# fixed chains
+SERVICES = "services"
+MASQUERADING = "masquerading"
+MARK_FOR_MASQUERADE = "mark-for-masquerade"
+FIREWALL_CHECK = "firewall-check"
+CLUSTER_IPS_CHECK = "cluster-ips-check"
+SERVICE_ENDPOINTS_CHECK = "service-endpoints-check"
+NODEPORT_ENDPOINTS_CHECK = "nodeport-endpoints-check"
+REJECT_CHAIN = "reject-chain"
+
+# sets and maps
+CLUSTER_IPS = "cluster-ips"
+NODEPORT_IPS = "nodeport-ips"
+SERVICE_IPS = "service-ips"
+SERVICE_NODEPORTS = "service-nodeports"
+FIREWALL_IPS = "firewall-ips"
+NO_ENDPOINT_SERVICES = "no-endpoint-services"
+NO_ENDPOINT_NODEPORTS = "no-endpoint-nodeports"
+HAIRPIN = "hairpin-endpoints"
+
+# per-service prefixes (kube-proxy's)
+SERVICE_PREFIX = "service-"
+LOCAL_PREFIX = "local-"
+EXTERNAL_PREFIX = "external-"
+FIREWALL_PREFIX = "firewall-"
+ENDPOINT_PREFIX = "endpoint-"
+AFFINITY_PREFIX = "affinity-"
+SERVICE_CHAIN_PREFIXES = (
+    SERVICE_PREFIX,
+    LOCAL_PREFIX,
+    EXTERNAL_PREFIX,
+    FIREWALL_PREFIX,
+    ENDPOINT_PREFIX,
+)
+
+# (chain, hook, priority) of the base chains, kube-proxy's
+BASE_CHAINS: tuple[tuple[str, str, str, int], ...] = (
+    ("filter-prerouting", "filter", "prerouting", -110),
+    ("filter-input", "filter", "input", -110),
+    ("filter-forward", "filter", "forward", -110),
+    ("filter-output", "filter", "output", -110),
+    ("filter-output-post-dnat", "filter", "output", -90),
+    ("nat-prerouting", "nat", "prerouting", -100),
+    ("nat-output", "nat", "output", -100),
+    ("nat-postrouting", "nat", "postrouting", 100),
+)
+FIXED_CHAINS = (
+    SERVICES,
+    MASQUERADING,
+    MARK_FOR_MASQUERADE,
+    FIREWALL_CHECK,
+    CLUSTER_IPS_CHECK,
+    SERVICE_ENDPOINTS_CHECK,
+    NODEPORT_ENDPOINTS_CHECK,
+    REJECT_CHAIN,
+)
+
+
+def family_word(family: int) -> str:
+    """nft's family keyword and payload protocol: ip or ip6."""
+    return "ip6" if family == IPV6 else "ip"
+
+
+def addr_type(family: int) -> str:
+    return "ipv6_addr" if family == IPV6 else "ipv4_addr"
+
+
+# -- names -------------------------------------------------------------------------------------
+_hashes: dict[str, str] = {}
+
+
+def hash8(text: str) -> str:
+    """kube-proxy's hashAndTruncate for nftables names: 8 base32 characters of sha256."""
+    got = _hashes.get(text)
+    if got is None:
+        got = base64.b32encode(hashlib.sha256(text.encode()).digest())[:8].decode("ascii")
+        if len(_hashes) > 1_000_000:
+            _hashes.clear()
+        _hashes[text] = got
+    return got
+
+
+def chain_base(v: ServicePortView) -> str:
+    """`HASH-ns/svc/proto/portname`, kube-proxy's servicePortChainNameBase."""
+    proto = v.port.protocol.lower()
+    svc = v.service
+    return f"{hash8(v.name + proto)}-{svc.namespace}/{svc.name}/{proto}/{v.port.name}"
+
+
+def endpoint_base(v: ServicePortView, ep: EndpointInfo) -> str:
+    """kube-proxy's servicePortEndpointChainNameBase: `HASH-ns/svc/proto/port__ip/port`."""
+    proto = v.port.protocol.lower()
+    svc = v.service
+    text = f"{v.name}{proto}{ep.hostport}"
+    return f"{hash8(text)}-{svc.namespace}/{svc.name}/{proto}/{v.port.name}__{ep.ip}/{ep.port}"
+
+
+_SERVICE_CHAIN = re.compile(r"^(service|local|external|firewall|endpoint)-[A-Z2-7]{8}-")
+_AFFINITY_SET = re.compile(r"^affinity-[A-Z2-7]{8}-")
+
+
+def is_service_chain(name: str) -> bool:
+    """A per-service chain (kproxy's or kube-proxy's), never one of the fixed chains."""
+    return _SERVICE_CHAIN.match(name) is not None
+
+
+def is_service_set(name: str) -> bool:
+    return _AFFINITY_SET.match(name) is not None
+
+
+# -- statements and rules ----------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class SaddrIn:
+    """`ip saddr CIDR` / `ip saddr != { CIDR, ... }`."""
+
+    cidrs: tuple[str, ...]
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FibSaddrLocal:
+    """`fib saddr type local`: the packet comes from this node."""
+
+
+@dataclass(frozen=True, slots=True)
+class Verdict:
+    """`jump CHAIN`, `goto CHAIN`, `drop`, `accept`, `return`."""
+
+    kind: str
+    chain: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class DnatMap:
+    """`meta l4proto P dnat ip to numgen random mod N map { i : ip . port }`."""
+
+    protocol: str
+    endpoints: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Dnat:
+    """`meta l4proto P dnat ip to ip:port` (endpoint chains of affinity services)."""
+
+    protocol: str
+    ip: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class NumgenVmap:
+    """`numgen random mod N vmap { i : goto CHAIN }` (affinity services)."""
+
+    chains: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class SaddrInSet:
+    """`ip saddr @SET`."""
+
+    set: str
+
+
+@dataclass(frozen=True, slots=True)
+class UpdateSaddr:
+    """`update @SET { ip saddr }`."""
+
+    set: str
+
+
+Stmt = SaddrIn | FibSaddrLocal | Verdict | DnatMap | Dnat | NumgenVmap | SaddrInSet | UpdateSaddr
+Rule = tuple[Stmt, ...]
+
+
+def _cidr(text: str) -> str:
+    net = ipaddress.ip_network(text.strip(), strict=False)
+    return str(net.network_address) if net.prefixlen == net.max_prefixlen else str(net)
+
+
+def _hostport(family: int, ip: str, port: int) -> str:
+    return f"[{ip}]:{port}" if family == IPV6 else f"{ip}:{port}"
+
+
+def stmt_text(s: Stmt, family: int) -> str:
+    fw = family_word(family)
+    if isinstance(s, Verdict):
+        return f"{s.kind} {s.chain}" if s.chain else s.kind
+    if isinstance(s, SaddrIn):
+        op = "!= " if s.negate else ""
+        if len(s.cidrs) == 1:
+            return f"{fw} saddr {op}{s.cidrs[0]}"
+        return f"{fw} saddr {op}{{ {', '.join(s.cidrs)} }}"
+    if isinstance(s, FibSaddrLocal):
+        return "fib saddr type local"
+    if isinstance(s, DnatMap):
+        items = ", ".join(f"{i} : {ip} . {port}" for i, (ip, port) in enumerate(s.endpoints))
+        return (
+            f"meta l4proto {s.protocol} dnat {fw} to numgen random mod {len(s.endpoints)} "
+            f"map {{ {items} }}"
+        )
+    if isinstance(s, Dnat):
+        return f"meta l4proto {s.protocol} dnat {fw} to {_hostport(family, s.ip, s.port)}"
+    if isinstance(s, NumgenVmap):
+        items = ", ".join(f"{i} : goto {c}" for i, c in enumerate(s.chains))
+        return f"numgen random mod {len(s.chains)} vmap {{ {items} }}"
+    if isinstance(s, SaddrInSet):
+        return f"{fw} saddr @{s.set}"
+    return f"update @{s.set} {{ {fw} saddr }}"
+
+
+def rule_text(rule: Rule, family: int) -> str:
+    return " ".join(stmt_text(s, family) for s in rule)
+
+
+# -- elements ----------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Element:
+    """One element of a shared set or map: key parts as nft prints them, the verdict of a
+    map ("goto CHAIN", "drop"; "" for a set) and a comment (the service port name)."""
+
+    set: str
+    key: tuple[str, ...]
+    value: str = ""
+    comment: str = ""
+
+    def text(self) -> str:
+        key = " . ".join(self.key)
+        comment = f' comment "{self.comment}"' if self.comment else ""
+        value = f" : {self.value}" if self.value else ""
+        return f"{key}{comment}{value}"
+
+
+@dataclass(frozen=True, slots=True)
+class SetDef:
+    """A set or map of the table: name, key types, value type ("" for a set), flags, timeout."""
+
+    name: str
+    key: tuple[str, ...]
+    value: str = ""
+    flags: tuple[str, ...] = ()
+    timeout: int = 0
+
+    def text(self) -> str:
+        kind = "map" if self.value else "set"
+        typ = " . ".join(self.key) + (f" : {self.value}" if self.value else "")
+        extra = ""
+        if self.flags:
+            extra += f" flags {','.join(self.flags)} ;"
+        if self.timeout:
+            extra += f" timeout {self.timeout}s ;"
+        return f"{kind} {self.name} {{ type {typ} ;{extra} }}"
+
+
+def shared_sets(family: int) -> tuple[SetDef, ...]:
+    a = addr_type(family)
+    return (
+        SetDef(CLUSTER_IPS, (a,)),
+        SetDef(NODEPORT_IPS, (a,)),
+        SetDef(SERVICE_IPS, (a, "inet_proto", "inet_service"), "verdict"),
+        SetDef(SERVICE_NODEPORTS, ("inet_proto", "inet_service"), "verdict"),
+        SetDef(FIREWALL_IPS, (a, "inet_proto", "inet_service"), "verdict"),
+        SetDef(NO_ENDPOINT_SERVICES, (a, "inet_proto", "inet_service"), "verdict"),
+        SetDef(NO_ENDPOINT_NODEPORTS, ("inet_proto", "inet_service"), "verdict"),
+        SetDef(HAIRPIN, (a, a)),
+    )
+
+
+# -- one service -------------------------------------------------------------------------------
+Chains = tuple[tuple[str, tuple[Rule, ...]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ServiceBlock:
+    """What one service (all its ports, one family) adds to the table. Equal blocks program
+    identical state, which is how a partial sync tells a changed service from an untouched one.
+
+    `sets` are the service's own sets (affinity), created with the block and deleted with it."""
+
+    chains: Chains = ()
+    elements: tuple[Element, ...] = ()
+    sets: tuple[SetDef, ...] = ()
+
+    @property
+    def empty(self) -> bool:
+        return not self.chains and not self.elements and not self.sets
+
+    @property
+    def rule_count(self) -> int:
+        return sum(len(rules) for _, rules in self.chains)
+
+
+EMPTY_BLOCK = ServiceBlock()
+
+
+@dataclass(slots=True)
+class Renderer:
+    """Renders service blocks and the fixed part of the table for one family and options."""
+
+    options: ProxyOptions
+    _cidrs: tuple[str, ...] = field(init=False, default=())
+    _node_nets: tuple[ipaddress.IPv4Address | ipaddress.IPv6Address, ...] = field(
+        init=False, default=()
+    )
+
+    def __post_init__(self) -> None:
+        fam = self.options.family
+        self._cidrs = tuple(
+            _cidr(c)
+            for c in self.options.cluster_cidrs
+            if ipaddress.ip_network(c.strip(), strict=False).version == fam
+        )
+        self._node_nets = tuple(
+            ip
+            for ip in (ipaddress.ip_address(a) for a in self.options.node_ips)
+            if ip.version == fam
+        )
+
+    @property
+    def family(self) -> int:
+        return self.options.family
+
+    def render_service(self, views: Sequence[ServicePortView]) -> ServiceBlock:
+        if not views:
+            return EMPTY_BLOCK
+        chains: dict[str, list[Rule]] = {}
+        elements: list[Element] = []
+        sets: list[SetDef] = []
+        for v in views:
+            self._render_port(v, chains, elements, sets)
+        seen: set[Element] = set()
+        unique = []
+        for e in elements:
+            if e not in seen:
+                seen.add(e)
+                unique.append(e)
+        return ServiceBlock(
+            chains=tuple((name, tuple(rules)) for name, rules in chains.items()),
+            elements=tuple(unique),
+            sets=tuple(sets),
+        )
+
+    def _render_port(
+        self,
+        v: ServicePortView,
+        chains: dict[str, list[Rule]],
+        elements: list[Element],
+        sets: list[SetDef],
+    ) -> None:
+        name = v.name
+        proto = v.port.protocol.lower()
+        port = str(v.port.port)
+        base = chain_base(v)
+        svc, svl = SERVICE_PREFIX + base, LOCAL_PREFIX + base
+        ext, fw = EXTERNAL_PREFIX + base, FIREWALL_PREFIX + base
+        cat = v.categorized
+        cluster_eps = cat.cluster or ()
+        local_eps = cat.local or ()
+        service = v.service
+        internal_local = service.internal_policy_local
+        external_local = service.external_policy_local
+
+        # kube-proxy's hasEndpoints: usable endpoints anywhere, not only on this node
+        has_any = bool(cluster_eps) or (
+            cat.local is not None
+            and any(e.ready or (e.serving and e.terminating) for e in v.endpoints)
+        )
+        has_internal = has_any and (not internal_local or bool(local_eps))
+        has_external = has_any and (not external_local or bool(local_eps))
+        internal_chain = svl if internal_local else svc
+        external_policy_chain = svl if external_local else svc
+        lb_ips = v.load_balancer_ips
+        uses_ext = has_any and v.has_external
+        uses_fw = has_any and bool(lb_ips) and bool(v.source_ranges)
+        no_ep = f"goto {REJECT_CHAIN}" if not has_any else "drop"
+
+        add = elements.append
+        cip = v.cluster_ip
+        add(Element(CLUSTER_IPS, (cip,)))
+        if has_internal:
+            add(Element(SERVICE_IPS, (cip, proto, port), f"goto {internal_chain}", name))
+        else:
+            add(Element(NO_ENDPOINT_SERVICES, (cip, proto, port), no_ep, name))
+        for ip in (*v.external_ips, *lb_ips):
+            if has_any:
+                add(Element(SERVICE_IPS, (ip, proto, port), f"goto {ext}", name))
+            if not has_external:
+                add(Element(NO_ENDPOINT_SERVICES, (ip, proto, port), no_ep, name))
+        if uses_fw:
+            for ip in lb_ips:
+                add(Element(FIREWALL_IPS, (ip, proto, port), f"goto {fw}", name))
+        node_port = v.port.node_port
+        if node_port:
+            if has_any:
+                add(Element(SERVICE_NODEPORTS, (proto, str(node_port)), f"goto {ext}", name))
+            if not has_external:
+                add(Element(NO_ENDPOINT_NODEPORTS, (proto, str(node_port)), no_ep, name))
+        for ep in cat.all_reachable:
+            add(Element(HAIRPIN, (ep.ip, ep.ip)))
+
+        if cluster_eps:
+            chains[svc] = self._balance(v, cluster_eps, chains, sets)
+        if local_eps:
+            chains[svl] = self._balance(v, local_eps, chains, sets)
+
+        if uses_ext:
+            rules: list[Rule] = []
+            if not external_local:
+                rules.append((Verdict("jump", MARK_FOR_MASQUERADE),))
+            elif cluster_eps:
+                # pod and node traffic to an external address short-circuits to the cluster
+                # chain (as if it had gone out to the load balancer and come back)
+                rules.extend((SaddrIn((c,)), Verdict("goto", svc)) for c in self._cidrs)
+                rules.append((FibSaddrLocal(), Verdict("jump", MARK_FOR_MASQUERADE)))
+                rules.append((FibSaddrLocal(), Verdict("goto", svc)))
+            if has_external:
+                rules.append((Verdict("goto", external_policy_chain),))
+            chains[ext] = rules
+
+        if uses_fw:
+            allowed = [_cidr(c) for c in v.source_ranges]
+            nets = [ipaddress.ip_network(c.strip(), strict=False) for c in v.source_ranges]
+            if any(ip in net for net in nets for ip in self._node_nets):
+                # a node reaching a VIP-style LB IP often arrives with the LB IP as source
+                allowed.extend(lb_ips)
+            chains[fw] = [(SaddrIn(tuple(dict.fromkeys(allowed)), negate=True), Verdict("drop"))]
+
+    def _balance(
+        self,
+        v: ServicePortView,
+        endpoints: Sequence[EndpointInfo],
+        chains: dict[str, list[Rule]],
+        sets: list[SetDef],
+    ) -> list[Rule]:
+        proto = v.port.protocol.lower()
+        timeout = v.service.affinity_timeout
+        if not timeout:
+            eps = tuple((e.ip, e.port) for e in endpoints)
+            return [(DnatMap(proto, eps),)]
+        # ClientIP affinity: kube-proxy's per-endpoint chains and affinity sets
+        rules: list[Rule] = []
+        targets = []
+        for ep in endpoints:
+            base = endpoint_base(v, ep)
+            chain, aff = ENDPOINT_PREFIX + base, AFFINITY_PREFIX + base
+            targets.append(chain)
+            if chain not in chains:
+                aset = SetDef(
+                    aff, (addr_type(self.family),), flags=("dynamic", "timeout"), timeout=timeout
+                )
+                if aset not in sets:
+                    sets.append(aset)
+                chains[chain] = [(UpdateSaddr(aff), Dnat(proto, ep.ip, ep.port))]
+            rules.append((SaddrInSet(aff), Verdict("goto", chain)))
+        rules.append((NumgenVmap(tuple(targets)),))
+        return rules
+
+    # -- the fixed part ------------------------------------------------------------------------
+    def fixed_chains(self) -> dict[str, tuple[str, ...]]:
+        """Rules (as text) of the base chains and the fixed regular chains."""
+        fw = family_word(self.family)
+        mark = f"{1 << self.options.masquerade_bit:#x}"
+        new = "ct state new"
+        loopback = "::1" if self.family == IPV6 else "127.0.0.0/8"
+        if self.options.nodeport_ips is None:
+            np_match = f"fib daddr type local {fw} daddr != {loopback}"
+        else:
+            np_match = f"{fw} daddr @{NODEPORT_IPS}"
+        services = []
+        if self.options.masquerade_all:
+            services.append(f"{fw} daddr @{CLUSTER_IPS} jump {MARK_FOR_MASQUERADE}")
+        elif self._cidrs:
+            stmt = stmt_text(SaddrIn(self._cidrs, negate=True), self.family)
+            services.append(f"{fw} daddr @{CLUSTER_IPS} {stmt} jump {MARK_FOR_MASQUERADE}")
+        services.append(f"{fw} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}")
+        services.append(f"{np_match} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
+        return {
+            "filter-prerouting": (f"{new} jump {FIREWALL_CHECK}",),
+            "filter-input": (
+                f"{new} jump {NODEPORT_ENDPOINTS_CHECK}",
+                f"{new} jump {SERVICE_ENDPOINTS_CHECK}",
+            ),
+            "filter-forward": (
+                f"{new} jump {SERVICE_ENDPOINTS_CHECK}",
+                f"{new} jump {CLUSTER_IPS_CHECK}",
+            ),
+            "filter-output": (
+                f"{new} jump {SERVICE_ENDPOINTS_CHECK}",
+                f"{new} jump {FIREWALL_CHECK}",
+            ),
+            "filter-output-post-dnat": (f"{new} jump {CLUSTER_IPS_CHECK}",),
+            "nat-prerouting": (f"jump {SERVICES}",),
+            "nat-output": (f"jump {SERVICES}",),
+            "nat-postrouting": (f"jump {MASQUERADING}",),
+            SERVICES: tuple(services),
+            MASQUERADING: (
+                f"ct status dnat {fw} saddr . {fw} daddr @{HAIRPIN} masquerade fully-random",
+                f"meta mark & {mark} == 0 return",
+                f"meta mark set meta mark ^ {mark}",
+                "masquerade fully-random",
+            ),
+            MARK_FOR_MASQUERADE: (f"meta mark set meta mark | {mark}",),
+            FIREWALL_CHECK: (f"{fw} daddr . meta l4proto . th dport vmap @{FIREWALL_IPS}",),
+            CLUSTER_IPS_CHECK: (
+                f'{fw} daddr @{CLUSTER_IPS} reject comment "Reject traffic to invalid ports '
+                'of ClusterIPs"',
+            ),
+            SERVICE_ENDPOINTS_CHECK: (
+                f"{fw} daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}",
+            ),
+            NODEPORT_ENDPOINTS_CHECK: (
+                f"{np_match} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}",
+            ),
+            REJECT_CHAIN: ("reject",),
+        }
+
+    def nodeport_elements(self) -> tuple[Element, ...]:
+        ips = self.options.nodeport_ips or ()
+        out = []
+        for text in ips:
+            ip = ipaddress.ip_address(text)
+            if ip.version == self.family and not ip.is_loopback:
+                out.append(Element(NODEPORT_IPS, (str(ip),)))
+        return tuple(out)
+
+
+# -- transactions ------------------------------------------------------------------------------
+@dataclass(frozen=True, slots=True)
+class Op:
+    """One command of a transaction.
+
+    kind: add-chain, flush-chain, delete-chain (name), add-rule (chain, rule), add-element,
+    delete-element (element), add-set, delete-set (setdef / name), flush-set (name)."""
+
+    kind: str
+    name: str = ""
+    rule: Rule = ()
+    element: Element | None = None
+    setdef: SetDef | None = None
+
+
+def _prefix(family: int) -> str:
+    return f"{family_word(family)} {TABLE}"
+
+
+def op_text(op: Op, family: int) -> str:
+    t = _prefix(family)
+    k = op.kind
+    if k == "add-rule":
+        return f"add rule {t} {op.name} {rule_text(op.rule, family)}\n"
+    if k in ("add-element", "delete-element"):
+        assert op.element is not None
+        verb = "add" if k == "add-element" else "delete"
+        e = op.element
+        text = e.text() if verb == "add" else " . ".join(e.key)
+        return f"{verb} element {t} {e.set} {{ {text} }}\n"
+    if k == "add-set":
+        assert op.setdef is not None
+        return f"add {op.setdef.text().replace(' ', f' {t} ', 1)}\n"
+    if k == "delete-set":
+        return f"delete set {t} {op.name}\n"
+    if k == "flush-set":
+        return f"flush set {t} {op.name}\n"
+    verb, _, _ = k.partition("-")
+    return f"{verb} chain {t} {op.name}\n"
+
+
+def ops_text(ops: Iterable[Op], family: int) -> str:
+    return "".join(op_text(op, family) for op in ops)
+
+
+def delta_ops(
+    old: Mapping[Ref, ServiceBlock],
+    new: Mapping[Ref, ServiceBlock],
+    element_counts: Mapping[Element, int],
+) -> tuple[list[Op], dict[Element, int]]:
+    """The ops that turn the blocks `old[ref]` into `new[ref]` for every ref of `new`, and the
+    element reference counts that result (elements are shared between services: an element is
+    added when its first owner appears and deleted when its last owner goes).
+
+    Order matters inside one transaction: chains and sets are created before rules and
+    elements name them; elements pointing at a chain are deleted before the chain."""
+    counts = dict(element_counts)
+    add_chains: list[Op] = []
+    rules: list[Op] = []
+    add_sets: list[Op] = []
+    add_elems: list[Op] = []
+    del_elems: list[Op] = []
+    flush_gone: list[Op] = []
+    del_chains: list[Op] = []
+    del_sets: list[Op] = []
+    for ref, after in new.items():
+        before = old.get(ref, EMPTY_BLOCK)
+        if before == after:
+            continue
+        was = dict(before.chains)
+        now = dict(after.chains)
+        old_sets = {s.name: s for s in before.sets}
+        new_sets = {s.name: s for s in after.sets}
+        for s in after.sets:
+            if old_sets.get(s.name) != s:
+                if s.name in old_sets:
+                    del_sets.append(Op("delete-set", s.name))
+                add_sets.append(Op("add-set", setdef=s))
+        del_sets.extend(Op("delete-set", n) for n in old_sets if n not in new_sets)
+        for chain, chain_rules in after.chains:
+            prev = was.get(chain)
+            if prev == chain_rules:
+                continue
+            if prev is None:
+                add_chains.append(Op("add-chain", chain))
+            else:
+                rules.append(Op("flush-chain", chain))
+            rules.extend(Op("add-rule", chain, rule=r) for r in chain_rules)
+        for chain in was:
+            if chain not in now:
+                flush_gone.append(Op("flush-chain", chain))
+                del_chains.append(Op("delete-chain", chain))
+        gone = set(before.elements) - set(after.elements)
+        came = [e for e in after.elements if e not in set(before.elements)]
+        for e in gone:
+            n = counts.get(e, 0) - 1
+            if n <= 0:
+                counts.pop(e, None)
+                del_elems.append(Op("delete-element", element=e))
+            else:
+                counts[e] = n
+        for e in came:
+            n = counts.get(e, 0)
+            counts[e] = n + 1
+            if n == 0:
+                add_elems.append(Op("add-element", element=e))
+    # a deleted-then-readded element (moved between services) nets out
+    readd = {op.element for op in add_elems} & {op.element for op in del_elems}
+    if readd:
+        add_elems = [op for op in add_elems if op.element not in readd]
+        del_elems = [op for op in del_elems if op.element not in readd]
+    ops = [*add_chains, *add_sets, *rules, *del_elems, *add_elems, *flush_gone]
+    ops += del_chains + del_sets
+    return ops, counts
+
+
+def element_counts(blocks: Iterable[ServiceBlock]) -> dict[Element, int]:
+    out: dict[Element, int] = {}
+    for b in blocks:
+        for e in b.elements:
+            out[e] = out.get(e, 0) + 1
+    return out
+
+
+def full_text(
+    renderer: Renderer,
+    blocks: Iterable[ServiceBlock],
+    *,
+    stale_chains: Iterable[str] = (),
+    stale_sets: Iterable[str] = (),
+) -> str:
+    """The `nft -f` input of a full sync: one atomic transaction that (re)declares the table,
+    its sets and chains, flushes what kproxy owns and refills it, and deletes `stale_*`.
+    Nothing is removed outside the transaction, so connections survive it."""
+    fam = renderer.family
+    t = _prefix(fam)
+    blocks = list(blocks)
+    out = [f'add table {t} {{ comment "rules for kube-proxy" ; }}\n']
+    for name, typ, hook, prio in BASE_CHAINS:
+        out.append(f"add chain {t} {name} {{ type {typ} hook {hook} priority {prio} ; }}\n")
+    for name in FIXED_CHAINS:
+        out.append(f"add chain {t} {name}\n")
+    for s in shared_sets(fam):
+        out.append(f"add {s.text().replace(' ', f' {t} ', 1)}\n")
+    own_sets = [s for b in blocks for s in b.sets]
+    for s in own_sets:
+        out.append(f"add {s.text().replace(' ', f' {t} ', 1)}\n")
+    for b in blocks:
+        out.extend(f"add chain {t} {name}\n" for name, _ in b.chains)
+    # flush everything kproxy owns, then refill: one transaction, so no window without rules
+    for name, *_ in BASE_CHAINS:
+        out.append(f"flush chain {t} {name}\n")
+    for name in FIXED_CHAINS:
+        out.append(f"flush chain {t} {name}\n")
+    for b in blocks:
+        out.extend(f"flush chain {t} {name}\n" for name, _ in b.chains)
+    stale_chains = list(stale_chains)
+    out.extend(f"flush chain {t} {name}\n" for name in stale_chains)
+    for s in shared_sets(fam):
+        out.append(f"flush {'map' if s.value else 'set'} {t} {s.name}\n")
+    for chain, rules in renderer.fixed_chains().items():
+        out.extend(f"add rule {t} {chain} {r}\n" for r in rules)
+    for b in blocks:
+        for chain, chain_rules in b.chains:
+            out.extend(f"add rule {t} {chain} {rule_text(r, fam)}\n" for r in chain_rules)
+    by_set: dict[str, list[str]] = {}
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+    for e in (*renderer.nodeport_elements(), *(e for b in blocks for e in b.elements)):
+        if (e.set, e.key) not in seen:  # two services claiming one key: the first wins
+            seen.add((e.set, e.key))
+            by_set.setdefault(e.set, []).append(e.text())
+    for name, texts in by_set.items():
+        for i in range(0, len(texts), 1000):
+            out.append(f"add element {t} {name} {{ {', '.join(texts[i : i + 1000])} }}\n")
+    out.extend(f"delete chain {t} {name}\n" for name in stale_chains)
+    out.extend(f"delete set {t} {name}\n" for name in stale_sets)
+    return "".join(out)
+
+
+def render_ruleset(
+    views: Mapping[Ref, Sequence[ServicePortView]],
+    options: ProxyOptions,
+) -> str:
+    """The `nft -f` input of a full sync for `views` of one family, services in name order."""
+    renderer = Renderer(options)
+    return full_text(renderer, (renderer.render_service(views[ref]) for ref in sorted(views)))
