@@ -42,7 +42,11 @@ def _parser() -> argparse.ArgumentParser:
     render = sub.add_parser("render", help="print the rules that would be applied (no root)")
     build_parser(render)
     render.add_argument("--family", type=int, choices=(4, 6), default=4)
-    status = sub.add_parser("status", help="services -> programmed backends, read back")
+    status = sub.add_parser(
+        "status",
+        help="services -> programmed backends, read back (wanted state: the running agent's, "
+        "or the source the flags name)",
+    )
     build_parser(status)
     status.add_argument("-o", "--output", choices=("table", "json"), default="table")
     explain = sub.add_parser("explain", help="trace a packet through kproxy's live rules")
@@ -109,17 +113,24 @@ def cmd_render(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     from kproxy.inspect.status import status_command
+    from kproxy.inspect.wanted import for_command
 
-    settings = _settings(args)
-    return int(status_command(settings, output=args.output))
+    wanted = for_command(args, "status", required=True)
+    assert wanted is not None
+    return int(status_command(wanted, output=args.output))
 
 
 def cmd_explain(args: argparse.Namespace) -> int:
     from kproxy.inspect.explain import explain_command
+    from kproxy.inspect.wanted import for_command
 
-    settings = _settings(args)
+    # without an agent or source flags, explain still traces the kernel's rules
+    wanted = for_command(args, "explain", required=False)
+    settings = wanted.settings if wanted is not None else _settings(args)
     return int(
-        explain_command(settings, target=args.target, source=args.source, output=args.output)
+        explain_command(
+            settings, target=args.target, source=args.source, output=args.output, wanted=wanted
+        )
     )
 
 

@@ -19,12 +19,15 @@ import json
 import sys
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kproxy.config import Settings
 from kproxy.inspect import iptrace as T
 from kproxy.inspect.ipvsadm import SCHEDULER_TEXT, VirtualService, find, parse_listing
 from kproxy.render import chains as C
+
+if TYPE_CHECKING:
+    from kproxy.inspect.wanted import Wanted
 
 PROTOCOLS = ("tcp", "udp", "sctp")
 _NAME_SUFFIXES = (
@@ -91,6 +94,8 @@ class Explanation:
     affinity: dict[str, int] = field(default_factory=dict)  # recent list -> seconds
     ipvs: IPVSView | None = None
     empty_chains: frozenset[str] = frozenset()  # user chains without rules (jumps come back)
+    # what the wanted state says about the destination (None: no wanted state was read)
+    wanted: dict[str, Any] | None = None
 
 
 def service_name(comment: str) -> str:
@@ -397,6 +402,13 @@ def render_text(ex: Explanation) -> str:
         out.append(f"Rules:   {ex.rules_from} ({ex.mode} mode)")
     if ex.service:
         out.append(f"Service: {ex.service}")
+    if ex.wanted is not None:
+        w = ex.wanted
+        if w["service"] is None:
+            out.append(f"Wanted:  no service port owns this address ({w['from']})")
+        else:
+            eps = ", ".join(w["endpoints"]) or "no endpoints"
+            out.append(f"Wanted:  {w['service']} ({w['kind']}) -> {eps} ({w['from']})")
     out.append("")
     if not ex.outcomes:
         out.append("(nothing to trace: the ruleset is empty)")
@@ -543,6 +555,7 @@ def to_json(ex: Explanation) -> dict[str, Any]:
         "targets": [{"endpoint": k, "probability": v} for k, v in targets.items()],
         "affinity": ex.affinity,
         "hints": list(ex.hints),
+        "wanted": ex.wanted,
         "outcomes": [
             {
                 "probability": o.probability,
@@ -569,6 +582,56 @@ def to_json(ex: Explanation) -> dict[str, Any]:
     }
 
 
+# -- against the wanted state --------------------------------------------------------------------
+def kernel_endpoints(ex: Explanation) -> set[str]:
+    """The endpoints the kernel sends this packet to: DNAT targets, or in IPVS mode the real
+    servers that take new connections."""
+    if ex.ipvs is not None:
+        vs = ex.ipvs.service
+        return {r.hostport for r in vs.reals if r.weight > 0} if vs is not None else set()
+    return {o.dnat for o in ex.outcomes if o.dnat}
+
+
+def with_wanted(ex: Explanation, wanted: Wanted, *, local: frozenset[str]) -> Explanation:
+    """`ex` with the wanted state's answer for its destination, and a caveat when the kernel
+    sends the packet elsewhere."""
+    from dataclasses import replace
+
+    from kproxy.inspect.wanted import snapshot_of, wanted_port
+    from kproxy.runtime.daemon import node_name
+
+    p = ex.packet
+    wp = wanted_port(
+        snapshot_of(wanted),
+        node_name=node_name(wanted.settings),
+        ip=p.dst,
+        port=p.dport,
+        protocol=p.proto,
+        node_addresses=local,
+    )
+    doc: dict[str, Any] = {
+        "from": wanted.origin,
+        "service": wp.service if wp else None,
+        "kind": wp.kind if wp else None,
+        "endpoints": list(wp.endpoints) if wp else [],
+    }
+    have = kernel_endpoints(ex)
+    want = set(wp.endpoints) if wp else set()
+    if (have != want and ex.result != "not-a-service") or (wp and ex.result == "not-a-service"):
+        doc["differs"] = True
+        missing = ", ".join(sorted(want - have)) or "none"
+        extra = ", ".join(sorted(have - want)) or "none"
+        note = (
+            f"the kernel differs from the wanted state (missing: {missing}; not wanted: "
+            f"{extra}): kproxy has not synced yet, or the rules were changed by hand; "
+            "`kproxy status` lists every difference"
+        )
+        ex = replace(ex, hints=(*ex.hints, note))
+    else:
+        doc["differs"] = False
+    return replace(ex, wanted=doc)
+
+
 # -- the command -------------------------------------------------------------------------------
 def choose_hook(source: str, *, local: frozenset[str] | set[str]) -> tuple[str, str]:
     """PREROUTING for a source that is not an address of this node, else OUTPUT; with why."""
@@ -582,7 +645,12 @@ def choose_hook(source: str, *, local: frozenset[str] | set[str]) -> tuple[str, 
 
 
 def explain_command(
-    settings: Settings, *, target: str, source: str = "", output: str = "text"
+    settings: Settings,
+    *,
+    target: str,
+    source: str = "",
+    output: str = "text",
+    wanted: Wanted | None = None,
 ) -> int:
     from kproxy.inspect import live
 
@@ -633,6 +701,8 @@ def explain_command(
         mode=mode,
         ipvs_listing=listing,
     )
+    if wanted is not None:
+        ex = with_wanted(ex, wanted, local=local)
     if not rules.ruleset.chain("nat", C.SERVICES):
         print(
             f"kproxy explain: note: {rules.binary} shows no {C.SERVICES} chain: "

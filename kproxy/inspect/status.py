@@ -6,7 +6,9 @@ states — addresses from the KUBE-SERVICES/KUBE-NODEPORTS jumps, backends by tr
 KUBE-SVC/KUBE-SVL and KUBE-EXT chains (so an endpoint counts only when a packet can really reach
 its DNAT, and each gets its real share), REJECT/DROP verdicts from the filter table, and the DNAT
 rules' packet counters (new connections). The desired state goes through the very same reader:
-kproxy's renderer turns the current Services/EndpointSlices (API or manifests) into a ruleset,
+kproxy's renderer turns the wanted Services/EndpointSlices (by default the snapshot the
+running agent last synced, read from its socket; or the API/manifests the flags name:
+kproxy.inspect.wanted) into a ruleset,
 which is parsed and read like the kernel's. Mismatches: a port not programmed or not wanted, a
 missing or extra address or endpoint, a different verdict, traffic that falls through without
 DNAT, an uneven split, service chains nobody wants.
@@ -23,12 +25,17 @@ import json
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from kproxy.config import Settings
 from kproxy.inspect import iptrace as T
 from kproxy.inspect.explain import service_name
 from kproxy.render import chains as C
+
+if TYPE_CHECKING:
+    from kproxy.inspect.wanted import Wanted
+
+# what `status -o json` shows of the agent it read the wanted state from
+AGENT_FIELDS = ("pid", "kproxy", "node_name", "mode", "synced_at", "unbound")
 
 EVEN_TOLERANCE = 0.01  # how far a backend's share may be from 1/n before it is called uneven
 LEAK_TOLERANCE = 1e-9
@@ -402,16 +409,17 @@ def _families(snapshot: Any) -> list[int]:
     return sorted(fams)
 
 
-def status_command(settings: Settings, *, output: str = "table") -> int:
+def status_command(wanted: Wanted, *, output: str = "table") -> int:
     from kproxy.inspect import live
-    from kproxy.inspect.common import load_snapshot
+    from kproxy.inspect.wanted import snapshot_of
     from kproxy.kube.watch import KubeConfigError
     from kproxy.model.view import build_views
     from kproxy.runtime.daemon import node_name
     from kproxy.runtime.dataplane import proxy_options
 
+    settings = wanted.settings
     try:
-        snapshot = load_snapshot(settings)
+        snapshot = snapshot_of(wanted)
     except KubeConfigError as err:
         print(f"kproxy status: cannot read the wanted state: {err}", file=sys.stderr)
         return 2
@@ -454,12 +462,19 @@ def status_command(settings: Settings, *, output: str = "table") -> int:
         rows = ipvs_rows(wanted_servers, listing)
         sources.append("ipvsadm -Ln")
     mode = "ipvs" if ipvs else "iptables"
+    unbound = (wanted.agent or {}).get("unbound") or {}
     if output == "json":
         doc = to_json(rows, mode=mode, rules_from=", ".join(sources), stale_chains=stale)
+        doc["wanted_from"] = wanted.origin
+        if wanted.agent is not None:
+            doc["agent"] = {k: wanted.agent.get(k) for k in AGENT_FIELDS}
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         sys.stdout.write(
             render_table(rows, stale_chains=stale, counter="CONNS" if ipvs else "PKTS")
         )
+        sys.stdout.write(f"wanted state from {wanted.origin}\n")
+        for name, why in sorted(unbound.items()):
+            sys.stdout.write(f"note: the agent does not listen on {name} yet: {why}\n")
     return 0 if all(r.ok for r in rows) and not stale else 1

@@ -27,7 +27,14 @@ from kproxy.model.store import Changes, Snapshot, Store
 from kproxy.model.view import ServicePortView, build_views
 from kproxy.render.conntrack import StaleFlowPlan, plan_stale_flows
 from kproxy.runtime.dataplane import Plane, make_planes
-from kproxy.runtime.health import HealthState, HTTPEndpoint, health_routes
+from kproxy.runtime.health import HealthState, HTTPEndpoint, Route, health_routes
+from kproxy.runtime.inspectsock import (
+    InspectServer,
+    configz_route,
+    default_socket_path,
+    state_route,
+)
+from kproxy.runtime.listeners import Listeners
 from kproxy.runtime.runner import SyncLoop
 from kproxy.runtime.sdnotify import Notifier
 from kproxy.runtime.svchealth import ServiceHealthServer
@@ -61,11 +68,16 @@ class Daemon:
         self.metrics = metrics or Metrics()
         self.stop_event = threading.Event()
         self.store = Store()
-        self.health = HealthState(timeout=2 * max(settings.sync_period, 1.0))
+        self.listeners = Listeners(self.stop_event)
+        self.health = HealthState(
+            timeout=2 * max(settings.sync_period, 1.0), unbound=self.listeners.unbound
+        )
         self.notifier = Notifier()
         self._dns_wake = threading.Event()
         self._synced_once = False
         self._http: list[HTTPEndpoint] = []
+        self._inspect: InspectServer | None = None
+        self._wanted: tuple[Snapshot, float] | None = None  # last snapshot handed to the planes
         self.planes: list[Plane] = []
         self._views: dict[int, dict[Ref, tuple[ServicePortView, ...]]] = {}
         self._cleaner: ConntrackCleaner | None = None
@@ -164,6 +176,7 @@ class Daemon:
                 trigger_times=changes.trigger_times,
                 queued_at=changes.queued_at,
             )
+        self._wanted = (snapshot, time.time())
         started = time.monotonic()
         results: list[SyncResult] = []
         ok = True
@@ -286,9 +299,7 @@ class Daemon:
     def _start_http(self) -> None:
         s = self.settings
         if s.healthz_bind_address:
-            self._http.append(
-                HTTPEndpoint(s.healthz_bind_address, health_routes(self.health), name="healthz")
-            )
+            self._serve_http("healthz", s.healthz_bind_address, health_routes(self.health))
         if s.metrics_bind_address:
             routes = health_routes(self.health)
             routes["/metrics"] = lambda: (
@@ -296,9 +307,39 @@ class Daemon:
                 "text/plain; version=0.0.4; charset=utf-8",
                 self.metrics.exposition(),
             )
-            self._http.append(HTTPEndpoint(s.metrics_bind_address, routes, name="metrics"))
-        for endpoint in self._http:
+            routes["/configz"] = configz_route(s)
+            self._serve_http("metrics", s.metrics_bind_address, routes)
+
+    def _serve_http(self, name: str, address: str, routes: dict[str, Route]) -> None:
+        def open_() -> None:
+            endpoint = HTTPEndpoint(address, routes, name=name)
             endpoint.start()
+            self._http.append(endpoint)
+
+        port = address.rpartition(":")[2]
+        self.listeners.start(
+            name, address, open_, hint=f"is kube-proxy still running? `ss -ltnp sport = :{port}`"
+        )
+
+    def _start_inspect(self) -> None:
+        """The wanted state for `kproxy status`/`explain` (kproxy.runtime.inspectsock)."""
+        server = InspectServer(
+            default_socket_path(),
+            state_route(
+                settings=self.settings,
+                node_name=self.node_name,
+                planes=lambda: self.planes,
+                wanted=lambda: self._wanted or (self.store.peek(), 0.0),
+                unbound=self.listeners.unbound,
+            ),
+        )
+        self._inspect = server
+        self.listeners.start(
+            "the inspection socket",
+            str(server.path),
+            server.start,
+            hint="another kproxy agent runs in this network namespace",
+        )
 
     def _count_no_local_endpoints(self) -> None:
         """kube-proxy's serviceNoLocalEndpointsTotal{internal,external}."""
@@ -333,11 +374,25 @@ class Daemon:
     def _start_dns(self) -> None:
         if not self.settings.dns:
             return
+        from kproxy.dns.server import DNSError
         from kproxy.runtime.dnswiring import make_dns
 
-        self.dns = make_dns(self.settings)
-        self.dns.start()
-        threading.Thread(target=self._dns_updater, name="dns-updater", daemon=True).start()
+        dns = self.dns = make_dns(self.settings)
+
+        def open_() -> None:
+            dns.start()
+            threading.Thread(target=self._dns_updater, name="dns-updater", daemon=True).start()
+            self._dns_wake.set()
+
+        # a taken :53 (systemd-resolved, another DNS server) must not stop the proxying: the
+        # address is retried in the background like the HTTP ports
+        self.listeners.start(
+            "DNS",
+            ", ".join(self.settings.dns_listen),
+            open_,
+            hint="systemd-resolved or another DNS server listens there? `ss -lunp sport = :53`",
+            catch=(DNSError, OSError),
+        )
 
     def run(self) -> int:
         self._install_signals()
@@ -349,6 +404,7 @@ class Daemon:
         self._start_conntrack()
         self._start_service_health()
         self._start_http()
+        self._start_inspect()
         self._start_dns()
         self.source.start()  # type: ignore[attr-defined]
         while not self.stop_event.is_set():
@@ -367,6 +423,8 @@ class Daemon:
         self.stop_event.set()
         for endpoint in self._http:
             endpoint.stop()
+        if self._inspect is not None:
+            self._inspect.stop()
         if self.service_health is not None:
             self.service_health.stop()
         if self.dns is not None:

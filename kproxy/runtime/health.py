@@ -3,7 +3,9 @@
 `HealthState` follows kube-proxy's proxier health server: kproxy is healthy when no change is
 queued, or the oldest queued change has waited less than `timeout` (2x the sync period). /healthz
 is additionally unhealthy while this node is being deleted (so load balancers drain it); /livez
-ignores that. Bodies are kube-proxy's JSON: lastUpdated, currentTime (and nodeEligible).
+ignores that. Bodies are kube-proxy's JSON: lastUpdated, currentTime (and nodeEligible), plus
+`unbound` ({"metrics 127.0.0.1:10249": "address already in use"}) while a listener of the agent
+cannot bind its port; that alone does not make the proxy unhealthy (kproxy.runtime.listeners).
 """
 
 from __future__ import annotations
@@ -24,8 +26,15 @@ def _rfc3339(ts: float) -> str:
 
 
 class HealthState:
-    def __init__(self, *, timeout: float, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        *,
+        timeout: float,
+        clock: Callable[[], float] = time.time,
+        unbound: Callable[[], dict[str, str]] = dict,
+    ) -> None:
         self._lock = threading.Lock()
+        self._unbound = unbound
         self._clock = clock
         self.timeout = timeout
         self.last_updated = 0.0
@@ -56,6 +65,9 @@ class HealthState:
         if with_node:
             payload["nodeEligible"] = not self.node_deleting
             healthy = healthy and not self.node_deleting
+        unbound = self._unbound()
+        if unbound:
+            payload["unbound"] = unbound
         return (200 if healthy else 503), payload
 
 
