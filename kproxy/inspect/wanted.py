@@ -214,6 +214,6 @@ def wanted_port(
                 kind = "nodePort"
             if not kind:
                 continue
-            eps = v.internal_endpoints if kind == "cluster IP" else v.external_endpoints
+            eps = v.decision.internal if kind == "cluster IP" else v.decision.external
             return WantedPort(v.name, kind, tuple(e.hostport for e in eps))
     return None
