@@ -43,6 +43,7 @@ import re
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
+from kproxy.model.decisions import Verdict, node_in_source_ranges
 from kproxy.model.endpoints import EndpointInfo
 from kproxy.model.objects import IPV6, Ref
 from kproxy.model.options import ProxyOptions
@@ -175,7 +176,7 @@ class FibSaddrLocal:
 
 
 @dataclass(frozen=True, slots=True)
-class Verdict:
+class Jump:
     """`jump CHAIN`, `goto CHAIN`, `drop`, `accept`, `return`."""
 
     kind: str
@@ -220,7 +221,7 @@ class UpdateSaddr:
     set: str
 
 
-Stmt = SaddrIn | FibSaddrLocal | Verdict | DnatMap | Dnat | NumgenVmap | SaddrInSet | UpdateSaddr
+Stmt = SaddrIn | FibSaddrLocal | Jump | DnatMap | Dnat | NumgenVmap | SaddrInSet | UpdateSaddr
 Rule = tuple[Stmt, ...]
 
 
@@ -235,7 +236,7 @@ def _hostport(family: int, ip: str, port: int) -> str:
 
 def stmt_text(s: Stmt, family: int) -> str:
     fw = family_word(family)
-    if isinstance(s, Verdict):
+    if isinstance(s, Jump):
         return f"{s.kind} {s.chain}" if s.chain else s.kind
     if isinstance(s, SaddrIn):
         op = "!= " if s.negate else ""
@@ -258,6 +259,11 @@ def stmt_text(s: Stmt, family: int) -> str:
     if isinstance(s, SaddrInSet):
         return f"{fw} saddr @{s.set}"
     return f"update @{s.set} {{ {fw} saddr }}"
+
+
+def _no_ep(verdict: Verdict) -> str:
+    """The no-endpoint maps' verdict: kube-proxy's `goto reject-chain` or `drop`."""
+    return "drop" if verdict is Verdict.DROP else f"goto {REJECT_CHAIN}"
 
 
 def rule_text(rule: Rule, family: int) -> str:
@@ -404,39 +410,31 @@ class Renderer:
         base = chain_base(v)
         svc, svl = SERVICE_PREFIX + base, LOCAL_PREFIX + base
         ext, fw = EXTERNAL_PREFIX + base, FIREWALL_PREFIX + base
-        cat = v.categorized
-        cluster_eps = cat.cluster or ()
-        local_eps = cat.local or ()
-        service = v.service
-        internal_local = service.internal_policy_local
-        external_local = service.external_policy_local
-
-        # kube-proxy's hasEndpoints: usable endpoints anywhere, not only on this node
-        has_any = bool(cluster_eps) or (
-            cat.local is not None
-            and any(e.ready or (e.serving and e.terminating) for e in v.endpoints)
-        )
-        has_internal = has_any and (not internal_local or bool(local_eps))
-        has_external = has_any and (not external_local or bool(local_eps))
-        internal_chain = svl if internal_local else svc
-        external_policy_chain = svl if external_local else svc
+        d = v.decision
+        cluster_eps = d.cluster or ()
+        local_eps = d.local or ()
+        has_any = d.has_endpoints
+        internal_ok = d.internal_verdict is Verdict.FORWARD
+        external_ok = d.external_verdict is Verdict.FORWARD
+        internal_chain = svl if d.internal_local else svc
+        external_policy_chain = svl if d.external_local else svc
         lb_ips = v.load_balancer_ips
-        uses_ext = has_any and v.has_external
-        uses_fw = has_any and bool(lb_ips) and bool(v.source_ranges)
-        no_ep = f"goto {REJECT_CHAIN}" if not has_any else "drop"
+        uses_ext = d.uses_external_chain
+        uses_fw = has_any and d.firewall
 
+        ext_no_ep = _no_ep(d.external_verdict)
         add = elements.append
         cip = v.cluster_ip
         add(Element(CLUSTER_IPS, (cip,)))
-        if has_internal:
+        if internal_ok:
             add(Element(SERVICE_IPS, (cip, proto, port), f"goto {internal_chain}", name))
         else:
-            add(Element(NO_ENDPOINT_SERVICES, (cip, proto, port), no_ep, name))
+            add(Element(NO_ENDPOINT_SERVICES, (cip, proto, port), _no_ep(d.internal_verdict), name))
         for ip in (*v.external_ips, *lb_ips):
             if has_any:
                 add(Element(SERVICE_IPS, (ip, proto, port), f"goto {ext}", name))
-            if not has_external:
-                add(Element(NO_ENDPOINT_SERVICES, (ip, proto, port), no_ep, name))
+            if not external_ok:
+                add(Element(NO_ENDPOINT_SERVICES, (ip, proto, port), ext_no_ep, name))
         if uses_fw:
             for ip in lb_ips:
                 add(Element(FIREWALL_IPS, (ip, proto, port), f"goto {fw}", name))
@@ -444,9 +442,9 @@ class Renderer:
         if node_port:
             if has_any:
                 add(Element(SERVICE_NODEPORTS, (proto, str(node_port)), f"goto {ext}", name))
-            if not has_external:
-                add(Element(NO_ENDPOINT_NODEPORTS, (proto, str(node_port)), no_ep, name))
-        for ep in cat.all_reachable:
+            if not external_ok:
+                add(Element(NO_ENDPOINT_NODEPORTS, (proto, str(node_port)), ext_no_ep, name))
+        for ep in d.all_reachable:
             add(Element(HAIRPIN, (ep.ip, ep.ip)))
 
         if cluster_eps:
@@ -456,25 +454,24 @@ class Renderer:
 
         if uses_ext:
             rules: list[Rule] = []
-            if not external_local:
-                rules.append((Verdict("jump", MARK_FOR_MASQUERADE),))
-            elif cluster_eps:
+            if d.masquerade_external:
+                rules.append((Jump("jump", MARK_FOR_MASQUERADE),))
+            elif d.short_circuit:
                 # pod and node traffic to an external address short-circuits to the cluster
                 # chain (as if it had gone out to the load balancer and come back)
-                rules.extend((SaddrIn((c,)), Verdict("goto", svc)) for c in self._cidrs)
-                rules.append((FibSaddrLocal(), Verdict("jump", MARK_FOR_MASQUERADE)))
-                rules.append((FibSaddrLocal(), Verdict("goto", svc)))
-            if has_external:
-                rules.append((Verdict("goto", external_policy_chain),))
+                rules.extend((SaddrIn((c,)), Jump("goto", svc)) for c in self._cidrs)
+                rules.append((FibSaddrLocal(), Jump("jump", MARK_FOR_MASQUERADE)))
+                rules.append((FibSaddrLocal(), Jump("goto", svc)))
+            if external_ok:
+                rules.append((Jump("goto", external_policy_chain),))
             chains[ext] = rules
 
         if uses_fw:
             allowed = [_cidr(c) for c in v.source_ranges]
-            nets = [ipaddress.ip_network(c.strip(), strict=False) for c in v.source_ranges]
-            if any(ip in net for net in nets for ip in self._node_nets):
+            if node_in_source_ranges(v.source_ranges, self._node_nets):
                 # a node reaching a VIP-style LB IP often arrives with the LB IP as source
                 allowed.extend(lb_ips)
-            chains[fw] = [(SaddrIn(tuple(dict.fromkeys(allowed)), negate=True), Verdict("drop"))]
+            chains[fw] = [(SaddrIn(tuple(dict.fromkeys(allowed)), negate=True), Jump("drop"))]
 
     def _balance(
         self,
@@ -484,7 +481,7 @@ class Renderer:
         sets: list[SetDef],
     ) -> list[Rule]:
         proto = v.port.protocol.lower()
-        timeout = v.service.affinity_timeout
+        timeout = v.decision.affinity_timeout
         if not timeout:
             eps = tuple((e.ip, e.port) for e in endpoints)
             return [(DnatMap(proto, eps),)]
@@ -502,7 +499,7 @@ class Renderer:
                 if aset not in sets:
                     sets.append(aset)
                 chains[chain] = [(UpdateSaddr(aff), Dnat(proto, ep.ip, ep.port))]
-            rules.append((SaddrInSet(aff), Verdict("goto", chain)))
+            rules.append((SaddrInSet(aff), Jump("goto", chain)))
         rules.append((NumgenVmap(tuple(targets)),))
         return rules
 
