@@ -164,6 +164,7 @@ class Settings:
     iptables_sync_period: float = 30.0
     ipvs_min_sync_period: float = 0.0
     ipvs_sync_period: float = 30.0
+    full_sync_period: float = 3600.0
     ipvs_scheduler: str = "rr"
     ipvs_tcp_timeout: float = 0.0
     ipvs_tcpfin_timeout: float = 0.0
@@ -310,7 +311,8 @@ OPTIONS: tuple[Option, ...] = (
         "iptables_sync_period",
         "--iptables-sync-period",
         parse_duration,
-        "Period of full resyncs in iptables mode (e.g. 30s).",
+        "Period of the periodic sync in iptables mode (e.g. 30s): a partial sync plus a cheap "
+        "check that the tables are still kproxy's (a full rewrite only if they are not).",
         "iptables.syncPeriod",
         "DURATION",
     ),
@@ -326,8 +328,18 @@ OPTIONS: tuple[Option, ...] = (
         "ipvs_sync_period",
         "--ipvs-sync-period",
         parse_duration,
-        "Period of full resyncs in IPVS mode.",
+        "Period of the periodic sync in IPVS mode (partial, with a cheap drift check).",
         "ipvs.syncPeriod",
+        "DURATION",
+    ),
+    Option(
+        "full_sync_period",
+        "--full-sync-period",
+        parse_duration,
+        "Period of full rewrites of every service's rules (kube-proxy hard-codes 1h); "
+        "0 disables them (full syncs then happen only at start-up, after failures, on "
+        "tampering and on node changes).",
+        "kproxy.fullSyncPeriod",
         "DURATION",
     ),
     Option(

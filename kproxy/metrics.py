@@ -51,6 +51,25 @@ class Metrics:
             registry=r,
             buckets=_SYNC_BUCKETS,
         )
+        # which syncs happened and why (full: startup, retry, requested, resync, tampered,
+        # node; partial: change, periodic); the duration histograms above time them
+        self.sync_full = Counter(
+            "kproxy_sync_full_proxy_rules",
+            "Full syncs (every service rewritten), by trigger",
+            ["reason"],
+            registry=r,
+        )
+        self.sync_partial = Counter(
+            "kproxy_sync_partial_proxy_rules",
+            "Partial syncs (only what changed), by trigger",
+            ["reason"],
+            registry=r,
+        )
+        self.drift_detected = Counter(
+            "kproxy_sync_proxy_rules_drift_detected",
+            "Periodic checks that found kproxy's rules changed from outside (a full sync follows)",
+            registry=r,
+        )
         self.network_programming = Histogram(
             "kproxy_network_programming_duration_seconds",
             "In Cluster Network Programming Latency in seconds (from the EndpointSlice "

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol
+from typing import Protocol, runtime_checkable
 
 from kproxy.model.store import Changes, Snapshot
 
@@ -31,3 +31,15 @@ class Proxier(Protocol):
     def sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult: ...
 
     def cleanup(self) -> None: ...
+
+
+@runtime_checkable
+class DriftCheck(Protocol):
+    """A proxier that can tell cheaply whether its kernel state is still what it wrote.
+
+    The sync loop calls `drift()` on every periodic sync (see kproxy.runtime.runner): None means
+    "still ours" (and must cost far less than a full sync: the loop runs it every sync period);
+    otherwise a short description of what changed, and the sync becomes a full one.
+    """
+
+    def drift(self) -> str | None: ...

@@ -16,9 +16,11 @@ Owns the kernel side of iptables mode for one IP family:
   chains that disappeared (deleted), and in-place "-D"/"-I" edits of the shared chains for the
   lines that changed, all in one atomic restore. An endpoint change at 10k services rewrites one
   KUBE-SVC chain and one KUBE-SEP chain, not KUBE-SERVICES.
-- A canary chain (KUBE-PROXY-CANARY in mangle, nat and filter, as kube-proxy) whose absence
-  means someone flushed the tables: the next sync is then full. A failed restore raises
-  SyncError and makes the next sync full as well.
+- A canary chain (KUBE-PROXY-CANARY in mangle, nat and filter, as kube-proxy), and `drift()`,
+  the cheap "are the tables still ours" check the sync loop runs every sync period
+  (kproxy.backends.iptables_drift: a ruleset fingerprint first, a read-back of the owned chains'
+  rule counts, canaries and hooks only when the fingerprint moved). Drift makes the next sync a
+  reconciling full one. A failed restore raises SyncError and makes the next sync full as well.
 
 One deliberate exception to "one restore per sync": iptables-nft-restore (v1.8.9) with --noflush
 is quadratic in the number of chains one input names (measured here: 10k services x 10 endpoints,
@@ -56,6 +58,7 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
 
 from kproxy.backends.base import SyncError, SyncResult
+from kproxy.backends.iptables_drift import compare_counts, fingerprint, saved_counts
 from kproxy.backends.iptables_exec import (
     ProcessRestorer,
     RestoreFailed,
@@ -86,7 +89,6 @@ log = logging.getLogger("kproxy.iptables")
 
 FLAVOURS = ("nft", "legacy")
 KUBELET_MARKERS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
-CANARY_CHECK_INTERVAL = 10.0
 NFT_CHUNK_CHAINS = 2000
 TABLES = (NAT, FILTER, MANGLE)
 
@@ -212,7 +214,9 @@ class IptablesProxier:
         self._need_full = True
         self._reconcile = True  # the next full sync reads the tables back (start-up, failures)
         self._applied: dict[str, set[str]] = {t: set() for t in TABLES}
-        self._canary_checked = float("-inf")
+        # owned chain -> rule count, per table, as last written (what `drift` compares with)
+        self._expected: dict[str, dict[str, int]] = {t: {} for t in TABLES}
+        self._fingerprint: tuple[object, ...] | None = None  # of the tables after our writes
         self.restores = 0  # restore invocations of the last sync
         log.info("iptables mode: IPv%d via %s", self.family, self.restore)
 
@@ -242,7 +246,6 @@ class IptablesProxier:
 
     def canary_missing(self) -> bool:
         """True when the mangle canary chain is gone (someone flushed the tables)."""
-        self._canary_checked = self._clock()
         res = self._run(
             [self.iptables, "-w", "5", "-t", MANGLE, "-S", C.CANARY],
             capture_output=True,
@@ -273,16 +276,48 @@ class IptablesProxier:
             out.append(res.stdout)
         return "".join(out)
 
-    def _canary_due_and_missing(self) -> bool:
-        if self._clock() - self._canary_checked < CANARY_CHECK_INTERVAL:
-            return False
-        return self.canary_missing()
+    # -- drift ---------------------------------------------------------------------------------
+    def _record_written(self) -> None:
+        """After each of kproxy's writes: the fingerprint `drift` compares with."""
+        self._fingerprint = fingerprint(self.flavour, self.family, TABLES)
+
+    def drift(self) -> str | None:
+        """None while the tables hold what kproxy wrote; else what differs (the next sync is
+        then a reconciling full one). Costs a netlink round trip (nft) or three getsockopt
+        calls (legacy) unless something wrote to the tables since kproxy's last write."""
+        if self._need_full:
+            return None  # the next sync rewrites everything anyway
+        now = fingerprint(self.flavour, self.family, TABLES)
+        if now is not None and now == self._fingerprint:
+            return None
+        found = self.inspect()
+        if found is None:
+            self._fingerprint = now  # someone else wrote elsewhere; ours is intact
+        else:
+            self._need_full = self._reconcile = True
+        return found
+
+    def inspect(self) -> str | None:
+        """The thorough half of `drift`: read the tables back and compare canaries, owned
+        chains, their rule counts and the hook jumps with what kproxy last wrote."""
+        for table in TABLES:
+            text = self.save(table)
+            if f":{C.CANARY} " not in text:
+                return f"canary chain {C.CANARY} gone from {table}: tables were flushed"
+            observed = saved_counts(text, (c for c in chains_in(text) if C.is_owned(table, c)))
+            found = compare_counts(self._expected[table], observed)
+            if found:
+                return f"{table}: {found}"
+            hooks = missing_hooks(table, text)
+            if hooks:
+                return f"{table}: hook jump missing ({hooks.splitlines()[0].strip()})"
+        return None
 
     # -- syncing -------------------------------------------------------------------------------
     def sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult:
         self.restores = 0
         full = full or changes.full or changes.node_changed or self._need_full
-        if full or self._canary_due_and_missing():
+        if full:
             return self._full_sync(snapshot)
         return self._partial_sync(snapshot, changes.services)
 
@@ -321,8 +356,9 @@ class IptablesProxier:
         self._nat_rules = sum(_count(t) for (table, _), t in shared.items() if table == NAT)
         self._nat_rules += sum(b.nat_rule_count for b in blocks.values())
         self._filter_rules = sum(_count(t) for (table, _), t in shared.items() if table == FILTER)
+        self._expected = _expected_counts(shared, blocks.values())
         self._need_full = False
-        self._canary_checked = self._clock()
+        self._record_written()
         return SyncResult(
             full=True,
             services_written=len(blocks),
@@ -485,6 +521,7 @@ class IptablesProxier:
         self._apply(assemble(writes))
         self._applied[NAT].difference_update(delete)
         self._applied[NAT].update(c for c, _ in chains)
+        changed_old = {ref: self._blocks.get(ref, EMPTY_SERVICE) for ref in changed}
         for ref, block in changed.items():
             if block.empty:
                 self._blocks.pop(ref, None)
@@ -492,12 +529,33 @@ class IptablesProxier:
                 self._blocks[ref] = block
         self._nat_rules += nat_delta
         self._filter_rules += filter_delta
+        self._expect_partial(chains, delete, changed_old)
+        self._record_written()
         return SyncResult(
             full=False,
             services_written=len(changed),
             rules=self._rule_counts(),
             detail=f"{len(chains)} chains written, {len(delete)} deleted",
         )
+
+    def _expect_partial(
+        self,
+        chains: list[tuple[str, str]],
+        delete: list[str],
+        changed: Mapping[Ref, ServiceRules],
+    ) -> None:
+        """Keep `_expected` in step with a partial write (`changed`: the blocks before it)."""
+        nat = self._expected[NAT]
+        for chain in delete:
+            nat.pop(chain, None)
+        for chain, text in chains:
+            nat[chain] = _count(text)
+        for ref, old in changed.items():
+            new = self._blocks.get(ref, EMPTY_SERVICE)
+            for (table, chain), a, b in zip(SHARED_SLOTS, old.shared, new.shared, strict=True):
+                if a != b:
+                    counts = self._expected[table]
+                    counts[chain] = counts.get(chain, 0) + _count(b) - _count(a)
 
     def _rule_counts(self) -> dict[str, int]:
         return {NAT: self._nat_rules, FILTER: self._filter_rules}
@@ -530,6 +588,20 @@ class IptablesProxier:
         self._blocks = {}
         self._applied = {t: set() for t in TABLES}
         self._need_full = self._reconcile = True
+
+
+def _expected_counts(
+    shared: Mapping[tuple[str, str], str], blocks: Iterable[ServiceRules]
+) -> dict[str, dict[str, int]]:
+    """owned chain -> rule count per table, for a full write of `shared` and `blocks`."""
+    out: dict[str, dict[str, int]] = {t: {C.CANARY: 0} for t in TABLES}
+    for (table, chain), text in shared.items():
+        out[table][chain] = _count(text)
+    nat = out[NAT]
+    for block in blocks:
+        for chain, text in block.chains:
+            nat[chain] = _count(text)
+    return out
 
 
 def cleanup_text(saved: Mapping[str, str]) -> str:

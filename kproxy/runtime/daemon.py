@@ -17,7 +17,7 @@ from dataclasses import replace
 from types import FrameType, MappingProxyType
 from typing import TYPE_CHECKING
 
-from kproxy.backends.base import SyncError, SyncResult
+from kproxy.backends.base import DriftCheck, SyncError, SyncResult
 from kproxy.backends.conntrack import ConntrackCleaner
 from kproxy.config import Settings
 from kproxy.kube.ingest import StoreSink
@@ -35,7 +35,7 @@ from kproxy.runtime.inspectsock import (
     state_route,
 )
 from kproxy.runtime.listeners import Listeners
-from kproxy.runtime.runner import SyncLoop
+from kproxy.runtime.runner import SyncLoop, SyncPlan
 from kproxy.runtime.sdnotify import Notifier
 from kproxy.runtime.svchealth import ServiceHealthServer
 
@@ -90,6 +90,7 @@ class Daemon:
             sync=self._sync,
             min_interval=settings.min_sync_period,
             max_interval=settings.sync_period,
+            full_interval=settings.full_sync_period,
             stop=self.stop_event,
             tick=self._tick,
             tick_interval=self._tick_interval(),
@@ -160,7 +161,21 @@ class Daemon:
             self.stop_event.wait(0.05)  # debounce bursts of events
 
     # -- syncing ---------------------------------------------------------------------------
-    def _sync(self, full: bool) -> bool:
+    def _drift(self) -> str | None:
+        """The periodic check: does any plane's kernel state differ from what it wrote?"""
+        for plane in self.planes:
+            if not isinstance(plane.proxier, DriftCheck):
+                continue
+            try:
+                found = plane.proxier.drift()
+            except Exception as err:  # a check that cannot run is treated as drift
+                log.exception("drift check of IPv%d rules failed", plane.family)
+                found = f"check failed: {err}"
+            if found:
+                return f"IPv{plane.family}: {found}"
+        return None
+
+    def _sync(self, plan: SyncPlan) -> tuple[bool, bool]:
         snapshot, changes = self.store.take()
         with self._pending_lock:
             self._pending.clear()
@@ -168,6 +183,16 @@ class Daemon:
         self.metrics.service_changes_pending.set(0)
         if self.settings.dns and self.settings.dns_service_ip:
             snapshot = without_proxy_for(snapshot, self.settings.dns_service_ip)
+        full, reason = plan.full, plan.reason
+        started = time.monotonic()
+        if not full and changes.node_changed:
+            full, reason = True, "node"
+        if not full and plan.check:
+            drift = self._drift()
+            if drift:
+                self.metrics.drift_detected.inc()
+                log.warning("kproxy's rules were changed from outside (%s): full resync", drift)
+                full, reason = True, "tampered"
         if full:
             changes = Changes(
                 services=changes.services,
@@ -177,7 +202,6 @@ class Daemon:
                 queued_at=changes.queued_at,
             )
         self._wanted = (snapshot, time.time())
-        started = time.monotonic()
         results: list[SyncResult] = []
         ok = True
         for plane in self.planes:
@@ -193,10 +217,12 @@ class Daemon:
         if not ok:
             self.metrics.sync_failures.inc()
             self.metrics.restore_failures.inc()
-            return False
-        self._record(snapshot, changes, results, elapsed=elapsed, full=full)
+            return False, full
+        if not full and any(r.full for r in results):
+            full, reason = True, "proxier"  # the proxier found it had to rewrite everything
+        self._record(snapshot, changes, results, elapsed=elapsed, full=full, reason=reason)
         self._after_sync(snapshot, changes, full=full)
-        return True
+        return True, full
 
     def _after_sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> None:
         """Stale UDP conntrack cleanup and health-check ports, from the views that changed."""
@@ -242,10 +268,12 @@ class Daemon:
         *,
         elapsed: float,
         full: bool,
+        reason: str,
     ) -> None:
         m = self.metrics
         m.sync_duration.observe(elapsed)
         (m.sync_full_duration if full else m.sync_partial_duration).observe(elapsed)
+        (m.sync_full if full else m.sync_partial).labels(reason).inc()
         now = time.time()
         m.last_sync.set(now)
         for trigger in changes.trigger_times:
@@ -261,15 +289,18 @@ class Daemon:
         self.health.updated()
         written = sum(r.services_written for r in results)
         log.info(
-            "synced %s in %.1f ms: %d services, %d changed, %d written",
+            "synced %s in %.1f ms: %s sync (%s), %d services, %d changed, %d written",
             "all rules" if full else "changes",
             elapsed * 1000,
+            "full" if full else "partial",
+            reason,
             len(snapshot.services),
             len(changes.services),
             written,
             extra={
                 "duration_ms": round(elapsed * 1000, 2),
                 "full": full,
+                "reason": reason,
                 "services": len(snapshot.services),
                 "changed": len(changes.services),
                 "written": written,
@@ -289,7 +320,7 @@ class Daemon:
 
         def on_hup(signum: int, frame: FrameType | None) -> None:
             log.info("received SIGHUP, full resync requested")
-            self.loop.request(full=True)
+            self.loop.request(full=True, reason="requested")
 
         if threading.current_thread() is threading.main_thread():
             signal.signal(signal.SIGTERM, on_stop)

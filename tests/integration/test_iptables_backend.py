@@ -281,9 +281,11 @@ def test_failed_restore_and_flush_make_the_next_sync_full(netns: str, flavour: s
         res = p.sync(*store.take(), full=False)  # no new change, but the last one was lost
         out["retry_full"] = res.full
         out["retried"] = save()
-        # someone flushes and deletes everything: the canary is gone, the next sync is full
+        # someone flushes and deletes everything: the periodic check finds the canary gone,
+        # and the next sync is full
         for table in ("nat", "filter", "mangle"):
             ipt("-t", table, "-F"); ipt("-t", table, "-X")
+        out["drift"] = p.drift()
         res = p.sync(*store.take(), full=False)
         out["canary_full"] = res.full
         out["restored"] = save()
@@ -292,6 +294,7 @@ def test_failed_restore_and_flush_make_the_next_sync_full(netns: str, flavour: s
     assert r["raised"] and "line" in r["error"]
     assert "10.1.0.1:80" in r["after_failure"]  # atomic: nothing of the failed sync applied
     assert r["retry_full"] and "10.1.0.2:80" in r["retried"]
+    assert "canary" in r["drift"]
     assert r["canary_full"] and "10.1.0.2:80" in r["restored"]
     for hook in C.hooks_for("nat", "PREROUTING"):
         assert hook.line in r["restored"]
@@ -428,3 +431,68 @@ def test_periodic_full_sync_repairs_hooks_without_reading_everything(
     for hook in C.HOOKS:
         text = r["nat"] if hook.table == "nat" else r["filter"]
         assert text.splitlines().count(hook.line) == 1, hook.line
+
+
+@pytest.mark.parametrize("flavour", FLAVOURS)
+def test_drift_check_is_cheap_when_idle_and_finds_a_flushed_service_chain(
+    netns: str, flavour: str
+) -> None:
+    r = run_in(
+        netns,
+        flavour,
+        """
+        READS = []
+
+        def run(argv, **kw):
+            if "-save" in argv[0] or "-S" in argv:
+                READS.append(argv[0])
+            return subprocess.run(argv, **kw)
+
+        store = Store()
+        store.replace_services([make_service("ns1", "a", cluster_ips=("172.30.0.1",)),
+                                make_service("ns1", "b", cluster_ips=("172.30.0.2",))])
+        store.replace_slices([
+            make_slice("ns1", "a",
+                       endpoints=[make_endpoint("10.1.0.1"), make_endpoint("10.1.0.2")]),
+            make_slice("ns1", "b", endpoints=[make_endpoint("10.1.0.3")]),
+        ])
+        p = IptablesProxier(options=ProxyOptions(node_name="n"), flavour=FLAVOUR, restorer=REC,
+                            run=run)
+        p.sync(*store.take(), full=True)
+        # what kproxy wrote is exactly what it expects (also after a partial write)
+        out["inspect_after_full"] = p.inspect()
+        store.set_slice(make_slice("ns1", "a", endpoints=[make_endpoint("10.1.0.9")]))
+        p.sync(*store.take(), full=False)
+        out["inspect_after_partial"] = p.inspect()
+        # idle: the check reads no table
+        READS.clear()
+        out["idle"] = [p.drift() for _ in range(3)]
+        out["idle_reads"] = len(READS)
+        # someone else writes elsewhere: one read-back, no drift, then cheap again
+        ipt("-t", "filter", "-A", "INPUT", "-s", "192.0.2.1", "-j", "ACCEPT")
+        READS.clear()
+        out["elsewhere"] = p.drift()
+        out["elsewhere_reads"] = len(READS)
+        READS.clear()
+        out["elsewhere_again"] = p.drift()
+        out["elsewhere_again_reads"] = len(READS)
+        # an outside flush of one service chain
+        ipt("-t", "nat", "-F", SVC_A)
+        out["flushed"] = save()
+        out["drift"] = p.drift()
+        res = p.sync(*store.take(), full=False)
+        out["repair_full"] = res.full
+        out["repaired"] = save()
+        out["after_repair"] = p.drift()
+        """.replace("SVC_A", repr(SVC_A)),
+    )
+    assert r["inspect_after_full"] is None and r["inspect_after_partial"] is None
+    assert r["idle"] == [None, None, None] and r["idle_reads"] == 0
+    assert r["elsewhere"] is None and r["elsewhere_reads"] >= 1
+    assert r["elsewhere_again"] is None and r["elsewhere_again_reads"] == 0
+    assert rules_of(r["flushed"], SVC_A) == []
+    assert r["drift"] and SVC_A in r["drift"]
+    assert r["repair_full"]
+    assert len(rules_of(r["repaired"], SVC_A)) > 0
+    assert "10.1.0.9:80" in r["repaired"]
+    assert r["after_repair"] is None

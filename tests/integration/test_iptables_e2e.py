@@ -189,3 +189,40 @@ def test_bad_input_is_skipped_and_logged(lab: Lab, web: Any) -> None:
     log = agent.log()
     assert "default/bad-ip" in log and "default/bad-port" in log and "default/ok-1" in log
     assert agent.proc is not None and agent.proc.poll() is None
+
+
+def test_outside_flush_of_a_service_chain_is_repaired_by_the_periodic_check(
+    lab: Lab, cluster_api: tuple[FakeApiServer, str]
+) -> None:
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(web_service())
+    api.upsert(web_slice(lab))
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--iptables-sync-period", "1s"])
+    agent.start()
+    assert http_batch(lab.pods[0].ns, VIP, 80, n=5).ok_count == 5
+    chain = svc_chain("default/web:http", "TCP")
+    lab.run(lab.nodes[0].ns, ["iptables", "-w", "5", "-t", "nat", "-F", chain], check=True)
+    # the periodic (partial) sync's check finds the flushed chain and rewrites everything
+    eventually(lambda: "full sync (tampered)" in agent.log(), timeout=10.0)
+    assert re.search(rf"^-A {chain} ", agent.save(), re.M)
+    batch = http_batch(lab.pods[0].ns, VIP, 80, n=20)
+    assert batch.ok_count == 20, agent.log()
+    metrics = agent.metrics()
+    assert re.search(r"^kproxy_sync_proxy_rules_drift_detected_total [1-9]", metrics, re.M)
+    assert re.search(
+        r'^kproxy_sync_full_proxy_rules_total\{reason="tampered"\} [1-9]', metrics, re.M
+    )
+    # the next periodic check finds the repaired tables intact: a partial sync that writes nothing
+    eventually(
+        lambda: bool(
+            re.search(
+                r'^kproxy_sync_partial_proxy_rules_total\{reason="periodic"\} [1-9]',
+                agent.metrics(),
+                re.M,
+            )
+        ),
+        timeout=10.0,
+    )
+    # the checks before the flush and after the repair found nothing: no other full sync
+    assert agent.log().count("synced all rules") == 2, agent.log()

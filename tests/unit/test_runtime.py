@@ -1,95 +1,13 @@
-"""Runtime pieces without the kernel: the sync loop's pacing and the DNS-IP exclusion."""
+"""Runtime pieces without the kernel: health and the DNS-IP exclusion (the sync loop:
+test_runner)."""
 
 from __future__ import annotations
-
-import itertools
-import threading
-import time
 
 from kproxy.model.objects import Ref
 from kproxy.model.store import Store
 from kproxy.runtime.daemon import without_proxy_for
 from kproxy.runtime.health import HealthState
-from kproxy.runtime.runner import SyncLoop
 from tests.support.builders import make_service
-
-
-def run_loop(loop: SyncLoop, stop: threading.Event, seconds: float) -> None:
-    t = threading.Thread(target=loop.run)
-    t.start()
-    time.sleep(seconds)
-    stop.set()
-    loop.request()
-    t.join(5)
-    assert not t.is_alive()
-
-
-def test_first_sync_is_full_and_requests_coalesce() -> None:
-    calls: list[tuple[float, bool]] = []
-    stop = threading.Event()
-    loop = SyncLoop(
-        sync=lambda full: calls.append((time.monotonic(), full)) or True,
-        min_interval=0.2,
-        max_interval=60,
-        stop=stop,
-        tick_interval=0.05,
-    )
-    t = threading.Thread(target=loop.run)
-    t.start()
-    time.sleep(0.05)
-    for _ in range(50):  # a burst of events
-        loop.request()
-    time.sleep(0.6)
-    stop.set()
-    loop.request()
-    t.join(5)
-    assert calls[0][1] is True
-    assert 2 <= len(calls) <= 4  # the burst became one or two syncs
-    gaps = [b[0] - a[0] for a, b in itertools.pairwise(calls)]
-    assert all(g >= 0.19 for g in gaps)
-    assert all(full is False for _, full in calls[1:])
-
-
-def test_failure_forces_full_retry() -> None:
-    results = iter([True, False, True])
-    calls: list[bool] = []
-
-    def sync(full: bool) -> bool:
-        calls.append(full)
-        return next(results, True)
-
-    stop = threading.Event()
-    loop = SyncLoop(
-        sync=sync,
-        min_interval=0.0,
-        max_interval=60,
-        stop=stop,
-        retry_interval=0.1,
-        tick_interval=0.05,
-    )
-    t = threading.Thread(target=loop.run)
-    t.start()
-    time.sleep(0.05)
-    loop.request()
-    time.sleep(0.4)
-    stop.set()
-    loop.request()
-    t.join(5)
-    assert calls[:3] == [True, False, True]  # the retry after the failure is full
-
-
-def test_periodic_full_sync() -> None:
-    calls: list[bool] = []
-    stop = threading.Event()
-    loop = SyncLoop(
-        sync=lambda full: calls.append(full) or True,
-        min_interval=0.0,
-        max_interval=0.15,
-        stop=stop,
-        tick_interval=0.02,
-    )
-    run_loop(loop, stop, 0.5)
-    assert len(calls) >= 3 and all(calls)
 
 
 def test_health_goes_bad_when_a_change_waits_too_long() -> None:
