@@ -13,9 +13,11 @@ import sys
 from collections.abc import Sequence
 
 from kproxy import __version__
-from kproxy.config import ConfigError, Settings, build_parser, resolve
+from kproxy.config import MODES, ConfigError, Settings, build_parser, resolve
 
 log = logging.getLogger("kproxy")
+
+DEMO_MODES = tuple(m for m in MODES if m != "ipvs")  # the demo's namespaces have no IPVS
 
 SUBCOMMANDS = (
     "run",
@@ -56,7 +58,7 @@ def _parser() -> argparse.ArgumentParser:
     explain.add_argument("-o", "--output", choices=("text", "json"), default="text")
     demo = sub.add_parser("demo", help="a throwaway namespace lab with kproxy in it (root)")
     demo.add_argument("--keep", action="store_true", help="leave the lab up (Ctrl-C to end)")
-    demo.add_argument("--proxy-mode", default="iptables", choices=("iptables", "ipvs"))
+    demo.add_argument("--proxy-mode", default="iptables", choices=DEMO_MODES)
     sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     sub.add_parser("version", help="print the version")
     return parser

@@ -24,7 +24,7 @@ import yaml
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
-MODES = ("iptables", "ipvs", "nftables")
+MODES = ("iptables", "ipvs", "nftables", "userspace")
 IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh")
 
 
@@ -169,6 +169,7 @@ class Settings:
     ipvs_tcp_timeout: float = 0.0
     ipvs_tcpfin_timeout: float = 0.0
     ipvs_udp_timeout: float = 0.0
+    udp_idle_timeout: float = 0.25
     healthz_bind_address: str = "0.0.0.0:10256"
     metrics_bind_address: str = "127.0.0.1:10249"
     conntrack_udp_cleanup: bool = True
@@ -245,7 +246,7 @@ OPTIONS: tuple[Option, ...] = (
         "proxy_mode",
         "--proxy-mode",
         parse_mode,
-        "Dataplane: iptables, ipvs or nftables.",
+        "Dataplane: iptables, ipvs, nftables or userspace.",
         "mode",
         "MODE",
     ),
@@ -373,6 +374,14 @@ OPTIONS: tuple[Option, ...] = (
         parse_duration,
         "IPVS UDP timeout (0 keeps the kernel's).",
         "ipvs.udpTimeout",
+        "DURATION",
+    ),
+    Option(
+        "udp_idle_timeout",
+        "--udp-timeout",
+        parse_duration,
+        "Userspace mode: how long an idle UDP client session lives (kube-proxy's default 250ms).",
+        "udpIdleTimeout",
         "DURATION",
     ),
     Option(

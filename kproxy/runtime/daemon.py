@@ -8,6 +8,7 @@ Stopping never touches the kernel rules: a restart reconciles instead of flushin
 
 from __future__ import annotations
 
+import json
 import logging
 import signal
 import socket
@@ -339,6 +340,13 @@ class Daemon:
                 self.metrics.exposition(),
             )
             routes["/configz"] = configz_route(s)
+            describers = [p.proxier.describe for p in self.planes if hasattr(p.proxier, "describe")]
+            if describers:  # userspace mode: the listeners and the next endpoint of each
+                routes["/userspace"] = lambda: (
+                    200,
+                    "application/json",
+                    json.dumps([row for d in describers for row in d()]).encode(),
+                )
             self._serve_http("metrics", s.metrics_bind_address, routes)
 
     def _serve_http(self, name: str, address: str, routes: dict[str, Route]) -> None:

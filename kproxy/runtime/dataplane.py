@@ -63,6 +63,7 @@ class Plane:
 
 def make_planes(settings: Settings, *, node_name: str) -> list[Plane]:
     out: list[Plane] = []
+    engine = None
     for family in families(settings.proxy_mode):
         options = proxy_options(settings, family=family, node_name=node_name)
         proxier: Proxier
@@ -70,6 +71,14 @@ def make_planes(settings: Settings, *, node_name: str) -> list[Plane]:
             from kproxy.backends.nftables import NftablesProxier
 
             proxier = NftablesProxier(options=options)
+        elif settings.proxy_mode == "userspace":
+            from kproxy.backends.userspace import UserspaceProxier
+            from kproxy.backends.userspace_proxy import ProxyEngine
+
+            engine = engine or ProxyEngine()  # one proxy loop for both families
+            proxier = UserspaceProxier(
+                options=options, engine=engine, udp_timeout=settings.udp_idle_timeout
+            )
         elif settings.proxy_mode == "ipvs":
             from kproxy.backends.ipvs import IPVSProxier
 
@@ -89,6 +98,10 @@ def cleanup_all(settings: Settings) -> None:
     for family in families():
         options = proxy_options(settings, family=family, node_name="")
         IptablesProxier(options=options).cleanup()
+    from kproxy.backends.userspace import cleanup_rules
+
+    for family in families():
+        cleanup_rules(family)
     try:
         from kproxy.backends.ipvs import cleanup_ipvs
 
