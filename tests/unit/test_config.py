@@ -101,7 +101,7 @@ def test_flags_override_file(tmp_path: Path) -> None:
     [
         ("mode: ipvs\nbogus: 1\n", "'bogus'"),
         ("iptables:\n  syncPeriod: 30s\n  frobnicate: true\n", "'iptables.frobnicate'"),
-        ("mode: userspace\n", "'mode'"),
+        ("mode: kernelspace\n", "'mode'"),
         ("iptables:\n  syncPeriod: soon\n", "'iptables.syncPeriod'"),
         ("ipvs:\n  scheduler: random\n", "'ipvs.scheduler'"),
         ("healthzBindAddress: nowhere\n", "'healthzBindAddress'"),
@@ -128,7 +128,13 @@ def test_invalid_files_name_the_field(tmp_path: Path, text: str, needle: str) ->
 
 def test_bad_flag_value_exits() -> None:
     with pytest.raises(SystemExit):
-        parse(["--proxy-mode", "userspace"])
+        parse(["--proxy-mode", "kernelspace"])
+
+
+def test_userspace_mode_from_flag_and_file(tmp_path: Path) -> None:
+    assert parse(["--proxy-mode", "userspace"]).proxy_mode == "userspace"
+    s = parse(["--config", write(tmp_path, "mode: userspace\nudpIdleTimeout: 1s\n")])
+    assert s.proxy_mode == "userspace" and s.udp_idle_timeout == 1.0
 
 
 def test_missing_file(tmp_path: Path) -> None:

@@ -1,0 +1,244 @@
+"""userspace mode end to end: the real `kproxy run --proxy-mode userspace` in a node namespace, a
+fake apiserver, real TCP/UDP traffic from pods and an outside client through kproxy's own proxy
+(issue 14: kube-proxy's first dataplane)."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections import Counter
+from typing import Any
+
+import pytest
+
+from kproxy.lab.netlab import Lab
+from kproxy.lab.nsexec import module_argv
+from kproxy.lab.servers import serve_pods
+from kproxy.lab.traffic import http_batch, http_get, start_hold, udp_query
+from tests.support.agent import Agent, eventually
+from tests.support.fakeapi import FakeApiServer
+from tests.support.objects import make_service_obj, make_slice_obj
+
+pytestmark = [pytest.mark.netns]
+
+VIP = "10.96.0.80"
+LB_IP = "203.0.113.10"
+EXT_IP = "198.51.100.10"
+PORTS = [("http", 80, "TCP"), ("dns", 5353, "UDP")]
+
+
+def web_service(**spec: Any) -> dict[str, Any]:
+    body: dict[str, Any] = {
+        "type": "LoadBalancer",
+        "clusterIP": VIP,
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053},
+        ],
+        "externalIPs": [EXT_IP],
+    }
+    body.update(spec)
+    return make_service_obj(
+        "default", "web", status={"loadBalancer": {"ingress": [{"ip": LB_IP}]}}, **body
+    )
+
+
+def web_slice(pods: list[Any], name: str = "web-abc12", ports: Any = None) -> dict[str, Any]:
+    return make_slice_obj(
+        "default",
+        name,
+        "web",
+        [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in pods],
+        ports or PORTS,
+    )
+
+
+def userspace_agent(lab: Lab, kubeconfig: str) -> Agent:
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", "userspace"])
+    agent.start()
+    return agent
+
+
+@pytest.fixture
+def web(lab: Lab, cluster_api: tuple[FakeApiServer, str]) -> tuple[FakeApiServer, Agent]:
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(web_service())
+    api.upsert(web_slice(lab.pods))
+    return api, userspace_agent(lab, kubeconfig)
+
+
+def listeners(agent: Agent) -> list[dict[str, Any]]:
+    """The agent's /userspace report (its listeners, endpoints, next endpoint, counters)."""
+    res = http_get(agent.node.ns, "127.0.0.1", 10249, timeout=2.0, path="/userspace")
+    assert res.ok, res.error
+    rows: list[dict[str, Any]] = json.loads(res.body)
+    return rows
+
+
+def listener(agent: Agent, service: str, scope: str = "internal") -> dict[str, Any]:
+    return next(r for r in listeners(agent) if r["service"] == service and r["scope"] == scope)
+
+
+def test_clusterip_round_robin_from_a_pod(lab: Lab, web: Any) -> None:
+    batch = http_batch(lab.pods[0].ns, VIP, 80, n=30)
+    assert batch.ok_count == 30
+    # round robin, not random: every pod exactly once per turn
+    assert batch.names == Counter({p.name: 10 for p in lab.pods})
+    names = [r.name for r in batch.results]
+    assert names[:3] == names[3:6] and len(set(names[:3])) == 3
+    # the proxy connects from the node: pods see the node's address
+    assert lab.pods[0].ip not in batch.clients
+
+
+@pytest.mark.parametrize(
+    ("target", "port"),
+    [("node", 30080), (LB_IP, 80), (EXT_IP, 80)],
+    ids=["nodeport", "loadbalancer-ip", "external-ip"],
+)
+def test_external_addresses_round_robin_from_the_client(
+    lab: Lab, web: Any, target: str, port: int
+) -> None:
+    ip = lab.nodes[0].ip if target == "node" else target
+    batch = http_batch(lab.client.ns, ip, port, n=30)
+    assert batch.ok_count == 30
+    assert batch.names == Counter({p.name: 10 for p in lab.pods})
+
+
+def test_the_node_itself_reaches_clusterip_and_nodeport(lab: Lab, web: Any) -> None:
+    node = lab.nodes[0]
+    assert http_batch(node.ns, VIP, 80, n=6).names == Counter({p.name: 2 for p in lab.pods})
+    assert http_batch(node.ns, node.ip, 30080, n=3).ok_count == 3
+
+
+def test_udp_request_and_response(lab: Lab, web: Any) -> None:
+    pods = {p.name for p in lab.pods}
+    replies = udp_query(lab.pods[0].ns, VIP, 53, n=3)
+    # the probe's socket is connected to the VIP: a reply from any other address is dropped
+    assert replies.all_ok and set(replies.names) <= pods
+    from_client = udp_query(lab.client.ns, lab.nodes[0].ip, 30053, n=2)
+    assert from_client.all_ok and set(from_client.names) <= pods
+    # one client socket is one session: one endpoint for all its datagrams
+    assert len(set(replies.names)) == 1
+
+
+def test_udp_sessions_of_different_clients_rotate(lab: Lab, web: Any) -> None:
+    names = [udp_query(lab.pods[0].ns, VIP, 53).results[0].name for _ in range(3)]
+    assert sorted(n or "" for n in names) == sorted(p.name for p in lab.pods)
+
+
+def test_client_ip_affinity_holds(lab: Lab, cluster_api: tuple[FakeApiServer, str]) -> None:
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(
+        web_service(
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": 60}},
+        )
+    )
+    api.upsert(web_slice(lab.pods))
+    agent = userspace_agent(lab, kubeconfig)
+    first = http_batch(lab.pods[0].ns, VIP, 80, n=20)
+    assert first.ok_count == 20 and len(first.names) == 1
+    second = http_batch(lab.pods[1].ns, VIP, 80, n=20)
+    assert second.ok_count == 20 and len(second.names) == 1
+    assert set(first.names) != set(second.names)  # another client, the next pod in turn
+    pinned = listener(agent, "default/web:http")["affinity"]
+    assert set(pinned) == {lab.pods[0].ip, lab.pods[1].ip}
+    by_name = {p.name: f"{p.ip}:80" for p in lab.pods}
+    assert pinned[lab.pods[0].ip]["endpoint"] == by_name[next(iter(first.names))]
+    # from outside: the NodePort listener pins the client too
+    outside = http_batch(lab.client.ns, lab.nodes[0].ip, 30080, n=10)
+    assert outside.ok_count == 10 and len(outside.names) == 1
+
+
+def test_a_refusing_endpoint_is_skipped(lab: Lab, cluster_api: tuple[FakeApiServer, str]) -> None:
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(web_service())
+    api.upsert(web_slice(lab.pods[:2]))
+    # pod 3 is in the service on port 81, where nothing listens: it refuses every connection
+    api.upsert(web_slice([lab.pods[2]], name="web-refuse", ports=[("http", 81, "TCP")]))
+    agent = userspace_agent(lab, kubeconfig)
+    eventually(lambda: len(listener(agent, "default/web:http")["endpoints"]) == 3)
+    batch = http_batch(lab.pods[0].ns, VIP, 80, n=30)
+    assert batch.ok_count == 30, batch.errors
+    assert set(batch.names) == {lab.pods[0].name, lab.pods[1].name}
+    stats = listener(agent, "default/web:http")["stats"]
+    assert stats["connect_failures"] >= 10 and stats["retries"] >= 10
+
+
+def test_endpoint_removal_keeps_established_connection(lab: Lab, web: Any) -> None:
+    api, agent = web
+    hold = start_hold(lab.pods[0].ns, VIP, 80, duration=3.0, interval=0.1)
+    hold.wait_started()
+    time.sleep(0.3)
+    # find which pod the held connection talks to, then remove that pod from the service
+    served = next(
+        name
+        for name, n in listener(agent, "default/web:http")["stats"]["per_endpoint"].items()
+        if n
+    )
+    victim = next(p for p in lab.pods if f"{p.ip}:80" == served)
+    api.upsert(web_slice([p for p in lab.pods if p is not victim]))
+    eventually(lambda: served not in listener(agent, "default/web:http")["endpoints"])
+    after = http_batch(lab.pods[1].ns, VIP, 80, n=10)
+    assert after.ok_count == 10 and victim.name not in after.names
+    held = hold.result()
+    assert held.ok, held.error
+    assert set(held.names) == {victim.name}  # the same connection, the same pod, to the end
+    assert held.duration >= 2.5
+
+
+def test_service_without_endpoints_refuses_at_once(lab: Lab, web: Any) -> None:
+    api, agent = web
+    api.upsert(make_service_obj("default", "empty", clusterIP="10.96.0.99"))
+    api.upsert(make_slice_obj("default", "empty-x1", "empty", []))
+    eventually(lambda: "10.96.0.99/32" in agent.save())
+    res = http_get(lab.pods[0].ns, "10.96.0.99", 80, timeout=3.0)
+    assert not res.ok and res.error_kind == "refused"
+    assert res.elapsed < 1.0
+    # and when the endpoints go away from a live service
+    api.upsert(web_slice([]))
+    eventually(lambda: not listener(agent, "default/web:http")["listening"])
+    res = http_get(lab.pods[0].ns, VIP, 80, timeout=3.0)
+    assert not res.ok and res.error_kind == "refused"
+    # they come back on the same proxy port
+    port = listener(agent, "default/web:http")["proxy_port"]
+    api.upsert(web_slice(lab.pods))
+    eventually(lambda: http_get(lab.pods[0].ns, VIP, 80).ok)
+    assert listener(agent, "default/web:http")["proxy_port"] == port
+
+
+def _proxy_ports(agent: Agent) -> set[str]:
+    return set(re.findall(r"--to-ports (\d+)", agent.save()))
+
+
+def test_restart_ends_proxied_connections_and_serves_new_ones_at_once(lab: Lab, web: Any) -> None:
+    _, agent = web
+    ports = _proxy_ports(agent)
+    hold = start_hold(lab.pods[0].ns, VIP, 80, duration=10.0, interval=0.1)
+    hold.wait_started()
+    time.sleep(0.3)
+    agent.stop()
+    # a userspace proxy holds both sockets of every connection: they end with the process
+    held = hold.result()
+    assert not held.ok and held.exchanges
+    # while no kproxy runs, the rules stay and send clients to a closed port: refused
+    gone = http_get(lab.pods[0].ns, VIP, 80, timeout=2.0)
+    assert not gone.ok and gone.error_kind == "refused"
+    agent.start()  # returns once the new process has synced
+    batch = http_batch(lab.pods[0].ns, VIP, 80, n=6)
+    assert batch.ok_count == 6  # no retry, no wait
+    assert _proxy_ports(agent) == ports  # the rules in place were adopted, not rewritten
+
+
+def test_cleanup_removes_the_userspace_rules(lab: Lab, web: Any) -> None:
+    _, agent = web
+    assert "KUBE-PORTALS-CONTAINER" in agent.save()
+    agent.stop()
+    out = lab.run(lab.nodes[0].ns, module_argv("kproxy", "cleanup"), capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    for table in ("nat", "filter"):
+        assert "KUBE-" not in agent.save(table), agent.save(table)
