@@ -9,8 +9,13 @@ endpoint round-robin (or by ClientIP affinity), connects and copies bytes
     external  NodePort, externalIPs,  -> the endpoints for external traffic
               LoadBalancer IPs          (only when the service has such addresses)
 
-Which endpoints serve which traffic, and whether there are any, is the model's decision
-(`ServicePortView`); this module only turns it into listeners and rules.
+Which endpoints serve which traffic, and what happens without any, is the model's decision
+(`ServicePortView.decision`, kproxy.model.decisions); this module only turns it into listeners
+and rules: FORWARD -> a listening proxy port; REJECT -> the port is closed, so the kernel resets
+the REDIRECTed connection ("connection refused"); DROP -> a filter rule drops new connections to
+the proxy port. Not translated: the short-circuit of pod/node traffic to external addresses
+under externalTrafficPolicy Local (a userspace proxy never preserves the client address, which
+is what that policy is for, so such traffic simply gets the Local policy's endpoints).
 
 Syncing:
 - An endpoint change updates the listener's balancer in place: no iptables write at all, and
@@ -53,6 +58,7 @@ from kproxy.backends.userspace_proxy import (
     _Listener,
     bind_socket,
 )
+from kproxy.model.decisions import Verdict
 from kproxy.model.objects import IPV6, TCP, UDP, Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
@@ -68,7 +74,8 @@ FLAVOURS = ("nft", "legacy")
 
 @dataclass(frozen=True, slots=True)
 class Wanted:
-    """What one listener should be, from the model: its addresses and endpoints."""
+    """What one listener should be, from the model's decision: its addresses, its endpoints,
+    and what happens without endpoints (REJECT: the port refuses; DROP: a filter rule drops)."""
 
     name: str
     protocol: str
@@ -76,6 +83,7 @@ class Wanted:
     portals: tuple[tuple[str, str, int], ...]  # (kind, ip, port) redirected to it
     endpoints: tuple[str, ...]
     affinity_timeout: float
+    verdict: Verdict = Verdict.FORWARD
 
 
 @dataclass(slots=True)
@@ -91,20 +99,21 @@ class ListenerState:
 
 
 def wanted_listeners(view: ServicePortView, options: ProxyOptions) -> list[Wanted]:
-    """The listeners of one service port (see the module docstring)."""
-    svc = view.service
-    affinity = float(svc.affinity_timeout)
+    """The listeners of one service port (see the module docstring), from `view.decision`."""
+    d = view.decision
+    affinity = float(d.affinity_timeout)
     out = [
         Wanted(
             name=view.name,
             protocol=view.protocol,
             scope=INTERNAL,
             portals=((R.CLUSTER, view.cluster_ip, view.port.port),),
-            endpoints=tuple(e.hostport for e in view.internal_endpoints),
+            endpoints=tuple(e.hostport for e in d.internal),
             affinity_timeout=affinity,
+            verdict=d.internal_verdict,
         )
     ]
-    if view.has_external:
+    if d.has_external:
         portals: list[tuple[str, str, int]] = [
             (R.EXTERNAL, ip, view.port.port)
             for ip in dict.fromkeys((*view.external_ips, *view.load_balancer_ips))
@@ -122,8 +131,9 @@ def wanted_listeners(view: ServicePortView, options: ProxyOptions) -> list[Wante
                     protocol=view.protocol,
                     scope=EXTERNAL,
                     portals=tuple(portals),
-                    endpoints=tuple(e.hostport for e in view.external_endpoints),
+                    endpoints=tuple(e.hostport for e in d.external),
                     affinity_timeout=affinity,
+                    verdict=d.external_verdict,
                 )
             )
     return out
@@ -182,11 +192,12 @@ class UserspaceProxier:
                 if ref not in seen:
                     written += self._sync_service(ref, ())
         redirects = self._redirects()
-        text = R.render_restore(redirects, hooks={})
+        drops = self._drops()
+        text = R.render_restore(redirects, hooks={}, drops=drops)
         if full or text != self._applied:
-            self._apply(redirects, text)
+            self._apply(redirects, drops, text)
         self._adopt = {}
-        lines = R.rule_lines(redirects)
+        lines = R.rule_lines(redirects, drops=drops)
         return SyncResult(
             full=full,
             services_written=written,
@@ -326,6 +337,15 @@ class UserspaceProxier:
                 out.append(R.Redirect(w.name, w.protocol, kind, ip, port, state.port))
         return out
 
+    def _drops(self) -> list[R.Drop]:
+        """The proxy ports whose traffic is dropped: endpoints exist, none this traffic may use
+        (a Local policy on a node without local endpoints)."""
+        return [
+            R.Drop(s.wanted.name, s.wanted.protocol, s.port)
+            for s in self._listeners.values()
+            if s.port and s.wanted.verdict == Verdict.DROP
+        ]
+
     def _adoptable(self) -> dict[tuple[str, str, str, str, int], int]:
         """(name, protocol, kind, ip, port) -> proxy port of the rules already programmed."""
         try:
@@ -350,12 +370,12 @@ class UserspaceProxier:
                 return found
         return 0
 
-    def _apply(self, redirects: list[R.Redirect], text: str) -> None:
+    def _apply(self, redirects: list[R.Redirect], drops: list[R.Drop], text: str) -> None:
         """Restore every userspace chain, with the hooks the kernel lacks, in one input."""
         saved = {t: _save(self.family, self.flavour, t, self._run) for t in (R.NAT, R.FILTER)}
         sink = self._restorer.open([self.restore, "--noflush", "-w", "5"])
         self.restores += 1
-        sink.write(R.render_restore(redirects, hooks=R.missing_hooks(saved)))
+        sink.write(R.render_restore(redirects, hooks=R.missing_hooks(saved), drops=drops))
         try:
             sink.wait()
         except RestoreFailed as err:
@@ -385,6 +405,7 @@ class UserspaceProxier:
                     ],
                     "endpoints": list(state.balancer.endpoints),
                     "next": state.balancer.peek(),
+                    "verdict": w.verdict.value,
                     "affinity_timeout": state.balancer.affinity_timeout,
                     "affinity": {
                         c: {"endpoint": e, "expires_in": t}

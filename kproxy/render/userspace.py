@@ -117,6 +117,16 @@ class Redirect:
         return f"[{self.ip}]:{self.port}" if ":" in self.ip else f"{self.ip}:{self.port}"
 
 
+@dataclass(frozen=True, slots=True)
+class Drop:
+    """A proxy port whose new connections are dropped: the service has endpoints, but none this
+    node may use for that traffic (a Local traffic policy), as kube-proxy's DROP verdict."""
+
+    name: str
+    protocol: str
+    proxy_port: int
+
+
 def _dst(ip: str) -> str:
     return f"-d {ip}/128 " if ":" in ip else f"-d {ip}/32 "
 
@@ -126,9 +136,17 @@ def _match(r: Redirect, port: int) -> str:
     return f'-p {proto} -m comment --comment "{r.name}" -m {proto} --dport {port}'
 
 
-def rule_lines(redirects: Iterable[Redirect]) -> dict[str, list[str]]:
+def rule_lines(
+    redirects: Iterable[Redirect], *, drops: Iterable[Drop] = ()
+) -> dict[str, list[str]]:
     """chain -> its "-A" lines (in iptables-save's canonical spelling), in a stable order."""
     out: dict[str, list[str]] = {c: [] for c in (*NAT_CHAINS, *FILTER_CHAINS)}
+    for d in sorted(drops, key=lambda d: (d.name, d.protocol, d.proxy_port)):
+        proto = d.protocol.lower()
+        out[NODEPORT_NON_LOCAL].append(
+            f'-A {NODEPORT_NON_LOCAL} -p {proto} -m comment --comment "{d.name} has no local '
+            f'endpoints" -m {proto} --dport {d.proxy_port} -j DROP'
+        )
     non_local: set[tuple[str, str, int]] = set()
     for r in sorted(redirects, key=lambda r: (r.name, r.protocol, r.kind, r.ip, r.port)):
         target = f"-j REDIRECT --to-ports {r.proxy_port}"
@@ -160,10 +178,12 @@ def missing_hooks(saved: Mapping[str, str]) -> dict[str, str]:
     return out
 
 
-def render_restore(redirects: Iterable[Redirect], *, hooks: Mapping[str, str]) -> str:
+def render_restore(
+    redirects: Iterable[Redirect], *, hooks: Mapping[str, str], drops: Iterable[Drop] = ()
+) -> str:
     """The whole `iptables-restore --noflush` input: every owned chain declared (which flushes
     it) and refilled, plus the missing `hooks` (from `missing_hooks`), atomically per table."""
-    lines = rule_lines(redirects)
+    lines = rule_lines(redirects, drops=drops)
     parts: list[str] = []
     for table, chains in ((NAT, NAT_CHAINS), (FILTER, FILTER_CHAINS)):
         parts.append(f"*{table}\n")
@@ -175,9 +195,9 @@ def render_restore(redirects: Iterable[Redirect], *, hooks: Mapping[str, str]) -
     return "".join(parts)
 
 
-def render_ruleset(redirects: Iterable[Redirect]) -> str:
+def render_ruleset(redirects: Iterable[Redirect], *, drops: Iterable[Drop] = ()) -> str:
     """The complete restore input for a node with none of the hooks yet (`kproxy render`)."""
-    return render_restore(redirects, hooks=missing_hooks({}))
+    return render_restore(redirects, hooks=missing_hooks({}), drops=drops)
 
 
 def cleanup_restore(saved: Mapping[str, str]) -> str:

@@ -9,7 +9,7 @@ import pytest
 
 from kproxy.backends.userspace import EXTERNAL, INTERNAL, wanted_listeners
 from kproxy.backends.userspace_balance import Balancer
-from kproxy.model.objects import Endpoint, EndpointPort
+from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import ServicePortView, service_views
 from kproxy.render import userspace as R
@@ -191,7 +191,11 @@ def _views(**overrides: object) -> list[ServicePortView]:
         type="NodePort",
         **overrides,
     )
-    sl = make_slice(
+    return list(service_views(svc, [_slice()], family=4, node_name="here"))
+
+
+def _slice() -> EndpointSlice:
+    return make_slice(
         "default",
         "web",
         endpoints=[
@@ -200,7 +204,6 @@ def _views(**overrides: object) -> list[ServicePortView]:
         ],
         ports=[EndpointPort("http", "TCP", 8080)],
     )
-    return list(service_views(svc, [sl], family=4, node_name="here"))
 
 
 @pytest.mark.parametrize(
@@ -227,3 +230,18 @@ def test_nodeport_addresses_become_one_rule_each() -> None:
         (R.NODEPORT, "192.168.50.11", 30080),
         (R.NODEPORT, "192.168.60.11", 30080),
     )
+
+
+def test_local_policy_without_local_endpoints_drops_external_traffic() -> None:
+    (view,) = _views(external_policy_local=True)
+    wanted = {w.scope: w for w in wanted_listeners(view, ProxyOptions())}
+    assert wanted[EXTERNAL].verdict.value == "forward"
+    (elsewhere,) = service_views(view.service, [_slice()], family=4, node_name="a-third-node")
+    wanted = {w.scope: w for w in wanted_listeners(elsewhere, ProxyOptions())}
+    assert wanted[EXTERNAL].endpoints == () and wanted[EXTERNAL].verdict.value == "drop"
+    assert wanted[INTERNAL].verdict.value == "forward"  # cluster traffic still goes anywhere
+    text = R.render_restore([], hooks={}, drops=[R.Drop("default/web:http", "TCP", 40002)])
+    assert (
+        '-A KUBE-NODEPORT-NON-LOCAL -p tcp -m comment --comment "default/web:http has no local '
+        'endpoints" -m tcp --dport 40002 -j DROP\n'
+    ) in text
