@@ -134,6 +134,13 @@ def parse_str(value: Any) -> str:
     return "" if value is None else str(value)
 
 
+def parse_lb_pools(value: Any) -> tuple[str, ...]:
+    """Address ranges or CIDRs (a list, or comma-separated), each checked."""
+    from kproxy.lb.pools import parse_range
+
+    return tuple(parse_range(item).text for item in parse_list(value))
+
+
 def parse_choice(*choices: str) -> Callable[[Any], str]:
     def parse(value: Any) -> str:
         text = str(value).strip().lower()
@@ -185,6 +192,9 @@ class Settings:
     dns_pods: str = "insecure"
     dns_service_ip: str = ""
     dns_workers: int = 1
+    lb_pools: tuple[str, ...] = ()
+    lb_lease_namespace: str = "kube-system"
+    lb_lease_duration: float = 2.0
     ignored: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -208,7 +218,7 @@ class Option:
     help: str
     file_path: str = ""  # dotted path in KubeProxyConfiguration ("iptables.syncPeriod")
     metavar: str = ""
-    kind: str = "value"  # value | bool (store_true) | count | negbool (--no-x)
+    kind: str = "value"  # value | bool (store_true) | count | negbool (--no-x) | append
 
 
 OPTIONS: tuple[Option, ...] = (
@@ -504,6 +514,32 @@ OPTIONS: tuple[Option, ...] = (
         "kproxy.dns.workers",
         "N",
     ),
+    Option(
+        "lb_pools",
+        "--lb-pool",
+        parse_lb_pools,
+        "LoadBalancer address pool: IPv4/IPv6 ranges (A-B) or CIDRs, repeatable; "
+        "empty: no address allocation or ARP/NDP announcements (docs/loadbalancer.md).",
+        "kproxy.loadBalancer.pools",
+        "RANGES",
+        kind="append",
+    ),
+    Option(
+        "lb_lease_namespace",
+        "--lb-lease-namespace",
+        parse_str,
+        "Namespace of the allocator's and the agents' Leases (with --lb-pool).",
+        "kproxy.loadBalancer.leaseNamespace",
+        "NS",
+    ),
+    Option(
+        "lb_lease_duration",
+        "--lb-lease-duration",
+        parse_duration,
+        "How long a silent agent keeps its addresses and the allocator its role (whole seconds).",
+        "kproxy.loadBalancer.leaseDuration",
+        "DURATION",
+    ),
 )
 
 # kube-proxy fields kproxy accepts and ignores (so an existing config loads unchanged).
@@ -630,6 +666,16 @@ def build_parser(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
                 default=None,
                 help=opt.help,
             )
+        elif opt.kind == "append":  # repeatable; values add up
+            parser.add_argument(
+                opt.flag,
+                dest=dest,
+                default=None,
+                metavar=opt.metavar or None,
+                type=_flag_parser(opt),
+                action=_Concat,
+                help=opt.help,
+            )
         elif opt.kind == "count":
             parser.add_argument(
                 opt.flag,
@@ -672,6 +718,19 @@ class _CountOrValue(argparse.Action):
         setattr(namespace, self.dest, current + 1 if values == -1 else int(values))
 
 
+class _Concat(argparse.Action):
+    """A repeatable flag whose parsed tuples are concatenated."""
+
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: str | None = None,
+    ) -> None:
+        setattr(namespace, self.dest, tuple(getattr(namespace, self.dest) or ()) + tuple(values))
+
+
 def _flag_parser(opt: Option) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
@@ -712,6 +771,17 @@ def validate(settings: Settings) -> Settings:
         parse_hostport(addr)
     if settings.dns_service_ip:
         ipaddress.ip_address(settings.dns_service_ip)
+    if settings.lb_pools:
+        from kproxy.lb.pools import Pools
+
+        try:
+            Pools.parse(settings.lb_pools)
+        except ValueError as err:
+            raise ConfigError(f"kproxy.loadBalancer.pools: {err}") from None
+        if settings.manifests:
+            raise ConfigError("--lb-pool needs the API (it writes Service status): not --manifests")
+    if not 1 <= settings.lb_lease_duration <= 300:
+        raise ConfigError("kproxy.loadBalancer.leaseDuration must be between 1s and 300s")
     return settings
 
 

@@ -148,3 +148,53 @@ class Metrics:
 
     def exposition(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class LBMetrics:
+    """LoadBalancer pools and layer-2 announcements (kproxy.runtime.lb); only registered when
+    address pools are configured."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.lb_pool_size = Gauge(
+            "kproxy_lb_pool_addresses",
+            "Addresses in a LoadBalancer pool range",
+            ["pool"],
+            registry=r,
+        )
+        self.lb_pool_used = Gauge(
+            "kproxy_lb_pool_addresses_used",
+            "Addresses of a LoadBalancer pool range assigned to services",
+            ["pool"],
+            registry=r,
+        )
+        self.lb_leader = Gauge(
+            "kproxy_lb_allocator_leader", "1 while this agent is the address allocator", registry=r
+        )
+        self.lb_allocations_total = Counter(
+            "kproxy_lb_status_writes_total",
+            "LoadBalancer status writes (assignments and releases) by this agent",
+            registry=r,
+        )
+        self.lb_pending_total = Counter(
+            "kproxy_lb_pending_total", "Times a LoadBalancer service was left pending", registry=r
+        )
+        self.lb_announced = Gauge(
+            "kproxy_lb_announced_addresses", "Addresses this node answers ARP/NDP for", registry=r
+        )
+        self.lb_replies = Counter(
+            "kproxy_lb_neighbor_replies_total",
+            "ARP replies (family 4) and Neighbor Advertisements (family 6) sent",
+            ["family"],
+            registry=r,
+        )
+        self.lb_gratuitous_total = Counter(
+            "kproxy_lb_takeover_announcements_total",
+            "Addresses this node took over and announced (gratuitous ARP / unsolicited NA)",
+            registry=r,
+        )
+        self.lb_failovers_total = Counter(
+            "kproxy_lb_failovers_total",
+            "Addresses that moved to this node from another announcing node",
+            registry=r,
+        )

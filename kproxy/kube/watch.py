@@ -45,7 +45,12 @@ LIST_READ_TIMEOUT = 120.0
 CONNECT_TIMEOUT = 5.0
 MIN_WATCH_TIMEOUT = 300  # seconds; each watch asks for 1-2x this, as client-go's reflector does
 SHORT_STREAM = 1.0  # streams this short and empty, twice in a row, are paced (no hot loop)
-_API_VERSIONS = {"Service": "v1", "EndpointSlice": "discovery.k8s.io/v1", "Node": "v1"}
+_API_VERSIONS = {
+    "Service": "v1",
+    "EndpointSlice": "discovery.k8s.io/v1",
+    "Node": "v1",
+    "Lease": "coordination.k8s.io/v1",  # kproxy.kube.lbapi
+}
 
 
 class KubeConfigError(Exception):

@@ -42,6 +42,7 @@ from kproxy.runtime.svchealth import ServiceHealthServer
 
 if TYPE_CHECKING:
     from kproxy.dns.server import DNSService
+    from kproxy.runtime.lb import LoadBalancerController
 
 log = logging.getLogger("kproxy")
 
@@ -87,6 +88,7 @@ class Daemon:
         self._pending: dict[str, int] = {}
         self.service_health: ServiceHealthServer | None = None
         self.dns: DNSService | None = None
+        self.lb: LoadBalancerController | None = None
         self.loop = SyncLoop(
             sync=self._sync,
             min_interval=settings.min_sync_period,
@@ -347,6 +349,9 @@ class Daemon:
                     "application/json",
                     json.dumps([row for d in describers for row in d()]).encode(),
                 )
+            if self.lb is not None:
+                lb = self.lb
+                routes["/lb"] = lambda: (200, "application/json", json.dumps(lb.report()).encode())
             self._serve_http("metrics", s.metrics_bind_address, routes)
 
     def _serve_http(self, name: str, address: str, routes: dict[str, Route]) -> None:
@@ -433,6 +438,30 @@ class Daemon:
             catch=(DNSError, OSError),
         )
 
+    def _make_lb(self) -> None:
+        """LoadBalancer address pools and layer-2 announcements (only with --lb-pool)."""
+        s = self.settings
+        if not s.lb_pools:
+            return
+        from kproxy.lb.pools import Pools
+        from kproxy.metrics import LBMetrics
+        from kproxy.runtime.lb import LoadBalancerController, strict_arp
+
+        if s.proxy_mode == "ipvs":
+            strict_arp()
+        self.lb = LoadBalancerController(
+            pools=Pools.parse(s.lb_pools),
+            node_name=self.node_name,
+            kubeconfig=s.kubeconfig or None,
+            master=s.master or None,
+            namespace=s.lb_lease_namespace,
+            lease_duration=int(s.lb_lease_duration),
+            snapshot=self.store.peek,
+            metrics=LBMetrics(self.metrics.registry),
+            stop=threading.Event(),
+        )
+        self.store.subscribe(self.lb.store_changed)
+
     def run(self) -> int:
         self._install_signals()
         log.info(
@@ -442,10 +471,13 @@ class Daemon:
         self.planes = make_planes(self.settings, node_name=self.node_name)
         self._start_conntrack()
         self._start_service_health()
+        self._make_lb()
         self._start_http()
         self._start_inspect()
         self._start_dns()
         self.source.start()  # type: ignore[attr-defined]
+        if self.lb is not None:
+            self.lb.start()
         while not self.stop_event.is_set():
             if self.source.wait_synced(1.0):  # type: ignore[attr-defined]
                 break
@@ -460,6 +492,8 @@ class Daemon:
     def shutdown(self) -> None:
         self.notifier.stopping()
         self.stop_event.set()
+        if self.lb is not None:
+            self.lb.stop()  # first: the next owners take over while we finish stopping
         for endpoint in self._http:
             endpoint.stop()
         if self._inspect is not None:

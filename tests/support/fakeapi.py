@@ -1,4 +1,5 @@
-"""A real HTTP server speaking the Kubernetes list/watch protocol, for tests.
+"""A real HTTP server speaking the Kubernetes list/watch protocol, for tests; also the writes
+kproxy makes (Service status patches, Lease create/replace; see `FakeApiServer.write`).
 
 The official `kubernetes` client reaches it through a kubeconfig (`write_kubeconfig`) or a plain
 URL (`url`, with `token=None`). Nothing is mocked: requests cross a real TCP socket, watch streams
@@ -74,12 +75,17 @@ RESOURCES = {
         "discovery.k8s.io/v1",
     ),
     "Node": Resource("Node", "/api/v1", "nodes", False, "v1"),
+    "Lease": Resource(
+        "Lease", "/apis/coordination.k8s.io/v1", "leases", True, "coordination.k8s.io/v1"
+    ),
 }
 _BY_PATH = {(r.prefix, r.plural): r for r in RESOURCES.values()}
 _ROUTE = re.compile(
-    r"^(?P<prefix>/api/v1|/apis/discovery\.k8s\.io/v1)"
-    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?$"
+    r"^(?P<prefix>/api/v1|/apis/discovery\.k8s\.io/v1|/apis/coordination\.k8s\.io/v1)"
+    r"(?:/namespaces/(?P<ns>[^/]+))?/(?P<plural>[a-z]+)(?:/(?P<name>[^/]+))?"
+    r"(?:/(?P<sub>status))?$"
 )
+_GROUPS = ("discovery.k8s.io/v1", "coordination.k8s.io/v1")
 _TRUE = ("true", "True", "1")
 
 
@@ -208,6 +214,8 @@ class FakeApiServer:
         self.requests: Counter[str] = Counter()
         self.lists: Counter[str] = Counter()
         self.watches: Counter[str] = Counter()
+        #: (method, kind, subresource) -> accepted writes
+        self.writes: Counter[tuple[str, str, str]] = Counter()
         self.request_log: list[tuple[str, dict[str, str]]] = []
 
     # -- lifecycle -------------------------------------------------------------------------
@@ -338,6 +346,61 @@ class FakeApiServer:
         with self._cond:
             obj = self._objects.get((kind, ns, name))
             return None if obj is None else self._copy(obj)
+
+    def write(
+        self,
+        method: str,
+        kind: str,
+        namespace: str | None,
+        name: str | None,
+        body: RawObject,
+        *,
+        subresource: str = "",
+        content_type: str = "",
+    ) -> tuple[int, RawObject]:
+        """A client's write, with the apiserver's answers: POST creates (409 AlreadyExists),
+        PUT replaces (404 NotFound, 409 Conflict when metadata.resourceVersion is stale), PATCH
+        merges (RFC 7386 merge patch; strategic merge is treated alike - the fields kproxy
+        patches are atomic lists) with the same resourceVersion precondition. On the `status`
+        subresource only .status changes, as the apiserver keeps the spec."""
+        res = RESOURCES[kind]
+        ns = (namespace or "default") if res.namespaced else ""
+        if "json-patch" in content_type:
+            return 415, status_obj(415, "UnsupportedMediaType", "JSON patch is not supported")
+        if not isinstance(body, dict):
+            return 400, status_obj(400, "BadRequest", "the body must be an object")
+        name = name or str((body.get("metadata") or {}).get("name") or "")
+        if not name:
+            return 422, status_obj(422, "Invalid", "metadata.name is required")
+        key = (kind, ns, name)
+        with self._cond:
+            old = self._objects.get(key)
+            if method == "POST":
+                if old is not None:
+                    return 409, status_obj(409, "AlreadyExists", f'{res.plural} "{name}" exists')
+                new = self._copy(body)
+            else:
+                if old is None:
+                    return 404, status_obj(404, "NotFound", f'{res.plural} "{name}" not found')
+                wanted_rv = str((body.get("metadata") or {}).get("resourceVersion") or "")
+                if wanted_rv and wanted_rv != old["metadata"]["resourceVersion"]:
+                    msg = (
+                        f'Operation cannot be fulfilled on {res.plural} "{name}": the object '
+                        "has been modified; please apply your changes to the latest version"
+                    )
+                    return 409, status_obj(409, "Conflict", msg)
+                new = _merge_patch(self._copy(old), body) if method == "PATCH" else self._copy(body)
+                if subresource == "status":
+                    kept = self._copy(old)
+                    kept["status"] = new.get("status") or {}
+                    new = kept
+            new["kind"] = kind
+            new["apiVersion"] = res.api_version
+            new.setdefault("metadata", {})["name"] = name
+            if res.namespaced:
+                new["metadata"]["namespace"] = ns
+            self.writes[(method, kind, subresource)] += 1
+        return (201 if method == "POST" else 200), self.upsert(new)
 
     def objects(self, kind: str) -> list[RawObject]:
         """Copies of every stored object of `kind`, sorted by namespace and name."""
@@ -617,6 +680,54 @@ class _Handler(BaseHTTPRequestHandler):
         except (BrokenPipeError, ConnectionResetError):
             self.close_connection = True
 
+    def do_POST(self) -> None:
+        self._write("POST")
+
+    def do_PUT(self) -> None:
+        self._write("PUT")
+
+    def do_PATCH(self) -> None:
+        self._write("PATCH")
+
+    def _write(self, method: str) -> None:
+        fake = self.server.fake
+        path = urlsplit(self.path).path.rstrip("/") or "/"
+        length = int(self.headers.get("Content-Length") or 0)
+        raw = self.rfile.read(length) if length else b""
+        with fake._cond:
+            fake.requests[path] += 1
+            fake.request_log.append((path, {"method": method}))
+        if fake.token and self.headers.get("Authorization") != f"Bearer {fake.token}":
+            self._send_json(401, status_obj(401, "Unauthorized", "Unauthorized"))
+            return
+        match = _ROUTE.match(path)
+        res = _BY_PATH.get((match["prefix"], match["plural"])) if match else None
+        if match is None or res is None or (match["ns"] and not res.namespaced):
+            self._send_json(404, status_obj(404, "NotFound", f"the server could not find {path}"))
+            return
+        if (method == "POST") == bool(match["name"]):
+            self._send_json(405, status_obj(405, "MethodNotAllowed", f"{method} {path}"))
+            return
+        failure = fake._take_failure()
+        if failure is not None:
+            self._send_json(failure, status_obj(failure, "InternalError", "injected failure"))
+            return
+        try:
+            body = json.loads(raw or b"{}")
+        except ValueError:
+            self._send_json(400, status_obj(400, "BadRequest", "the body is not JSON"))
+            return
+        code, obj = fake.write(
+            method,
+            res.kind,
+            match["ns"],
+            match["name"],
+            body,
+            subresource=match["sub"] or "",
+            content_type=self.headers.get("Content-Type", ""),
+        )
+        self._send_json(code, obj)
+
     def _serve(self, fake: FakeApiServer, path: str, query: dict[str, str], watch: bool) -> None:
         if fake.token and self.headers.get("Authorization") != f"Bearer {fake.token}":
             self._send_json(401, status_obj(401, "Unauthorized", "Unauthorized"))
@@ -624,7 +735,7 @@ class _Handler(BaseHTTPRequestHandler):
         if path == "/version":
             self._send_json(200, {"major": "1", "minor": "31", "gitVersion": "v1.31.0-fake"})
             return
-        if path in ("/api", "/apis", "/api/v1", "/apis/discovery.k8s.io/v1"):
+        if path in ("/api", "/apis", "/api/v1") or path[len("/apis/") :] in _GROUPS:
             self._send_json(200, _discovery(path, f"{fake.host}:{fake.port}"))
             return
         match = _ROUTE.match(path)
@@ -689,22 +800,40 @@ def _discovery(path: str, address: str) -> RawObject:
             "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": address}],
         }
     if path == "/apis":
-        version = {"groupVersion": "discovery.k8s.io/v1", "version": "v1"}
-        group = {"name": "discovery.k8s.io", "versions": [version], "preferredVersion": version}
-        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": [group]}
-    group_version = "v1" if path == "/api/v1" else "discovery.k8s.io/v1"
+        groups = []
+        for gv in _GROUPS:
+            version = {"groupVersion": gv, "version": "v1"}
+            groups.append(
+                {"name": gv.split("/")[0], "versions": [version], "preferredVersion": version}
+            )
+        return {"kind": "APIGroupList", "apiVersion": "v1", "groups": groups}
+    group_version = "v1" if path == "/api/v1" else path[len("/apis/") :]
     resources = [
         {
             "name": r.plural,
             "singularName": r.kind.lower(),
             "namespaced": r.namespaced,
             "kind": r.kind,
-            "verbs": ["get", "list", "watch"],
+            "verbs": ["get", "list", "watch", "create", "update", "patch"],
         }
         for r in RESOURCES.values()
         if r.api_version == group_version
     ]
     return {"kind": "APIResourceList", "groupVersion": group_version, "resources": resources}
+
+
+def _merge_patch(target: Any, patch: Any) -> Any:
+    """RFC 7386 JSON merge patch."""
+    if not isinstance(patch, dict):
+        return patch
+    if not isinstance(target, dict):
+        target = {}
+    for key, value in patch.items():
+        if value is None:
+            target.pop(key, None)
+        else:
+            target[key] = _merge_patch(target.get(key), value)
+    return target
 
 
 def wait_until(predicate: Callable[[], object], timeout: float = 5.0, step: float = 0.01) -> bool:

@@ -105,7 +105,7 @@ def test_discovery_and_auth(fake_apiserver: FakeApiServer) -> None:
     assert get(fake_apiserver, "/version")[1]["major"] == "1"
     assert "v1" in get(fake_apiserver, "/api")[1]["versions"]
     groups = get(fake_apiserver, "/apis")[1]["groups"]
-    assert [g["name"] for g in groups] == ["discovery.k8s.io"]
+    assert [g["name"] for g in groups] == ["discovery.k8s.io", "coordination.k8s.io"]
     conn = _conn(fake_apiserver)
     conn.request("GET", SERVICES)  # no token
     resp = conn.getresponse()

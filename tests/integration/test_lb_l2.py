@@ -1,0 +1,254 @@
+"""LoadBalancer addresses end to end (issue 13): real agents in three node namespaces on one L2
+segment (the lab's bridge) with the outside client on it, one fake apiserver. An address comes
+from the pool into the Service's status; exactly one node answers ARP for it (arping lists the
+MACs that answer); the client's TCP traffic reaches the pods; when the owner's agent dies the
+address moves (gratuitous ARP seen by the client) and traffic resumes."""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import re
+import signal
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+
+from kproxy.lab.netlab import Lab
+from kproxy.lab.servers import serve_pods
+from kproxy.lab.traffic import http_get
+from kproxy.lb import packets as P
+from kproxy.lb.select import announcer
+from tests.support.agent import Agent, eventually, serve_cluster_api
+from tests.support.fakeapi import FakeApiServer, _setns
+from tests.support.objects import make_service_obj, make_slice_obj
+
+pytestmark = [pytest.mark.netns]
+
+POOL = "192.168.50.200-192.168.50.201"
+POOL6 = "fd00:50::200-fd00:50::201"
+VIP = "10.96.0.80"
+
+
+def lb_service(name: str, *, vip: str = VIP, node_port: int = 30080, **spec: Any) -> dict[str, Any]:
+    return make_service_obj(
+        "default",
+        name,
+        type="LoadBalancer",
+        clusterIP=vip,
+        ports=[
+            {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": node_port}
+        ],
+        **spec,
+    )
+
+
+def ingress(api: FakeApiServer, name: str) -> list[str]:
+    svc = api.get("Service", "default", name) or {}
+    return [
+        i["ip"] for i in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
+    ]
+
+
+def mac_of(lab: Lab, ns: str) -> str:
+    out = lab.run(ns, ["ip", "-j", "link", "show", "eth0"]).stdout
+    return str(json.loads(out)[0]["address"])
+
+
+def arping(lab: Lab, ip: str, count: int = 3) -> list[str]:
+    """MACs that answered `count` ARP requests from the client (one entry per reply)."""
+    res = lab.run(
+        lab.client.ns,
+        ["arping", "-I", "eth0", "-c", str(count), "-w", str(count + 1), ip],
+        check=False,
+    )
+    return re.findall(r"reply from \S+ \[([0-9A-Fa-f:]+)\]", res.stdout.lower())
+
+
+class Capture:
+    """ARP and Neighbor Advertisement frames seen on the client's eth0 (AF_PACKET socket
+    opened inside the client namespace from a helper thread)."""
+
+    def __init__(self, ns: str) -> None:
+        self.frames: list[tuple[float, bytes]] = []
+        made: list[socket.socket] = []
+
+        def make() -> None:
+            _setns(ns)
+            made.append(socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)))
+
+        helper = threading.Thread(target=make)
+        helper.start()
+        helper.join()
+        self.sock = made[0]
+        self.sock.bind(("eth0", 0x0003))
+        self.sock.settimeout(0.2)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                frame = self.sock.recv(2048)
+            except OSError:
+                continue
+            self.frames.append((time.monotonic(), frame))
+
+    def gratuitous(self, ip: str) -> list[tuple[float, str]]:
+        out = []
+        for t, frame in list(self.frames):
+            arp = P.parse_arp(frame)
+            if arp is not None and arp.op == 1 and arp.sender_ip == arp.target_ip == ip:
+                out.append((t, P.mac_text(arp.sender_mac)))
+            na = P.parse_na(frame)
+            if na is not None and na[0] == ip and not na[2]:
+                out.append((t, P.mac_text(na[1])))
+        return out
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join(1)
+        self.sock.close()
+
+
+@pytest.fixture
+def cluster(lab_factory: Any) -> Iterator[tuple[Lab, FakeApiServer, list[Agent]]]:
+    lab = lab_factory(nodes=3, pods_per_node=1, ipv6=True)
+    with serve_cluster_api(lab) as (api, kubeconfig):
+        serve_pods(lab, tcp=[80])
+        agents = [
+            Agent(
+                lab,
+                node,
+                kubeconfig,
+                extra=["--lb-pool", POOL, "--lb-pool", POOL6, "--lb-lease-duration", "2s"],
+            )
+            for node in lab.nodes
+        ]
+        for agent in agents:
+            agent.start(wait=False)
+        for agent in agents:
+            agent.wait_ready(30)
+        yield lab, api, agents
+
+
+def all_pods_slice(lab: Lab, name: str, pods: list[Any] | None = None) -> dict[str, Any]:
+    chosen = lab.pods if pods is None else pods
+    return make_slice_obj(
+        "default",
+        f"{name}-abc12",
+        name,
+        [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in chosen],
+        [("http", 80, "TCP")],
+    )
+
+
+def test_address_assigned_one_mac_answers_and_failover(
+    cluster: tuple[Lab, FakeApiServer, list[Agent]],
+) -> None:
+    lab, api, agents = cluster
+    api.upsert(lb_service("web"))
+    api.upsert(all_pods_slice(lab, "web"))
+    eventually(lambda: ingress(api, "web") == ["192.168.50.200"], timeout=15)
+    ip = "192.168.50.200"
+    macs = {n.name: mac_of(lab, n.ns) for n in lab.nodes}
+    names = [n.name for n in lab.nodes]
+    owner = announcer(ip, names)
+    assert owner is not None
+
+    answers = eventually(lambda: arping(lab, ip), timeout=10)
+    assert set(answers) == {macs[owner]}, (answers, macs, owner)
+    assert len(answers) == 3  # one reply per request: no second node answers
+    res = eventually(lambda: http_get(lab.client.ns, ip, 80, timeout=1.0).ok, timeout=10)
+    res = http_get(lab.client.ns, ip, 80, timeout=1.0)
+    assert res.ok and res.name in {p.name for p in lab.pods}
+
+    # the owner's node fails: its agent dies without a word and its link goes down (an agent
+    # killed alone leaves the node's rules forwarding, which would hide the takeover)
+    capture = Capture(lab.client.ns)
+    dead = agents[names.index(owner)]
+    dead_node = lab.nodes[names.index(owner)]
+    successor = announcer(ip, [n for n in names if n != owner])
+    assert successor is not None
+    try:
+        killed_at = time.monotonic()
+        dead.stop(signal.SIGKILL)
+        lab.run(dead_node.ns, ["ip", "link", "set", "eth0", "down"])
+        eventually(lambda: http_get(lab.client.ns, ip, 80, timeout=0.3).ok, timeout=20, step=0.02)
+        resumed = time.monotonic() - killed_at
+        garps = eventually(lambda: capture.gratuitous(ip), timeout=5)
+        assert {m for _, m in garps} == {macs[successor]}
+        assert set(arping(lab, ip)) == {macs[successor]}
+        print(f"failover after SIGKILL: traffic resumed in {resumed:.2f}s")
+        assert "moves from" in agents[names.index(successor)].log()
+    finally:
+        capture.close()
+
+    # the node comes back: the address returns to it (the hash is stable)
+    lab.run(dead_node.ns, ["ip", "link", "set", "eth0", "up"])
+    lab.run(dead_node.ns, ["ip", "route", "replace", "default", "via", lab.fabric_ip])
+    dead.start()
+    eventually(lambda: set(arping(lab, ip, count=2)) == {macs[owner]}, timeout=15)
+
+    # a clean stop hands off at once (the agent stops answering and releases its lease); the
+    # node then goes away
+    stopped_at = time.monotonic()
+    dead.stop(signal.SIGTERM)
+    stop_took = time.monotonic() - stopped_at
+    lab.run(dead_node.ns, ["ip", "link", "set", "eth0", "down"])
+    eventually(lambda: http_get(lab.client.ns, ip, 80, timeout=0.3).ok, timeout=20, step=0.02)
+    print(
+        f"failover after SIGTERM: traffic resumed in {time.monotonic() - stopped_at:.2f}s "
+        f"(the agent took {stop_took:.2f}s to exit)"
+    )
+    assert set(arping(lab, ip, count=2)) == {macs[successor]}
+
+
+def test_etp_local_exhaustion_freeing_and_ndp(
+    cluster: tuple[Lab, FakeApiServer, list[Agent]],
+) -> None:
+    lab, api, agents = cluster
+    node3 = lab.nodes[2]
+    macs = {n.name: mac_of(lab, n.ns) for n in lab.nodes}
+    local_pod = [p for p in lab.pods if p.node == node3]
+    api.upsert(lb_service("local", externalTrafficPolicy="Local", healthCheckNodePort=32000))
+    api.upsert(all_pods_slice(lab, "local", local_pod))
+    eventually(lambda: ingress(api, "local") == ["192.168.50.200"], timeout=15)
+    # only node3 has an endpoint: it announces, whatever the hash says
+    eventually(lambda: set(arping(lab, "192.168.50.200")) == {macs[node3.name]}, timeout=10)
+    res = eventually(lambda: http_get(lab.client.ns, "192.168.50.200", 80, timeout=1.0), timeout=10)
+    assert res.name == local_pod[0].name
+
+    # the pool has two IPv4 addresses: the third service stays pending, with a log line
+    api.upsert(lb_service("second", vip="10.96.0.81", node_port=30081))
+    api.upsert(lb_service("third", vip="10.96.0.82", node_port=30082))
+    eventually(lambda: ingress(api, "second") == ["192.168.50.201"], timeout=15)
+    leader = eventually(
+        lambda: next((a for a in agents if "stays pending" in a.log()), None), timeout=10
+    )
+    assert "LoadBalancer default/third stays pending: no free IPv4 address left" in leader.log()
+    assert ingress(api, "third") == []
+    # deleting a service frees its address for the pending one
+    api.delete("Service", "default", "second")
+    eventually(lambda: ingress(api, "third") == ["192.168.50.201"], timeout=15)
+
+    # IPv6: a single-stack IPv6 service gets an address answered over NDP by one node
+    api.upsert(lb_service("v6", vip="fd00:96::80", ipFamilies=["IPv6"], node_port=30083))
+    api.upsert(all_pods_slice(lab, "v6"))
+    eventually(lambda: ingress(api, "v6") == ["fd00:50::200"], timeout=15)
+    owner6 = announcer("fd00:50::200", [n.name for n in lab.nodes])
+    assert owner6 is not None
+
+    def neighbour() -> str:
+        with contextlib.suppress(Exception):
+            http_get(lab.client.ns, "fd00:50::200", 80, timeout=0.5)
+        out = lab.run(lab.client.ns, ["ip", "-6", "neigh", "show", "fd00:50::200"]).stdout
+        m = re.search(r"lladdr (\S+)", out)
+        return m.group(1) if m else ""
+
+    assert eventually(neighbour, timeout=10) == macs[owner6]
