@@ -140,6 +140,11 @@ class Metrics:
             ["kind"],
             registry=r,
         )
+        self.rejected_services = Gauge(
+            "kproxy_sync_rejected_services",
+            "Services left unprogrammed because iptables-restore refused their rules",
+            registry=r,
+        )
         self.services = Gauge(
             "kproxy_services",
             "Services in the model",

@@ -56,6 +56,7 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from contextlib import contextmanager
+from dataclasses import dataclass
 
 from kproxy.backends.base import SyncError, SyncResult
 from kproxy.backends.iptables_drift import compare_counts, fingerprint, saved_counts
@@ -67,6 +68,7 @@ from kproxy.backends.iptables_exec import (
     Run,
     RunRestorer,
 )
+from kproxy.backends.iptables_rejects import find_rejected, short
 from kproxy.model.objects import IPV6, Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
@@ -218,6 +220,8 @@ class IptablesProxier:
         self._expected: dict[str, dict[str, int]] = {t: {} for t in TABLES}
         self._fingerprint: tuple[object, ...] | None = None  # of the tables after our writes
         self.restores = 0  # restore invocations of the last sync
+        # services whose block iptables refused, with its error: left out until they change
+        self.rejected: dict[Ref, Rejected] = {}
         log.info("iptables mode: IPv%d via %s", self.family, self.restore)
 
     # -- kernel I/O ----------------------------------------------------------------------------
@@ -315,6 +319,14 @@ class IptablesProxier:
 
     # -- syncing -------------------------------------------------------------------------------
     def sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult:
+        if self.rejected:  # deleted services are forgotten
+            self.rejected = {r: b for r, b in self.rejected.items() if r in snapshot.services}
+        try:
+            return self._sync_once(snapshot, changes, full=full)
+        except SyncError as err:
+            return self._sync_without_rejected(snapshot, err)
+
+    def _sync_once(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult:
         self.restores = 0
         full = full or changes.full or changes.node_changed or self._need_full
         if full:
@@ -376,7 +388,7 @@ class IptablesProxier:
         for ref in sorted(snapshot.services):
             views = build_views(snapshot, family=self.family, node_name=node, refs=(ref,))[ref]
             block = render(views)
-            if not block.empty:
+            if not block.empty and self._admitted(ref, block):
                 yield ref, block
 
     def _deletions(
@@ -497,7 +509,7 @@ class IptablesProxier:
         nat_delta = filter_delta = 0
         for ref, new in rendered.items():
             old = self._blocks.get(ref, EMPTY_SERVICE)
-            if new == old:
+            if new == old or not self._admitted(ref, new):
                 continue
             changed[ref] = new
             before = dict(old.chains)
@@ -557,6 +569,57 @@ class IptablesProxier:
                     counts = self._expected[table]
                     counts[chain] = counts.get(chain, 0) + _count(b) - _count(a)
 
+    # -- services iptables refuses ------------------------------------------------------------
+    def _admitted(self, ref: Ref, block: ServiceRules) -> bool:
+        """False for a block iptables already refused; a service that changed is tried again."""
+        bad = self.rejected.get(ref)
+        if bad is None:
+            return True
+        if bad.block == block:
+            return False
+        del self.rejected[ref]
+        log.info("service %s changed since iptables refused it: trying it again", _name(ref))
+        return True
+
+    def _sync_without_rejected(self, snapshot: Snapshot, failure: SyncError) -> SyncResult:
+        """After a refused restore: find the services iptables refuses on their own (see
+        iptables_rejects), leave them out, and program everything else in a full sync. When no
+        service is to blame, or the sync fails even without them, `failure` stands."""
+        candidates = [
+            (ref, block)
+            for ref, block in self._render(snapshot, sorted(snapshot.services)).items()
+            if not block.empty and self._admitted(ref, block)
+        ]
+        found = find_rejected(candidates, self._probe, max_chains=self.nft_chunk_chains)
+        if not found:
+            raise failure
+        blocks = dict(candidates)
+        before = dict(self.rejected)
+        for ref, error in found.items():
+            self.rejected[ref] = Rejected(blocks[ref], error)
+            log.error(
+                "iptables refused the rules of service %s (IPv%d), leaving it out: %s",
+                _name(ref),
+                self.family,
+                error,
+                extra={"service": _name(ref), "family": self.family, "error": error},
+            )
+        try:
+            return self._full_sync(snapshot)
+        except SyncError:
+            self.rejected = before  # not their fault after all
+            raise
+
+    def _probe(self, text: str) -> str:
+        """Restore `text` (a probe that leaves nothing behind): "" or iptables' error."""
+        sink = self._open()
+        sink.write(text)
+        try:
+            sink.wait()
+        except RestoreFailed as err:
+            return str(err)
+        return ""
+
     def _rule_counts(self) -> dict[str, int]:
         return {NAT: self._nat_rules, FILTER: self._filter_rules}
 
@@ -602,6 +665,18 @@ def _expected_counts(
         for chain, text in block.chains:
             nat[chain] = _count(text)
     return out
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A service block iptables refused, and what iptables said."""
+
+    block: ServiceRules
+    error: str
+
+
+def _name(ref: Ref) -> str:
+    return f"{short(ref.namespace)}/{short(ref.name)}"
 
 
 def cleanup_text(saved: Mapping[str, str]) -> str:

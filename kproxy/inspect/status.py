@@ -463,8 +463,12 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
         sources.append("ipvsadm -Ln")
     mode = "ipvs" if ipvs else "iptables"
     unbound = (wanted.agent or {}).get("unbound") or {}
+    from kproxy.inspect.rejections import agent_rejections, render_rejections
+
+    rejected = agent_rejections(wanted)
     if output == "json":
         doc = to_json(rows, mode=mode, rules_from=", ".join(sources), stale_chains=stale)
+        doc["rejected"] = rejected
         doc["wanted_from"] = wanted.origin
         if wanted.agent is not None:
             doc["agent"] = {k: wanted.agent.get(k) for k in AGENT_FIELDS}
@@ -477,4 +481,5 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
         sys.stdout.write(f"wanted state from {wanted.origin}\n")
         for name, why in sorted(unbound.items()):
             sys.stdout.write(f"note: the agent does not listen on {name} yet: {why}\n")
-    return 0 if all(r.ok for r in rows) and not stale else 1
+        sys.stdout.write(render_rejections(rejected))
+    return 0 if all(r.ok for r in rows) and not stale and not rejected else 1

@@ -217,6 +217,7 @@ class Daemon:
                 ok = False
                 log.exception("sync of IPv%d rules failed", plane.family)
         elapsed = time.monotonic() - started
+        self.metrics.rejected_services.set(len(self.rejected_services()))
         if not ok:
             self.metrics.sync_failures.inc()
             self.metrics.restore_failures.inc()
@@ -226,6 +227,14 @@ class Daemon:
         self._record(snapshot, changes, results, elapsed=elapsed, full=full, reason=reason)
         self._after_sync(snapshot, changes, full=full)
         return True, full
+
+    def rejected_services(self) -> list[dict[str, object]]:
+        """The services a proxier left out because the kernel tools refused their rules."""
+        out: list[dict[str, object]] = []
+        for plane in self.planes:
+            for ref, bad in getattr(plane.proxier, "rejected", {}).items():
+                out.append({"service": str(ref), "family": plane.family, "error": bad.error})
+        return out
 
     def _after_sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> None:
         """Stale UDP conntrack cleanup and health-check ports, from the views that changed."""
@@ -375,6 +384,7 @@ class Daemon:
                 planes=lambda: self.planes,
                 wanted=lambda: self._wanted or (self.store.peek(), 0.0),
                 unbound=self.listeners.unbound,
+                rejected=self.rejected_services,
             ),
         )
         self._inspect = server

@@ -186,6 +186,7 @@ def state_route(
     planes: Callable[[], Sequence[Plane]],
     wanted: Callable[[], tuple[Snapshot, float]],
     unbound: Callable[[], dict[str, str]],
+    rejected: Callable[[], list[dict[str, object]]] = list,
 ) -> dict[str, Document]:
     """/v1/state and /v1/settings of the agent: built on each request from the objects the
     agent holds anyway (the snapshot is immutable, so no lock and no copy)."""
@@ -201,6 +202,7 @@ def state_route(
             "settings": encode(settings),
             "planes": [{"family": p.family, "options": encode(p.options)} for p in planes()],
             "unbound": unbound(),
+            "rejected": rejected(),  # services whose rules iptables refused (left out)
         }
 
     def state() -> dict[str, object]:
