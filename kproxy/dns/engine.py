@@ -10,6 +10,12 @@ One `Engine` lives in each serving process (or in the daemon itself with workers
 - one TCP acceptor per listener and a thread per connection (bounded), answering pipelined
   queries until the connection idles out.
 
+Every query that is read gets an answer, whatever goes wrong while building it: an exception in
+the resolver, the encoder, the forwarder or CNAME chasing is answered with SERVFAIL (the
+client's id, question, RD/CD and EDNS echoed), counted (`internal_errors`) and logged once with
+the query's name (`FailureLog` keeps a storm of identical failures to one line per interval).
+The only silences are the deliberate ones of `parse_query` (no header, or a response).
+
 State is one tuple `(index, cache)` swapped atomically by `apply`. The cache maps the lower-cased
 question (name, type, class) to an encoded `Template`; `apply` carries it over to the new index
 minus the names the model change touched, so a rollout does not cold-start the cache.
@@ -31,13 +37,14 @@ from concurrent.futures import ThreadPoolExecutor
 from kproxy.dns.forward import Forwarder, RecursionPolicy, UpstreamError
 from kproxy.dns.index import DnsIndex, IndexBuilder, ModelDelta
 from kproxy.dns.options import DNSOptions
-from kproxy.dns.records import CLASS_IN, REFUSED, SERVFAIL
+from kproxy.dns.records import CLASS_IN, REFUSED, SERVFAIL, to_text
 from kproxy.dns.resolver import Answer, resolve
 from kproxy.dns.wire import (
     Query,
     Template,
     encode,
     fast_reply,
+    header_reply,
     opt_record,
     parse_query,
     render,
@@ -49,12 +56,62 @@ log = logging.getLogger(__name__)
 _H = struct.Struct("!H")
 _QTAIL = struct.Struct("!HH")
 MAX_PENDING_FORWARDS = 1024
+MAX_TCP_MESSAGE = 65535
 POLL_MS = 200  # TCP accept loop
 RCODE_NAMES = {0: "noerror", 1: "formerr", 2: "servfail", 3: "nxdomain", 4: "notimp", 5: "refused"}
 
 
 def _family(host: str) -> int:
     return socket.AF_INET6 if ":" in host else socket.AF_INET
+
+
+def describe(q: Query) -> str:
+    """`name. TYPE` of a query, for log lines."""
+    name = to_text(q.question.name)
+    return f"{name} {dns_type_name(q.question.qtype)}"
+
+
+def dns_type_name(qtype: int) -> str:
+    return _TYPE_NAMES.get(qtype, f"TYPE{qtype}")
+
+
+_TYPE_NAMES = {1: "A", 2: "NS", 5: "CNAME", 6: "SOA", 12: "PTR", 15: "MX", 16: "TXT", 28: "AAAA"}
+_TYPE_NAMES.update({33: "SRV", 35: "NAPTR", 65: "HTTPS", 64: "SVCB", 255: "ANY"})
+
+
+class FailureLog:
+    """Logs failures one line each, but at most one line per `interval` seconds.
+
+    Lines that fall inside the interval are counted, and the next line says how many there
+    were: an upstream outage or a bug hit by every query costs one log line per interval,
+    not one per query, and none is lost from the count.
+    """
+
+    def __init__(
+        self,
+        logger: logging.Logger,
+        *,
+        interval: float = 10.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._log = logger
+        self._interval = interval
+        self._clock = clock
+        self._last = -interval
+        self._suppressed = 0
+        self._lock = threading.Lock()
+
+    def __call__(self, level: int, msg: str, *args: object, exc_info: bool = False) -> None:
+        with self._lock:
+            now = self._clock()
+            if now - self._last < self._interval:
+                self._suppressed += 1
+                return
+            self._last = now
+            suppressed, self._suppressed = self._suppressed, 0
+        if suppressed:
+            msg += f" ({suppressed} more like this in the last {self._interval:g} s)"
+        self._log.log(level, msg, *args, exc_info=exc_info)
 
 
 class Engine:
@@ -96,7 +153,8 @@ class Engine:
         self._tcp_conns: set[socket.socket] = set()
         self.fast_hits = 0
         self.counters: Counter[str] = Counter()
-        self._last_error_log = 0.0
+        self._internal_log = FailureLog(log)
+        self._upstream_log = FailureLog(log)
 
     # -- state ---------------------------------------------------------------------------
     @property
@@ -211,7 +269,9 @@ class Engine:
     def _render(
         self, t: Template, q: Query, *, udp: bool, opt: bytes, body: bytes | None = None
     ) -> bytes:
-        limit = self._limit(q) if udp else None
+        # TCP: a DNS message cannot exceed 65535 bytes (the length prefix); a headless service
+        # with thousands of endpoints is cut there, with TC, like an oversized UDP answer
+        limit = self._limit(q) if udp else MAX_TCP_MESSAGE
         resp = render(t, q, limit=limit, opt=opt, body=body)
         self.counters[RCODE_NAMES.get(t.rcode, "other")] += 1
         if resp[2] & 0x02:
@@ -235,12 +295,16 @@ class Engine:
         try:
             up = self.forwarder.query(q.qbytes, q.key)
         except UpstreamError as exc:
-            self.counters["upstream_errors"] += 1
-            log.debug("dns: forwarding %r failed: %s", q.question.name, exc)
-            return reply_for(q, SERVFAIL, opt=opt)
+            return self._upstream_failed(q, exc, opt=opt)
         return self._render(up.template, q, udp=udp, opt=opt, body=up.body_at(self.forwarder.now()))
 
     def _chase(self, ans: Answer, q: Query, client: str, *, udp: bool, opt: bytes) -> bytes:
+        """The CNAME chain from the index, then the upstream's answer for its target.
+
+        As CoreDNS does for an ExternalName service: the CNAME first, then the target's
+        records (its own CNAMEs included), authoritative for the question's name. A client
+        that may not recurse gets the CNAME alone. The upstream failing is SERVFAIL.
+        """
         assert ans.chase is not None
         combined = ans
         if self.policy.allowed(client):
@@ -248,24 +312,89 @@ class Engine:
             qbytes = ans.chase + _QTAIL.pack(q.question.qtype, CLASS_IN)
             try:
                 rcode, rrs = self.forwarder.lookup(qbytes, qbytes)
-                combined = Answer(rcode=rcode, authoritative=False, answer=ans.answer + tuple(rrs))
             except UpstreamError as exc:
-                self.counters["upstream_errors"] += 1
-                log.debug("dns: chasing %r failed: %s", ans.chase, exc)
+                return self._upstream_failed(q, exc, opt=opt, target=ans.chase)
+            combined = Answer(rcode=rcode, answer=ans.answer + tuple(rrs))
         return self._render(encode(q.question, combined), q, udp=udp, opt=opt)
 
-    def handle(self, data: bytes, client: str, *, udp: bool) -> bytes | None:
-        """The complete (blocking) answer to one message; None to stay silent."""
-        parsed = parse_query(data)
+    def _upstream_failed(
+        self, q: Query, exc: Exception, *, opt: bytes, target: bytes | None = None
+    ) -> bytes:
+        self.counters["upstream_errors"] += 1
+        self.counters["servfail"] += 1
+        via = f" (CNAME target {to_text(target)})" if target is not None else ""
+        self._upstream_log(
+            logging.WARNING,
+            "dns: no upstream answer for %s%s: %s; answered SERVFAIL",
+            describe(q),
+            via,
+            exc,
+        )
+        return reply_for(q, SERVFAIL, opt=opt)
+
+    def servfail(self, q: Query) -> bytes:
+        """SERVFAIL for `q`: its id, question, RD/CD and (for EDNS clients) an OPT record."""
+        return reply_for(q, SERVFAIL, opt=self._opt_for(q))
+
+    def _internal_failure(self, q: Query, client: str) -> bytes:
+        """Called from an `except` block: count, log once with the query's name, SERVFAIL."""
+        self.counters["internal_errors"] += 1
+        self.counters["servfail"] += 1
+        self._internal_log(
+            logging.ERROR,
+            "dns: answering %s for %s failed; answered SERVFAIL",
+            describe(q),
+            client,
+            exc_info=True,
+        )
+        return self.servfail(q)
+
+    def _parse(self, data: bytes, client: str) -> Query | bytes | None:
+        """`parse_query`, which never raises; should it anyway, SERVFAIL from the header."""
+        try:
+            return parse_query(data)
+        except Exception:
+            self.counters["internal_errors"] += 1
+            self._internal_log(
+                logging.ERROR,
+                "dns: parsing a query from %s failed; answered SERVFAIL",
+                client,
+                exc_info=True,
+            )
+            if len(data) < 12 or data[2] & 0x80:
+                return None
+            return header_reply(data, SERVFAIL)
+
+    def answer_local(self, data: bytes, client: str, *, udp: bool) -> Query | bytes | None:
+        """The reply bytes, None for silence, or the `Query` when the upstream is needed.
+
+        Never raises: a failure is a SERVFAIL reply.
+        """
+        parsed = self._parse(data, client)
         if parsed is None:
             self.counters["dropped"] += 1
             return None
         if isinstance(parsed, bytes):
             self.counters["malformed"] += 1
             return parsed
-        resp = self.local(parsed, client, udp=udp)
-        if resp is None:
-            resp = self.remote(parsed, client, udp=udp)
+        try:
+            resp = self.local(parsed, client, udp=udp)
+        except Exception:
+            return self._internal_failure(parsed, client)
+        return parsed if resp is None else resp
+
+    def answer_remote(self, q: Query, client: str, *, udp: bool) -> bytes:
+        """`remote`, with any failure answered by SERVFAIL. Never raises."""
+        try:
+            return self.remote(q, client, udp=udp)
+        except Exception:
+            return self._internal_failure(q, client)
+
+    def handle(self, data: bytes, client: str, *, udp: bool) -> bytes | None:
+        """The complete (blocking) answer to one message; None to stay silent. Never raises."""
+        resp = self.answer_local(data, client, udp=udp)
+        if isinstance(resp, Query):
+            return self.answer_remote(resp, client, udp=udp)
         return resp
 
     # -- UDP -------------------------------------------------------------------------------
@@ -290,34 +419,33 @@ class Engine:
                 continue
             try:
                 resp = fast_reply(data, self._state[1], opt_plain, opt_do, max_udp)
+            except Exception:  # the slow path answers it (and reports any failure)
+                resp = None
+            try:
                 if resp is not None:
                     sendto(resp, addr)
                     self.fast_hits += 1
-                    continue
-                self._udp_slow(sock, data, addr)
-            except Exception:
-                self._log_error("dns: UDP query from %s failed", addr)
+                else:
+                    self._udp_slow(sock, data, addr)
+            except OSError:
+                self.counters["send_errors"] += 1
 
     def _udp_slow(self, sock: socket.socket, data: bytes, addr: tuple[str, int]) -> None:
-        parsed = parse_query(data)
-        if parsed is None:
-            self.counters["dropped"] += 1
+        resp = self.answer_local(data, addr[0], udp=True)
+        if resp is None:
             return
-        if isinstance(parsed, bytes):
-            self.counters["malformed"] += 1
-            sock.sendto(parsed, addr)
-            return
-        resp = self.local(parsed, addr[0], udp=True)
-        if resp is not None:
+        if isinstance(resp, bytes):
             sock.sendto(resp, addr)
             return
+        parsed = resp
         with self._pending_lock:
             busy = self._pending >= MAX_PENDING_FORWARDS
             if not busy:
                 self._pending += 1
         if busy:
             self.counters["forward_overload"] += 1
-            sock.sendto(reply_for(parsed, SERVFAIL, opt=self._opt_for(parsed)), addr)
+            self.counters["servfail"] += 1
+            sock.sendto(self.servfail(parsed), addr)
             return
         try:
             self._pool.submit(self._udp_remote, sock, parsed, addr)
@@ -327,19 +455,12 @@ class Engine:
 
     def _udp_remote(self, sock: socket.socket, q: Query, addr: tuple[str, int]) -> None:
         try:
-            sock.sendto(self.remote(q, addr[0], udp=True), addr)
-        except Exception:
-            self._log_error("dns: forwarding for %s failed", addr)
+            sock.sendto(self.answer_remote(q, addr[0], udp=True), addr)
+        except OSError:
+            self.counters["send_errors"] += 1
         finally:
             with self._pending_lock:
                 self._pending -= 1
-
-    def _log_error(self, msg: str, *args: object) -> None:
-        self.counters["errors"] += 1
-        now = time.monotonic()
-        if now - self._last_error_log > 10:
-            self._last_error_log = now
-            log.exception(msg, *args)
 
     # -- TCP -------------------------------------------------------------------------------
     def _serve_tcp(self, listener: socket.socket) -> None:
@@ -385,8 +506,6 @@ class Engine:
                 conn.sendall(_H.pack(len(resp)) + resp)
         except (OSError, ValueError):
             return
-        except Exception:
-            self._log_error("dns: TCP connection from %s failed", addr)
         finally:
             self._tcp_conns.discard(conn)
             conn.close()

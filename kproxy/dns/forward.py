@@ -6,7 +6,12 @@
   queries to ourselves would loop.
 - A query goes over UDP (with EDNS, 1232-byte payload) to one upstream after another until one
   answers within the timeout; a truncated UDP answer is retried over TCP to the same upstream.
-  Replies are checked (id, question) before use. All failing means SERVFAIL for the client.
+  Replies are checked (id, question) before use; anything else arriving on the socket is
+  ignored until the timeout. A reply is decoded record by record and encoded again (see
+  `to_upstreamed`), so the upstream's EDNS record, its compression and its record order never
+  reach kproxy's templates. Any failure of one upstream (timeout, refused, garbage, a reply
+  that does not decode) moves on to the next; all failing raises `UpstreamError`, which the
+  engine answers with SERVFAIL.
 - Answers are cached per question for their smallest TTL (negative answers: the SOA's minimum),
   capped at `max_ttl`; cached copies are served with their TTLs counted down.
 - `RecursionPolicy` decides who may use any of this (the allow CIDRs); kproxy is not an open
@@ -27,20 +32,20 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from kproxy.dns.options import parse_hostport
-from kproxy.dns.records import NOERROR, NXDOMAIN, OPT, SOA, soa_minimum
+from kproxy.dns.records import CLASS_IN, NOERROR, NXDOMAIN, OPT, RR, SOA, soa_minimum
 from kproxy.dns.wire import (
     HEADER,
     QR,
     RA,
     RD,
     TC,
-    ParsedMessage,
     Template,
     WireError,
     decode_rr,
     make_template,
     opt_record,
     parse_message,
+    reencode,
 )
 
 log = logging.getLogger(__name__)
@@ -141,7 +146,7 @@ class Upstreamed:
     ttls: tuple[tuple[int, int], ...]  # (offset in body, TTL when received)
     received: float
     expires: float
-    message: bytes  # header + question + body, for decoding records (CNAME chasing)
+    answer: tuple[RR, ...]  # the answer section, decoded (for CNAME chasing)
 
     def body_at(self, now: float) -> bytes:
         """The body with every TTL reduced by the time spent in the cache."""
@@ -154,53 +159,70 @@ class Upstreamed:
         return bytes(buf)
 
 
-def _cache_ttl(parsed: ParsedMessage, msg: bytes, rcode: int) -> int:
-    answers = [r for r in parsed.records if r.section == 0]
+def _cache_ttl(records: list[tuple[int, RR]], rcode: int) -> int:
+    answers = [rr for section, rr in records if section == 0]
     if rcode == NOERROR and answers:
-        return min(r.ttl for r in answers)
+        return min(rr.ttl for rr in answers)
     if rcode in (NOERROR, NXDOMAIN):
-        for r in parsed.records:
-            if r.section == 1 and r.rtype == SOA:
-                soa = decode_rr(msg, r)
-                return min(r.ttl, soa_minimum(soa))
+        for section, rr in records:
+            if section == 1 and rr.rtype == SOA:
+                return min(rr.ttl, soa_minimum(rr))
     return 0
 
 
 def to_upstreamed(msg: bytes, qlen: int, *, now: float, max_ttl: int) -> Upstreamed:
-    """Turn an upstream reply into a servable `Upstreamed` (OPT removed, AA and TC cleared)."""
+    """Turn an upstream reply into a servable `Upstreamed` (OPT removed, AA and TC cleared).
+
+    The reply is decoded record by record (every compressed name expanded) and encoded again:
+    the upstream's OPT record goes wherever it was, the counts match what is kept, and the
+    body's compression pointers are kproxy's own. Anything that does not decode is a
+    `WireError`, whatever the defect.
+    """
+    try:
+        return _to_upstreamed(bytes(msg), qlen, now=now, max_ttl=max_ttl)
+    except WireError:
+        raise
+    except (ValueError, IndexError, struct.error) as exc:
+        raise WireError(f"malformed reply: {exc}") from exc
+
+
+def _to_upstreamed(msg: bytes, qlen: int, *, now: float, max_ttl: int) -> Upstreamed:
     parsed = parse_message(msg)
     if parsed.qend != 12 + qlen:
         raise WireError("unexpected question section")
-    kept = []
+    rcode = parsed.flags & 0xF
+    kept: list[tuple[int, RR]] = []
     for r in parsed.records:
         if r.rtype == OPT:
-            break  # OPT is last in practice; drop it and anything after it
-        kept.append(r)
-    qend = parsed.qend
-    body = msg[qend : kept[-1].end] if kept else b""
+            if r.ttl >> 24:  # an extended rcode (BADVERS, BADCOOKIE...): not an answer
+                raise WireError(f"extended rcode {(r.ttl >> 24) << 4 | rcode}")
+            continue
+        if r.rclass != CLASS_IN:
+            continue
+        kept.append((r.section, decode_rr(msg, r)))
     counts = [0, 0, 0]
-    for r in kept:
-        counts[r.section] += 1
-    rcode = parsed.flags & 0xF
+    for section, _ in kept:
+        counts[section] += 1
+    question = msg[12 : parsed.qend]
+    lowered = question[:-4].lower() + question[-4:]
+    out = reencode(lowered[:-4], qlen, kept)
     flags = QR | RA | rcode | (parsed.flags & 0x0020)  # keep AD, drop AA and TC
-    ttl = min(_cache_ttl(parsed, msg, rcode), max_ttl)
-    question = msg[12:qend]
+    ttl = min(_cache_ttl(kept, rcode), max_ttl)
     template = make_template(
-        question=question[:-4].lower() + question[-4:],
+        question=lowered,
         flags=flags,
         an=counts[0],
         ns=counts[1],
         ar=counts[2],
-        body=body,
-        ends=tuple(r.end - qend for r in kept),
+        body=out.body,
+        ends=out.ends,
     )
-    ttls = tuple((r.rdata_start - 6 - qend, r.ttl) for r in kept)
     return Upstreamed(
         template=template,
-        ttls=ttls,
+        ttls=tuple(zip(out.ttl_offsets, (rr.ttl for _, rr in kept), strict=True)),
         received=now,
         expires=now + ttl,
-        message=msg[:qend] + body,
+        answer=tuple(rr for section, rr in kept if section == 0),
     )
 
 
@@ -268,21 +290,19 @@ class Forwarder:
             try:
                 msg = self._exchange(upstream, qbytes)
                 up = to_upstreamed(msg, len(qbytes), now=self._clock(), max_ttl=self.max_ttl)
-            except (OSError, WireError) as exc:
-                errors.append(f"{upstream[0]}:{upstream[1]}: {exc}")
+            except Exception as exc:  # any defect of one upstream's reply: try the next
+                errors.append(f"{upstream[0]}:{upstream[1]}: {exc or type(exc).__name__}")
                 continue
             self._next = (start + i) % n
             self._store(key, up)
             return up
         raise UpstreamError("; ".join(errors))
 
-    def lookup(self, qbytes: bytes, key: bytes) -> tuple[int, list]:  # type: ignore[type-arg]
+    def lookup(self, qbytes: bytes, key: bytes) -> tuple[int, list[RR]]:
         """(rcode, answer RRs) for a question, for CNAME chasing."""
         up = self.query(qbytes, key)
-        parsed = parse_message(up.message)
-        rrs = [decode_rr(up.message, r) for r in parsed.records if r.section == 0]
         age = int(self._clock() - up.received)
-        rrs = [rr._replace(ttl=max(0, rr.ttl - age)) for rr in rrs]
+        rrs = [rr._replace(ttl=max(0, rr.ttl - age)) for rr in up.answer]
         return up.template.rcode, rrs
 
     def _exchange(self, upstream: tuple[str, int], qbytes: bytes) -> bytes:
@@ -290,17 +310,23 @@ class Forwarder:
         query = HEADER.pack(qid, RD, 1, 0, 0, 1) + qbytes + opt_record(1232)
         family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
         deadline = time.monotonic() + self.timeout
+        ignored = 0
         with socket.socket(family, socket.SOCK_DGRAM) as s:
             s.connect(upstream)
             s.send(query)
             while True:
                 left = deadline - time.monotonic()
                 if left <= 0:
-                    raise TimeoutError("timed out")
+                    extra = f" ({ignored} replies that did not match the query)" if ignored else ""
+                    raise TimeoutError(f"timed out{extra}")
                 s.settimeout(left)
-                reply = s.recv(65535)
+                try:
+                    reply = s.recv(65535)
+                except TimeoutError:
+                    continue
                 if self._matches(reply, qid, qbytes):
                     break
+                ignored += 1
         if reply[2] & (TC >> 8):
             reply = self._exchange_tcp(upstream, qid, query, qbytes, deadline)
         return reply
@@ -313,8 +339,8 @@ class Forwarder:
             s.settimeout(max(0.1, deadline - time.monotonic()))
             s.connect(upstream)
             s.sendall(struct.pack("!H", len(query)) + query)
-            size = struct.unpack("!H", _recv_exact(s, 2))[0]
-            reply = _recv_exact(s, size)
+            size = struct.unpack("!H", _recv_exact(s, 2, deadline))[0]
+            reply = _recv_exact(s, size, deadline)
         if not self._matches(reply, qid, qbytes):
             raise WireError("TCP reply does not match the query")
         return reply
@@ -332,9 +358,13 @@ class Forwarder:
         return got[:-4].lower() == qbytes[:-4].lower() and got[-4:] == qbytes[-4:]
 
 
-def _recv_exact(s: socket.socket, n: int) -> bytes:
+def _recv_exact(s: socket.socket, n: int, deadline: float) -> bytes:
     buf = bytearray()
     while len(buf) < n:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        s.settimeout(left)
         chunk = s.recv(n - len(buf))
         if not chunk:
             raise ConnectionError("connection closed")

@@ -33,13 +33,11 @@ from typing import NamedTuple
 from kproxy.dns.records import (
     CLASS_IN,
     FORMERR,
-    MX,
     NOERROR,
     NOTIMP,
     OPT,
     RDATA_NAME_OFFSET,
     RR,
-    SOA,
     labels_to_wire,
 )
 from kproxy.dns.resolver import Answer, Question
@@ -346,13 +344,16 @@ class _Encoder:
         self.out += name
         self._register(name, start)
 
-    def record(self, rr: RR) -> None:
+    def record(self, rr: RR) -> int:
+        """Append `rr`; returns the offset of its TTL in the body."""
         self._name(rr.owner)
+        ttl_at = len(self.out) + 4
         self.out += _RRHEAD.pack(rr.rtype, CLASS_IN, rr.ttl, len(rr.rdata))
         at = RDATA_NAME_OFFSET.get(rr.rtype)
         if at is not None:
             self._register(rr.rdata[at:], self.base + len(self.out) + at)
         self.out += rr.rdata
+        return ttl_at
 
 
 def encode(q: Question, ans: Answer) -> Template:
@@ -430,17 +431,22 @@ class WireError(ValueError):
 
 
 def read_name(msg: bytes, offset: int) -> tuple[bytes, int]:
-    """The uncompressed wire name at `offset` and the offset just past it in the message."""
+    """The uncompressed wire name at `offset` and the offset just past it in the message.
+
+    Pointers may lead anywhere in the message (backwards, as RFC 1035 intends, or forwards, which
+    some encoders do), at most 64 hops, so a pointer loop is an error, not a hang.
+    """
     out = bytearray()
     end = -1
     hops = 0
     i = offset
+    n = len(msg)
     while True:
-        if i >= len(msg):
+        if i >= n:
             raise WireError("name runs past the message")
         ln = msg[i]
         if ln & 0xC0 == 0xC0:
-            if i + 1 >= len(msg):
+            if i + 1 >= n:
                 raise WireError("truncated pointer")
             if end < 0:
                 end = i + 2
@@ -456,6 +462,8 @@ def read_name(msg: bytes, offset: int) -> tuple[bytes, int]:
             if len(out) > 255:
                 raise WireError("name too long")
             return bytes(out), (end if end >= 0 else i + 1)
+        if i + 1 + ln > n:
+            raise WireError("label runs past the message")
         out += msg[i : i + 1 + ln]
         if len(out) > 255:
             raise WireError("name too long")
@@ -482,7 +490,11 @@ class ParsedMessage:
 
 
 def parse_message(msg: bytes) -> ParsedMessage:
-    """Split a message into its records (offsets only), following compression pointers."""
+    """Split a message into its records (offsets only), following compression pointers.
+
+    Every record the header counts must be there, whole: a message whose counts promise more
+    than it holds is an error (WireError). Bytes after the last record are ignored.
+    """
     if len(msg) < 12:
         raise WireError("short message")
     qid, flags, qd, an, ns, ar = HEADER.unpack_from(msg, 0)
@@ -509,19 +521,98 @@ def parse_message(msg: bytes) -> ParsedMessage:
     return ParsedMessage(qid, flags, qend, tuple(records))
 
 
+# The rdata layout of every type whose rdata may hold compressed names (RFC 3597 section 4: the
+# RFC 1035 types, plus those receivers must decompress: RP, AFSDB, RT, PX, SRV, NAPTR, KX;
+# DNAME is never compressed by a correct sender, and expanding it is harmless). A positive
+# number is that many fixed bytes, _NAME a domain name, _CSTR a character-string, _REST the
+# remaining fixed bytes. Other types are copied as they are.
+_NAME, _CSTR = -1, -2
+_RDATA_LAYOUT: dict[int, tuple[int, ...]] = {
+    2: (_NAME,),  # NS
+    3: (_NAME,),  # MD
+    4: (_NAME,),  # MF
+    5: (_NAME,),  # CNAME
+    6: (_NAME, _NAME, 20),  # SOA
+    7: (_NAME,),  # MB
+    8: (_NAME,),  # MG
+    9: (_NAME,),  # MR
+    12: (_NAME,),  # PTR
+    14: (_NAME, _NAME),  # MINFO
+    15: (2, _NAME),  # MX
+    17: (_NAME, _NAME),  # RP
+    18: (2, _NAME),  # AFSDB
+    21: (2, _NAME),  # RT
+    26: (2, _NAME, _NAME),  # PX
+    33: (6, _NAME),  # SRV
+    35: (4, _CSTR, _CSTR, _CSTR, _NAME),  # NAPTR
+    36: (2, _NAME),  # KX
+    39: (_NAME,),  # DNAME
+}
+_FIXED_SIZE = {1: 4, 28: 16}  # A, AAAA
+
+
+def _expand_rdata(msg: bytes, rtype: int, start: int, end: int) -> bytes:
+    """The rdata of a record with every name in it uncompressed."""
+    layout = _RDATA_LAYOUT.get(rtype)
+    if layout is None:
+        size = _FIXED_SIZE.get(rtype)
+        if size is not None and end - start != size:
+            raise WireError(f"type {rtype} rdata of {end - start} bytes")
+        return msg[start:end]
+    out = bytearray()
+    pos = start
+    for item in layout:
+        if item == _NAME:
+            name, pos = read_name(msg, pos)
+            out += name
+        else:
+            if item == _CSTR:
+                if pos >= end:
+                    raise WireError(f"type {rtype} rdata runs past its length")
+                size = msg[pos] + 1
+            else:
+                size = item
+            out += msg[pos : pos + size]
+            pos += size
+        if pos > end:
+            raise WireError(f"type {rtype} rdata runs past its length")
+    if pos != end:
+        raise WireError(f"type {rtype} rdata longer than its fields")
+    return bytes(out)
+
+
 def decode_rr(msg: bytes, rec: ParsedRecord) -> RR:
     """The record as an `RR` with uncompressed names (owner lower-cased)."""
     owner, _ = read_name(msg, rec.start)
-    rdata = msg[rec.rdata_start : rec.end]
-    at = RDATA_NAME_OFFSET.get(rec.rtype, 2 if rec.rtype == MX else None)
-    if at is not None:
-        target, _ = read_name(msg, rec.rdata_start + at)
-        rdata = rdata[:at] + target
-    elif rec.rtype == SOA:
-        mname, pos = read_name(msg, rec.rdata_start)
-        rname, pos = read_name(msg, pos)
-        rdata = mname + rname + msg[pos : rec.end]
+    rdata = _expand_rdata(msg, rec.rtype, rec.rdata_start, rec.end)
     return RR(owner.lower(), rec.rtype, rec.ttl, rdata)
+
+
+@dataclass(frozen=True, slots=True)
+class Reencoded:
+    """Records encoded after a question: the body, record ends and TTL offsets (in the body)."""
+
+    body: bytes
+    ends: tuple[int, ...]
+    ttl_offsets: tuple[int, ...]
+
+
+def reencode(
+    qname: bytes, qlen: int, records: list[tuple[int, RR]] | tuple[tuple[int, RR], ...]
+) -> Reencoded:
+    """Encode (section, RR) pairs, in section order, as the body after a question of `qlen` bytes.
+
+    Used for upstream answers: whatever compression the upstream used (pointers anywhere, into
+    records kproxy drops), the result only points backwards into itself or the question, so it
+    can be cut at any record boundary and spliced after any spelling of the question.
+    """
+    enc = _Encoder(qname, base=12 + qlen)
+    ends = []
+    ttls = []
+    for _, rr in sorted(records, key=lambda sr: sr[0]):
+        ttls.append(enc.record(rr))
+        ends.append(len(enc.out))
+    return Reencoded(bytes(enc.out), tuple(ends), tuple(ttls))
 
 
 __all__ = [
@@ -536,6 +627,7 @@ __all__ = [
     "opt_record",
     "parse_message",
     "parse_query",
+    "reencode",
     "render",
     "reply_for",
 ]

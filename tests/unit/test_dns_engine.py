@@ -2,14 +2,23 @@
 
 from __future__ import annotations
 
+import logging
+import socket
+from collections.abc import Iterator
+
+import dns.flags
 import dns.message
+import dns.query
 import dns.rcode
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kproxy.dns.engine import Engine
+from kproxy.dns.engine import Engine, FailureLog
+from kproxy.dns.forward import Forwarder, Upstreamed
 from kproxy.dns.index import diff_snapshots
 from kproxy.dns.options import DNSOptions
+from kproxy.dns.records import RR
 from kproxy.model.objects import Ref
 from kproxy.model.store import Store
 from tests.support.builders import make_endpoint, make_service, make_slice
@@ -150,3 +159,133 @@ def test_servfail_for_cluster_names_until_synced() -> None:
     store.replace_slices([])
     e.apply(diff_snapshots(snap, store.peek()))
     assert answer(e, "web.default.svc.cluster.local").rcode() == dns.rcode.NOERROR
+
+
+# -- failures while answering: always SERVFAIL, never silence ------------------------------------
+
+
+class ExplodingForwarder(Forwarder):
+    """A forwarder with a bug: every call raises (not an UpstreamError)."""
+
+    def query(self, qbytes: bytes, key: bytes) -> Upstreamed:
+        raise RuntimeError("bug in query")
+
+    def lookup(self, qbytes: bytes, key: bytes) -> tuple[int, list[RR]]:
+        raise KeyError("bug in lookup")
+
+
+def synced_engine(**options: object) -> Engine:
+    store = Store()
+    store.replace_services(
+        [
+            make_service(
+                "default", "ext", type="ExternalName", cluster_ips=(), external_name="example.org"
+            ),
+            make_service("default", "huge", headless=True, cluster_ips=()),
+        ]
+    )
+    eps = [make_endpoint(f"10.{i // 250}.{i % 250}.1") for i in range(HUGE)]
+    store.replace_slices([make_slice("default", "huge", endpoints=eps)])
+    e = engine(**options)
+    e.apply(diff_snapshots(None, store.peek()))
+    return e
+
+
+HUGE = 5000  # 5000 A records: ~80 kB, more than a TCP message can carry
+FAILING = ["www.example.org", "ext.default.svc.cluster.local"]
+
+
+@pytest.mark.parametrize("name", FAILING, ids=["forwarded", "chased"])
+@pytest.mark.parametrize("edns", [False, True], ids=["plain", "edns"])
+def test_a_bug_while_answering_is_servfail_with_the_question(
+    name: str, edns: bool, caplog: pytest.LogCaptureFixture
+) -> None:
+    e = synced_engine()
+    e.forwarder = ExplodingForwarder([])
+    q = dns.message.make_query(name, "A", use_edns=0 if edns else False, want_dnssec=edns)
+    q.flags |= dns.flags.CD
+    with caplog.at_level(logging.ERROR, logger="kproxy.dns.engine"):
+        raw = e.handle(q.to_wire(), "127.0.0.1", udp=False)
+    assert raw is not None
+    msg = dns.message.from_wire(raw)
+    assert q.is_response(msg) and msg.rcode() == dns.rcode.SERVFAIL
+    assert msg.flags & dns.flags.RD and msg.flags & dns.flags.CD
+    assert msg.edns == (0 if edns else -1)
+    if edns:
+        assert msg.ednsflags & dns.flags.DO
+    failures = [r for r in caplog.records if "answered SERVFAIL" in r.getMessage()]
+    assert len(failures) == 1 and name + ". A" in failures[0].getMessage()
+    assert failures[0].exc_info is not None  # with the traceback
+    assert e.stats()["internal_errors"] == 1
+
+
+def test_repeated_failures_are_logged_once_per_interval(caplog: pytest.LogCaptureFixture) -> None:
+    e = synced_engine()
+    e.forwarder = ExplodingForwarder([])
+    with caplog.at_level(logging.ERROR, logger="kproxy.dns.engine"):
+        for _ in range(50):
+            assert answer(e, "www.example.org").rcode() == dns.rcode.SERVFAIL
+    assert len([r for r in caplog.records if "SERVFAIL" in r.getMessage()]) == 1
+    assert e.stats()["internal_errors"] == 50
+
+
+def test_failure_log_counts_what_it_suppressed() -> None:
+    now = [0.0]
+    logger = logging.getLogger("kproxy.test.failurelog")
+    seen: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            seen.append(record.getMessage())
+
+    logger.addHandler(Keep())
+    flog = FailureLog(logger, interval=10, clock=lambda: now[0])
+    for t in (0, 1, 2, 3, 12):
+        now[0] = t
+        flog(logging.WARNING, "failed %s", t)
+    assert seen == ["failed 0", "failed 12 (3 more like this in the last 10 s)"]
+
+
+def test_an_answer_too_big_for_tcp_is_truncated_not_dropped() -> None:
+    e = synced_engine()
+    q = dns.message.make_query("huge.default.svc.cluster.local", "A")
+    raw = e.handle(q.to_wire(), "127.0.0.1", udp=False)
+    assert raw is not None and len(raw) <= 65535
+    msg = dns.message.from_wire(raw)
+    assert msg.flags & dns.flags.TC and 1000 < len(msg.answer[0]) < HUGE
+
+
+@pytest.fixture
+def serving() -> Iterator[tuple[Engine, tuple[str, int]]]:
+    udp_sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    udp_sock.bind(("127.0.0.1", 0))
+    addr = udp_sock.getsockname()
+    tcp_sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    tcp_sock.bind(addr)
+    tcp_sock.listen(8)
+    e = synced_engine()
+    e._udp, e._tcp = [udp_sock], [tcp_sock]
+    e.start()
+    yield e, addr
+    e.stop()
+    udp_sock.close()
+    tcp_sock.close()
+
+
+@pytest.mark.parametrize("name", FAILING, ids=["forwarded", "chased"])
+def test_bugs_are_servfail_over_real_udp_and_tcp(
+    serving: tuple[Engine, tuple[str, int]], name: str
+) -> None:
+    e, (host, port) = serving
+    e.forwarder = ExplodingForwarder([])
+    q = dns.message.make_query(name, "A")
+    for msg in (
+        dns.query.udp(q, host, port=port, timeout=3),
+        dns.query.tcp(q, host, port=port, timeout=3),
+    ):
+        assert msg.rcode() == dns.rcode.SERVFAIL and msg.question == q.question
+    big = dns.query.tcp(
+        dns.message.make_query("huge.default.svc.cluster.local", "A"), host, port=port, timeout=3
+    )
+    assert big.flags & dns.flags.TC

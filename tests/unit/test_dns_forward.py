@@ -2,23 +2,31 @@
 
 from __future__ import annotations
 
+import contextlib
+import random
 import struct
+import time
 from pathlib import Path
 
 import dns.flags
 import dns.message
+import dns.name
 import dns.rcode
+import dns.rdatatype
 import dnslib
 import pytest
 
 from kproxy.dns.forward import (
     Forwarder,
     RecursionPolicy,
+    UpstreamError,
     default_upstreams,
     resolve_upstreams,
     to_upstreamed,
 )
-from kproxy.dns.wire import parse_query, render
+from kproxy.dns.records import to_wire
+from kproxy.dns.wire import WireError, opt_record, parse_query, render
+from tests.support.dnsupstream import FixtureUpstream, render_reply
 
 
 def write(tmp_path: Path, name: str, text: str) -> str:
@@ -176,3 +184,138 @@ def test_truncated_upstream_answer_is_served_truncated_over_udp() -> None:
     raw = render(up.template, q, limit=512, body=up.body_at(0))
     msg = dns.message.from_wire(raw)
     assert len(raw) <= 512 and msg.flags & dns.flags.TC and 0 < len(msg.answer[0]) < 100
+
+
+# -- replies as real servers send them ----------------------------------------------------------
+
+
+def _reply_for(name: str, *, edns: bool = True, opt_first: bool = False) -> tuple[bytes, bytes]:
+    """(query question section, upstream reply) for `name`, the reply rendered by dnspython."""
+    query = dns.message.make_query(name, "A", use_edns=0 if edns else False)
+    wire = query.to_wire()
+    qlen = len(dns.name.from_text(name).to_wire()) + 4
+    return wire[12 : 12 + qlen], render_reply(query, opt_first=opt_first)
+
+
+@pytest.mark.parametrize("opt_first", [False, True], ids=["opt-last", "opt-before-glue"])
+@pytest.mark.parametrize("client_edns", [False, True], ids=["plain-client", "edns-client"])
+def test_edns_echoing_compressing_replies_are_reencoded(opt_first: bool, client_edns: bool) -> None:
+    qbytes, reply = _reply_for("www.example.org", opt_first=opt_first)
+    assert dns.message.from_wire(reply).edns == 0  # the upstream echoed EDNS
+    up = to_upstreamed(reply, len(qbytes), now=0, max_ttl=300)
+    # served to a client that spells the name differently
+    q = parse_query(client_query("WWW.Example.ORG", edns=client_edns))
+    assert not isinstance(q, bytes | None)
+    opt = opt_record(1232) if client_edns else b""
+    msg = dns.message.from_wire(render(up.template, q, limit=None, opt=opt, body=up.body_at(0)))
+    assert [(r.name.to_text(), r.rdtype) for r in msg.answer] == [
+        ("WWW.Example.ORG.", dns.rdatatype.CNAME),
+        ("web.example.org.", dns.rdatatype.A),
+    ]
+    assert sorted(rd.to_text() for rd in msg.answer[1]) == ["192.0.2.10", "192.0.2.11"]
+    assert [r.rdtype for r in msg.authority] == [dns.rdatatype.NS]
+    assert sorted(r.name.to_text() for r in msg.additional) == [
+        "ns1.example.org.",
+        "ns2.example.org.",
+    ]
+    assert msg.edns == (0 if client_edns else -1)
+    # the answer section, decoded for CNAME chasing
+    assert (up.answer[0].rtype, up.answer[0].rdata) == (5, to_wire("web.example.org"))
+    # cut at every record boundary, the message still parses: pointers only point backwards
+    for limit in range(60, 400, 7):
+        cut = render(up.template, q, limit=limit, body=up.body_at(0))
+        dns.message.from_wire(cut)
+
+
+def _hand(*parts: bytes, an: int = 0, ns: int = 0, ar: int = 0, flags: int = 0x8180) -> bytes:
+    return struct.pack("!HHHHHH", 7, flags, 1, an, ns, ar) + b"".join(parts)
+
+
+_Q = to_wire("www.example.org") + b"\x00\x01\x00\x01"  # at offset 12
+_CNAME_HEAD = b"\x00\x05\x00\x01\x00\x00\x00\x3c"
+_A_HEAD = b"\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04"
+
+
+def test_forward_pointers_and_pointer_chains_are_followed() -> None:
+    # answer: www CNAME -> pointer *forward* to the additional record's owner name
+    glue_owner_at = 12 + len(_Q) + 2 + 8 + 2 + 2
+    cname = b"\xc0\x0c" + _CNAME_HEAD + b"\x00\x02" + struct.pack("!H", 0xC000 | glue_owner_at)
+    glue = b"\x03web\xc0\x10" + _A_HEAD + bytes([192, 0, 2, 9])  # web + pointer into the question
+    reply = _hand(_Q, cname, glue, an=1, ar=1)
+    with pytest.raises(dns.name.BadPointer):  # dnspython refuses forward pointers; kproxy copes
+        dns.message.from_wire(reply)
+    up = to_upstreamed(reply, len(_Q), now=0, max_ttl=300)
+    assert up.answer[0].rdata == to_wire("web.example.org")
+    q = parse_query(client_query())
+    assert not isinstance(q, bytes | None)
+    for limit in (len(reply) - 1, len(reply) + 100):
+        msg = dns.message.from_wire(render(up.template, q, limit=limit, body=up.body_at(0)))
+        assert msg.answer[0][0].target.to_text() == "web.example.org."
+
+
+@pytest.mark.parametrize(
+    "reply",
+    [
+        pytest.param(_hand(_Q, b"\xc0\x1f" + _A_HEAD, an=1) + b"\xc0\x1f", id="pointer-loop"),
+        pytest.param(
+            _hand(_Q, b"\xc0\x0c" + _A_HEAD + b"\x01\x02\x03\x04", an=3), id="lying-count"
+        ),
+        pytest.param(_hand(_Q, b"\x3fabc", an=1), id="label-past-end"),
+        pytest.param(
+            _hand(_Q, b"\xc0\x0c" + _A_HEAD[:-2] + b"\x00\x05" + b"\x01" * 5, an=1),
+            id="a-rdata-of-5-bytes",
+        ),
+        pytest.param(
+            _hand(_Q, b"\xc0\x0c\x00\x06\x00\x01\x00\x00\x00\x3c\x00\x03\xc0\x0c\x00", ns=1),
+            id="short-soa",
+        ),
+        pytest.param(
+            _hand(_Q, b"\x00\x00\x29\x04\xd0\x01\x00\x00\x00\x00\x00", ar=1), id="badvers-in-opt"
+        ),
+        pytest.param(_hand(b"\x03www"), id="question-cut"),
+        pytest.param(b"\x00" * 5, id="short"),
+    ],
+)
+def test_malformed_replies_are_wire_errors(reply: bytes) -> None:
+    with pytest.raises(WireError):
+        to_upstreamed(reply, len(_Q), now=0, max_ttl=300)
+
+
+def test_random_replies_raise_only_wire_errors() -> None:
+    rnd = random.Random(3)
+    _, good = _reply_for("www.example.org")
+    for _ in range(3000):
+        data = bytearray(good)
+        for _ in range(rnd.randrange(1, 6)):
+            data[rnd.randrange(len(data))] = rnd.randrange(256)
+        with contextlib.suppress(WireError):
+            to_upstreamed(
+                bytes(data[: rnd.randrange(12, len(data) + 1)]), len(_Q), now=0, max_ttl=300
+            )
+
+
+def test_forwarder_against_a_real_edns_upstream() -> None:
+    upstream = FixtureUpstream("answer")
+    try:
+        fwd = Forwarder([(upstream.host, upstream.port)], timeout=2)
+        qbytes = to_wire("outside.example.org") + b"\x00\x01\x00\x01"
+        rcode, rrs = fwd.lookup(qbytes, qbytes)
+        assert rcode == 0 and [(rr.owner, rr.rdata) for rr in rrs] == [
+            (to_wire("outside.example.org"), bytes([192, 0, 2, 1]))
+        ]
+    finally:
+        upstream.close()
+
+
+@pytest.mark.parametrize("behaviour", ["garbage", "lying", "silent"])
+def test_forwarder_gives_up_in_time_with_an_upstream_error(behaviour: str) -> None:
+    upstream = FixtureUpstream(behaviour)
+    try:
+        fwd = Forwarder([(upstream.host, upstream.port)], timeout=0.3)
+        qbytes = to_wire("outside.example.org") + b"\x00\x01\x00\x01"
+        t0 = time.monotonic()
+        with pytest.raises(UpstreamError):
+            fwd.lookup(qbytes, qbytes)
+        assert time.monotonic() - t0 < 1.0
+    finally:
+        upstream.close()
