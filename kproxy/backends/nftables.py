@@ -97,6 +97,20 @@ class NftCommandWriter:
         return res.returncode == 0
 
 
+def _default_writer(family: int, run: Run) -> Writer:
+    """Partial syncs over netlink (kproxy.backends.nft_netlink), falling back to `nft -f` for
+    what that codec does not encode."""
+    from kproxy.backends.nft_netlink import NetlinkWriter
+
+    fallback = NftCommandWriter(family, run)
+    try:
+        return NetlinkWriter(family, fallback=fallback)
+    except OSError as err:
+        raise SyncError(
+            f"no nf_tables netlink socket (is nfnetlink in this kernel?): {err}"
+        ) from err
+
+
 def read_objects(family: int, run: Run = subprocess.run) -> tuple[set[str], set[str]]:
     """(chains, sets) of the kube-proxy table of `family` as they are in the kernel."""
     fw = family_word(family)
@@ -136,7 +150,7 @@ class NftablesProxier:
         self._run = run
         self._clock = clock
         self.renderer = Renderer(options)
-        self.writer: Writer = writer or NftCommandWriter(self.family, run)
+        self.writer: Writer = writer or _default_writer(self.family, run)
         self._blocks: dict[Ref, ServiceBlock] = {}
         self._counts: dict[Element, int] = {}
         self._need_full = True
