@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any
 
 from kproxy.inspect import iptrace as T
 from kproxy.inspect.explain import service_name
+from kproxy.inspect.lbstatus import fetch_lb_report, render_lb
 from kproxy.render import chains as C
 
 if TYPE_CHECKING:
@@ -466,12 +467,14 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
     from kproxy.inspect.rejections import agent_rejections, render_rejections
 
     rejected = agent_rejections(wanted)
+    lb = fetch_lb_report(settings)
     if output == "json":
         doc = to_json(rows, mode=mode, rules_from=", ".join(sources), stale_chains=stale)
         doc["rejected"] = rejected
         doc["wanted_from"] = wanted.origin
         if wanted.agent is not None:
             doc["agent"] = {k: wanted.agent.get(k) for k in AGENT_FIELDS}
+        doc["loadBalancers"] = lb
         json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
@@ -482,4 +485,6 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
         for name, why in sorted(unbound.items()):
             sys.stdout.write(f"note: the agent does not listen on {name} yet: {why}\n")
         sys.stdout.write(render_rejections(rejected))
+        if lb is not None:
+            sys.stdout.write(render_lb(lb))
     return 0 if all(r.ok for r in rows) and not stale and not rejected else 1

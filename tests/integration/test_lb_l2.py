@@ -23,7 +23,7 @@ from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_get
 from kproxy.lb import packets as P
 from kproxy.lb.select import announcer
-from tests.support.agent import Agent, eventually, serve_cluster_api
+from tests.support.agent import Agent, eventually, http_json, serve_cluster_api
 from tests.support.fakeapi import FakeApiServer, _setns
 from tests.support.objects import make_service_obj, make_slice_obj
 
@@ -164,6 +164,13 @@ def test_address_assigned_one_mac_answers_and_failover(
     answers = eventually(lambda: arping(lab, ip), timeout=10)
     assert set(answers) == {macs[owner]}, (answers, macs, owner)
     assert len(answers) == 3  # one reply per request: no second node answers
+    # every agent reports the same owner (status reads this), the owner counts its address
+    for agent in agents:
+        status, doc = http_json(agent.node.ns, "127.0.0.1", 10249, path="/lb")
+        assert status == 200
+        assert {"address": ip, "service": "default/web", "node": owner} in doc["addresses"]
+        announced = "kproxy_lb_announced_addresses 1.0" in agent.metrics()
+        assert announced is (agent.node.name == owner)
     res = eventually(lambda: http_get(lab.client.ns, ip, 80, timeout=1.0).ok, timeout=10)
     res = http_get(lab.client.ns, ip, 80, timeout=1.0)
     assert res.ok and res.name in {p.name for p in lab.pods}

@@ -21,7 +21,7 @@ import kubernetes.client
 import pytest
 import yaml
 
-from kproxy.config import build_parser, parse_file_data, resolve
+from kproxy.config import Settings, build_parser, parse_file_data, resolve
 
 DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 K8S_VERSION = "1.32.0"  # the lab's Kubernetes minor (vagrant/Vagrantfile)
@@ -293,3 +293,72 @@ def test_node_setup_script_is_valid_shell_and_is_what_the_init_container_runs() 
     assert result.returncode == 0, result.stderr
     # The long-running container stays unprivileged: only the one-shot setup is privileged.
     assert init["securityContext"]["privileged"] is True
+
+
+# -- the LoadBalancer overlay: only what address pools need ---------------------------------------
+LB_DIR = DEPLOY / "loadbalancer"
+LB_DOCS = [d for d in yaml.safe_load_all((LB_DIR / "rbac.yaml").read_text()) if d]
+
+
+def lb_doc(kind: str) -> dict[str, Any]:
+    [doc] = [d for d in LB_DOCS if d["kind"] == kind]
+    return doc
+
+
+def test_lb_overlay_adds_the_base_and_its_rbac_only() -> None:
+    kustomization = yaml.safe_load((LB_DIR / "kustomization.yaml").read_text())
+    assert kustomization["resources"] == ["..", "rbac.yaml"]
+    assert {p.name for p in LB_DIR.glob("*.yaml")} == {"kustomization.yaml", "rbac.yaml"}
+    assert sorted(d["kind"] for d in LB_DOCS) == sorted(
+        ["ClusterRole", "ClusterRoleBinding", "Role", "RoleBinding"]
+    )
+
+
+@pytest.mark.parametrize("doc", LB_DOCS, ids=doc_id)
+def test_lb_rbac_matches_the_api_types(doc: dict[str, Any]) -> None:
+    assert schema_errors(doc) == []
+
+
+def _grants(role: dict[str, Any]) -> dict[tuple[str, str], set[str]]:
+    out: dict[tuple[str, str], set[str]] = {}
+    for rule in role["rules"]:
+        assert not rule.get("resourceNames") and not rule.get("nonResourceURLs"), rule
+        for group in rule["apiGroups"]:
+            for resource in rule["resources"]:
+                out.setdefault((group, resource), set()).update(rule["verbs"])
+    return out
+
+
+def test_lb_rbac_is_least_privilege() -> None:
+    """Cluster-wide: patching Service status only (what LBApi.patch_ingress does). Leases: in
+    the lease namespace only, and no delete (a stopping agent releases by update)."""
+    assert _grants(lb_doc("ClusterRole")) == {("", "services/status"): {"patch"}}
+    role = lb_doc("Role")
+    assert role["metadata"]["namespace"] == Settings().lb_lease_namespace
+    assert _grants(role) == {
+        ("coordination.k8s.io", "leases"): {"get", "list", "watch", "create", "update"}
+    }
+
+
+def test_lb_bindings_tie_the_roles_to_the_agents_service_account() -> None:
+    account = the("ServiceAccount")
+    subject = {
+        "kind": "ServiceAccount",
+        "name": account["metadata"]["name"],
+        "namespace": account["metadata"]["namespace"],
+    }
+    for binding_kind, role_kind in (("ClusterRoleBinding", "ClusterRole"), ("RoleBinding", "Role")):
+        binding = lb_doc(binding_kind)
+        assert binding["roleRef"] == {
+            "apiGroup": "rbac.authorization.k8s.io",
+            "kind": role_kind,
+            "name": lb_doc(role_kind)["metadata"]["name"],
+        }
+        assert binding["subjects"] == [subject]
+    assert lb_doc("RoleBinding")["metadata"]["namespace"] == lb_doc("Role")["metadata"]["namespace"]
+
+
+def test_base_rbac_stays_read_only_without_pools() -> None:
+    """The base kustomization does not include the overlay: no writes unless pools are wanted."""
+    assert not any(d["kind"] in ("Role", "RoleBinding") for d in DOCS)
+    assert all(verbs <= {"get", "list", "watch"} for verbs in granted().values())

@@ -89,3 +89,26 @@ def test_only_the_holder_or_anyone_after_expiry_may_write() -> None:
     assert not E.should_try(obs, me="b", now=1.0)
     assert E.should_try(obs, me="b", now=2.5)
     assert E.should_try(None, me="b", now=0.0)
+
+
+def test_status_section_shows_owner_pools_and_pending() -> None:
+    from kproxy.inspect.lbstatus import render_lb
+
+    text = render_lb(
+        {
+            "node": "node2",
+            "leader": "node1",
+            "pools": [{"range": "192.168.50.200-192.168.50.201", "size": 2, "used": 1}],
+            "addresses": [
+                {"address": "192.168.50.200", "service": "default/web", "node": "node2"},
+                {"address": "192.168.50.201", "service": "default/local", "node": ""},
+            ],
+            "pending": {"default/third": "no free IPv4 address left in the pools"},
+        }
+    )
+    lines = text.splitlines()
+    assert lines[1].split() == ["LB", "ADDRESS", "SERVICE", "ANNOUNCED", "BY"]
+    assert lines[2].split() == ["192.168.50.200", "default/web", "node2", "(this", "node)"]
+    assert "(nobody: no eligible node)" in lines[3]
+    assert "192.168.50.200-192.168.50.201 1/2 used; allocator: node1" in text
+    assert "pending default/third: no free IPv4 address left in the pools" in text
