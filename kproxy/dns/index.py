@@ -12,6 +12,7 @@ where the spec is silent:
   does this for every service with endpoints, not only headless ones).
 - `_<port>._<proto>.<svc>.<ns>.svc.<zone>` SRV for named ports: the service name for ClusterIP
   services, one record per endpoint for headless ones, with the addresses as additional records.
+  SRV at the bare service name too, as CoreDNS answers it (`_bare_srv`).
 - PTR for cluster IPs and endpoint IPs (a cluster IP wins over an endpoint with the same address;
   an endpoint in several services gets one PTR per service, as in CoreDNS).
 - the apex SOA and NS (`ns.dns.<zone>` with the DNS listen addresses), `dns-version.<zone>` TXT,
@@ -64,6 +65,8 @@ PODS_MODES = (PODS_INSECURE, PODS_DISABLED)
 KIND_CLUSTER_IP = 0
 KIND_HEADLESS = 1
 KIND_EXTERNAL_NAME = 2
+
+DNS_VERSION_TTL = 28800  # CoreDNS's TTL for dns-version.<zone> (the schema changes rarely)
 
 _IN_ADDR = to_wire("in-addr.arpa")
 _IP6 = to_wire("ip6.arpa")
@@ -290,6 +293,7 @@ def service_part(
     # ready endpoints by address (first hostname wins) -> (owner name, address record)
     endpoints: dict[str, tuple[bytes, RR]] = {}
     srv_eps: dict[bytes, dict[tuple[int, bytes], None]] = {}  # headless: SRV name -> targets
+    bare: list[tuple[int, bytes]] = []  # headless: (port, target) per endpoint address and port
     for sl in slices:
         named = []
         if headless:
@@ -317,6 +321,8 @@ def service_part(
                 endpoints[ep.address] = hit
             for srv_w, port in named:
                 srv_eps.setdefault(srv_w, {})[(port, hit[0])] = None
+            if headless:
+                bare.extend((p.port, hit[0]) for p in sl.ports if 0 < p.port < 65536)
 
     if headless:
         if not endpoints:
@@ -330,7 +336,9 @@ def service_part(
             except ValueError:
                 continue
         service_rrs = _unique(addrs)
-    part[name_w] = Node(service_rrs)
+        ips = len(service_rrs)
+        bare = [(sp.port, name_w) for sp in svc.ports if 0 < sp.port < 65536 for _ in range(ips)]
+    part[name_w] = _bare_srv(name_w, service_rrs, bare, endpoints, ttl=ttl)
 
     # per-endpoint names (several addresses may share a hostname: dual-stack)
     by_owner: dict[bytes, list[RR]] = {}
@@ -374,6 +382,40 @@ def service_part(
         if rev not in part:
             part[rev] = Node((name_rr(rev, PTR, ttl, owner),), rank=1)
     return part
+
+
+def _bare_srv(
+    name_w: bytes,
+    service_rrs: tuple[RR, ...],
+    bare: list[tuple[int, bytes]],
+    endpoints: dict[str, tuple[bytes, RR]],
+    *,
+    ttl: int,
+) -> Node:
+    """The service name's node: its addresses, plus SRV records as CoreDNS serves them there.
+
+    The specification defines SRV only at `_<port>._<proto>.<svc>...`; CoreDNS also answers SRV
+    at the bare service name, for every port whatever its name or protocol, and users compare
+    with CoreDNS, so kproxy does the same. `bare` holds one (port, target) per CoreDNS service
+    entry: per port and cluster IP (ClusterIP; target the service name) or per endpoint address
+    and port (headless; target the endpoint's name). Every record gets weight 100/entries,
+    rounded down, at least 1; records with the same target and port are one record (so a
+    dual-stack ClusterIP service with one port has one SRV of weight 50, as in CoreDNS). The
+    additional section holds the targets' addresses.
+    """
+    if not bare:
+        return Node(service_rrs)
+    weight = max(1, 100 // len(bare))
+    srvs = tuple(
+        srv_rr(name_w, ttl, priority=0, weight=weight, port=port, target=target)
+        for port, target in dict.fromkeys(bare)
+    )
+    targets = {target for _, target in bare}
+    if targets == {name_w}:
+        glue = service_rrs
+    else:
+        glue = _unique(rr for owner, rr in endpoints.values() if owner in targets)
+    return Node((*service_rrs, *srvs), glue)
 
 
 def _merge_ptr(nodes: list[Node]) -> Node:
@@ -450,7 +492,7 @@ class IndexBuilder:
         version = b"\x0bdns-version" + self.zone
         return {
             self.zone: Node((soa, name_rr(self.zone, NS, ttl, self._ns_name)), tuple(glue)),
-            version: Node((txt_rr(version, ttl, DNS_SCHEMA_VERSION),)),
+            version: Node((txt_rr(version, DNS_VERSION_TTL, DNS_SCHEMA_VERSION),)),
             self._svc_zone: EMPTY,
             b"\x03pod" + self.zone: EMPTY,
             b"\x03dns" + self.zone: EMPTY,

@@ -5,8 +5,9 @@ Rules, in order:
 2. Names outside the cluster zone are for the upstream (`forward=True`), except PTR questions
    for addresses the index knows (cluster and endpoint IPs). Other reverse names are forwarded
    too, as CoreDNS's default `fallthrough in-addr.arpa ip6.arpa` does.
-3. Before the first complete sync of the model, cluster names get SERVFAIL: a client must not
-   cache an NXDOMAIN for a service that simply is not listed yet.
+3. Before the first complete sync of the model, cluster names get SERVFAIL (with the zone SOA,
+   as CoreDNS): a client must not cache an NXDOMAIN for a service that simply is not listed
+   yet.
 4. A name in the index answers with its records of the asked type, or NODATA (NOERROR, empty
    answer, the zone SOA in authority) when it has none; a CNAME is followed inside the zone, and
    an out-of-zone target is left to the server (`chase`), which asks the upstream.
@@ -75,7 +76,6 @@ class Answer:
 
 FORWARD = Answer(authoritative=False, forward=True, cacheable=False)
 REFUSE = Answer(rcode=REFUSED, authoritative=False)
-NOT_READY = Answer(rcode=SERVFAIL, authoritative=False, cacheable=False)
 
 
 def _pod_address(label: bytes) -> ipaddress.IPv4Address | ipaddress.IPv6Address | None:
@@ -135,7 +135,8 @@ def resolve(q: Question, index: DnsIndex) -> Answer:
                 return Answer(answer=ptrs)
         return FORWARD
     if not index.synced:
-        return NOT_READY
+        # as CoreDNS before its first sync: SERVFAIL, authoritative, with the zone SOA
+        return _negative(index, SERVFAIL, cacheable=False)
 
     return _follow(q, index)
 
@@ -179,4 +180,4 @@ def _follow(q: Question, index: DnsIndex) -> Answer:
         extra = node.extra if q.qtype in (SRV, NS, ANY) else ()
         return Answer(answer=tuple(answer), additional=extra, cacheable=not chained)
     # a CNAME loop inside the zone (ExternalName services pointing at each other)
-    return Answer(rcode=SERVFAIL, authoritative=False, answer=tuple(answer), cacheable=False)
+    return _negative(index, SERVFAIL, tuple(answer), cacheable=False)

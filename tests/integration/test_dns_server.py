@@ -513,7 +513,17 @@ def test_several_workers_and_in_process_mode_answer_alike(start_dns: Start) -> N
 def test_servfail_until_the_model_is_synced(start_dns: Start) -> None:
     svc = start_dns(replace(cluster(), synced=False))
     assert not svc.ready
-    assert udp(svc, "web.default.svc.cluster.local").rcode() == dns.rcode.SERVFAIL
+    for msg in (
+        udp(svc, "web.default.svc.cluster.local"),
+        tcp(svc, "nope.default.svc.cluster.local"),
+    ):
+        assert msg.rcode() == dns.rcode.SERVFAIL
+        # like CoreDNS before its first sync: authoritative, with the zone SOA
+        assert msg.flags & dns.flags.AA and not msg.answer
+        assert [r.rdtype for r in msg.authority] == [dns.rdatatype.SOA]
+        assert msg.authority[0].name.to_text() == "cluster.local."
+    out = dig(svc, "web.default.svc.cluster.local")
+    assert "status: SERVFAIL" in out and "AUTHORITY: 1" in out
     svc.update(cluster())
     assert svc.flush(5) and svc.ready
     assert rdata(udp(svc, "web.default.svc.cluster.local")) == ["10.96.0.5"]
@@ -528,3 +538,105 @@ def test_listen_on_the_dns_service_ip_too(start_dns: Start) -> None:
     q = dns.message.make_query("web.default.svc.cluster.local", "A")
     msg = dns.query.udp(q, extra, port=53, timeout=3)
     assert rdata(msg) == ["10.96.0.5"]
+
+
+# -- CoreDNS's own test cases (plugin/kubernetes/handler_test.go), asked with real clients ---------
+
+
+def coredns_objects() -> Snapshot:
+    """The objects CoreDNS's handler tests use, as far as these cases need them."""
+    services = [
+        make_service(
+            "testns", "svc1", cluster_ips=("10.0.0.1",), ports=(make_port(80, name="http"),)
+        ),
+        make_service(
+            "testns", "svc6", cluster_ips=("1234:abcd::1",), ports=(make_port(80, name="http"),)
+        ),
+        make_service(
+            "testns",
+            "svc-dual-stack",
+            cluster_ips=("10.0.0.3", "10::3"),
+            ports=(make_port(80, name="http"),),
+        ),
+        make_service(
+            "testns",
+            "svc-two-ports",
+            cluster_ips=("10.0.0.4",),
+            ports=(make_port(80, name="http"), make_port(443, name="https")),
+        ),
+        make_service("testns", "svc-no-ports", cluster_ips=("10.0.0.5",), ports=()),
+        make_service(
+            "testns", "hdls1", headless=True, cluster_ips=(), ports=(make_port(80, name="http"),)
+        ),
+    ]
+    slices = [
+        make_slice(
+            "testns",
+            "hdls1",
+            endpoints=[
+                make_endpoint("172.0.0.2"),
+                make_endpoint("172.0.0.3"),
+                make_endpoint("172.0.0.4", hostname="dup-name"),
+            ],
+            ports=[EndpointPort("http", "TCP", 80)],
+        )
+    ]
+    return Snapshot(
+        services=MappingProxyType({s.ref: s for s in services}),
+        slices=MappingProxyType({slices[0].service_ref: tuple(slices)}),
+        generation=1,
+    )
+
+
+T = ".testns.svc.cluster.local."
+BARE_SRV = [
+    ("svc1", ["0 100 80 svc1" + T], ["10.0.0.1"]),
+    ("svc6", ["0 100 80 svc6" + T], ["1234:abcd::1"]),
+    ("svc-dual-stack", ["0 50 80 svc-dual-stack" + T], ["10.0.0.3", "10::3"]),
+    ("svc-two-ports", ["0 50 443 svc-two-ports" + T, "0 50 80 svc-two-ports" + T], ["10.0.0.4"]),
+    (
+        "hdls1",
+        [
+            "0 33 80 172-0-0-2.hdls1" + T,
+            "0 33 80 172-0-0-3.hdls1" + T,
+            "0 33 80 dup-name.hdls1" + T,
+        ],
+        ["172.0.0.2", "172.0.0.3", "172.0.0.4"],
+    ),
+]
+
+
+@pytest.mark.parametrize(("service", "srv", "glue"), BARE_SRV, ids=[c[0] for c in BARE_SRV])
+def test_srv_at_the_bare_service_name_like_coredns(
+    start_dns: Start, service: str, srv: list[str], glue: list[str]
+) -> None:
+    svc = start_dns(coredns_objects())
+    name = service + T
+    for msg in (udp(svc, name, "SRV"), udp(svc, name, "SRV", edns=False), tcp(svc, name, "SRV")):
+        assert msg.rcode() == dns.rcode.NOERROR and msg.flags & dns.flags.AA
+        assert rdata(msg, dns.rdatatype.SRV) == srv
+        assert all(r.ttl == 5 for r in msg.answer)
+        assert sorted(rd.to_text() for r in msg.additional for rd in r) == sorted(glue)
+    out = dig(svc, name, "SRV", "+noall", "+answer", "+additional")
+    lines = [line.split() for line in out.splitlines() if line and not line.startswith(";")]
+    assert sorted(" ".join(f[4:]) for f in lines if f[3] == "SRV") == srv
+    assert sorted(f[4] for f in lines if f[3] in ("A", "AAAA")) == sorted(glue)
+    # the addresses are still there for A/AAAA, without SRV
+    assert all(r.rdtype != dns.rdatatype.SRV for r in udp(svc, name, "A").answer)
+
+
+def test_coredns_negative_and_version_cases(start_dns: Start) -> None:
+    svc = start_dns(coredns_objects())
+    # a service without ports has no SRV: NODATA with the SOA
+    nodata = udp(svc, "svc-no-ports" + T, "SRV")
+    assert nodata.rcode() == dns.rcode.NOERROR and not nodata.answer
+    assert nodata.authority[0].rdtype == dns.rdatatype.SOA
+    # TXT where only addresses exist: NODATA, SOA TTL 5 (CoreDNS's case)
+    txt = udp(svc, "svc1" + T, "TXT")
+    assert txt.rcode() == dns.rcode.NOERROR and not txt.answer
+    assert txt.authority[0].ttl == 5
+    # dns-version: TTL 28800 like CoreDNS
+    version = udp(svc, "dns-version.cluster.local", "TXT")
+    assert rdata(version) == ['"1.1.0"'] and version.answer[0].ttl == 28800
+    out = dig(svc, "dns-version.cluster.local", "TXT", "+noall", "+answer")
+    assert out.split()[1] == "28800"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Iterable
 from dataclasses import replace
 from types import MappingProxyType
@@ -162,12 +163,54 @@ def test_cluster_ip_ptr_wins_over_endpoint_and_shared_endpoints_get_all_names() 
     )
 
 
+def test_srv_at_the_bare_service_name_like_coredns() -> None:
+    name = "web.default.svc.cluster.local"
+    web = make_service(
+        "default",
+        "web",
+        cluster_ips=("10.96.0.5", "fd00::5"),
+        ports=(make_port(80, name="http"), make_port(53, protocol="UDP")),
+    )
+    idx = build_index(snapshot([web]))
+    node = idx.lookup(to_wire(name))
+    assert node is not None
+    # 2 ports x 2 cluster IPs: 4 CoreDNS entries, weight 25; one record per port, named or not
+    assert sorted(rr.rdata for rr in node.get(SRV)) == [
+        struct.pack("!HHH", 0, 25, port) + to_wire(name) for port in (53, 80)
+    ]
+    assert sorted(node.extra) == sorted(node.get(A) + node.get(AAAA))
+    # headless: one record per endpoint and port, the endpoints' addresses as glue
+    db = make_service("default", "db", headless=True, cluster_ips=(), ports=(make_port(5432),))
+    sl = make_slice(
+        "default",
+        "db",
+        endpoints=[make_endpoint("10.1.0.1", hostname="db-0"), make_endpoint("10.1.0.2")],
+        ports=[EndpointPort("", "TCP", 5432), EndpointPort("metrics", "TCP", 9187)],
+    )
+    idx = build_index(snapshot([db], [sl]))
+    node = idx.lookup(to_wire("db.default.svc.cluster.local"))
+    assert node is not None
+    base = ".db.default.svc.cluster.local"
+    assert sorted(rr.rdata for rr in node.get(SRV)) == sorted(
+        struct.pack("!HHH", 0, 25, port) + to_wire(host + base)
+        for host in ("db-0", "10-1-0-2")
+        for port in (5432, 9187)
+    )
+    assert sorted(rr.rdata for rr in node.extra) == [bytes([10, 1, 0, 1]), bytes([10, 1, 0, 2])]
+    # no ports, no SRV
+    bare = make_service("default", "bare", cluster_ips=("10.96.0.9",), ports=())
+    node = build_index(snapshot([bare])).lookup(to_wire("bare.default.svc.cluster.local"))
+    assert node is not None and not node.get(SRV) and not node.extra
+
+
 def test_apex_records_and_empty_non_terminals() -> None:
     idx = build_index(snapshot([make_service("default", "web")]), ns_addresses=("169.254.20.10",))
     apex = idx.lookup(to_wire(ZONE))
     assert apex is not None and apex.get(SOA) and apex.get(NS)
     assert [rr.rdata for rr in apex.extra] == [bytes([169, 254, 20, 10])]
     assert records(idx, "dns-version.cluster.local", TXT) == [b"\x051.1.0"]
+    version = idx.lookup(to_wire("dns-version.cluster.local"))
+    assert version is not None and version.rrs[0].ttl == 28800  # CoreDNS's TTL
     for ent in ("svc.cluster.local", "pod.cluster.local", "default.svc.cluster.local"):
         assert idx.lookup(to_wire(ent)) is EMPTY, ent
     assert idx.lookup(to_wire("other.svc.cluster.local")) is None
