@@ -84,7 +84,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import logging
 
     from kproxy.backends.ipvs import IPVSProxier
-    from kproxy.config import Settings
     from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice
     from kproxy.model.options import ProxyOptions
     from kproxy.model.view import build_views
@@ -105,7 +104,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         out["lines"] = text.count("\n")
         return out
 
-    proxier = IPVSProxier(options=options, settings=Settings(proxy_mode="ipvs"))
+    proxier = IPVSProxier(options=options)
     snap, changes = store.take()
     t = time.perf_counter()
     result = proxier.sync(snap, changes, full=True)

@@ -16,11 +16,14 @@ from __future__ import annotations
 import argparse
 import ipaddress
 import re
+import socket
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
 import yaml
+
+from kproxy.model.options import ProxyOptions
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
@@ -208,6 +211,37 @@ class Settings:
     @property
     def sync_period(self) -> float:
         return self.ipvs_sync_period if self.proxy_mode == "ipvs" else self.iptables_sync_period
+
+
+def node_name(settings: Settings) -> str:
+    """This node's name: --hostname-override, else the host name (lower-cased, as kubelet)."""
+    return (settings.hostname_override or socket.gethostname()).strip().lower()
+
+
+def base_options(settings: Settings, *, family: int, node_name: str) -> ProxyOptions:
+    """The ProxyOptions of one family that the settings alone decide (no host reads: the node's
+    addresses are filled in by kproxy.backends.netinfo.with_node_addresses)."""
+
+    def of_family(cidrs: Sequence[str]) -> tuple[str, ...]:
+        return tuple(
+            c for c in cidrs if c != "primary" and ipaddress.ip_network(c).version == family
+        )
+
+    return ProxyOptions(
+        family=family,
+        node_name=node_name,
+        nodeport_cidrs=of_family(settings.nodeport_addresses),
+        cluster_cidrs=of_family(settings.cluster_cidr),
+        masquerade_all=settings.masquerade_all,
+        masquerade_bit=settings.masquerade_bit,
+        primary_ips=(
+            tuple(
+                ip for ip in settings.node_ip_override if ipaddress.ip_address(ip).version == family
+            )
+            if settings.node_ip_override
+            else None
+        ),
+    )
 
 
 @dataclass(frozen=True)

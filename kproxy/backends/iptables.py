@@ -42,8 +42,8 @@ hooks), about 100 ms at 3k services and 300 ms at 10k here, however small the in
 delete-only input takes 15 ms). A one-endpoint change therefore costs what a raw one-chain
 restore costs; kproxy's own share is about a millisecond.
 
-python-iptables is not used: it drives only the legacy flavour, acts on the calling process's
-namespace only, and reads nothing the save output does not already give.
+python-iptables is not used (nor a dependency): it drives only the legacy flavour, acts on the
+calling process's namespace only, and reads nothing the save output does not already give.
 """
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from kproxy.backends import ipvs_netlink as N
@@ -54,7 +54,6 @@ from kproxy.backends.ipset import IPSets
 from kproxy.backends.ipvs_device import address_map
 from kproxy.backends.ipvs_iptables import CompanionRules
 from kproxy.backends.netinfo import write_sysctl
-from kproxy.config import Settings
 from kproxy.model.objects import IPV6, Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
@@ -69,7 +68,7 @@ Entry = tuple[str, str]  # (set base name, entry)
 
 
 class AddressDevice(Protocol):
-    """kube-ipvs0: the dummy interface holding the VIPs (kproxy.backends.dummy)."""
+    """kube-ipvs0: the dummy interface holding the VIPs (kproxy.backends.ipvs_device)."""
 
     def ensure(self) -> None: ...
 
@@ -180,7 +179,7 @@ def _family_of(address: str) -> int:
 
 # -- the proxier ---------------------------------------------------------------------------------
 def node_options(
-    options: ProxyOptions, settings: Settings, amap: Mapping[str, set[str]]
+    options: ProxyOptions, amap: Mapping[str, set[str]]
 ) -> tuple[set[str], ProxyOptions]:
     """(addresses on kube-ipvs0, `options` with the node's addresses taken from `amap`, an
     interface -> addresses map of one family): the node's addresses are all but kube-ipvs0's
@@ -191,17 +190,24 @@ def node_options(
     local = sorted({a for addrs in amap.values() for a in addrs})
     nodeport_ips = options.nodeport_ips
     if nodeport_ips is not None:
-        nets = [
-            ipaddress.ip_network(c)
-            for c in settings.nodeport_addresses
-            if c != "primary" and ipaddress.ip_network(c).version == options.family
-        ]
+        nets = [ipaddress.ip_network(c) for c in options.nodeport_cidrs]
         if nets:
             nodeport_ips = tuple(
                 a for a in local if any(ipaddress.ip_address(a) in n for n in nets)
             )
         nodeport_ips = tuple(a for a in nodeport_ips if a not in bound)
     return bound, replace(options, node_ips=tuple(local), nodeport_ips=nodeport_ips)
+
+
+@dataclass(frozen=True, slots=True)
+class IPVSOptions:
+    """The IPVS-only settings: the default scheduler and the kernel's session timeouts in
+    seconds (0 keeps the kernel's)."""
+
+    scheduler: str = R.DEFAULT_SCHEDULER
+    tcp_timeout: float = 0.0
+    tcpfin_timeout: float = 0.0
+    udp_timeout: float = 0.0
 
 
 class IPVSProxier:
@@ -211,16 +217,16 @@ class IPVSProxier:
         self,
         *,
         options: ProxyOptions,
-        settings: Settings,
+        ipvs_options: IPVSOptions | None = None,
         ipvs: N.IPVSAdapter | None = None,
         device: AddressDevice | None = None,
         ipsets: IPSets | None = None,
         rules: CompanionRules | None = None,
     ) -> None:
         self.options = options
-        self.settings = settings
+        self.ipvs_options = ipvs_options or IPVSOptions()
         self.family = options.family
-        self.scheduler = settings.ipvs_scheduler or R.DEFAULT_SCHEDULER
+        self.scheduler = self.ipvs_options.scheduler or R.DEFAULT_SCHEDULER
         self._ipvs = ipvs
         self._device = device
         self.ipsets = ipsets or IPSets(options.family)
@@ -293,8 +299,8 @@ class IPVSProxier:
         except N.IPVSUnavailable as err:
             raise SyncError(f"{err}; IPVS mode needs the ip_vs kernel module") from err
         set_sysctls(self.family)
-        s = self.settings
-        set_timeouts(s.ipvs_tcp_timeout, s.ipvs_tcpfin_timeout, s.ipvs_udp_timeout)
+        o = self.ipvs_options
+        set_timeouts(o.tcp_timeout, o.tcpfin_timeout, o.udp_timeout)
         self.device.ensure()
         self.ipsets.ensure()
         self._started = True
@@ -302,7 +308,7 @@ class IPVSProxier:
     def _addresses(self) -> tuple[set[str], ProxyOptions]:
         """(addresses on kube-ipvs0, the options with this moment's node addresses): one read
         of every interface."""
-        return node_options(self.options, self.settings, address_map(self.family))
+        return node_options(self.options, address_map(self.family))
 
     def _read_table(self) -> dict[R.VSKey, D.ObservedVS]:
         """The kernel's virtual servers of this family with their real servers: one netlink

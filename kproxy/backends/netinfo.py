@@ -4,8 +4,12 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import shutil
+from dataclasses import replace
 
 from pyroute2 import IPRoute
+
+from kproxy.model.options import ProxyOptions
 
 
 def local_addresses(family: int | None = None) -> tuple[str, ...]:
@@ -50,3 +54,23 @@ def write_sysctl(name: str, value: str) -> bool:
         return True
     except OSError:
         return False
+
+
+def families(mode: str = "iptables") -> tuple[int, ...]:
+    """IPv4 always; IPv6 too when the host has it (and ip6tables exists, but for nftables)."""
+    if ipv6_available() and (mode == "nftables" or shutil.which("ip6tables-restore")):
+        return (4, 6)
+    return (4,)
+
+
+def with_node_addresses(options: ProxyOptions) -> ProxyOptions:
+    """`options` with this host's addresses of its family: every local address as node_ips, and
+    the NodePort addresses from `nodeport_cidrs` (None: every address, when no CIDR or a /0 is
+    given)."""
+    cidrs = options.nodeport_cidrs
+    everywhere = not cidrs or any(ipaddress.ip_network(c).prefixlen == 0 for c in cidrs)
+    return replace(
+        options,
+        node_ips=local_addresses(options.family),
+        nodeport_ips=None if everywhere else addresses_in(cidrs, options.family),
+    )

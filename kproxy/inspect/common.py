@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import sys
 import threading
+from dataclasses import replace
 
-from kproxy.config import Settings
+from kproxy.config import Settings, base_options, node_name
 from kproxy.kube.ingest import StoreSink
 from kproxy.model.objects import NodeInfo
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Snapshot, Store
-from kproxy.runtime.daemon import node_name
 
 
 def load_snapshot(settings: Settings, *, timeout: float = 15.0) -> Snapshot:
@@ -51,20 +51,7 @@ def offline_options(
     which (as in the agent) are also the primary addresses LoadBalancer source ranges test."""
     import ipaddress
 
-    from kproxy.runtime.dataplane import primary_ips
-
-    primary = primary_ips(settings, family)
-    known = (node.addresses if node else ()) + (primary or ())
+    options = base_options(settings, family=family, node_name=node_name(settings))
+    known = (node.addresses if node else ()) + (options.primary_ips or ())
     own = tuple(dict.fromkeys(ip for ip in known if ipaddress.ip_address(ip).version == family))
-    return ProxyOptions(
-        family=family,
-        node_name=node_name(settings),
-        node_ips=own,
-        primary_ips=primary,
-        nodeport_ips=None,
-        cluster_cidrs=tuple(
-            c for c in settings.cluster_cidr if ipaddress.ip_network(c).version == family
-        ),
-        masquerade_all=settings.masquerade_all,
-        masquerade_bit=settings.masquerade_bit,
-    )
+    return replace(options, node_ips=own)

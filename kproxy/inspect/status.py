@@ -411,12 +411,12 @@ def _families(snapshot: Any) -> list[int]:
 
 
 def status_command(wanted: Wanted, *, output: str = "table") -> int:
+    from kproxy.backends.netinfo import with_node_addresses
+    from kproxy.config import base_options, node_name
     from kproxy.inspect import live
     from kproxy.inspect.wanted import snapshot_of
     from kproxy.kube.watch import KubeConfigError
     from kproxy.model.view import build_views
-    from kproxy.runtime.daemon import node_name
-    from kproxy.runtime.dataplane import proxy_options
 
     settings = wanted.settings
     try:
@@ -431,7 +431,7 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
     sources: list[str] = []
     wanted_servers: dict[Any, Any] = {}
     for family in _families(snapshot):
-        options = proxy_options(settings, family=family, node_name=node)
+        options = with_node_addresses(base_options(settings, family=family, node_name=node))
         views = build_views(snapshot, family=family, node_name=node)
         if ipvs:
             from kproxy.backends.ipvs import node_options
@@ -439,7 +439,7 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
             from kproxy.render.ipvs import render_desired
 
             # the node's addresses as the proxier sees them (not the VIPs on kube-ipvs0)
-            _bound, options = node_options(options, settings, address_map(family))
+            _bound, options = node_options(options, address_map(family))
             desired = render_desired(views, options, scheduler=settings.ipvs_scheduler)
             wanted_servers.update(desired.servers)
             continue

@@ -11,6 +11,8 @@ class ProxyOptions:
 
     nodeport_ips: the local addresses that accept NodePorts; None means every local address
     (kube-proxy's `--nodeport-addresses` unset: `-m addrtype --dst-type LOCAL`).
+    nodeport_cidrs: `--nodeport-addresses` of this family, from which nodeport_ips are read
+    (empty: every address).
     cluster_cidrs: traffic from outside these is masqueraded when it goes to a ClusterIP;
     empty means "unknown", in which case only masquerade_all masquerades ClusterIP traffic.
     primary_ips: the node's primary addresses (kube-proxy's --node-ip-override); None means
@@ -21,6 +23,7 @@ class ProxyOptions:
     node_name: str = ""
     node_ips: tuple[str, ...] = ()
     nodeport_ips: tuple[str, ...] | None = None
+    nodeport_cidrs: tuple[str, ...] = ()
     cluster_cidrs: tuple[str, ...] = ()
     masquerade_all: bool = False
     masquerade_bit: int = 14

@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import logging
 import signal
-import socket
 import threading
 import time
 from dataclasses import replace
@@ -20,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from kproxy.backends.base import DriftCheck, SyncError, SyncResult
 from kproxy.backends.conntrack import ConntrackCleaner
-from kproxy.config import Settings
+from kproxy.config import Settings, node_name
 from kproxy.kube.ingest import StoreSink
 from kproxy.metrics import Metrics
 from kproxy.model.objects import Ref
@@ -45,10 +44,6 @@ if TYPE_CHECKING:
     from kproxy.runtime.lb import LoadBalancerController
 
 log = logging.getLogger("kproxy")
-
-
-def node_name(settings: Settings) -> str:
-    return (settings.hostname_override or socket.gethostname()).strip().lower()
 
 
 def without_proxy_for(snapshot: Snapshot, ip: str) -> Snapshot:

@@ -2,54 +2,20 @@
 
 from __future__ import annotations
 
-import ipaddress
 import logging
-import shutil
 from dataclasses import dataclass
 
 from kproxy.backends.base import Proxier
-from kproxy.backends.netinfo import addresses_in, ipv6_available, local_addresses
-from kproxy.config import Settings
+from kproxy.backends.netinfo import families, with_node_addresses
+from kproxy.config import Settings, base_options
 from kproxy.model.options import ProxyOptions
 
 log = logging.getLogger("kproxy")
 
 
 def proxy_options(settings: Settings, *, family: int, node_name: str) -> ProxyOptions:
-    cidrs = tuple(
-        c
-        for c in settings.nodeport_addresses
-        if c != "primary" and ipaddress.ip_network(c).version == family
-    )
-    everywhere = not cidrs or any(ipaddress.ip_network(c).prefixlen == 0 for c in cidrs)
-    return ProxyOptions(
-        family=family,
-        node_name=node_name,
-        node_ips=local_addresses(family),
-        nodeport_ips=None if everywhere else addresses_in(cidrs, family),
-        cluster_cidrs=tuple(
-            c for c in settings.cluster_cidr if ipaddress.ip_network(c).version == family
-        ),
-        masquerade_all=settings.masquerade_all,
-        masquerade_bit=settings.masquerade_bit,
-        primary_ips=primary_ips(settings, family),
-    )
-
-
-def primary_ips(settings: Settings, family: int) -> tuple[str, ...] | None:
-    """--node-ip-override's address of `family`; None (any node address) when not given."""
-    if not settings.node_ip_override:
-        return None
-    return tuple(
-        ip for ip in settings.node_ip_override if ipaddress.ip_address(ip).version == family
-    )
-
-
-def families(mode: str = "iptables") -> tuple[int, ...]:
-    """IPv4 always; IPv6 too when the host has it (and ip6tables exists, but for nftables)."""
-    if ipv6_available() and (mode == "nftables" or shutil.which("ip6tables-restore")):
-        return (4, 6)
-    return (4,)
+    """The options of one family as the running agent uses them (settings + host addresses)."""
+    return with_node_addresses(base_options(settings, family=family, node_name=node_name))
 
 
 @dataclass(frozen=True)
@@ -80,9 +46,17 @@ def make_planes(settings: Settings, *, node_name: str) -> list[Plane]:
                 options=options, engine=engine, udp_timeout=settings.udp_idle_timeout
             )
         elif settings.proxy_mode == "ipvs":
-            from kproxy.backends.ipvs import IPVSProxier
+            from kproxy.backends.ipvs import IPVSOptions, IPVSProxier
 
-            proxier = IPVSProxier(options=options, settings=settings)
+            proxier = IPVSProxier(
+                options=options,
+                ipvs_options=IPVSOptions(
+                    scheduler=settings.ipvs_scheduler,
+                    tcp_timeout=settings.ipvs_tcp_timeout,
+                    tcpfin_timeout=settings.ipvs_tcpfin_timeout,
+                    udp_timeout=settings.ipvs_udp_timeout,
+                ),
+            )
         else:
             from kproxy.backends.iptables import IptablesProxier
 

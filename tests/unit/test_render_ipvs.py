@@ -540,7 +540,6 @@ def test_node_options_leave_the_vips_on_kube_ipvs0_out_of_the_node_addresses() -
     from dataclasses import replace
 
     from kproxy.backends.ipvs import node_options
-    from kproxy.config import Settings
 
     amap = {
         "lo": {"127.0.0.1"},
@@ -548,7 +547,7 @@ def test_node_options_leave_the_vips_on_kube_ipvs0_out_of_the_node_addresses() -
         "eth1": {"10.0.9.11"},
         R.DUMMY_DEVICE: {"10.96.0.10", "203.0.113.10"},
     }
-    bound, opts = node_options(OPTS, Settings(), amap)
+    bound, opts = node_options(OPTS, amap)
     assert bound == {"10.96.0.10", "203.0.113.10"}
     assert set(opts.node_ips) == {"127.0.0.1", NODE_IP, "10.0.9.11"}
     assert opts.nodeport_ips is None  # NodePorts on every node address
@@ -561,7 +560,6 @@ def test_node_options_leave_the_vips_on_kube_ipvs0_out_of_the_node_addresses() -
     }  # not on the VIPs, not on loopback
 
     # --nodeport-addresses picks among the node's addresses, never a VIP
-    limited = replace(OPTS, nodeport_ips=())
-    settings = Settings(nodeport_addresses=("10.0.0.0/8",))
-    _bound, opts = node_options(limited, settings, amap)
+    limited = replace(OPTS, nodeport_ips=(), nodeport_cidrs=("10.0.0.0/8",))
+    _bound, opts = node_options(limited, amap)
     assert opts.nodeport_ips == ("10.0.9.11",)

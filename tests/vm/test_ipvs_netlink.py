@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import errno
 import ipaddress
+import json
 import socket
 import subprocess
 import sys
@@ -18,7 +19,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from kproxy.backends.dummy import DummyInterface
 from kproxy.backends.ipvs_netlink import (
     FLAG_SCHED1,
     FLAG_SCHED2,
@@ -328,9 +328,8 @@ def test_connection_counts_and_stats(
     vm_netns: str, ipvs: IPVSAdapter, ipvsadm: Run, topology: Topology
 ) -> None:
     vip = "10.96.5.5"
-    with DummyInterface(netns=vm_netns) as dummy:
-        dummy.ensure()
-        dummy.add(vip)
+    sh("ip", "link", "add", "kube-ipvs0", "type", "dummy", netns=vm_netns)
+    sh("ip", "address", "add", f"{vip}/32", "dev", "kube-ipvs0", netns=vm_netns)
     vs = make_vs(vip, 80)
     ipvs.apply([AddService(vs), AddDest(vs.key, RealServer("10.250.0.2", 8080))])
     open_conns = [topology.connect(vip, 80) for _ in range(3)]
@@ -384,34 +383,38 @@ def _ip_addrs(netns: str, dev: str) -> set[str]:
     return found
 
 
-def test_dummy_interface_addresses(vm_netns: str) -> None:
-    with DummyInterface("kube-ipvs0", netns=vm_netns) as dummy:
-        assert not dummy.exists() and dummy.addresses() == set()
-        idx = dummy.ensure()
-        assert dummy.ensure() == idx  # idempotent
-        assert dummy.kind() == "dummy" and not dummy.is_up()
-        assert dummy.add("10.96.0.1") and dummy.add("fd00:96::1")
-        assert not dummy.add("10.96.0.1")  # already there
-        assert _ip_addrs(vm_netns, "kube-ipvs0") == {"10.96.0.1/32", "fd00:96::1/128"}
-        assert dummy.addresses() == {"10.96.0.1", "fd00:96::1"}
-        # the IPv4 VIP is local although the interface is down
-        local = sh("ip", "route", "show", "table", "local", netns=vm_netns)
-        assert "local 10.96.0.1 dev kube-ipvs0" in local
-        change = dummy.sync(["10.96.0.2", "fd00:96::1", "fd00:96:0:0::2"])
-        assert change.added == ("10.96.0.2", "fd00:96::2") and change.removed == ("10.96.0.1",)
-        assert not dummy.sync(["10.96.0.2", "fd00:96::1", "fd00:96::2"]).changed
-        assert _ip_addrs(vm_netns, "kube-ipvs0") == {
-            "10.96.0.2/32",
-            "fd00:96::1/128",
-            "fd00:96::2/128",
-        }
-        assert dummy.remove("10.96.0.2") and not dummy.remove("10.96.0.2")
-        dummy.ensure(up=True)
-        assert dummy.is_up()
-        local6 = sh("ip", "-6", "route", "show", "table", "local", netns=vm_netns)
-        assert "local fd00:96::1 dev kube-ipvs0" in local6
-        assert dummy.delete() and not dummy.delete()
-        assert not dummy.exists()
+def test_kube_ipvs0_device_addresses(vm_netns: str) -> None:
+    """kproxy.backends.ipvs_device.KubeIPVS0, run inside the namespace: create, bind, unbind and
+    remove, checked against `ip` and the local routing table."""
+    code = (
+        "import json\n"
+        "from kproxy.backends.ipvs_device import KubeIPVS0\n"
+        "d = KubeIPVS0()\n"
+        "steps = {'before': sorted(d.addresses(4) | d.addresses(6))}\n"
+        "d.ensure(); d.ensure()\n"
+        "d.bind(['10.96.0.1', 'fd00:96::1', '10.96.0.2'])\n"
+        "steps['bound'] = sorted(d.addresses(4) | d.addresses(6))\n"
+        "d.unbind(['10.96.0.2'])\n"
+        "steps['unbound'] = sorted(d.addresses(4) | d.addresses(6))\n"
+        "print(json.dumps(steps))\n"
+    )
+    steps = json.loads(sh(sys.executable, "-c", code, netns=vm_netns))
+    assert steps == {
+        "before": [],
+        "bound": ["10.96.0.1", "10.96.0.2", "fd00:96::1"],
+        "unbound": ["10.96.0.1", "fd00:96::1"],
+    }
+    assert _ip_addrs(vm_netns, "kube-ipvs0") == {"10.96.0.1/32", "fd00:96::1/128"}
+    # the IPv4 VIP is local although the interface is down
+    local = sh("ip", "route", "show", "table", "local", netns=vm_netns)
+    assert "local 10.96.0.1 dev kube-ipvs0" in local
+    gone = sh(
+        sys.executable,
+        "-c",
+        "from kproxy.backends.ipvs_device import KubeIPVS0\nprint(KubeIPVS0().remove())",
+        netns=vm_netns,
+    )
+    assert gone.strip() == "True"
     links = subprocess.run(
         ["ip", "-n", vm_netns, "link", "show", "kube-ipvs0"], capture_output=True, check=False
     )
