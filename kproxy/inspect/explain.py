@@ -597,8 +597,8 @@ def with_wanted(ex: Explanation, wanted: Wanted, *, local: frozenset[str]) -> Ex
     sends the packet elsewhere."""
     from dataclasses import replace
 
+    from kproxy.config import node_name
     from kproxy.inspect.wanted import snapshot_of, wanted_port
-    from kproxy.runtime.daemon import node_name
 
     p = ex.packet
     wp = wanted_port(

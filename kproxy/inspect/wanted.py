@@ -1,6 +1,7 @@
 """Where `kproxy status` and `kproxy explain` get the wanted state and the settings from.
 
-By default from the running agent, over its inspection socket (kproxy.runtime.inspectsock): the
+By default from the running agent, over its inspection socket (kproxy.runtime.inspectsock; where
+it lives: kproxy.inspect.socketpath): the
 snapshot it last handed to the dataplane and the settings it runs with, so the commands need no
 flags on a node where `kproxy run` runs, whatever its source (manifests, kubeconfig, in-cluster,
 systemd flags). Flags naming a source (--manifests, --kubeconfig, --master, --config) switch to
@@ -20,9 +21,9 @@ from pathlib import Path
 from typing import Any
 
 from kproxy.config import Settings, resolve, validate
+from kproxy.inspect.socketpath import STATE_VERSION, default_socket_path, netns_inode
 from kproxy.model.codec import decode, decode_snapshot
 from kproxy.model.store import Snapshot
-from kproxy.runtime.inspectsock import STATE_VERSION, default_socket_path, netns_inode
 
 SOURCE_FLAGS = ("manifests", "kubeconfig", "master", "config")
 TIMEOUT = 30.0
@@ -130,7 +131,7 @@ def snapshot_of(w: Wanted) -> Snapshot:
     if w.snapshot is not None:
         return w.snapshot
     from kproxy.inspect.common import load_snapshot
-    from kproxy.runtime.daemon import without_proxy_for
+    from kproxy.model.store import without_proxy_for
 
     snapshot = load_snapshot(w.settings)
     if w.settings.dns and w.settings.dns_service_ip:  # as the agent syncs it

@@ -11,7 +11,7 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from types import MappingProxyType
 
 from kproxy.model.objects import EndpointSlice, NodeInfo, Ref, Service
@@ -235,3 +235,15 @@ class Store:
             generation=self._generation,
             synced=self.required_kinds <= self._synced_kinds,
         )
+
+
+def without_proxy_for(snapshot: Snapshot, ip: str) -> Snapshot:
+    """The snapshot with the service owning cluster IP `ip` left unproxied: kproxy answers DNS
+    on the cluster DNS Service IP itself, so no rule may DNAT that address away."""
+    owners = [ref for ref, svc in snapshot.services.items() if ip in svc.cluster_ips]
+    if not owners:
+        return snapshot
+    services = dict(snapshot.services)
+    for ref in owners:
+        services[ref] = replace(services[ref], skip_proxy=True)
+    return replace(snapshot, services=MappingProxyType(services))

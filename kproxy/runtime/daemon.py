@@ -13,27 +13,22 @@ import logging
 import signal
 import threading
 import time
-from dataclasses import replace
-from types import FrameType, MappingProxyType
+from types import FrameType
 from typing import TYPE_CHECKING
 
 from kproxy.backends.base import DriftCheck, SyncError, SyncResult
 from kproxy.backends.conntrack import ConntrackCleaner
 from kproxy.config import Settings, node_name
+from kproxy.inspect.socketpath import default_socket_path
 from kproxy.kube.ingest import StoreSink
 from kproxy.metrics import Metrics
 from kproxy.model.objects import Ref
-from kproxy.model.store import Changes, Snapshot, Store
+from kproxy.model.store import Changes, Snapshot, Store, without_proxy_for
 from kproxy.model.view import ServicePortView, build_views
 from kproxy.render.conntrack import StaleFlowPlan, plan_stale_flows
 from kproxy.runtime.dataplane import Plane, make_planes
 from kproxy.runtime.health import HealthState, HTTPEndpoint, Route, health_routes
-from kproxy.runtime.inspectsock import (
-    InspectServer,
-    configz_route,
-    default_socket_path,
-    state_route,
-)
+from kproxy.runtime.inspectsock import InspectServer, configz_route, state_route
 from kproxy.runtime.listeners import Listeners
 from kproxy.runtime.runner import SyncLoop, SyncPlan
 from kproxy.runtime.sdnotify import Notifier
@@ -44,18 +39,6 @@ if TYPE_CHECKING:
     from kproxy.runtime.lb import LoadBalancerController
 
 log = logging.getLogger("kproxy")
-
-
-def without_proxy_for(snapshot: Snapshot, ip: str) -> Snapshot:
-    """The snapshot with the service owning cluster IP `ip` left unproxied: kproxy answers DNS
-    on the cluster DNS Service IP itself, so no rule may DNAT that address away."""
-    owners = [ref for ref, svc in snapshot.services.items() if ip in svc.cluster_ips]
-    if not owners:
-        return snapshot
-    services = dict(snapshot.services)
-    for ref in owners:
-        services[ref] = replace(services[ref], skip_proxy=True)
-    return replace(snapshot, services=MappingProxyType(services))
 
 
 class Daemon:

@@ -39,6 +39,7 @@ from typing import TYPE_CHECKING, Any
 
 import kproxy
 from kproxy.config import Settings
+from kproxy.inspect.socketpath import STATE_VERSION, netns_inode
 from kproxy.model.codec import encode, encode_snapshot
 from kproxy.model.store import Snapshot
 from kproxy.runtime.health import Route
@@ -48,42 +49,7 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kproxy.inspect")
 
-RUN_DIR = Path("/run/kproxy")
-NETNS_DIR = Path("/run/netns")
-STATE_VERSION = 1
-
 Document = Callable[[], dict[str, object]]
-
-
-def netns_inode() -> int:
-    """The inode of this process's network namespace (0 when /proc cannot tell)."""
-    try:
-        return os.stat("/proc/self/ns/net").st_ino
-    except OSError:
-        return 0
-
-
-def netns_name(netns_dir: Path = NETNS_DIR) -> str:
-    """The `ip netns` name of this process's network namespace, "" when it has none."""
-    own = netns_inode()
-    if not own:
-        return ""
-    try:
-        names = sorted(os.listdir(netns_dir))
-    except OSError:
-        return ""
-    for name in names:
-        try:
-            if os.stat(netns_dir / name).st_ino == own:
-                return name
-        except OSError:
-            continue
-    return ""
-
-
-def default_socket_path(run_dir: Path = RUN_DIR) -> Path:
-    name = netns_name()
-    return run_dir / (f"netns-{name}.sock" if name else "kproxy.sock")
 
 
 class _Server(socketserver.ThreadingMixIn, socketserver.UnixStreamServer):

@@ -32,6 +32,7 @@ ALLOWED: dict[str, set[str]] = {
     "lab": {"config", "logs", "metrics", "model"},
     "inspect": {"backends", "kube", "dns", "lab", "render", "model", "config", "logs", "metrics"},
     "runtime": {
+        "__init__",
         "inspect",
         "backends",
         "kube",

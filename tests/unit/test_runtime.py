@@ -4,8 +4,7 @@ test_runner)."""
 from __future__ import annotations
 
 from kproxy.model.objects import Ref
-from kproxy.model.store import Store
-from kproxy.runtime.daemon import without_proxy_for
+from kproxy.model.store import Store, without_proxy_for
 from kproxy.runtime.health import HealthState
 from tests.support.builders import make_service
 
