@@ -10,8 +10,8 @@ from __future__ import annotations
 
 from typing import Any
 
+from kproxy.inspect.socketpath import default_socket_path
 from kproxy.inspect.wanted import NoAgent, Wanted, fetch
-from kproxy.runtime.inspectsock import default_socket_path
 
 
 def agent_rejections(wanted: Wanted, *, timeout: float = 5.0) -> list[dict[str, Any]]:

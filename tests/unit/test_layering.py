@@ -1,7 +1,7 @@
 """The import contract of kproxy's packages, checked on the source (every import statement,
 including those inside functions):
 
-    cli > runtime > inspect > (backends | kube | dns | lab) > render > model
+    cli > runtime > inspect > (backends | kube | dns | lab) > (render | lb) > model
 
 A package may import itself and anything to its right; `config`, `logs` and `metrics` are
 support modules for the layers that wire things together (cli, runtime, inspect) and for
@@ -23,17 +23,30 @@ ROOT = Path(__file__).resolve().parents[2] / "kproxy"
 ALLOWED: dict[str, set[str]] = {
     "model": set(),
     "render": {"model"},
-    "config": {"model"},
+    "lb": {"model"},
+    "config": {"model", "lb"},
     "logs": set(),
     "metrics": set(),
-    "backends": {"render", "model"},
-    "kube": {"render", "model"},
+    "backends": {"render", "lb", "model"},
+    "kube": {"render", "lb", "model"},
     "dns": {"model", "__init__"},
     "lab": {"config", "logs", "metrics", "model"},
-    "inspect": {"backends", "kube", "dns", "lab", "render", "model", "config", "logs", "metrics"},
+    "inspect": {
+        "backends",
+        "kube",
+        "dns",
+        "lab",
+        "lb",
+        "render",
+        "model",
+        "config",
+        "logs",
+        "metrics",
+    },
     "runtime": {
         "__init__",
         "inspect",
+        "lb",
         "backends",
         "kube",
         "dns",
@@ -44,6 +57,7 @@ ALLOWED: dict[str, set[str]] = {
         "metrics",
     },
     "cli": {
+        "lb",
         "runtime",
         "inspect",
         "backends",
