@@ -812,8 +812,6 @@ def validate(settings: Settings) -> Settings:
             Pools.parse(settings.lb_pools)
         except ValueError as err:
             raise ConfigError(f"kproxy.loadBalancer.pools: {err}") from None
-        if settings.manifests:
-            raise ConfigError("--lb-pool needs the API (it writes Service status): not --manifests")
     if not 1 <= settings.lb_lease_duration <= 300:
         raise ConfigError("kproxy.loadBalancer.leaseDuration must be between 1s and 300s")
     return settings

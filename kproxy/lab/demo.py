@@ -2,13 +2,16 @@
 
 Builds one node namespace with four routed pods (nginx-1..3 and mysql-0) and an outside client,
 starts kproxy in the node against the bundled manifests (kproxy/examples/classic-lab.yaml), then
-shows what a student would try: a NodePort from outside spreading over the pods, the database
+shows what a student would try: a NodePort from outside spreading over the pods, the
+LoadBalancer service getting an address from a pool (--lb-pool) that the client reaches by ARP,
+the database
 ClusterIP from inside a pod, cluster DNS, and the rules that did it. Everything is torn down at
 the end (the rules live in the node namespace, so they go with it).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import subprocess
@@ -20,10 +23,11 @@ from pathlib import Path
 from kproxy.lab.netlab import Lab
 from kproxy.lab.nsexec import module_argv
 from kproxy.lab.servers import start_servers
-from kproxy.lab.traffic import http_batch, wait_http
+from kproxy.lab.traffic import http_batch, http_get, wait_http
 
 NODE_NAME = "lab-node"
 NODEPORT = 30080
+LB_POOL = "192.168.50.240-192.168.50.250"  # on the client's segment: reached by ARP
 MYSQL_VIP = "10.96.100.50"
 DNS_IP = "169.254.20.10"
 
@@ -50,6 +54,45 @@ def _show(lab: Lab, ns: str, argv: list[str], *, grep: str = "") -> None:
     lines = [line for line in out.splitlines() if grep in line] if grep else out.splitlines()
     for line in lines:
         _say(f"    {line}")
+
+
+def _loadbalancer(lab: Lab) -> None:
+    """nginx-loadbalancer gets an EXTERNAL-IP from the pool; the client finds it by ARP."""
+    _title(f"LoadBalancer nginx-loadbalancer: an address from the pool {LB_POOL}")
+    node = lab.nodes[0]
+    address = ""
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not address:
+        res = http_get(node.ns, "127.0.0.1", 10249, timeout=1.0, path="/lb")
+        try:
+            rows = json.loads(res.body).get("addresses") or [] if res.ok else []
+        except ValueError:
+            rows = []
+        address = next(
+            (r["address"] for r in rows if r["service"] == "default/nginx-loadbalancer"), ""
+        )
+        if not address:
+            time.sleep(0.2)
+    if not address:
+        _say("  no address was assigned (see the kproxy log)")
+        return
+    _say(f"  EXTERNAL-IP {address}, announced by {NODE_NAME}")
+    if shutil.which("arping"):
+        _say(f"  arping from the client (who answers ARP for {address}?):")
+        _show(
+            lab,
+            lab.client.ns,
+            ["arping", "-I", "eth0", "-c", "2", "-w", "3", address],
+            grep="reply",
+        )
+    ready = wait_http(lab.client.ns, address, 80, deadline=10.0, expect="nginx")
+    if not ready.ok:
+        _say(f"  the client cannot reach {address}:80 ({ready.error_kind})")
+        return
+    batch = http_batch(lab.client.ns, address, 80, n=6)
+    _say(f"  6 requests from the client to {address}:80:")
+    for name, count in sorted(batch.names.items()):
+        _say(f"  {name}: {'#' * count} {count}")
 
 
 def run_demo(*, keep: bool = False, proxy_mode: str = "iptables") -> int:
@@ -91,6 +134,8 @@ def run_demo(*, keep: bool = False, proxy_mode: str = "iptables") -> int:
             "127.0.0.1:10249",
             "--dns-listen",
             f"{DNS_IP}:53",
+            "--lb-pool",
+            LB_POOL,
         )
         _title(f"starting kproxy in the node: kproxy run --manifests {manifests}")
         log_path = lab.workdir / "kproxy.log"
@@ -107,6 +152,8 @@ def run_demo(*, keep: bool = False, proxy_mode: str = "iptables") -> int:
         batch = http_batch(lab.client.ns, node.ip, NODEPORT, n=9)
         for name, count in sorted(batch.names.items()):
             _say(f"  {name}: {'#' * count} {count}")
+
+        _loadbalancer(lab)
 
         _title(f"from pod nginx-1 to mysql-service {MYSQL_VIP}:3306 (ClusterIP)")
         one = http_batch(nginx[0].ns, MYSQL_VIP, 3306, n=1).results[0]

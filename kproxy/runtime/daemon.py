@@ -36,7 +36,7 @@ from kproxy.runtime.svchealth import ServiceHealthServer
 
 if TYPE_CHECKING:
     from kproxy.dns.server import DNSService
-    from kproxy.runtime.lb import LoadBalancerController
+    from kproxy.runtime.lb import LoadBalancerController, LocalPoolSink
 
 log = logging.getLogger("kproxy")
 
@@ -67,6 +67,7 @@ class Daemon:
         self.service_health: ServiceHealthServer | None = None
         self.dns: DNSService | None = None
         self.lb: LoadBalancerController | None = None
+        self._local_lb: LocalPoolSink | None = None
         self.loop = SyncLoop(
             sync=self._sync,
             min_interval=settings.min_sync_period,
@@ -95,6 +96,14 @@ class Daemon:
         if s.manifests:
             from kproxy.kube.manifests import ManifestSource
 
+            if s.lb_pools:  # this agent allocates LoadBalancer addresses itself
+                from kproxy.lb.pools import Pools
+                from kproxy.runtime.lb import LocalPoolSink
+
+                self._local_lb = LocalPoolSink(sink, Pools.parse(s.lb_pools))
+                return ManifestSource(
+                    sink=self._local_lb, directory=s.manifests, stop=self.stop_event
+                )
             return ManifestSource(sink=sink, directory=s.manifests, stop=self.stop_event)
         from kproxy.kube.watch import KubeSource
 
@@ -447,6 +456,7 @@ class Daemon:
             snapshot=self.store.peek,
             metrics=LBMetrics(self.metrics.registry),
             stop=threading.Event(),
+            local=self._local_lb,
         )
         self.store.subscribe(self.lb.store_changed)
 

@@ -117,6 +117,60 @@ class LBState:
             return self.generation, dict(self.services), dict(self.nodes), leases
 
 
+class LocalPoolSink:
+    """Manifests mode (`--manifests` with pools): this agent is the whole cluster, so it is the
+    allocator without an election and without status writes. It sits between the manifest
+    source and the store: every Service list gets the allocator's addresses written into the
+    objects' status before the store (and so the proxier) sees them; the same objects feed the
+    announcer's `LBState`. Assignments are kept in memory, so they stay stable while it runs.
+    """
+
+    def __init__(self, inner: Any, pools: Pools) -> None:
+        from kproxy.kube.lbapi import parse_lb_service
+
+        self._inner = inner
+        self._pools = pools
+        self._parse = parse_lb_service
+        self._held: dict[Ref, tuple[str, ...]] = {}
+        self.decisions: dict[Ref, Decision] = {}
+        self.listeners: list[Callable[[list[RawObject]], None]] = []
+
+    def replace(self, kind: str, objects: list[RawObject]) -> None:
+        if kind == "Service":
+            objects = self._assign(objects)
+            for listener in self.listeners:
+                listener(objects)
+        self._inner.replace(kind, objects)
+
+    def apply(self, kind: str, event_type: str, obj: RawObject) -> None:
+        self._inner.apply(kind, event_type, obj)  # manifest sources only replace
+
+    def _assign(self, objects: list[RawObject]) -> list[RawObject]:
+        from dataclasses import replace as dc_replace
+
+        parsed = [self._parse(o) for o in objects]
+        inputs = [dc_replace(p, ingress=self._held.get(p.ref, p.ingress)) for p in parsed]
+        decisions = allocate(self._pools, inputs)
+        out: list[RawObject] = []
+        for obj, svc in zip(objects, inputs, strict=True):
+            decision = decisions.get(svc.ref)
+            if decision is None or decision.pending:
+                if decision is not None and self.decisions.get(svc.ref) != decision:
+                    log.warning("LoadBalancer %s stays pending: %s", svc.ref, decision.pending)
+                out.append(obj)
+                continue
+            if self._held.get(svc.ref) != decision.ips and decision.ips:
+                log.info("LoadBalancer %s: assigned %s", svc.ref, ", ".join(decision.ips))
+            obj = dict(obj)
+            status = dict(obj.get("status") or {})
+            status["loadBalancer"] = {"ingress": [{"ip": ip} for ip in decision.ips]}
+            obj["status"] = status
+            out.append(obj)
+        self._held = {ref: d.ips for ref, d in decisions.items() if d.assigned}
+        self.decisions = decisions
+        return out
+
+
 @dataclass
 class Report:
     """What `kproxy status` shows (served as JSON at /lb on the metrics address)."""
@@ -154,10 +208,10 @@ class LoadBalancerController:
         snapshot: Callable[[], Snapshot],
         metrics: Any,
         stop: threading.Event,
+        local: LocalPoolSink | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from kproxy.backends.l2 import L2Responder
-        from kproxy.kube.lbapi import LBApi
 
         self.pools = pools
         self.node = node_name
@@ -169,9 +223,18 @@ class LoadBalancerController:
         self._stop = stop
         self._clock = clock
         self._wake = threading.Event()
-        self.api = LBApi(kubeconfig=kubeconfig, master=master, namespace=namespace)
+        self.namespace = namespace
         self.state = LBState(on_change=self._wake.set, clock=clock)
-        self._watchers = self.api.watchers(self.state, stop=stop)
+        self.local = local
+        self.api: Any = None
+        self._watchers: list[Any] = []
+        if local is None:
+            from kproxy.kube.lbapi import LBApi
+
+            self.api = LBApi(kubeconfig=kubeconfig, master=master, namespace=namespace)
+            self._watchers = self.api.watchers(self.state, stop=stop)
+        else:  # manifests: one node, no API (see LocalPoolSink)
+            local.listeners.append(lambda objs: self.state.replace("Service", objs))
         self.responder = L2Responder(
             on_reply=lambda fam: metrics.lb_replies.labels(str(fam)).inc(),
             on_announce=self._announced,
@@ -205,10 +268,10 @@ class LoadBalancerController:
             w.thread.start()
         self._thread.start()
         log.info(
-            "LoadBalancer address pools: %s (%d addresses); leases in namespace %s",
+            "LoadBalancer address pools: %s (%d addresses); %s",
             ", ".join(r.text for r in self.pools.ranges),
             self.pools.size(),
-            self.api.namespace,
+            "allocated here (manifests)" if self.local else f"leases in {self.namespace}",
         )
 
     def store_changed(self) -> None:
@@ -222,6 +285,9 @@ class LoadBalancerController:
         self._thread.join(3.0)
         self.responder.close()
         now = time.time()
+        if self.api is None:
+            log.info("LoadBalancer announcements stopped")
+            return
         for name, record in (
             (E.agent_lease_name(self.node), self._heartbeat),
             (E.ALLOCATOR_LEASE, self._leader_record if self.leader else None),
@@ -249,6 +315,11 @@ class LoadBalancerController:
                 break
             now = self._clock()
             try:
+                if self.local is not None:
+                    self._heartbeat_ok_at = now
+                    self._decisions = self.local.decisions
+                    self._announce(now)
+                    continue
                 self._beat(now)
                 self._elect(now)
                 if all(w.synced.is_set() for w in self._watchers):
@@ -401,6 +472,9 @@ class LoadBalancerController:
 
     def _announce(self, now: float) -> None:
         gen, services, nodes, leases = self.state.view()
+        if self.local is not None:  # the agent is the cluster
+            nodes = nodes or {self.node: NodeState(self.node)}
+            leases = {E.ALLOCATOR_LEASE: E.Observation(E.LeaseRecord(self.node, 1), now)}
         healthy = now - self._heartbeat_ok_at <= self.duration
         alive = self._alive(leases, now)
         if healthy:
@@ -437,7 +511,9 @@ class LoadBalancerController:
                 rows.append({"address": ip, "service": str(svc.ref), "node": owner or ""})
         self._apply_owners(owners)
         pending = {
-            str(ref): d.pending for ref, d in self._decisions.items() if d.pending and self.leader
+            str(ref): d.pending
+            for ref, d in self._decisions.items()
+            if d.pending and (self.leader or self.local)
         }
         usage = pool_usage(
             self.pools,

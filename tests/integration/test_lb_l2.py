@@ -236,7 +236,7 @@ def test_etp_local_exhaustion_freeing_and_ndp(
     api.upsert(lb_service("third", vip="10.96.0.82", node_port=30082))
     eventually(lambda: ingress(api, "second") == ["192.168.50.201"], timeout=15)
     leader = eventually(
-        lambda: next((a for a in agents if "stays pending" in a.log()), None), timeout=10
+        lambda: next((a for a in agents if "stays pending" in a.log()), False), timeout=10
     )
     assert "LoadBalancer default/third stays pending: no free IPv4 address left" in leader.log()
     assert ingress(api, "third") == []
@@ -246,7 +246,16 @@ def test_etp_local_exhaustion_freeing_and_ndp(
 
     # IPv6: a single-stack IPv6 service gets an address answered over NDP by one node
     api.upsert(lb_service("v6", vip="fd00:96::80", ipFamilies=["IPv6"], node_port=30083))
-    api.upsert(all_pods_slice(lab, "v6"))
+    api.upsert(
+        make_slice_obj(
+            "default",
+            "v6-abc12",
+            "v6",
+            [{"ip": p.ip6, "node": p.node.name, "pod": p.name} for p in lab.pods],
+            [("http", 80, "TCP")],
+            address_type="IPv6",
+        )
+    )
     eventually(lambda: ingress(api, "v6") == ["fd00:50::200"], timeout=15)
     owner6 = announcer("fd00:50::200", [n.name for n in lab.nodes])
     assert owner6 is not None
@@ -259,3 +268,28 @@ def test_etp_local_exhaustion_freeing_and_ndp(
         return m.group(1) if m else ""
 
     assert eventually(neighbour, timeout=10) == macs[owner6]
+    eventually(lambda: http_get(lab.client.ns, "fd00:50::200", 80, timeout=1.0).ok, timeout=10)
+    res6 = http_get(lab.client.ns, "fd00:50::200", 80, timeout=1.0)
+    assert res6.ok and res6.name in {p.name for p in lab.pods}
+
+
+def test_demo_loadbalancer_answers_the_outside_client(lab_factory: Any) -> None:
+    """`kproxy demo` (manifests mode: the agent allocates itself): nginx-loadbalancer gets the
+    pool's first address, one MAC answers ARP, and the client's requests reach the nginx pods."""
+    del lab_factory  # only for its skip-unless-netns check
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "kproxy", "demo"],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=True,
+    ).stdout
+    section = out[out.index("== LoadBalancer nginx-loadbalancer") :].split("\n== ")[0]
+    assert "EXTERNAL-IP 192.168.50.240, announced by lab-node" in section
+    macs = set(re.findall(r"reply from 192\.168\.50\.240 \[([0-9A-F:]+)\]", section))
+    assert len(macs) == 1, section
+    counts = dict(re.findall(r"(nginx-\d): #+ (\d+)", section.split("requests from the client")[1]))
+    assert sum(map(int, counts.values())) == 6 and set(counts) <= {"nginx-1", "nginx-2", "nginx-3"}
