@@ -21,19 +21,40 @@ change        one endpoint change at N services: from the EndpointSlice update a
               re-validate).
 
     sudo python3 benchmarks/iptables_bench.py --services 1000 10000 --endpoints 10
+
+With --agent, the whole agent instead (`kproxy run` in a lab node namespace, fed by the fake
+apiserver, real TCP traffic from a pod namespace), per flavour, in one run (issue 9):
+
+cold start    process start to the first full sync's end (and that sync's own duration);
+idle          --idle seconds after start-up: CPU % of one core of the agent's process group, and
+              writes (restores reported by the sync log lines, plus whether the tables'
+              fingerprint, the nf_tables generation or legacy's table entry counts, moved);
+soak          one endpoint change every --interval seconds for --soak seconds: a prober in a pod
+              namespace polls the Service (a new TCP connection every ~4 ms) from just before
+              the EndpointSlice update until the new pod answers; p50/p99 of that delay, and
+              changes the prober never saw (lost after --lost-after s);
+raw           a rule-adding one-chain `iptables-<flavour>-restore --noflush` (a KUBE-SVC chain
+              re-declared with its own rules) into the same tables right after the soak;
+burst         --burst endpoint changes across as many services sent back to back: how many
+              syncs until all are in the kernel, and a sample checked with `iptables -S`.
+
+    sudo python3 benchmarks/iptables_bench.py --agent --services 10000 --idle 300 --soak 300
 """
 
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import os
+import re
 import secrets
 import statistics
 import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -264,6 +285,318 @@ def ms(seconds: float | None) -> str:
     )
 
 
+# -- the whole agent: idle, soak, burst (issue 9) ---------------------------------------------
+PROBER = r"""
+import socket, sys, time
+def fetch(vip, port):
+    s = socket.socket()
+    s.settimeout(0.25)
+    try:
+        s.connect((vip, port))
+        s.sendall(b"GET / HTTP/1.0\r\n\r\n")
+        data = b""
+        while True:
+            chunk = s.recv(4096)
+            if not chunk:
+                return data.decode(errors="replace")
+            data += chunk
+    except OSError:
+        return ""
+    finally:
+        s.close()
+for line in sys.stdin:
+    vip, port, want, limit = line.split()
+    deadline, tries = time.time() + float(limit), 0
+    while True:
+        tries += 1
+        if want in fetch(vip, int(port)):
+            print(f"ok {time.time():.6f} {tries}", flush=True)
+            break
+        if time.time() > deadline:
+            print(f"lost {time.time():.6f} {tries}", flush=True)
+            break
+        time.sleep(0.004)
+"""
+
+SYNC_LOG = re.compile(
+    r"^(\S+Z) \w+ kproxy synced (all rules|changes) in ([\d.]+) ms: \w+ sync \((\w+)\), "
+    r"(\d+) services, (\d+) changed, (\d+) written",
+    re.M,
+)
+
+
+@dataclass
+class SyncLine:
+    end: float  # wall clock
+    full: bool
+    ms: float
+    reason: str
+    changed: int
+    written: int
+
+
+def sync_lines(text: str) -> list[SyncLine]:
+    out = []
+    for m in SYNC_LOG.finditer(text):
+        stamp = datetime.datetime.strptime(m[1], "%Y-%m-%dT%H:%M:%S.%fZ")
+        end = stamp.replace(tzinfo=datetime.UTC).timestamp()
+        out.append(SyncLine(end, m[2] == "all rules", float(m[3]), m[4], int(m[6]), int(m[7])))
+    return out
+
+
+def group_cpu(pgid: int) -> float:
+    """CPU seconds (user + system) of every live process in process group `pgid`."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for pid in os.listdir("/proc"):
+        if not pid.isdigit():
+            continue
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        if int(fields[2]) == pgid:
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def agent_run(flavour: str, n: int, m: int, args: argparse.Namespace) -> dict[str, Any]:
+    """One agent run at n services x m endpoints: cold start, idle, soak, raw, burst."""
+    from kproxy.lab.netlab import Lab
+    from kproxy.lab.servers import serve_pods
+    from tests.support.agent import Agent, serve_cluster_api
+    from tests.support.objects import make_service_obj, make_slice_obj
+
+    probes = min(args.probe_services, n)
+    lab = Lab.create(nodes=1, pods_per_node=4, prefix="kpb")
+    out: dict[str, Any] = {"flavour": flavour, "services": n, "endpoints": m}
+    try:
+        client, backends = lab.pods[0], lab.pods[1:]
+        serve_pods(lab, backends, tcp=[8080])
+        node = lab.nodes[0]
+        if flavour == "legacy":  # kubelet's hint makes kproxy pick legacy, as on a real node
+            lab.run(node.ns, ["iptables-legacy", "-t", "mangle", "-N", "KUBE-IPTABLES-HINT"])
+        with serve_cluster_api(lab) as (api, kubeconfig):
+            current: dict[int, int] = {}
+
+            def slice_obj(i: int, gen: int = 0) -> dict[str, Any]:
+                if i < probes:
+                    pod = backends[current.setdefault(i, i % len(backends))]
+                    eps: list[Any] = [{"ip": pod.ip, "node": node.name, "pod": pod.name}]
+                else:
+                    eps = [e.address for e in endpoint_slice(i, m, gen=gen).endpoints]
+                return make_slice_obj("bench", f"svc-{i}-abcde", f"svc-{i}", eps, [("http", 8080)])
+
+            started = time.perf_counter()
+            for i in range(n):
+                svc = service(i)
+                api.upsert(
+                    make_service_obj(
+                        "bench",
+                        svc.name,
+                        clusterIP=svc.cluster_ips[0],
+                        ports=[{"name": "http", "protocol": "TCP", "port": 80, "targetPort": 8080}],
+                    )
+                )
+                api.upsert(slice_obj(i))
+            out["api_fill_s"] = time.perf_counter() - started
+            agent = Agent(
+                lab,
+                node,
+                kubeconfig,
+                extra=["--iptables-min-sync-period", args.min_sync],
+            )
+            spawned = time.time()
+            agent.start(wait=False)
+            assert agent.proc is not None
+            deadline = time.time() + 900
+            while not any(s.full for s in sync_lines(full_log(agent))):
+                if time.time() > deadline or agent.proc.poll() is not None:
+                    raise RuntimeError(f"no first sync:\n{agent.log()}")
+                time.sleep(0.2)
+            first = next(s for s in sync_lines(full_log(agent)) if s.full)
+            out["cold_start_s"] = first.end - spawned  # process start to rules in the kernel
+            out["cold_sync_s"] = first.ms / 1000  # the first (full) sync itself
+            gen_of = GEN_PROBE.replace("FLAVOUR", flavour)
+
+            def generation() -> str:
+                res = lab.run(
+                    node.ns, [sys.executable, "-c", gen_of], capture_output=True, text=True
+                )
+                return res.stdout.strip()
+
+            # idle
+            time.sleep(2.0)
+            before_lines = len(sync_lines(full_log(agent)))
+            gen0, cpu0, t0 = generation(), group_cpu(agent.proc.pid), time.perf_counter()
+            time.sleep(args.idle)
+            cpu1, t1, gen1 = group_cpu(agent.proc.pid), time.perf_counter(), generation()
+            idle_syncs = sync_lines(full_log(agent))[before_lines:]
+            out.update(
+                idle_s=t1 - t0,
+                idle_cpu_pct=100 * (cpu1 - cpu0) / (t1 - t0),
+                idle_writes=sum(s.written for s in idle_syncs) + (gen0 != gen1),
+                idle_tables_unchanged=gen0 == gen1,
+                idle_syncs=len(idle_syncs),
+                idle_full_syncs=sum(s.full for s in idle_syncs),
+            )
+            # soak: one change every interval, the prober timing each from the API update to
+            # the first answer of the new pod
+            prober = lab.spawn(
+                client.ns,
+                [sys.executable, "-c", PROBER],
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            assert prober.stdin is not None and prober.stdout is not None
+            lat, lost, tries = [], 0, []
+            soak_end = time.monotonic() + args.soak
+            k = 0
+            cpu_s0, ts0, soak_wall = group_cpu(agent.proc.pid), time.perf_counter(), time.time()
+            while time.monotonic() < soak_end:
+                tick = time.monotonic()
+                i = k % probes
+                current[i] = (current.get(i, i % len(backends)) + 1) % len(backends)
+                want = backends[current[i]]
+                vip = service(i).cluster_ips[0]
+                prober.stdin.write(f"{vip} 80 {want.name} {args.lost_after}\n")
+                prober.stdin.flush()
+                time.sleep(0.02)  # the prober is polling the old pod by now
+                t_update = time.time()
+                api.upsert(slice_obj(i))
+                kind, when, n_tries = prober.stdout.readline().split()
+                if kind == "ok":
+                    lat.append(float(when) - t_update)
+                    tries.append(int(n_tries))
+                else:
+                    lost += 1
+                k += 1
+                time.sleep(max(0.0, args.interval - (time.monotonic() - tick)))
+            out.update(
+                soak_changes=k,
+                soak_lost=lost,
+                soak_p50=statistics.median(lat) if lat else None,
+                soak_p99=pct(lat, 0.99) if lat else None,
+                soak_max=max(lat) if lat else None,
+                soak_cpu_pct=100
+                * (group_cpu(agent.proc.pid) - cpu_s0)
+                / (time.perf_counter() - ts0),
+                soak_full_syncs=sum(
+                    s.full for s in sync_lines(full_log(agent)) if s.end > soak_wall
+                ),
+            )
+            prober.stdin.close()
+            prober.wait(10)
+            # raw: a rule-adding one-chain restore into the same tables, now
+            chain = C.svc_chain("bench/svc-0:http", "tcp")
+            listed = lab.run(
+                node.ns,
+                [f"iptables-{flavour}", "-w", "5", "-t", "nat", "-S", chain],
+                capture_output=True,
+                text=True,
+            ).stdout
+            rules = "".join(ln + "\n" for ln in listed.splitlines() if ln.startswith("-A "))
+            text = f"*nat\n:{chain} - [0:0]\n{rules}COMMIT\n"
+            raw = []
+            for _ in range(args.raw_changes):
+                t = time.perf_counter()
+                lab.run(
+                    node.ns,
+                    [f"iptables-{flavour}-restore", "--noflush", "-w", "5"],
+                    input=text,
+                    text=True,
+                    capture_output=True,
+                )
+                raw.append(time.perf_counter() - t)
+                time.sleep(0.2)
+            out.update(raw_p50=statistics.median(raw), raw_p99=pct(raw, 0.99))
+            # burst: 100 endpoint changes across 100 services within one second
+            burst = [probes + j for j in range(min(args.burst, n - probes))]
+            mark = len(sync_lines(full_log(agent)))
+            t_burst = time.time()
+            for j, i in enumerate(burst):  # as fast as the API takes them (well within 1 s)
+                api.upsert(slice_obj(i, gen=1000 + j))
+            t_sent = time.time()
+            deadline = time.time() + 120
+            needed: list[SyncLine] = []
+            while time.time() < deadline:
+                new = [s for s in sync_lines(full_log(agent))[mark:] if s.changed]
+                if sum(s.changed for s in new) >= len(burst):
+                    needed = new
+                    break
+                time.sleep(0.1)
+            sample = burst[:: max(1, len(burst) // 5)]
+            present = 0
+            for j, i in ((b - probes, b) for b in sample):
+                new_ip = f"10.250.{(1000 + j) // 256 % 256}.{(1000 + j) % 256}"
+                svc_rules = lab.run(
+                    node.ns,
+                    [
+                        f"iptables-{flavour}",
+                        "-w",
+                        "5",
+                        "-t",
+                        "nat",
+                        "-S",
+                        C.svc_chain(f"bench/svc-{i}:http", "tcp"),
+                    ],
+                    capture_output=True,
+                    text=True,
+                ).stdout
+                present += new_ip in svc_rules
+            out.update(
+                burst_changes=len(burst),
+                burst_send_s=t_sent - t_burst,
+                burst_syncs=len(needed) if needed else None,
+                burst_done_s=(needed[-1].end - t_burst) if needed else None,
+                burst_sampled_in_kernel=f"{present}/{len(sample)}",
+            )
+            agent.stop()
+    finally:
+        lab.teardown()
+    return out
+
+
+def full_log(agent: Any) -> str:
+    try:
+        return Path(agent.log_path).read_text(errors="replace")
+    except OSError:
+        return ""
+
+
+GEN_PROBE = (
+    "from kproxy.backends.iptables_drift import fingerprint;"
+    "print(fingerprint('FLAVOUR', 4, ('nat', 'filter', 'mangle')))"
+)
+
+
+def agent_main(args: argparse.Namespace) -> None:
+    rows = []
+    for n in args.services:
+        for flavour in args.flavours:
+            row = agent_run(flavour, n, args.endpoints, args)
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    if args.json:
+        return
+    print(
+        f"\n{'flavour':7} {'services':>8} {'cold s':>6} {'idle CPU%':>9} {'idle writes':>11} "
+        f"{'soak p50/p99 ms':>15} {'raw p50/p99 ms':>14} {'p50 ratio':>9} {'p99 ratio':>9} "
+        f"{'lost':>4} {'burst syncs':>11} {'burst s':>7}"
+    )
+    for r in rows:
+        p50r = r["soak_p50"] / r["raw_p50"] if r.get("soak_p50") else float("nan")
+        p99r = r["soak_p99"] / r["raw_p99"] if r.get("soak_p99") else float("nan")
+        print(
+            f"{r['flavour']:7} {r['services']:8d} {r['cold_start_s']:6.1f} "
+            f"{r['idle_cpu_pct']:9.2f} {r['idle_writes']:11d} "
+            f"{ms(r['soak_p50']) + '/' + ms(r['soak_p99']):>15} "
+            f"{ms(r['raw_p50']) + '/' + ms(r['raw_p99']):>14} {p50r:9.2f} {p99r:9.2f} "
+            f"{r['soak_lost']:4d} {r['burst_syncs']!s:>11} {r['burst_done_s'] or 0:7.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--services", type=int, nargs="+", default=[1000, 10000])
@@ -274,6 +607,16 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=3, help="full-sync runs (median)")
     parser.add_argument("--json", action="store_true", help="print one JSON object per row")
     parser.add_argument("--inner", nargs="+", help=argparse.SUPPRESS)
+    agent = parser.add_argument_group("--agent: the whole agent (idle, soak, burst)")
+    agent.add_argument("--agent", action="store_true", help="run the agent scenarios")
+    agent.add_argument("--idle", type=float, default=300.0, help="idle seconds (5 min)")
+    agent.add_argument("--soak", type=float, default=300.0, help="soak seconds (5 min)")
+    agent.add_argument("--interval", type=float, default=1.5, help="seconds between changes")
+    agent.add_argument("--lost-after", type=float, default=30.0)
+    agent.add_argument("--burst", type=int, default=100)
+    agent.add_argument("--probe-services", type=int, default=20)
+    agent.add_argument("--raw-changes", type=int, default=20)
+    agent.add_argument("--min-sync", default="1s", help="--iptables-min-sync-period")
     args = parser.parse_args()
     if args.inner:
         mode, flavour, *rest = args.inner
@@ -286,6 +629,9 @@ def main() -> None:
         return
     if os.geteuid() != 0:
         sys.exit("needs root (network namespaces)")
+    if args.agent:
+        agent_main(args)
+        return
     header = (
         f"{'flavour':7} {'services':>8} {'nat rules':>9} {'restores':>8} {'full ms':>8} "
         f"{'raw ms':>8} {'ratio':>5} {'raw 1 input':>11} {'resync ms':>9} "
