@@ -344,20 +344,11 @@ def sync_lines(text: str) -> list[SyncLine]:
     return out
 
 
-def group_cpu(pgid: int) -> float:
-    """CPU seconds (user + system) of every live process in process group `pgid`."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
-    for pid in os.listdir("/proc"):
-        if not pid.isdigit():
-            continue
-        try:
-            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        if int(fields[2]) == pgid:
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of process `pid` and of its children it has waited for (the
+    iptables-restore and -save runs)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return sum(int(f) for f in fields[11:15]) / os.sysconf("SC_CLK_TCK")
 
 
 def agent_run(flavour: str, n: int, m: int, args: argparse.Namespace) -> dict[str, Any]:
@@ -428,9 +419,9 @@ def agent_run(flavour: str, n: int, m: int, args: argparse.Namespace) -> dict[st
             # idle
             time.sleep(2.0)
             before_lines = len(sync_lines(full_log(agent)))
-            gen0, cpu0, t0 = generation(), group_cpu(agent.proc.pid), time.perf_counter()
+            gen0, cpu0, t0 = generation(), process_cpu(agent.proc.pid), time.perf_counter()
             time.sleep(args.idle)
-            cpu1, t1, gen1 = group_cpu(agent.proc.pid), time.perf_counter(), generation()
+            cpu1, t1, gen1 = process_cpu(agent.proc.pid), time.perf_counter(), generation()
             idle_syncs = sync_lines(full_log(agent))[before_lines:]
             out.update(
                 idle_s=t1 - t0,
@@ -453,7 +444,7 @@ def agent_run(flavour: str, n: int, m: int, args: argparse.Namespace) -> dict[st
             lat, lost, tries = [], 0, []
             soak_end = time.monotonic() + args.soak
             k = 0
-            cpu_s0, ts0, soak_wall = group_cpu(agent.proc.pid), time.perf_counter(), time.time()
+            cpu_s0, ts0, soak_wall = process_cpu(agent.proc.pid), time.perf_counter(), time.time()
             while time.monotonic() < soak_end:
                 tick = time.monotonic()
                 i = k % probes
@@ -480,7 +471,7 @@ def agent_run(flavour: str, n: int, m: int, args: argparse.Namespace) -> dict[st
                 soak_p99=pct(lat, 0.99) if lat else None,
                 soak_max=max(lat) if lat else None,
                 soak_cpu_pct=100
-                * (group_cpu(agent.proc.pid) - cpu_s0)
+                * (process_cpu(agent.proc.pid) - cpu_s0)
                 / (time.perf_counter() - ts0),
                 soak_full_syncs=sum(
                     s.full for s in sync_lines(full_log(agent)) if s.end > soak_wall
@@ -545,7 +536,10 @@ def agent_run(flavour: str, n: int, m: int, args: argparse.Namespace) -> dict[st
                     text=True,
                 ).stdout
                 present += new_ip in svc_rules
+            soak_syncs = [s for s in sync_lines(full_log(agent)) if s.end > soak_wall]
+            partial_ms = [s.ms for s in soak_syncs if not s.full and s.written]
             out.update(
+                sync_partial_p50_ms=statistics.median(partial_ms) if partial_ms else None,
                 burst_changes=len(burst),
                 burst_send_s=t_sent - t_burst,
                 burst_syncs=len(needed) if needed else None,
@@ -554,6 +548,10 @@ def agent_run(flavour: str, n: int, m: int, args: argparse.Namespace) -> dict[st
             )
             agent.stop()
     finally:
+        if args.keep_logs:
+            Path(args.keep_logs).mkdir(parents=True, exist_ok=True)
+            log_copy = Path(args.keep_logs, f"kproxy-{flavour}-{n}.log")
+            log_copy.write_text(full_log(agent) if "agent" in locals() else "")
         lab.teardown()
     return out
 
@@ -617,6 +615,7 @@ def main() -> None:
     agent.add_argument("--probe-services", type=int, default=20)
     agent.add_argument("--raw-changes", type=int, default=20)
     agent.add_argument("--min-sync", default="1s", help="--iptables-min-sync-period")
+    agent.add_argument("--keep-logs", default="", help="copy the agent logs to this directory")
     args = parser.parse_args()
     if args.inner:
         mode, flavour, *rest = args.inner
