@@ -59,7 +59,13 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kproxy.backends.base import SyncError, SyncResult
-from kproxy.backends.iptables_drift import compare_counts, fingerprint, saved_counts
+from kproxy.backends.iptables_drift import (
+    OWN_NFT,
+    compare_counts,
+    fingerprint,
+    nft_generation,
+    saved_counts,
+)
 from kproxy.backends.iptables_exec import (
     ProcessRestorer,
     RestoreFailed,
@@ -166,6 +172,28 @@ def shared_edits(old: ServiceRules, new: ServiceRules) -> dict[str, str]:
     return {table: "".join(lines) for table, lines in out.items()}
 
 
+class _CommitCounting:
+    """A restore sink that counts the table sections written (iptables-nft-restore commits
+    each as its own nf_tables transaction: one generation each)."""
+
+    def __init__(self, sink: RestoreSink, owner: IptablesProxier) -> None:
+        self._sink = sink
+        self._owner = owner
+
+    def write(self, text: str) -> None:
+        self._owner.commits += text.count("COMMIT\n")
+        self._sink.write(text)
+
+    def end(self) -> None:
+        self._sink.end()
+
+    def wait(self) -> None:
+        self._sink.wait()
+
+    def abort(self) -> None:
+        self._sink.abort()
+
+
 def _count(text: str) -> int:
     return text.count("\n")
 
@@ -219,6 +247,8 @@ class IptablesProxier:
         # owned chain -> rule count, per table, as last written (what `drift` compares with)
         self._expected: dict[str, dict[str, int]] = {t: {} for t in TABLES}
         self._fingerprint: tuple[object, ...] | None = None  # of the tables after our writes
+        self._gen_before: int | None = None  # nft: the generation when this sync began
+        self.commits = 0  # nft: table sections (one transaction each) written by this sync
         self.restores = 0  # restore invocations of the last sync
         # services whose block iptables refused, with its error: left out until they change
         self.rejected: dict[Ref, Rejected] = {}
@@ -227,7 +257,8 @@ class IptablesProxier:
     # -- kernel I/O ----------------------------------------------------------------------------
     def _open(self) -> RestoreSink:
         self.restores += 1
-        return self._restorer.open([self.restore, "--noflush", "-w", "5"])
+        sink = self._restorer.open([self.restore, "--noflush", "-w", "5"])
+        return _CommitCounting(sink, self) if self.flavour == "nft" else sink
 
     def _finish(self, sink: RestoreSink) -> None:
         """Wait for a restore; a failure makes the next sync a reconciling full one."""
@@ -284,6 +315,9 @@ class IptablesProxier:
     def _record_written(self) -> None:
         """After each of kproxy's writes: the fingerprint `drift` compares with."""
         self._fingerprint = fingerprint(self.flavour, self.family, TABLES)
+        if self.flavour == "nft" and self._fingerprint is not None:
+            after = self._fingerprint[1]
+            OWN_NFT.note(self._gen_before, after if isinstance(after, int) else None, self.commits)
 
     def drift(self) -> str | None:
         """None while the tables hold what kproxy wrote; else what differs (the next sync is
@@ -294,12 +328,23 @@ class IptablesProxier:
         now = fingerprint(self.flavour, self.family, TABLES)
         if now is not None and now == self._fingerprint:
             return None
+        if self._moved_only_by_kproxy(now):
+            self._fingerprint = now  # the other IP family's proxier wrote, nobody else
+            return None
         found = self.inspect()
         if found is None:
             self._fingerprint = now  # someone else wrote elsewhere; ours is intact
         else:
             self._need_full = self._reconcile = True
         return found
+
+    def _moved_only_by_kproxy(self, now: tuple[object, ...] | None) -> bool:
+        if self.flavour != "nft" or now is None or self._fingerprint is None:
+            return False
+        since, current = self._fingerprint[1], now[1]
+        if not isinstance(since, int) or not isinstance(current, int):
+            return False
+        return OWN_NFT.only_own(since, current)
 
     def inspect(self) -> str | None:
         """The thorough half of `drift`: read the tables back and compare canaries, owned
@@ -327,7 +372,8 @@ class IptablesProxier:
             return self._sync_without_rejected(snapshot, err)
 
     def _sync_once(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult:
-        self.restores = 0
+        self.restores = self.commits = 0
+        self._gen_before = nft_generation() if self.flavour == "nft" else None
         full = full or changes.full or changes.node_changed or self._need_full
         if full:
             return self._full_sync(snapshot)

@@ -10,6 +10,11 @@ Two steps, so an idle node at 10,000 services spends microseconds per periodic c
    The proxier records the fingerprint right after each of its own writes; an unchanged
    fingerprint means nobody wrote since. (A write squeezed between kproxy's restore and its
    fingerprint read goes unseen until the next full sync; the window is a millisecond.)
+   The nf_tables generation is one per netns, so the IPv4 and IPv6 proxiers move each other's;
+   `OWN_NFT` remembers the generations kproxy's own restores produced (a sync whose generation
+   moved by no more than its number of table sections), and a move made only of those is no
+   write by anyone else. Without it, every IPv6 write would cost the IPv4 proxier a read-back
+   of its whole nat table at the next check.
 2. When the fingerprint moved (someone wrote: kubelet, a CNI plugin, an admin), the tables are
    read back and compared with what kproxy holds: canary chains, the set of kproxy-owned chains,
    the rule count of every owned chain, and the hook jumps. Only a difference there is drift;
@@ -121,6 +126,34 @@ def fingerprint(flavour: str, family: int, tables: Iterable[str]) -> tuple[objec
     infos = tuple(legacy_table_info(t, family) for t in tables)
     return None if any(i is None for i in infos) else ("legacy", *infos)
 
+
+class OwnGenerations:
+    """nf_tables generations produced by kproxy's own restores, in this process's netns."""
+
+    KEEP = 4096
+
+    def __init__(self) -> None:
+        self._own: set[int] = set()
+
+    def note(self, before: int | None, after: int | None, commits: int) -> None:
+        """A sync committed `commits` table sections between generations `before` and `after`:
+        if the generation moved by no more than that (a section that changes nothing may not
+        commit), every generation in between is kproxy's."""
+        if before is None or after is None or not 0 < after - before <= commits:
+            return
+        self._own.update(range(before + 1, after + 1))
+        if len(self._own) > self.KEEP:
+            floor = after - self.KEEP // 2
+            self._own = {g for g in self._own if g > floor}
+
+    def only_own(self, since: int, now: int) -> bool:
+        """True when every generation after `since` up to `now` came from kproxy."""
+        if now < since or now - since > self.KEEP:
+            return False
+        return all(g in self._own for g in range(since + 1, now + 1))
+
+
+OWN_NFT = OwnGenerations()
 
 ChainCounts = Mapping[str, Mapping[str, int]]  # table -> owned chain -> rule count
 

@@ -468,6 +468,13 @@ def test_drift_check_is_cheap_when_idle_and_finds_a_flushed_service_chain(
         READS.clear()
         out["idle"] = [p.drift() for _ in range(3)]
         out["idle_reads"] = len(READS)
+        # the other IP family's proxier writes (on nft: the same ruleset generation moves)
+        p6 = IptablesProxier(options=ProxyOptions(family=6, node_name="n"), flavour=FLAVOUR,
+                             run=run)
+        p6.sync(*Store().take(), full=True)
+        READS.clear()
+        out["after_ipv6_write"] = p.drift()
+        out["after_ipv6_write_reads"] = len(READS)
         # someone else writes elsewhere: one read-back, no drift, then cheap again
         ipt("-t", "filter", "-A", "INPUT", "-s", "192.0.2.1", "-j", "ACCEPT")
         READS.clear()
@@ -488,6 +495,7 @@ def test_drift_check_is_cheap_when_idle_and_finds_a_flushed_service_chain(
     )
     assert r["inspect_after_full"] is None and r["inspect_after_partial"] is None
     assert r["idle"] == [None, None, None] and r["idle_reads"] == 0
+    assert r["after_ipv6_write"] is None and r["after_ipv6_write_reads"] == 0
     assert r["elsewhere"] is None and r["elsewhere_reads"] >= 1
     assert r["elsewhere_again"] is None and r["elsewhere_again_reads"] == 0
     assert rules_of(r["flushed"], SVC_A) == []
