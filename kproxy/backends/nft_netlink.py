@@ -35,6 +35,7 @@ from kproxy.backends.ipvs_netlink import (
     error_code,
     netns_socket,
     parse_messages,
+    scan_attrs,
 )
 from kproxy.model.objects import IPV6
 from kproxy.render.nftables import (
@@ -66,6 +67,7 @@ NLM_F_APPEND = 0x800
 NLA_F_NESTED = 0x8000
 
 MSG_NEWTABLE, MSG_GETTABLE = 0, 1
+MSG_GETGEN = 16
 MSG_NEWCHAIN, MSG_DELCHAIN = 3, 5
 MSG_NEWRULE, MSG_DELRULE = 6, 8
 MSG_NEWSET, MSG_DELSET = 9, 11
@@ -558,26 +560,52 @@ class NftSocket:
             what = f"message {i} (type {enc.messages[i][0]})" if i is not None else "commit"
             raise NftError(f"nf_tables {what}: {errnos.errorcode.get(code, code)}", code)
 
-    def table_exists(self, family: int) -> bool:
+    def _request(self, kind: int, family: int, attrs: bytes) -> list[memoryview]:
+        """One GET request; the payloads of its replies (after the nfgenmsg header). Raises
+        NftError(ENOENT) when the object does not exist."""
+        self._drain()
         seq = self._next()
-        attrs = string(1, TABLE)
-        typ = (NFNL_SUBSYS_NFTABLES << 8) | MSG_GETTABLE
-        hdr = self._header(typ, NLM_F_REQUEST | NLM_F_ACK, seq, NFPROTO[family], 0, len(attrs))
+        typ = (NFNL_SUBSYS_NFTABLES << 8) | kind
+        nfproto = NFPROTO.get(family, 0)
+        hdr = self._header(typ, NLM_F_REQUEST | NLM_F_ACK, seq, nfproto, 0, len(attrs))
         self._sock.sendall(hdr + attrs)
-        found = False
+        out: list[memoryview] = []
         while True:
             n = self._sock.recv_into(self._buf)
-            for msg in parse_messages(memoryview(self._buf)[:n]):
+            for msg in parse_messages(bytes(memoryview(self._buf)[:n])):
                 if msg.seq != seq:
                     continue
                 if msg.type == NLMSG_ERROR:
                     code = error_code(msg.payload)
-                    if code == errnos.ENOENT:
-                        return False
                     if code:
-                        raise NftError(f"nf_tables GETTABLE: {errnos.errorcode.get(code)}", code)
-                    return found
-                found = True
+                        raise NftError(f"nf_tables get: {errnos.errorcode.get(code)}", code)
+                    return out
+                out.append(msg.payload[4:])
+
+    def generation(self) -> int:
+        """The ruleset generation: it changes with every commit, by anyone."""
+        for reply in self._request(MSG_GETGEN, 0, b""):
+            span = scan_attrs(reply).get(1)  # NFTA_GEN_ID
+            if span is not None:
+                return int.from_bytes(reply[span[0] : span[0] + 4], "big")
+        raise NftError("no generation in the GETGEN reply")
+
+    def table_use(self, family: int) -> int | None:
+        """How many objects (chains, sets) the kube-proxy table holds; None without it."""
+        try:
+            replies = self._request(MSG_GETTABLE, family, string(1, TABLE))
+        except NftError as err:
+            if err.errno == errnos.ENOENT:
+                return None
+            raise
+        for reply in replies:
+            span = scan_attrs(reply).get(3)  # NFTA_TABLE_USE
+            if span is not None:
+                return int.from_bytes(reply[span[0] : span[0] + 4], "big")
+        return None
+
+    def table_exists(self, family: int) -> bool:
+        return self.table_use(family) is not None
 
 
 class Writer(Protocol):
@@ -608,6 +636,10 @@ class NetlinkWriter:
 
     def table_exists(self) -> bool:
         return self._sock.table_exists(self.family)
+
+    def state(self) -> tuple[int, int | None]:
+        """(ruleset generation, objects in the table): what `drift` compares."""
+        return self._sock.generation(), self._sock.table_use(self.family)
 
     @property
     def last_send_seconds(self) -> float:

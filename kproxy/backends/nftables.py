@@ -46,7 +46,6 @@ from kproxy.render.nftables import (
 log = logging.getLogger("kproxy.nftables")
 
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
-TAMPER_CHECK_INTERVAL = 10.0
 
 
 class Writer(Protocol):
@@ -155,26 +154,45 @@ class NftablesProxier:
         self._counts: dict[Element, int] = {}
         self._need_full = True
         self._reconcile = True
-        self._tamper_checked = float("-inf")
+        self._state: tuple[int, int | None] | None = None
         self._rules = 0
         log.info("nftables mode: IPv%d, table %s %s", self.family, family_word(self.family), TABLE)
 
     # -- syncing -------------------------------------------------------------------------------
     def sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult:
         full = full or changes.full or changes.node_changed or self._need_full
-        if full or self._tampered():
-            return self._full_sync(snapshot)
-        return self._partial_sync(snapshot, changes.services)
+        if full:
+            result = self._full_sync(snapshot)
+        else:
+            result = self._partial_sync(snapshot, changes.services)
+        self._remember_state()
+        return result
 
-    def _tampered(self) -> bool:
-        if self._clock() - self._tamper_checked < TAMPER_CHECK_INTERVAL:
-            return False
-        self._tamper_checked = self._clock()
-        if self.writer.table_exists():
-            return False
-        log.warning("the %s table is gone: resyncing all", TABLE)
-        self._reconcile = True
-        return True
+    # -- drift ---------------------------------------------------------------------------------
+    def _remember_state(self) -> None:
+        """After each of kproxy's writes: the ruleset generation and the table's object count."""
+        state = getattr(self.writer, "state", None)
+        self._state = state() if state is not None else None
+
+    def drift(self) -> str | None:
+        """The periodic check (kproxy.runtime.runner): None while the kernel holds what kproxy
+        wrote. Cheap: one GETGEN round trip while nobody else committed anything to nftables;
+        when someone did (iptables-nft, a CNI, a person), one GETTABLE: the table must still
+        exist and hold as many chains and sets as after kproxy's last write."""
+        state = getattr(self.writer, "state", None)
+        if state is None or self._state is None:
+            return None if self.writer.table_exists() else f"table {TABLE} is gone"
+        gen, use = state()
+        if gen == self._state[0]:
+            return None
+        if use is None:
+            self._reconcile = True
+            return f"table {family_word(self.family)} {TABLE} is gone"
+        if use != self._state[1]:
+            self._reconcile = True
+            return f"table {TABLE} holds {use} chains and sets, kproxy wrote {self._state[1]}"
+        self._state = (gen, use)
+        return None
 
     def _render_all(self, snapshot: Snapshot) -> dict[Ref, ServiceBlock]:
         views = build_views(snapshot, family=self.family, node_name=self.options.node_name)
@@ -211,7 +229,6 @@ class NftablesProxier:
         self._counts = element_counts(blocks.values())
         self._rules = sum(b.rule_count for b in blocks.values())
         self._need_full = self._reconcile = False
-        self._tamper_checked = self._clock()
         return SyncResult(
             full=True,
             services_written=len(blocks),

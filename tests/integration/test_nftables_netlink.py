@@ -141,3 +141,34 @@ def test_table_probe_sees_a_deleted_table(netns: str) -> None:
     assert writer.table_exists()
     nft(netns, "delete", "table", "ip", "kube-proxy")
     assert not writer.table_exists()
+
+
+def test_proxier_drift_check(netns: str) -> None:
+    """After a sync: no drift; another table's commit is not drift; a chain added to
+    kube-proxy's table or the table's deletion is, and the next full sync repairs it."""
+    from kproxy.backends.nftables import NftablesProxier
+    from kproxy.model.store import Store
+    from tests.support.builders import make_endpoint, make_service, make_slice
+
+    store = Store()
+    store.set_service(make_service())
+    store.set_slice(make_slice(endpoints=[make_endpoint("10.180.0.1")]))
+    run = in_netns(netns)
+    writer = NetlinkWriter(4, fallback=NftCommandWriter(4, run=run), netns=netns)
+    proxier = NftablesProxier(options=V4, writer=writer, run=run)
+    snapshot, changes = store.take()
+    proxier.sync(snapshot, changes, full=True)
+    assert proxier.drift() is None
+    nft(netns, "add", "table", "ip", "someone-else")
+    assert proxier.drift() is None
+    nft(netns, "add", "chain", "ip", "kube-proxy", "intruder")
+    assert proxier.drift() is not None
+    # a full sync rewrites kproxy's objects (the intruder is not kproxy's to delete) and
+    # remembers the new count
+    proxier.sync(snapshot, changes, full=True)
+    assert proxier.drift() is None
+    nft(netns, "delete", "table", "ip", "kube-proxy")
+    assert "gone" in (proxier.drift() or "")
+    proxier.sync(snapshot, changes, full=True)
+    assert proxier.drift() is None
+    assert "172.30.0.41" in nft(netns, "list", "table", "ip", "kube-proxy")
