@@ -19,10 +19,11 @@ import logging
 import shutil
 import subprocess
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Protocol
 
 from kproxy.backends.base import SyncError, SyncResult
+from kproxy.backends.iptables_exec import ProcessRestorer, RestoreFailed, Restorer, RunRestorer
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
@@ -34,10 +35,11 @@ from kproxy.render.nftables import (
     Op,
     Renderer,
     ServiceBlock,
+    apply_counts,
     delta_ops,
     element_counts,
     family_word,
-    full_text,
+    full_chunks,
     is_service_chain,
     is_service_set,
     ops_text,
@@ -61,6 +63,12 @@ def nft_binary() -> str:
     if path is None:
         raise SyncError("nftables mode needs the nft command (Debian package nftables)")
     return path
+
+
+def _nft_error(err: str) -> str:
+    if "Protocol not supported" in err or "Operation not supported" in err:
+        return f"this kernel has no nf_tables (CONFIG_NF_TABLES, kernel >= 5.13 needed): {err}"
+    return f"nft -f failed: {err[-2000:]}"
 
 
 def run_nft(args: Sequence[str], *, stdin: str | None = None, run: Run = subprocess.run) -> str:
@@ -150,6 +158,7 @@ class NftablesProxier:
         self._clock = clock
         self.renderer = Renderer(options)
         self.writer: Writer = writer or _default_writer(self.family, run)
+        self._restorer: Restorer = ProcessRestorer() if run is subprocess.run else RunRestorer(run)
         self._blocks: dict[Ref, ServiceBlock] = {}
         self._counts: dict[Element, int] = {}
         self._need_full = True
@@ -204,27 +213,54 @@ class NftablesProxier:
                 out[ref] = block
         return out
 
+    def _blocks_of(
+        self, snapshot: Snapshot, into: dict[Ref, ServiceBlock]
+    ) -> Iterator[ServiceBlock]:
+        """Every non-empty service block in namespace/name order, rendered on demand (and
+        recorded in `into`)."""
+        render = self.renderer.render_service
+        node = self.options.node_name
+        for ref in sorted(snapshot.services):
+            views = build_views(snapshot, family=self.family, node_name=node, refs=(ref,))[ref]
+            block = render(views)
+            if not block.empty:
+                into[ref] = block
+                yield block
+
     def _full_sync(self, snapshot: Snapshot) -> SyncResult:
+        """One `nft -f` transaction, written while it is being rendered (nft parses its input
+        as it reads it, so rendering overlaps nft's own work)."""
         self._need_full = True  # until this sync has landed
         reconcile = self._reconcile
-        blocks = self._render_all(snapshot)
-        wanted_chains = {c for b in blocks.values() for c, _ in b.chains}
-        wanted_sets = {s.name for b in blocks.values() for s in b.sets}
         if reconcile:
             present_chains, present_sets = read_objects(self.family, self._run)
         else:
             present_chains = {c for b in self._blocks.values() for c, _ in b.chains}
             present_sets = {s.name for b in self._blocks.values() for s in b.sets}
-        stale_chains = sorted(c for c in present_chains - wanted_chains if is_service_chain(c))
-        stale_sets = sorted(s for s in present_sets - wanted_sets if is_service_set(s))
-        text = full_text(
-            self.renderer, blocks.values(), stale_chains=stale_chains, stale_sets=stale_sets
-        )
+        blocks: dict[Ref, ServiceBlock] = {}
+        stale_chains: list[str] = []
+
+        def stale() -> tuple[list[str], list[str]]:
+            wanted_chains = {c for b in blocks.values() for c, _ in b.chains}
+            wanted_sets = {s.name for b in blocks.values() for s in b.sets}
+            stale_chains.extend(
+                sorted(c for c in present_chains - wanted_chains if is_service_chain(c))
+            )
+            return stale_chains, sorted(s for s in present_sets - wanted_sets if is_service_set(s))
+
+        chunks = full_chunks(self.renderer, self._blocks_of(snapshot, blocks), stale=stale)
+        sink = self._restorer.open([nft_binary(), "-f", "-"])
         try:
-            run_nft(["-f", "-"], stdin=text, run=self._run)
-        except SyncError:
-            self._reconcile = True
+            for chunk in chunks:
+                sink.write(chunk)
+        except BaseException:
+            sink.abort()
             raise
+        try:
+            sink.wait()
+        except RestoreFailed as err:
+            self._reconcile = True
+            raise SyncError(_nft_error(str(err))) from err
         self._blocks = blocks
         self._counts = element_counts(blocks.values())
         self._rules = sum(b.rule_count for b in blocks.values())
@@ -254,7 +290,7 @@ class NftablesProxier:
         except Exception as err:
             self._need_full = self._reconcile = True
             raise SyncError(f"nftables partial sync failed: {err}") from err
-        self._counts = counts
+        apply_counts(self._counts, counts)
         for ref, block in changed.items():
             self._rules += block.rule_count - self._blocks.get(ref, EMPTY_BLOCK).rule_count
             if block.empty:

@@ -40,7 +40,7 @@ import base64
 import hashlib
 import ipaddress
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from kproxy.model.decisions import Verdict, node_in_source_ranges
@@ -623,12 +623,15 @@ def delta_ops(
     element_counts: Mapping[Element, int],
 ) -> tuple[list[Op], dict[Element, int]]:
     """The ops that turn the blocks `old[ref]` into `new[ref]` for every ref of `new`, and the
-    element reference counts that result (elements are shared between services: an element is
-    added when its first owner appears and deleted when its last owner goes).
+    element reference counts that change (elements are shared between services: an element is
+    added when its first owner appears and deleted when its last owner goes); fold them into
+    the counts with `apply_counts` once the ops are applied.
 
     Order matters inside one transaction: chains and sets are created before rules and
     elements name them; elements pointing at a chain are deleted before the chain."""
-    counts = dict(element_counts)
+    # only the counts this delta touches (copying all of them costs more than the rest of a
+    # one-endpoint sync at 10k services)
+    counts = _Overlay(element_counts)
     add_chains: list[Op] = []
     rules: list[Op] = []
     add_sets: list[Op] = []
@@ -685,7 +688,35 @@ def delta_ops(
         del_elems = [op for op in del_elems if op.element not in readd]
     ops = [*add_chains, *add_sets, *rules, *del_elems, *add_elems, *flush_gone]
     ops += del_chains + del_sets
-    return ops, counts
+    return ops, counts.changed
+
+
+class _Overlay:
+    """Reference counts read through to a base mapping, with writes kept apart (`changed`:
+    element -> new count, 0 for gone)."""
+
+    def __init__(self, base: Mapping[Element, int]) -> None:
+        self._base = base
+        self.changed: dict[Element, int] = {}
+
+    def get(self, e: Element, default: int = 0) -> int:
+        got = self.changed.get(e)
+        return self._base.get(e, default) if got is None else got
+
+    def __setitem__(self, e: Element, n: int) -> None:
+        self.changed[e] = n
+
+    def pop(self, e: Element, default: object = None) -> None:
+        self.changed[e] = 0
+
+
+def apply_counts(counts: dict[Element, int], changed: Mapping[Element, int]) -> None:
+    """Fold the `changed` counts a `delta_ops` returned into `counts`."""
+    for e, n in changed.items():
+        if n:
+            counts[e] = n
+        else:
+            counts.pop(e, None)
 
 
 def element_counts(blocks: Iterable[ServiceBlock]) -> dict[Element, int]:
@@ -696,59 +727,78 @@ def element_counts(blocks: Iterable[ServiceBlock]) -> dict[Element, int]:
     return out
 
 
+def full_chunks(
+    renderer: Renderer,
+    blocks: Iterable[ServiceBlock],
+    *,
+    stale: Callable[[], tuple[Sequence[str], Sequence[str]]] = lambda: ((), ()),
+) -> Iterator[str]:
+    """The `nft -f` input of a full sync, in pieces, lazily: one atomic transaction that
+    (re)declares the table, its sets and chains, flushes what kproxy owns and refills it, and
+    deletes the (chains, sets) `stale()` returns once every block has been consumed. Nothing is
+    removed outside the transaction, so connections survive it.
+
+    Each service's chains are declared, flushed and refilled together, so the input can be
+    written while later services are still being rendered (nft parses as it reads); the map
+    elements, which point at those chains, come after all of them."""
+    fam = renderer.family
+    t = _prefix(fam)
+    head = [f'add table {t} {{ comment "rules for kube-proxy" ; }}\n']
+    for name, typ, hook, prio in BASE_CHAINS:
+        head.append(f"add chain {t} {name} {{ type {typ} hook {hook} priority {prio} ; }}\n")
+    for name in FIXED_CHAINS:
+        head.append(f"add chain {t} {name}\n")
+    for s in shared_sets(fam):
+        head.append(f"add {s.text().replace(' ', f' {t} ', 1)}\n")
+    # flush everything kproxy owns, then refill: one transaction, so no window without rules
+    for name, *_ in BASE_CHAINS:
+        head.append(f"flush chain {t} {name}\n")
+    for name in FIXED_CHAINS:
+        head.append(f"flush chain {t} {name}\n")
+    for s in shared_sets(fam):
+        head.append(f"flush {'map' if s.value else 'set'} {t} {s.name}\n")
+    for chain, rules in renderer.fixed_chains().items():
+        head.extend(f"add rule {t} {chain} {r}\n" for r in rules)
+    yield "".join(head)
+
+    by_set: dict[str, list[str]] = {}
+    seen: set[tuple[str, tuple[str, ...]]] = set()
+
+    def collect(elements: Iterable[Element]) -> None:
+        for e in elements:
+            if (e.set, e.key) not in seen:  # two services claiming one key: the first wins
+                seen.add((e.set, e.key))
+                by_set.setdefault(e.set, []).append(e.text())
+
+    collect(renderer.nodeport_elements())
+    for b in blocks:
+        out = [f"add {s.text().replace(' ', f' {t} ', 1)}\n" for s in b.sets]
+        out.extend(f"add chain {t} {name}\n" for name, _ in b.chains)
+        out.extend(f"flush chain {t} {name}\n" for name, _ in b.chains)
+        for chain, chain_rules in b.chains:
+            out.extend(f"add rule {t} {chain} {rule_text(r, fam)}\n" for r in chain_rules)
+        collect(b.elements)
+        yield "".join(out)
+    out = []
+    for name, texts in by_set.items():
+        for i in range(0, len(texts), 1000):
+            out.append(f"add element {t} {name} {{ {', '.join(texts[i : i + 1000])} }}\n")
+    stale_chains, stale_sets = stale()
+    out.extend(f"flush chain {t} {name}\n" for name in stale_chains)
+    out.extend(f"delete chain {t} {name}\n" for name in stale_chains)
+    out.extend(f"delete set {t} {name}\n" for name in stale_sets)
+    yield "".join(out)
+
+
 def full_text(
     renderer: Renderer,
     blocks: Iterable[ServiceBlock],
     *,
-    stale_chains: Iterable[str] = (),
-    stale_sets: Iterable[str] = (),
+    stale_chains: Sequence[str] = (),
+    stale_sets: Sequence[str] = (),
 ) -> str:
-    """The `nft -f` input of a full sync: one atomic transaction that (re)declares the table,
-    its sets and chains, flushes what kproxy owns and refills it, and deletes `stale_*`.
-    Nothing is removed outside the transaction, so connections survive it."""
-    fam = renderer.family
-    t = _prefix(fam)
-    blocks = list(blocks)
-    out = [f'add table {t} {{ comment "rules for kube-proxy" ; }}\n']
-    for name, typ, hook, prio in BASE_CHAINS:
-        out.append(f"add chain {t} {name} {{ type {typ} hook {hook} priority {prio} ; }}\n")
-    for name in FIXED_CHAINS:
-        out.append(f"add chain {t} {name}\n")
-    for s in shared_sets(fam):
-        out.append(f"add {s.text().replace(' ', f' {t} ', 1)}\n")
-    own_sets = [s for b in blocks for s in b.sets]
-    for s in own_sets:
-        out.append(f"add {s.text().replace(' ', f' {t} ', 1)}\n")
-    for b in blocks:
-        out.extend(f"add chain {t} {name}\n" for name, _ in b.chains)
-    # flush everything kproxy owns, then refill: one transaction, so no window without rules
-    for name, *_ in BASE_CHAINS:
-        out.append(f"flush chain {t} {name}\n")
-    for name in FIXED_CHAINS:
-        out.append(f"flush chain {t} {name}\n")
-    for b in blocks:
-        out.extend(f"flush chain {t} {name}\n" for name, _ in b.chains)
-    stale_chains = list(stale_chains)
-    out.extend(f"flush chain {t} {name}\n" for name in stale_chains)
-    for s in shared_sets(fam):
-        out.append(f"flush {'map' if s.value else 'set'} {t} {s.name}\n")
-    for chain, rules in renderer.fixed_chains().items():
-        out.extend(f"add rule {t} {chain} {r}\n" for r in rules)
-    for b in blocks:
-        for chain, chain_rules in b.chains:
-            out.extend(f"add rule {t} {chain} {rule_text(r, fam)}\n" for r in chain_rules)
-    by_set: dict[str, list[str]] = {}
-    seen: set[tuple[str, tuple[str, ...]]] = set()
-    for e in (*renderer.nodeport_elements(), *(e for b in blocks for e in b.elements)):
-        if (e.set, e.key) not in seen:  # two services claiming one key: the first wins
-            seen.add((e.set, e.key))
-            by_set.setdefault(e.set, []).append(e.text())
-    for name, texts in by_set.items():
-        for i in range(0, len(texts), 1000):
-            out.append(f"add element {t} {name} {{ {', '.join(texts[i : i + 1000])} }}\n")
-    out.extend(f"delete chain {t} {name}\n" for name in stale_chains)
-    out.extend(f"delete set {t} {name}\n" for name in stale_sets)
-    return "".join(out)
+    """`full_chunks` as one text."""
+    return "".join(full_chunks(renderer, blocks, stale=lambda: (stale_chains, stale_sets)))
 
 
 def render_ruleset(

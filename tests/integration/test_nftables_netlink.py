@@ -19,7 +19,14 @@ from kproxy.backends.nftables import NftCommandWriter
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import ServicePortView
-from kproxy.render.nftables import Renderer, ServiceBlock, delta_ops, element_counts, full_text
+from kproxy.render.nftables import (
+    Renderer,
+    ServiceBlock,
+    apply_counts,
+    delta_ops,
+    element_counts,
+    full_text,
+)
 from tests.support.lab import require_netns
 from tests.unit.test_render_nftables import V4, V6, ipv6, overall
 
@@ -121,9 +128,9 @@ def test_netlink_deltas_track_nft(netns: str) -> None:
         )
     )
     writer = NetlinkWriter(4, fallback=NftCommandWriter(4, run=in_netns(netns)), netns=netns)
-    ops, counts = delta_ops(
-        before, {gone: after[gone], changed: after[changed]}, element_counts(before.values())
-    )
+    counts = element_counts(before.values())
+    ops, changes = delta_ops(before, {gone: after[gone], changed: after[changed]}, counts)
+    apply_counts(counts, changes)
     writer.apply(ops)
     got = nft(netns, "list", "table", "ip", "kube-proxy")
     assert writer.fallbacks == 0

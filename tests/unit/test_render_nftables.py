@@ -24,6 +24,7 @@ from kproxy.render.nftables import (
     Element,
     Renderer,
     ServiceBlock,
+    apply_counts,
     delta_ops,
     element_counts,
     is_service_chain,
@@ -125,7 +126,9 @@ def test_endpoint_change_rewrites_one_chain_and_the_hairpin_elements() -> None:
     after = block(
         (SVC, [make_slice(endpoints=[make_endpoint("10.180.0.1"), make_endpoint("10.180.0.2")])])
     )
-    ops, counts = delta_ops({REF: before}, {REF: after}, element_counts([before]))
+    counts = element_counts([before])
+    ops, changed = delta_ops({REF: before}, {REF: after}, counts)
+    apply_counts(counts, changed)
     text = ops_text(ops, 4)
     chain = "service-XPGD46QR-ns1/svc1/tcp/p80"
     assert text == (
@@ -152,7 +155,9 @@ def test_losing_the_last_endpoint_turns_the_dispatch_into_a_reject() -> None:
 
 def test_new_service_creates_its_chain_before_the_element_that_jumps_to_it() -> None:
     new = block((SVC, [make_slice(endpoints=[make_endpoint("10.180.0.1")])]))
-    ops, counts = delta_ops({}, {REF: new}, {})
+    counts: dict[Element, int] = {}
+    ops, changed = delta_ops({}, {REF: new}, counts)
+    apply_counts(counts, changed)
     kinds = [op.kind for op in ops]
     assert kinds.index("add-chain") < kinds.index("add-element")
     assert counts == element_counts([new])
@@ -167,7 +172,8 @@ def test_shared_elements_stay_while_another_service_uses_them() -> None:
     counts = element_counts([a, b])
     pair = Element(HAIRPIN, ("10.180.0.1", "10.180.0.1"))
     assert counts[pair] == 2
-    ops, counts = delta_ops({REF: a, other.ref: b}, {REF: ServiceBlock()}, counts)
+    ops, changed = delta_ops({REF: a, other.ref: b}, {REF: ServiceBlock()}, counts)
+    apply_counts(counts, changed)
     assert pair not in {op.element for op in ops}
     assert counts[pair] == 1
 

@@ -1,0 +1,333 @@
+"""nftables mode end to end: `NftablesProxier` at N services x M endpoints, against raw `nft -f`.
+
+Run as root (each measurement in a fresh network namespace):
+
+    python3 benchmarks/nftables_bench.py --services 10000 --endpoints 10 --json out.json
+
+What is timed (all wall clock, one run):
+
+- full sync from empty: `NftablesProxier.sync(full=True)` from a loaded model (views, rendering,
+  the read-back of the absent table, `nft -f`), against `nft -f` of exactly the text it applies;
+- one endpoint change: one EndpointSlice gets one endpoint replaced in the `Store`, then
+  `Store.take()` and the partial sync to the kernel (the netlink batch), repeated; p50/p99/max,
+  and the kernel's share (the `sendmsg` of the batch, which the kernel processes inside the
+  call). Compared with `nft -f` of the same delta text (the command kube-proxy-style tools
+  would run), timed the same way;
+- one service added (and removed again), the same way;
+- idle: a proxier with nothing to do runs its periodic `drift()` check; CPU seconds per check.
+  Writes while idle: the ruleset generation must not move;
+- first packet: TCP connects from a client namespace through the node namespace to a ClusterIP
+  whose endpoint is a local listener namespace, among N services, in nftables and in iptables
+  mode (iptables-nft-restore of kproxy's iptables ruleset): median connect time over many new
+  connections (each one a new conntrack entry, so each is NATed by the rules).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import secrets
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+
+def netns_exec(name: str, argv: list[str], **kw: Any) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(["ip", "netns", "exec", name, *argv], text=True, **kw)
+
+
+def _ip(base: int, n: int) -> str:
+    return f"10.{base + n // 65536}.{(n // 256) % 256}.{n % 256}"
+
+
+def make_store(services: int, endpoints: int) -> Any:
+    from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice, Service, ServicePort
+    from kproxy.model.store import Store
+
+    svcs = []
+    slices = []
+    for i in range(services):
+        svcs.append(
+            Service(
+                "bench",
+                f"s{i}",
+                cluster_ips=(_ip(96, i),),
+                ports=(ServicePort("http", "TCP", 80, 8080),),
+            )
+        )
+        eps = tuple(
+            Endpoint(_ip(128, i * endpoints + j), node_name="elsewhere") for j in range(endpoints)
+        )
+        slices.append(
+            EndpointSlice(
+                "bench",
+                f"s{i}-x",
+                f"s{i}",
+                endpoints=eps,
+                ports=(EndpointPort("http", "TCP", 8080),),
+            )
+        )
+    store = Store()
+    store.replace_services(svcs)
+    store.replace_slices(slices)
+    return store
+
+
+def pct(values: list[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def nft_f(text: str) -> float:
+    start = time.perf_counter()
+    res = subprocess.run(["nft", "-f", "-"], input=text, text=True, capture_output=True)
+    elapsed = time.perf_counter() - start
+    if res.returncode != 0:
+        raise RuntimeError(res.stderr[-2000:])
+    return elapsed
+
+
+def generation() -> int:
+    from kproxy.backends.nft_netlink import NftSocket
+
+    sock = NftSocket()
+    try:
+        return sock.generation()
+    finally:
+        sock.close()
+
+
+def inner(n: int, m: int, repeats: int) -> dict[str, Any]:
+    """Runs inside a fresh namespace."""
+    from dataclasses import replace
+
+    from kproxy.backends.nftables import NftablesProxier
+    from kproxy.model.objects import (
+        Endpoint,
+        EndpointPort,
+        EndpointSlice,
+        Ref,
+        Service,
+        ServicePort,
+    )
+    from kproxy.model.options import ProxyOptions
+    from kproxy.render.nftables import delta_ops, full_text, ops_text
+
+    out: dict[str, Any] = {"services": n, "endpoints": m}
+    options = ProxyOptions(node_name="bench-node", cluster_cidrs=("10.128.0.0/9",))
+    store = make_store(n, m)
+    snapshot, changes = store.take()
+    proxier = NftablesProxier(options=options)
+
+    # raw nft -f of the same full text first, then kproxy from empty
+    blocks = proxier._render_all(snapshot)
+    text = full_text(proxier.renderer, blocks.values())
+    out["raw_full"] = nft_f(text)
+    subprocess.run(["nft", "delete", "table", "ip", "kube-proxy"], check=True)
+    start = time.perf_counter()
+    proxier.sync(snapshot, changes, full=True)
+    out["kproxy_full"] = time.perf_counter() - start
+    out["chains"] = sum(len(b.chains) for b in blocks.values()) + 16
+
+    writer: Any = proxier.writer
+
+    # one endpoint change
+    lat, kern = [], []
+    for r in range(repeats):
+        i = (r * 7919) % n
+        old = snapshot.slices_for(Ref("bench", f"s{i}"))[0]
+        eps = list(old.endpoints)
+        eps[0] = Endpoint(_ip(200, r), node_name="elsewhere")
+        start = time.perf_counter()
+        store.set_slice(replace(old, endpoints=tuple(eps)))
+        snap, ch = store.take()
+        proxier.sync(snap, ch, full=False)
+        lat.append(time.perf_counter() - start)
+        kern.append(writer.last_send_seconds)
+        snapshot = snap
+    out["endpoint_change"] = _summary(lat)
+    out["endpoint_change_kernel"] = _summary(kern)
+
+    # the same deltas through nft -f (forward, then back, so the proxier's memory stays true)
+    raw = []
+    for r in range(min(repeats, 20)):
+        ref = sorted(proxier.programmed)[(r * 104729) % n]
+        before = proxier.programmed[ref]
+        views_old = before
+        alt = _with_endpoint(proxier, snapshot, ref, _ip(220, r))
+        ops, _ = delta_ops({ref: views_old}, {ref: alt}, proxier._counts)
+        back, _ = delta_ops({ref: alt}, {ref: views_old}, proxier._counts)
+        raw.append(nft_f(ops_text(ops, 4)))
+        nft_f(ops_text(back, 4))
+    out["endpoint_change_raw_nft"] = _summary(raw)
+
+    # add one service, then remove it again
+    add, add_k, rm = [], [], []
+    for r in range(min(repeats, 40)):
+        name = f"new{r}"
+        svc = Service(
+            "bench", name, cluster_ips=(_ip(90, r),), ports=(ServicePort("http", "TCP", 80, 8080),)
+        )
+        sl = EndpointSlice(
+            "bench",
+            f"{name}-x",
+            name,
+            endpoints=tuple(Endpoint(_ip(210, r * m + j), node_name="x") for j in range(m)),
+            ports=(EndpointPort("http", "TCP", 8080),),
+        )
+        start = time.perf_counter()
+        store.set_service(svc)
+        store.set_slice(sl)
+        snap, ch = store.take()
+        proxier.sync(snap, ch, full=False)
+        add.append(time.perf_counter() - start)
+        add_k.append(writer.last_send_seconds)
+        start = time.perf_counter()
+        store.delete_slice(sl.ref)
+        store.delete_service(svc.ref)
+        snap, ch = store.take()
+        proxier.sync(snap, ch, full=False)
+        rm.append(time.perf_counter() - start)
+    out["service_add"] = _summary(add)
+    out["service_add_kernel"] = _summary(add_k)
+    out["service_remove"] = _summary(rm)
+    # raw nft -f of adding one service (the text a partial sync would send), then deleting it
+    raw_add = []
+    for r in range(min(repeats, 20)):
+        svc = Service(
+            "bench",
+            f"raw{r}",
+            cluster_ips=(_ip(91, r),),
+            ports=(ServicePort("http", "TCP", 80, 8080),),
+        )
+        from kproxy.model.view import service_views
+
+        sl = EndpointSlice(
+            "bench",
+            f"raw{r}-x",
+            f"raw{r}",
+            endpoints=tuple(Endpoint(_ip(211, r * m + j), node_name="x") for j in range(m)),
+            ports=(EndpointPort("http", "TCP", 8080),),
+        )
+        block = proxier.renderer.render_service(
+            service_views(svc, [sl], family=4, node_name="bench-node")
+        )
+        ops, counts = delta_ops({}, {svc.ref: block}, proxier._counts)
+        back, _ = delta_ops(
+            {svc.ref: block}, {svc.ref: replace(block, chains=(), elements=())}, counts
+        )
+        raw_add.append(nft_f(ops_text(ops, 4)))
+        nft_f(ops_text(back, 4))
+    out["service_add_raw_nft"] = _summary(raw_add)
+
+    # idle: the periodic drift check, and no writes
+    gen = generation()
+    cpu0 = time.process_time()
+    checks = 50
+    for _ in range(checks):
+        assert proxier.drift() is None
+    out["drift_check_cpu"] = (time.process_time() - cpu0) / checks
+    out["idle_writes"] = generation() - gen
+    return out
+
+
+def _with_endpoint(proxier: Any, snapshot: Any, ref: Any, ip: str) -> Any:
+    from dataclasses import replace
+
+    from kproxy.model.objects import Endpoint
+    from kproxy.model.view import service_views
+
+    svc = snapshot.services[ref]
+    sl = snapshot.slices_for(ref)[0]
+    eps = list(sl.endpoints)
+    eps[-1] = Endpoint(ip, node_name="elsewhere")
+    views = service_views(
+        svc, [replace(sl, endpoints=tuple(eps))], family=4, node_name="bench-node"
+    )
+    return proxier.renderer.render_service(views)
+
+
+def _summary(values: list[float]) -> dict[str, float]:
+    return {
+        "p50": statistics.median(values),
+        "p99": pct(values, 0.99),
+        "max": max(values),
+        "n": len(values),
+    }
+
+
+def in_netns(args: list[str]) -> dict[str, Any]:
+    name = f"kpnb{secrets.token_hex(3)}"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    try:
+        env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+        res = netns_exec(
+            name,
+            [sys.executable, __file__, "--inner", *args],
+            capture_output=True,
+            env=env,
+        )
+        if res.returncode != 0:
+            raise RuntimeError(res.stderr[-4000:])
+        return json.loads(res.stdout.strip().splitlines()[-1])
+    finally:
+        subprocess.run(["ip", "netns", "del", name], check=False)
+
+
+def ms(v: float) -> str:
+    return f"{v * 1000:.1f} ms"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--services", type=int, default=10000)
+    ap.add_argument("--endpoints", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=100)
+    ap.add_argument("--json")
+    ap.add_argument("--inner", action="store_true")
+    args = ap.parse_args()
+    if args.inner:
+        print(json.dumps(inner(args.services, args.endpoints, args.repeats)))
+        return
+    r = in_netns(
+        [
+            "--services",
+            str(args.services),
+            "--endpoints",
+            str(args.endpoints),
+            "--repeats",
+            str(args.repeats),
+        ]
+    )
+    print(f"{r['services']} services x {r['endpoints']} endpoints, {r['chains']} chains")
+    print(
+        f"full sync from empty: kproxy {ms(r['kproxy_full'])}, raw nft -f {ms(r['raw_full'])}, "
+        f"ratio {r['kproxy_full'] / r['raw_full']:.2f}x"
+    )
+    for key, label in (
+        ("endpoint_change", "one endpoint change"),
+        ("endpoint_change_kernel", "  of which the netlink commit"),
+        ("endpoint_change_raw_nft", "  same delta via nft -f"),
+        ("service_add", "one service added"),
+        ("service_add_kernel", "  of which the netlink commit"),
+        ("service_add_raw_nft", "  same delta via nft -f"),
+        ("service_remove", "one service removed"),
+    ):
+        s = r[key]
+        print(f"{label}: p50 {ms(s['p50'])}, p99 {ms(s['p99'])}, max {ms(s['max'])} (n={s['n']})")
+    print(
+        f"idle: drift check {r['drift_check_cpu'] * 1e6:.0f} us CPU each, "
+        f"writes while idle: {r['idle_writes']}"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(r, indent=2))
+
+
+if __name__ == "__main__":
+    main()
