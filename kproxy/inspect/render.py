@@ -14,6 +14,11 @@ def render_command(settings: Settings, *, family: int = 4) -> int:
     snapshot = load_snapshot(settings)
     options = offline_options(settings, family=family, node=snapshot.node)
     views = build_views(snapshot, family=family, node_name=options.node_name)
+    if settings.proxy_mode == "nftables":
+        from kproxy.render.nftables import render_ruleset as render_nft
+
+        sys.stdout.write(render_nft(views, options))
+        return 0
     if settings.proxy_mode == "ipvs":
         from kproxy.render.ipvs import ipvsadm_rules, render_desired
         from kproxy.render.ipvs_rules import companion_rules

@@ -39,6 +39,18 @@ def test_render_ipvs(manifests: str, capsys: pytest.CaptureFixture[str]) -> None
     assert "-a -t 10.96.100.80:80 -r 10.244.1.12:80 -m -w 1" in out
 
 
+def test_render_nftables(manifests: str, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["render", "--proxy-mode", "nftables", "--manifests", manifests]
+    assert main([*args, "--cluster-cidr", "10.244.0.0/16"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("add table ip kube-proxy")
+    mysql = "10.96.100.50 . tcp . 3306 comment \"default/mysql-service:mysql\""
+    assert f"{mysql} : goto service-" in out
+    assert "tcp . 30080 comment \"default/nginx-nodeport:http\" : goto external-" in out
+    assert "dnat ip to numgen random mod 1 map { 0 : 10.244.1.14 . 3306 }" in out
+    assert "web-headless" not in out and "nginx-external" not in out
+
+
 def test_bad_config_refuses_to_start(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     cfg = tmp_path / "c.yaml"
     cfg.write_text("mode: iptables\nunknownField: 1\n")
