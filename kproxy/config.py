@@ -23,16 +23,13 @@ from typing import Any
 
 import yaml
 
+from kproxy.errors import ConfigError as ConfigError  # re-exported: callers import it here
 from kproxy.model.options import ProxyOptions
 
 API_VERSION = "kubeproxy.config.k8s.io/v1alpha1"
 KIND = "KubeProxyConfiguration"
 MODES = ("iptables", "ipvs", "nftables", "userspace")
 IPVS_SCHEDULERS = ("rr", "wrr", "lc", "wlc", "lblc", "lblcr", "sh", "dh", "sed", "nq", "mh")
-
-
-class ConfigError(ValueError):
-    """A setting is unknown or invalid; the message names it."""
 
 
 # -- value parsers ---------------------------------------------------------------------------

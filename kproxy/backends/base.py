@@ -5,10 +5,11 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
+from kproxy.errors import DataplaneError
 from kproxy.model.store import Changes, Snapshot
 
 
-class SyncError(RuntimeError):
+class SyncError(DataplaneError):
     """A sync could not be applied; the next sync must be full."""
 
 

@@ -32,6 +32,7 @@ from pyroute2 import NFCTSocket
 from pyroute2.netlink.exceptions import NetlinkError
 from pyroute2.netlink.nfnetlink.nfctsocket import NFCTAttrTuple
 
+from kproxy.errors import DataplaneError
 from kproxy.model.objects import IPV6, UDP
 from kproxy.render.conntrack import Flow, FrontendRule, Rule, StaleFlowPlan
 
@@ -47,7 +48,7 @@ _IP_ATTRS = {4: ("CTA_IP_V4_SRC", "CTA_IP_V4_DST"), 6: ("CTA_IP_V6_SRC", "CTA_IP
 _PROTO_NAMES = {socket.IPPROTO_UDP: "UDP", socket.IPPROTO_TCP: "TCP", 132: "SCTP"}
 
 
-class ConntrackError(RuntimeError):
+class ConntrackError(DataplaneError):
     """The conntrack table could not be read or changed at all (no permission, no ctnetlink)."""
 
 

@@ -24,12 +24,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 
 from kproxy.backends.ipset_netlink import CMD_ADD, CMD_DEL, IPSetNetlinkError, IPSetSocket
+from kproxy.errors import DataplaneError
 from kproxy.render.ipvs import SETS, SetSpec
 
 log = logging.getLogger("kproxy.ipset")
 
 
-class IPSetError(RuntimeError):
+class IPSetError(DataplaneError):
     """An ipset command failed; the message carries its stderr."""
 
 

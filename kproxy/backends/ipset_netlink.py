@@ -23,6 +23,8 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 
+from kproxy.errors import DataplaneError
+
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
 NLMSG_ERROR = 2
@@ -68,7 +70,7 @@ _BE16 = struct.Struct(">H")
 _U32 = struct.Struct("=I")
 
 
-class IPSetNetlinkError(RuntimeError):
+class IPSetNetlinkError(DataplaneError):
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno

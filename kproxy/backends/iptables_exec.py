@@ -18,12 +18,14 @@ import subprocess
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from kproxy.errors import DataplaneError
+
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 _FLUSH_AT = 1 << 18  # bytes buffered before a pipe write
 
 
-class RestoreFailed(RuntimeError):
+class RestoreFailed(DataplaneError):
     """iptables-restore refused the input; nothing of that input was committed.
 
     The message is the tool's own (one line); `lines` shows the input around the line it named.

@@ -23,12 +23,13 @@ from collections.abc import Iterable
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from kproxy.errors import DataplaneError
 from kproxy.render.ipvs import DUMMY_DEVICE
 
 log = logging.getLogger("kproxy.ipvs")
 
 
-class DeviceError(RuntimeError):
+class DeviceError(DataplaneError):
     """kube-ipvs0 could not be created or changed."""
 
 

@@ -20,6 +20,7 @@ import shutil
 import subprocess
 from collections.abc import Iterable
 
+from kproxy.errors import DataplaneError
 from kproxy.model.objects import IPV6
 from kproxy.model.options import ProxyOptions
 from kproxy.render import chains as C
@@ -30,7 +31,7 @@ log = logging.getLogger("kproxy.ipvs")
 FLAVOURS = ("legacy", "nft")
 
 
-class IptablesError(RuntimeError):
+class IptablesError(DataplaneError):
     """An iptables command failed; the message carries its stderr."""
 
 

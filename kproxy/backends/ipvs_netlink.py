@@ -49,6 +49,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kproxy.errors import DataplaneError
+
 log = logging.getLogger("kproxy.ipvs")
 
 # -- netlink and generic netlink (include/uapi/linux/netlink.h, genetlink.h) ------------------
@@ -143,7 +145,7 @@ _FATAL = frozenset({errnos.EPERM, errnos.EACCES})
 
 
 # -- errors ------------------------------------------------------------------------------------
-class IPVSError(RuntimeError):
+class IPVSError(DataplaneError):
     """IPVS could not be read or changed. `errno` is the kernel's answer when there was one."""
 
     def __init__(self, message: str, errno: int = 0) -> None:

@@ -37,6 +37,7 @@ from kproxy.backends.ipvs_netlink import (
     parse_messages,
     scan_attrs,
 )
+from kproxy.errors import DataplaneError
 from kproxy.model.objects import IPV6
 from kproxy.render.nftables import (
     TABLE,
@@ -105,7 +106,7 @@ PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
 RTN_LOCAL = 2
 
 
-class NftError(RuntimeError):
+class NftError(DataplaneError):
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno

@@ -47,6 +47,7 @@ from kproxy.dns.wire import (
     parse_message,
     reencode,
 )
+from kproxy.errors import SourceError
 
 log = logging.getLogger(__name__)
 
@@ -134,7 +135,7 @@ class RecursionPolicy:
         return ok
 
 
-class UpstreamError(Exception):
+class UpstreamError(SourceError):
     """No upstream gave a usable answer."""
 
 

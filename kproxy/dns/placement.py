@@ -20,12 +20,14 @@ from dataclasses import dataclass, field
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from kproxy.errors import ConfigError
+
 log = logging.getLogger(__name__)
 
 INTERFACE = "kproxy-dns"
 
 
-class PlacementError(Exception):
+class PlacementError(ConfigError):
     """The addresses could not be configured (e.g. EPERM: not root)."""
 
 

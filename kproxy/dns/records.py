@@ -13,6 +13,8 @@ import socket
 import struct
 from typing import NamedTuple
 
+from kproxy.errors import InputError
+
 # record types and classes (RFC 1035, 3596, 2782, 6891)
 A = 1
 NS = 2
@@ -53,7 +55,7 @@ class RR(NamedTuple):
     rdata: bytes
 
 
-class BadName(ValueError):
+class BadName(InputError):
     """A text name that cannot be a DNS name (empty label, label > 63, name > 255, non-ASCII)."""
 
 

@@ -35,6 +35,7 @@ from kproxy.dns.frames import write_frame
 from kproxy.dns.index import ModelDelta, diff_snapshots
 from kproxy.dns.options import DNSOptions
 from kproxy.dns.placement import Placement, ensure_listen_addresses, remove_listen_addresses
+from kproxy.errors import KproxyError
 from kproxy.model.store import Snapshot
 
 log = logging.getLogger(__name__)
@@ -46,7 +47,7 @@ UDP_RCVBUF = 4 << 20
 START_TIMEOUT = 15.0
 
 
-class DNSError(Exception):
+class DNSError(KproxyError):
     """The DNS service could not start."""
 
 

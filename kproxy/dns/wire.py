@@ -41,6 +41,7 @@ from kproxy.dns.records import (
     labels_to_wire,
 )
 from kproxy.dns.resolver import Answer, Question
+from kproxy.errors import InputError
 
 QR = 0x8000
 AA = 0x0400
@@ -426,7 +427,7 @@ def reply_for(q: Query, rcode: int, *, opt: bytes = b"") -> bytes:
 # -- reading messages from upstream --------------------------------------------------------------
 
 
-class WireError(ValueError):
+class WireError(InputError):
     """A message that does not parse."""
 
 

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from kproxy.config import Settings
+from kproxy.errors import InputError
 from kproxy.inspect import iptrace as T
 from kproxy.inspect.ipvsadm import SCHEDULER_TEXT, VirtualService, find, parse_listing
 from kproxy.render import chains as C
@@ -40,7 +41,7 @@ _NAME_SUFFIXES = (
 )
 
 
-class TargetError(ValueError):
+class TargetError(InputError):
     """The IP:PORT[/PROTO] argument cannot be read."""
 
 

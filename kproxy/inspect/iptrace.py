@@ -35,6 +35,8 @@ import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
+from kproxy.errors import InputError
+
 IPNet = ipaddress.IPv4Network | ipaddress.IPv6Network
 IPAddr = ipaddress.IPv4Address | ipaddress.IPv6Address
 
@@ -61,7 +63,7 @@ _BITMAP_PORT = re.compile(r"^(\d+)(?:-(\d+))?$")
 _PROTO_NAMES = {"1": "icmp", "6": "tcp", "17": "udp", "58": "ipv6-icmp", "132": "sctp"}
 
 
-class ParseError(ValueError):
+class ParseError(InputError):
     """The text is not iptables-save output this module can read."""
 
 

@@ -18,13 +18,14 @@ from pathlib import Path
 from kproxy.backends.base import SyncError
 from kproxy.backends.iptables import detect_flavour
 from kproxy.backends.netinfo import local_addresses
+from kproxy.errors import DataplaneError
 from kproxy.inspect.iptrace import Ruleset, parse_save
 from kproxy.render.ipvs import DUMMY_DEVICE
 
 XT_RECENT = Path("/proc/net/xt_recent")
 
 
-class ReadError(RuntimeError):
+class ReadError(DataplaneError):
     """A kernel read the command cannot do without (no iptables, no permission)."""
 
 

@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from kproxy.config import Settings, resolve, validate
+from kproxy.errors import SourceError
 from kproxy.inspect.socketpath import STATE_VERSION, default_socket_path, netns_inode
 from kproxy.model.codec import decode, decode_snapshot
 from kproxy.model.store import Snapshot
@@ -29,7 +30,7 @@ SOURCE_FLAGS = ("manifests", "kubeconfig", "master", "config")
 TIMEOUT = 30.0
 
 
-class NoAgent(RuntimeError):
+class NoAgent(SourceError, RuntimeError):
     """No agent answers on the inspection socket (the message is one line for the user)."""
 
 

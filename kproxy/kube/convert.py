@@ -17,6 +17,7 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+from kproxy.errors import InputError
 from kproxy.kube import validate as V
 from kproxy.model.objects import (
     PROTOCOLS,
@@ -43,7 +44,7 @@ Note = Callable[[str], None]
 _POLICIES = (None, "", "Cluster", "Local")
 
 
-class InvalidObject(ValueError):
+class InvalidObject(InputError):
     """A Kubernetes object kproxy cannot use; the message says why."""
 
 

@@ -17,6 +17,7 @@ from typing import Any
 from kubernetes import client
 from kubernetes.client.exceptions import ApiException
 
+from kproxy.errors import SourceError
 from kproxy.kube.sink import RawObject
 from kproxy.kube.watch import CONNECT_TIMEOUT, _Watcher, load_client_configuration
 from kproxy.lb.allocator import ANNOTATION_IPS, ANNOTATION_SHARE, LBService
@@ -28,7 +29,7 @@ log = logging.getLogger("kproxy.lb")
 REQUEST_TIMEOUT = (CONNECT_TIMEOUT, 10.0)
 
 
-class Conflict(Exception):
+class Conflict(SourceError):
     """The object changed since we read it (HTTP 409), or already exists on create."""
 
 

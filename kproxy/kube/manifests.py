@@ -31,6 +31,7 @@ from typing import Any
 
 import yaml
 
+from kproxy.errors import InputError
 from kproxy.kube.sink import KINDS, RawObject, Sink
 
 log = logging.getLogger("kproxy.kube")
@@ -41,7 +42,7 @@ _NAMESPACED = {"Service", "EndpointSlice"}
 _Loader: Any = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
 
 
-class ManifestError(ValueError):
+class ManifestError(InputError):
     """A manifest file that cannot be used as a whole."""
 
 

@@ -36,6 +36,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
+from kproxy.errors import SourceError
 from kproxy.kube.sink import RawObject, Sink
 
 log = logging.getLogger("kproxy.kube")
@@ -53,7 +54,7 @@ _API_VERSIONS = {
 }
 
 
-class KubeConfigError(Exception):
+class KubeConfigError(SourceError):
     """No usable way to reach the apiserver (bad kubeconfig, not in a cluster, no --master)."""
 
 

@@ -47,6 +47,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any, Self
 
+from kproxy.errors import KproxyError
 from kproxy.lab.nsexec import IP, helper_env, ns_argv
 
 UNDERLAY_PREFIX = "192.168.50"
@@ -62,7 +63,7 @@ OWNER_FILE = "kproxy-lab.json"
 _NAME_RE = re.compile(r"[^a-z0-9-]+")
 
 
-class LabError(RuntimeError):
+class LabError(KproxyError, RuntimeError):
     """The lab could not be built or used."""
 
 
