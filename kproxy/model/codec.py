@@ -15,9 +15,10 @@ a fraction of a second and produces a few MB (docs/benchmarks.md). Standard libr
 from __future__ import annotations
 
 import dataclasses
+import operator
 import types
 import typing
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from types import MappingProxyType
 from typing import Any, TypeVar
 
@@ -27,37 +28,133 @@ from kproxy.model.store import Snapshot
 T = TypeVar("T")
 
 _MISSING = dataclasses.MISSING
-_fields_cache: dict[type, tuple[tuple[str, Any], ...]] = {}
-_hints_cache: dict[type, dict[str, Any]] = {}
+Convert = Callable[[Any], Any] | None  # None: the value is JSON as it is
+_encoders: dict[type, Callable[[Any], dict[str, Any]]] = {}
+_decoders: dict[type, _DecodePlan] = {}
 
 
-def _defaults(cls: type) -> tuple[tuple[str, Any], ...]:
-    """(field name, default or _MISSING) of a dataclass, cached."""
-    out = _fields_cache.get(cls)
-    if out is None:
-        items = []
-        for f in dataclasses.fields(cls):
-            if f.default is not _MISSING:
-                default: Any = f.default
-            elif f.default_factory is not _MISSING:
-                default = f.default_factory()
-            else:
-                default = _MISSING
-            items.append((f.name, default))
-        out = _fields_cache[cls] = tuple(items)
+# Each dataclass gets an encoder and a decoder planned once from its type hints (which fields,
+# their defaults, which need converting), so the per-object work is a loop of getattr and
+# compare: at 100k endpoints a generic walk checking every value's type costs ~10x more.
+def _fields(cls: type) -> list[tuple[str, Any, Any]]:
+    hints = typing.get_type_hints(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        if f.default is not _MISSING:
+            default: Any = f.default
+        elif f.default_factory is not _MISSING:
+            default = f.default_factory()
+        else:
+            default = _MISSING
+        out.append((f.name, default, hints[f.name]))
     return out
 
 
-def encode(value: Any) -> Any:
-    """A dataclass (or a tuple/list/mapping of them, or a plain value) as JSON-ready data."""
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+def _is_dataclass_type(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
+
+
+def _optional_of(tp: Any) -> Any:
+    """X for `X | None` (None for any other type)."""
+    if typing.get_origin(tp) in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        if len(args) == 1 and len(typing.get_args(tp)) == 2:
+            return args[0]
+    return None
+
+
+def _value_encoder(tp: Any) -> Convert:
+    if _is_dataclass_type(tp):
+        return _encoder(tp)
+    inner = _optional_of(tp)
+    if inner is not None:
+        enc = _value_encoder(inner)
+        return None if enc is None else (lambda v: None if v is None else enc(v))
+    origin = typing.get_origin(tp)
+    if origin in (tuple, frozenset):
+        args = typing.get_args(tp)
+        item = _value_encoder(args[0]) if len(args) == 2 and args[1] is Ellipsis else None
+        if item is None:
+            return encode if any(_is_dataclass_type(a) for a in args) else list
+        return lambda v: [item(x) for x in v]
+    if origin is not None or tp is Any:
+        return encode  # anything else: the generic walk
+    return None
+
+
+def _encoder(cls: type) -> Callable[[Any], dict[str, Any]]:
+    enc = _encoders.get(cls)
+    if enc is not None:
+        return enc
+    plan: list[tuple[str, Any, Convert]] = []
+    getter: list[Callable[[Any], tuple[Any, ...]]] = []
+
+    def encode_object(obj: Any) -> dict[str, Any]:
         out: dict[str, Any] = {}
-        for name, default in _defaults(type(value)):
-            item = getattr(value, name)
-            if item is default or (default is not _MISSING and item == default):
+        for (name, default, convert), value in zip(plan, getter[0](obj), strict=True):
+            if value is default or value == default:
                 continue
-            out[name] = encode(item)
+            out[name] = value if convert is None else convert(value)
         return out
+
+    _encoders[cls] = encode_object  # before planning: a class may refer to itself
+    plan.extend((n, d, _value_encoder(tp)) for n, d, tp in _fields(cls))
+    names = [n for n, _d, _c in plan]
+    # attrgetter of one name returns the value, not a 1-tuple
+    getter.append(
+        operator.attrgetter(*names) if len(names) > 1 else (lambda o: (getattr(o, names[0]),))
+    )
+    return encode_object
+
+
+def _value_decoder(tp: Any) -> Convert:
+    if _is_dataclass_type(tp):
+        cls: type = tp
+        return lambda v: decode(cls, v)
+    inner = _optional_of(tp)
+    if inner is not None:
+        dec = _value_decoder(inner)
+        return None if dec is None else (lambda v: None if v is None else dec(v))
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    if origin is tuple:
+        if len(args) == 2 and args[1] is Ellipsis:
+            each = _value_decoder(args[0])
+            if each is None:
+                return tuple
+            return lambda v: tuple(each(x) for x in v)
+        items = [_value_decoder(a) for a in args]
+        return lambda v: tuple(x if d is None else d(x) for d, x in zip(items, v, strict=False))
+    if origin is frozenset:
+        member = _value_decoder(args[0])
+        if member is None:
+            return frozenset
+        return lambda v: frozenset(member(x) for x in v)
+    return None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _DecodePlan:
+    known: frozenset[str]
+    convert: tuple[tuple[str, Callable[[Any], Any]], ...]  # the fields that need converting
+
+
+def _decoder(cls: type) -> _DecodePlan:
+    plan = _decoders.get(cls)
+    if plan is None:
+        converters = [(n, _value_decoder(tp)) for n, _d, tp in _fields(cls)]
+        plan = _decoders[cls] = _DecodePlan(
+            frozenset(n for n, _c in converters),
+            tuple((n, c) for n, c in converters if c is not None),
+        )
+    return plan
+
+
+def encode(value: Any) -> Any:
+    """A dataclass (or a tuple/list/mapping of them, or a plain value) as JSON-ready data:
+    a dataclass is an object of its fields that differ from their defaults."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _encoder(type(value))(value)
     if isinstance(value, tuple | list | frozenset | set):
         return [encode(v) for v in value]
     if isinstance(value, Mapping):
@@ -65,79 +162,192 @@ def encode(value: Any) -> Any:
     return value
 
 
-def _hints(cls: type) -> dict[str, Any]:
-    out = _hints_cache.get(cls)
-    if out is None:
-        out = _hints_cache[cls] = typing.get_type_hints(cls)
-    return out
-
-
 def decode(cls: type[T], data: Any) -> T:
-    """Rebuild a `cls` dataclass from `encode`'s output (unknown fields ignored)."""
+    """Rebuild a `cls` dataclass from `encode`'s output (unknown fields ignored, missing ones
+    take their defaults)."""
     if not isinstance(data, dict):
         raise ValueError(f"{cls.__name__}: expected an object, got {type(data).__name__}")
-    hints = _hints(cls)
-    kwargs = {
-        name: _decode_as(hints[name], data[name])
-        for name, _ in _defaults(cls)
-        if name in data and name in hints
-    }
+    plan = _decoder(cls)
+    if not data.keys() <= plan.known:  # from a newer agent: drop what this version lacks
+        data = {k: v for k, v in data.items() if k in plan.known}
+    kwargs = data
+    for name, convert in plan.convert:
+        value = data.get(name)
+        if value is not None:
+            if kwargs is data:
+                kwargs = dict(data)
+            kwargs[name] = convert(value)
     return cls(**kwargs)
 
 
-def _decode_as(tp: Any, value: Any) -> Any:
-    if value is None:
-        return None
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        return decode(tp, value)
+# -- the snapshot: rows ---------------------------------------------------------------------------
+# 100k endpoints dominate a 10k-service snapshot, so its objects travel as rows: the values of
+# every field in order (one C-level attrgetter call per object; json.dumps writes tuples as
+# arrays), with the field names once per class in "schema". A reader whose classes gained or lost
+# fields maps the names (missing ones take their defaults, unknown ones are dropped).
+_row_encoders: dict[type, Callable[[Any], Any]] = {}
+
+
+def _row_encoder(cls: type) -> Callable[[Any], Any]:
+    enc = _row_encoders.get(cls)
+    if enc is not None:
+        return enc
+    fields = _fields(cls)
+    names = [n for n, _d, _t in fields]
+    getter: Callable[[Any], Any] = (
+        operator.attrgetter(*names) if len(names) > 1 else (lambda o: (getattr(o, names[0]),))
+    )
+    converts = [
+        (i, c) for i, (_n, _d, tp) in enumerate(fields) if (c := _row_value_encoder(tp)) is not None
+    ]
+    if not converts:
+        _row_encoders[cls] = getter
+        return getter
+
+    def encode_row(obj: Any) -> list[Any]:
+        values = list(getter(obj))
+        for i, convert in converts:
+            values[i] = convert(values[i])
+        return values
+
+    _row_encoders[cls] = encode_row
+    return encode_row
+
+
+def _row_value_encoder(tp: Any) -> Convert:
+    if _is_dataclass_type(tp):
+        return _row_encoder(tp)
+    inner = _optional_of(tp)
+    if inner is not None:
+        enc = _row_value_encoder(inner)
+        if enc is None:
+            return None
+        return lambda v: None if v is None else enc(v)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
-    if origin is tuple:
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_decode_as(args[0], v) for v in value)
-        return tuple(_decode_as(a, v) for a, v in zip(args, value, strict=False))
+    if origin is tuple and len(args) == 2 and args[1] is Ellipsis:
+        each = _row_value_encoder(args[0])
+        if each is None:
+            return None  # a tuple of plain values is a JSON array as it is
+        return lambda v: [each(x) for x in v]
     if origin is frozenset:
-        return frozenset(_decode_as(args[0], v) for v in value)
-    if origin is typing.Union or origin is types.UnionType:
-        options = [a for a in args if a is not type(None)]
-        if isinstance(value, dict):
-            for a in options:
-                if isinstance(a, type) and dataclasses.is_dataclass(a):
-                    return decode(a, value)
-        if isinstance(value, list):
-            for a in options:
-                if typing.get_origin(a) in (tuple, frozenset):
-                    return _decode_as(a, value)
-        return value
-    return value
+        return list
+    return None
 
 
-# -- the snapshot --------------------------------------------------------------------------------
+def _schema(*roots: type) -> dict[str, list[str]]:
+    """Field names of `roots` and of every dataclass their fields hold, by class name."""
+    out: dict[str, list[str]] = {}
+    todo = list(roots)
+    while todo:
+        cls = todo.pop()
+        if cls.__name__ in out:
+            continue
+        fields = _fields(cls)
+        out[cls.__name__] = [n for n, _d, _t in fields]
+        for _n, _d, tp in fields:
+            stack = [tp]
+            while stack:
+                t = stack.pop()
+                if _is_dataclass_type(t):
+                    todo.append(t)
+                stack.extend(typing.get_args(t))
+    return out
+
+
+class _RowReader:
+    """Row decoders for one document, planned from its schema against this version's classes."""
+
+    def __init__(self, schema: Mapping[str, list[str]]) -> None:
+        self._schema = schema
+        self._decoders: dict[type, Callable[[Any], Any]] = {}
+
+    def decoder(self, cls: type) -> Callable[[Any], Any]:
+        dec = self._decoders.get(cls)
+        if dec is not None:
+            return dec
+        fields = _fields(cls)
+        own = [n for n, _d, _t in fields]
+        hints = {n: tp for n, _d, tp in fields}
+        theirs = list(self._schema.get(cls.__name__, own))
+        plan = [(n, self._value(hints[n]) if n in hints else None) for n in theirs]
+        if theirs == own:
+            converts = [(i, c) for i, (_n, c) in enumerate(plan) if c is not None]
+
+            def decode_row(row: list[Any]) -> Any:
+                for i, convert in converts:  # the row is json.loads' own list: changed in place
+                    value = row[i]
+                    if value is not None:
+                        row[i] = convert(value)
+                return cls(*row)
+
+            dec = decode_row
+        else:
+
+            def decode_mapped(row: list[Any]) -> Any:
+                kwargs = {}
+                for (name, convert), value in zip(plan, row, strict=False):
+                    if name not in hints:
+                        continue
+                    kwargs[name] = value if convert is None or value is None else convert(value)
+                return cls(**kwargs)
+
+            dec = decode_mapped
+        self._decoders[cls] = dec
+        return dec
+
+    def _value(self, tp: Any) -> Convert:
+        if _is_dataclass_type(tp):
+            return self.decoder(tp)
+        inner = _optional_of(tp)
+        if inner is not None:
+            return self._value(inner)  # None never reaches a converter
+        origin = typing.get_origin(tp)
+        args = typing.get_args(tp)
+        if origin is tuple:
+            if len(args) == 2 and args[1] is Ellipsis:
+                each = self._value(args[0])
+                if each is None:
+                    return tuple
+                return lambda v: tuple(each(x) for x in v)
+            return tuple
+        if origin is frozenset:
+            return frozenset
+        return None
+
+
 def encode_snapshot(snapshot: Snapshot) -> dict[str, Any]:
-    """Services, their EndpointSlices (by service) and the Node, as compact JSON-ready data."""
+    """Services, their EndpointSlices and the Node as compact JSON-ready rows (see above)."""
+    service = _row_encoder(Service)
+    slice_ = _row_encoder(EndpointSlice)
     return {
+        "schema": _schema(Service, EndpointSlice, NodeInfo),
         "generation": snapshot.generation,
         "synced": snapshot.synced,
-        "node": encode(snapshot.node) if snapshot.node is not None else None,
-        "services": [encode(svc) for svc in snapshot.services.values()],
-        "slices": [encode(sl) for group in snapshot.slices.values() for sl in group],
+        "node": _row_encoder(NodeInfo)(snapshot.node) if snapshot.node is not None else None,
+        "services": [service(svc) for svc in snapshot.services.values()],
+        "slices": [slice_(sl) for group in snapshot.slices.values() for sl in group],
     }
 
 
 def decode_snapshot(data: Mapping[str, Any]) -> Snapshot:
+    """The Snapshot `encode_snapshot` wrote (after json.loads; its lists are reused)."""
+    reader = _RowReader(data.get("schema", {}))
+    service = reader.decoder(Service)
+    slice_ = reader.decoder(EndpointSlice)
     services: dict[Ref, Service] = {}
-    for item in data.get("services", ()):
-        svc = decode(Service, item)
+    for row in data.get("services", ()):
+        svc = service(row)
         services[svc.ref] = svc
     grouped: dict[Ref, list[EndpointSlice]] = {}
-    for item in data.get("slices", ()):
-        sl = decode(EndpointSlice, item)
+    for row in data.get("slices", ()):
+        sl = slice_(row)
         grouped.setdefault(sl.service_ref, []).append(sl)
     node = data.get("node")
     return Snapshot(
         services=MappingProxyType(services),
         slices=MappingProxyType({ref: tuple(group) for ref, group in grouped.items()}),
-        node=decode(NodeInfo, node) if node is not None else None,
+        node=reader.decoder(NodeInfo)(node) if node is not None else None,
         generation=int(data.get("generation", 0)),
         synced=bool(data.get("synced", True)),
     )

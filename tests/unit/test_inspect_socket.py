@@ -60,14 +60,28 @@ def snapshot() -> Snapshot:
 
 def test_snapshot_round_trips_compactly() -> None:
     snap = snapshot()
-    data = json.loads(json.dumps(encode_snapshot(snap)))
+    text = json.dumps(encode_snapshot(snap))
+    data = json.loads(text)
+    # one row per object, the field names once per class
+    endpoint = data["slices"][0][data["schema"]["EndpointSlice"].index("endpoints")][0]
+    assert endpoint[:6] == ["10.244.1.11", True, True, False, "", "node1"]
     back = decode_snapshot(data)
     assert dict(back.services) == dict(snap.services)
     assert dict(back.slices) == dict(snap.slices)
     assert back.node == snap.node and back.generation == 7
-    # defaults are left out: a ready endpoint is its address and node
-    endpoint = data["slices"][0]["endpoints"][0]
-    assert endpoint == {"address": "10.244.1.11", "node_name": "node1"}
+
+
+def test_a_snapshot_from_another_version_maps_fields_by_name() -> None:
+    data = json.loads(json.dumps(encode_snapshot(snapshot())))
+    names = data["schema"]["Service"]
+    # the writer had one field more (unknown here) and lacked `affinity_timeout`
+    cut = names.index("affinity_timeout")
+    data["schema"]["Service"] = [*names[:cut], *names[cut + 1 :], "from_the_future"]
+    data["services"] = [[*row[:cut], *row[cut + 1 :], 42] for row in data["services"]]
+    back = decode_snapshot(data)
+    web = next(s for s in back.services.values() if s.name == "web")
+    assert web.affinity_timeout == 0 and web.cluster_ips == ("10.96.0.80",)
+    assert web.ports == snapshot().services[web.ref].ports
 
 
 def test_decode_ignores_unknown_fields_and_fills_defaults() -> None:

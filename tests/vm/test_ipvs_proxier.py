@@ -634,6 +634,69 @@ def test_status_and_explain_show_the_programmed_virtual_servers(env: Env) -> Non
     assert {a: r["masquerade"] for a, r in reals.items()} == {p.ip: True for p in pods}
 
 
+def kproxy_bare(env: Env, *args: str) -> tuple[int, Any]:
+    """An inspection subcommand in node1's namespace with no flags at all: the wanted state and
+    the settings come from the running agent's socket."""
+    res = env.lab.run(
+        env.node.ns, module_argv("kproxy", *args, "-o", "json"), check=False, timeout=600
+    )
+    assert res.stdout, res.stderr
+    return res.returncode, json.loads(res.stdout)
+
+
+def test_status_and_explain_without_flags_read_the_running_agent(env: Env) -> None:
+    vip = "10.96.0.93"
+    key = k(vip, 80)
+    pods = env.local_pods
+    env.api.upsert(
+        make_service_obj(
+            "default",
+            "bare",
+            clusterIP=vip,
+            annotations={"kproxy.io/ipvs-scheduler": "lc"},
+            ports=[{"name": "http", "port": 80, "targetPort": 80, "nodePort": 30093}],
+            type="NodePort",
+        )
+    )
+    env.api.upsert(slice_of("bare", pods, [("http", 80, "TCP")]))
+    env.wait_serving(key, pods)
+    env.wait_serving(k(env.node.ip, 30093), pods)
+
+    # status: IPVS mode, node name, cluster CIDR... all from the agent; same rows as with flags
+    rc, bare = kproxy_bare(env, "status")
+    assert bare["mode"] == "ipvs" and bare["rules_from"] == "ipvsadm -Ln", bare
+    assert bare["wanted_from"].startswith("the running agent (/run/kproxy/netns-")
+    assert bare["agent"]["mode"] == "ipvs" and bare["agent"]["node_name"] == env.node.name
+    rows = {tuple(r["addresses"]): r for r in bare["services"]}
+    row = rows[(f"{vip}:80",)]
+    want = sorted(f"{p.ip}:80" for p in pods)
+    assert row["state"] == "ok" and row["expected_backends"] == want, row
+    assert rows[(f"{env.node.ip}:30093",)]["state"] == "ok"
+    assert rc == 0 and bare["ok"], [r["problems"] for r in bare["services"] if r["problems"]]
+    _, flagged = kproxy_json(env, "status")
+
+    def shape(doc: dict[str, Any]) -> dict[Any, Any]:
+        return {
+            tuple(r["addresses"]): (r["state"], r["expected_backends"], r["problems"])
+            for r in doc["services"]
+        }
+
+    assert shape(bare) == shape(flagged)
+
+    # explain from a pod: the virtual server with its scheduler, and the wanted endpoints
+    rc, ex = kproxy_bare(env, "explain", f"{vip}:80/tcp", "--from", pods[0].ip)
+    assert rc == 0 and ex["mode"] == "ipvs" and ex["result"] == "ipvs", ex["result"]
+    vs = ex["ipvs"]["virtual_server"]
+    assert (vs["address"], vs["scheduler"]) == (vip, "lc")
+    assert ex["wanted"]["service"] == "default/bare:http" and not ex["wanted"]["differs"]
+    assert sorted(ex["wanted"]["endpoints"]) == want
+    _, ex_flags = kproxy_json(env, "explain", f"{vip}:80/tcp", "--from", pods[0].ip)
+    assert ex_flags["wanted"]["endpoints"] == ex["wanted"]["endpoints"]
+    assert {r["address"]: r["masquerade"] for r in vs["real_servers"]} == {
+        r["address"]: r["masquerade"] for r in ex_flags["ipvs"]["virtual_server"]["real_servers"]
+    }
+
+
 def names_to_ips(batch: Batch, pods: list[Pod]) -> set[str]:
     by_name = {p.name: p.ip for p in pods}
     return {by_name[n] for n in batch.names}
