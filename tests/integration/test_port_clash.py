@@ -110,6 +110,10 @@ def test_a_taken_port_is_logged_retried_and_bound_when_freed(
     if name == "metrics":
         res = http_get(node.ns, "127.0.0.1", 10249, path="/metrics", timeout=2.0)
         assert res.ok and "kproxy_sync_proxy_rules_last_timestamp_seconds" in res.body
+        # kube-proxy's /configz: the settings in effect
+        status, body = http_json(node.ns, "127.0.0.1", 10249, path="/configz")
+        config = body["kubeproxy.config.k8s.io"]
+        assert (status, config["mode"], config["hostnameOverride"]) == (200, "iptables", node.name)
     if dns:
         eventually(lambda: dig(lab, pod.ns, "web.default.svc.cluster.local") == [VIP], timeout=15)
     assert "Traceback" not in agent.log()
