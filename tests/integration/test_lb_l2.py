@@ -7,11 +7,8 @@ address moves (gratuitous ARP seen by the client) and traffic resumes."""
 from __future__ import annotations
 
 import contextlib
-import json
 import re
 import signal
-import socket
-import threading
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -21,10 +18,10 @@ import pytest
 from kproxy.lab.netlab import Lab
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_get
-from kproxy.lb import packets as P
 from kproxy.lb.select import announcer
 from tests.support.agent import Agent, eventually, http_json, serve_cluster_api
-from tests.support.fakeapi import FakeApiServer, _setns
+from tests.support.fakeapi import FakeApiServer
+from tests.support.l2 import Capture, arping, mac_of
 from tests.support.objects import make_service_obj, make_slice_obj
 
 pytestmark = [pytest.mark.netns]
@@ -52,68 +49,6 @@ def ingress(api: FakeApiServer, name: str) -> list[str]:
     return [
         i["ip"] for i in ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
     ]
-
-
-def mac_of(lab: Lab, ns: str) -> str:
-    out = lab.run(ns, ["ip", "-j", "link", "show", "eth0"]).stdout
-    return str(json.loads(out)[0]["address"])
-
-
-def arping(lab: Lab, ip: str, count: int = 3) -> list[str]:
-    """MACs that answered `count` ARP requests from the client (one entry per reply)."""
-    res = lab.run(
-        lab.client.ns,
-        ["arping", "-I", "eth0", "-c", str(count), "-w", str(count + 1), ip],
-        check=False,
-    )
-    return re.findall(r"reply from \S+ \[([0-9A-Fa-f:]+)\]", res.stdout.lower())
-
-
-class Capture:
-    """ARP and Neighbor Advertisement frames seen on the client's eth0 (AF_PACKET socket
-    opened inside the client namespace from a helper thread)."""
-
-    def __init__(self, ns: str) -> None:
-        self.frames: list[tuple[float, bytes]] = []
-        made: list[socket.socket] = []
-
-        def make() -> None:
-            _setns(ns)
-            made.append(socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(0x0003)))
-
-        helper = threading.Thread(target=make)
-        helper.start()
-        helper.join()
-        self.sock = made[0]
-        self.sock.bind(("eth0", 0x0003))
-        self.sock.settimeout(0.2)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.is_set():
-            try:
-                frame = self.sock.recv(2048)
-            except OSError:
-                continue
-            self.frames.append((time.monotonic(), frame))
-
-    def gratuitous(self, ip: str) -> list[tuple[float, str]]:
-        out = []
-        for t, frame in list(self.frames):
-            arp = P.parse_arp(frame)
-            if arp is not None and arp.op == 1 and arp.sender_ip == arp.target_ip == ip:
-                out.append((t, P.mac_text(arp.sender_mac)))
-            na = P.parse_na(frame)
-            if na is not None and na[0] == ip and not na[2]:
-                out.append((t, P.mac_text(na[1])))
-        return out
-
-    def close(self) -> None:
-        self._stop.set()
-        self._thread.join(1)
-        self.sock.close()
 
 
 @pytest.fixture
