@@ -67,15 +67,19 @@ from kproxy.backends.iptables_drift import (
     saved_counts,
 )
 from kproxy.backends.iptables_exec import (
+    FLAVOURS,
     ProcessRestorer,
     RestoreFailed,
     Restorer,
     RestoreSink,
     Run,
     RunRestorer,
+    binary,
+    detect_flavour,
+    save,
 )
 from kproxy.backends.iptables_rejects import find_rejected, short
-from kproxy.model.objects import IPV6, Ref
+from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
 from kproxy.model.view import build_views
@@ -95,43 +99,8 @@ from kproxy.render.iptables import (
 
 log = logging.getLogger("kproxy.iptables")
 
-FLAVOURS = ("nft", "legacy")
-KUBELET_MARKERS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
 NFT_CHUNK_CHAINS = 2000
 TABLES = (NAT, FILTER, MANGLE)
-
-
-def _binary(family: int, flavour: str, tool: str | None) -> str:
-    base = "ip6tables" if family == IPV6 else "iptables"
-    return f"{base}-{flavour}-{tool}" if tool else f"{base}-{flavour}"
-
-
-def _save(family: int, flavour: str, table: str, run: Run = subprocess.run) -> str:
-    binary = _binary(family, flavour, "save")
-    if shutil.which(binary) is None:
-        return ""
-    res = run([binary, "-t", table], capture_output=True, text=True, check=False)
-    return res.stdout if res.returncode == 0 else ""
-
-
-def detect_flavour(family: int = 4, run: Run = subprocess.run) -> str:
-    """legacy or nft: the one kubelet uses, else the one with more rules, else nft."""
-    available = [f for f in FLAVOURS if shutil.which(_binary(family, f, "restore"))]
-    if not available:
-        raise SyncError("no iptables-restore found (install the iptables package)")
-    if len(available) == 1:
-        return available[0]
-    for flavour in available:
-        mangle = _save(family, flavour, MANGLE, run)
-        if any(f":{marker} " in mangle for marker in KUBELET_MARKERS):
-            return flavour
-    counts: dict[str, int] = {}
-    for flavour in available:
-        text = "".join(_save(family, flavour, t, run) for t in TABLES)
-        counts[flavour] = sum(1 for line in text.splitlines() if line.startswith("-A "))
-    if counts.get("legacy", 0) > counts.get("nft", 0):
-        return "legacy"
-    return "nft"
 
 
 def chains_in(save_text: str) -> list[str]:
@@ -233,9 +202,9 @@ class IptablesProxier:
         )
         self._clock = clock
         self.flavour = flavour or detect_flavour(self.family, run)
-        self.restore = _binary(self.family, self.flavour, "restore")
-        self.save_binary = _binary(self.family, self.flavour, "save")
-        self.iptables = _binary(self.family, self.flavour, None)
+        self.restore = binary(self.family, self.flavour, "restore")
+        self.save_binary = binary(self.family, self.flavour, "save")
+        self.iptables = binary(self.family, self.flavour, None)
         self.nft_chunk_chains = nft_chunk_chains
         self.renderer = Renderer(options)
         self._blocks: dict[Ref, ServiceRules] = {}
@@ -277,7 +246,7 @@ class IptablesProxier:
         self._finish(sink)
 
     def save(self, table: str) -> str:
-        return _save(self.family, self.flavour, table, self._run)
+        return save(self.family, self.flavour, table, self._run)
 
     def canary_missing(self) -> bool:
         """True when the mangle canary chain is gone (someone flushed the tables)."""
@@ -678,10 +647,10 @@ class IptablesProxier:
     def cleanup(self) -> None:
         """Remove every chain and hook kproxy owns, in every iptables flavour present."""
         for flavour in FLAVOURS:
-            restore = _binary(self.family, flavour, "restore")
+            restore = binary(self.family, flavour, "restore")
             if shutil.which(restore) is None:
                 continue
-            text = cleanup_text({t: _save(self.family, flavour, t, self._run) for t in TABLES})
+            text = cleanup_text({t: save(self.family, flavour, t, self._run) for t in TABLES})
             if not text:
                 continue
             res = self._run(

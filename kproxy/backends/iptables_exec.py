@@ -1,4 +1,10 @@
-"""Running iptables-restore: the one place the iptables backend writes to the kernel.
+"""Running iptables: which flavour and binary, `iptables-save`, and `iptables-restore` (the one
+place the iptables-based modes write to the kernel). Shared by the iptables, IPVS (companion
+rules) and userspace modes, and by `kproxy status`/`explain`.
+
+Flavour detection (legacy or nft) follows kubelet's iptables-wrapper: the flavour whose mangle
+table holds kubelet's KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY chain, else the one with more
+rules, else nft. Binaries are iptables-<flavour>-restore/-save (ip6tables-* for IPv6).
 
 A `Restorer` opens a `RestoreSink`: text written to the sink is the restore input, `end()` closes
 it (the restore then commits), `wait()` waits and raises RestoreFailed with the tool's message
@@ -14,15 +20,56 @@ subprocess.run-style callable in one go (for callers that inject their own runne
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from kproxy.backends.base import SyncError
 from kproxy.errors import DataplaneError
 
 Run = Callable[..., subprocess.CompletedProcess[str]]
 
 _FLUSH_AT = 1 << 18  # bytes buffered before a pipe write
+
+FLAVOURS = ("nft", "legacy")
+KUBELET_MARKERS = ("KUBE-IPTABLES-HINT", "KUBE-KUBELET-CANARY")
+SAVED_TABLES = ("nat", "filter", "mangle")
+
+
+def binary(family: int, flavour: str, tool: str | None) -> str:
+    """e.g. binary(4, "nft", "restore") -> "iptables-nft-restore"; tool None: the plain command."""
+    base = "ip6tables" if family == 6 else "iptables"
+    return f"{base}-{flavour}-{tool}" if tool else f"{base}-{flavour}"
+
+
+def save(family: int, flavour: str, table: str, run: Run = subprocess.run) -> str:
+    """`iptables-save -t TABLE` of one flavour; "" when the tool is missing or fails."""
+    tool = binary(family, flavour, "save")
+    if shutil.which(tool) is None:
+        return ""
+    res = run([tool, "-t", table], capture_output=True, text=True, check=False)
+    return res.stdout if res.returncode == 0 else ""
+
+
+def detect_flavour(family: int = 4, run: Run = subprocess.run) -> str:
+    """legacy or nft: the one kubelet uses, else the one with more rules, else nft."""
+    available = [f for f in FLAVOURS if shutil.which(binary(family, f, "restore"))]
+    if not available:
+        raise SyncError("no iptables-restore found (install the iptables package)")
+    if len(available) == 1:
+        return available[0]
+    for flavour in available:
+        mangle = save(family, flavour, "mangle", run)
+        if any(f":{marker} " in mangle for marker in KUBELET_MARKERS):
+            return flavour
+    counts: dict[str, int] = {}
+    for flavour in available:
+        text = "".join(save(family, flavour, t, run) for t in SAVED_TABLES)
+        counts[flavour] = sum(1 for line in text.splitlines() if line.startswith("-A "))
+    if counts.get("legacy", 0) > counts.get("nft", 0):
+        return "legacy"
+    return "nft"
 
 
 class RestoreFailed(DataplaneError):
@@ -163,3 +210,16 @@ class RunRestorer:
 
     def open(self, argv: Sequence[str]) -> RestoreSink:
         return _RunSink(self._run, argv)
+
+
+def restore_noflush(family: int, flavour: str, text: str, run: Run = subprocess.run) -> None:
+    """One small `iptables-restore --noflush` of `text` (raises RestoreFailed)."""
+    sink = RunRestorer(run).open([binary(family, flavour, "restore"), "--noflush"])
+    sink.write(text)
+    sink.end()
+    sink.wait()
+
+
+def save_all(family: int, flavour: str, run: Run = subprocess.run) -> str:
+    """The nat, filter and mangle tables of one flavour, as one iptables-save text."""
+    return "".join(save(family, flavour, table, run) for table in SAVED_TABLES)

@@ -8,75 +8,28 @@ kproxy's chains atomically without touching anything else in the tables. Hooks (
 PREROUTING, INPUT, ...) live in chains other software shares: they are inserted only when
 missing, in the same restore.
 
-The flavour (legacy or nft) follows the iptables mode's rule from issue 2: kubelet's
-KUBE-IPTABLES-HINT / KUBE-KUBELET-CANARY chains decide, else whichever flavour already holds
-rules, else nft.
+The flavour, binaries, save and restore are the iptables mode's own
+(kproxy.backends.iptables_exec), so both modes pick the same flavour by the same rule.
 """
 
 from __future__ import annotations
 
 import logging
 import shutil
-import subprocess
 from collections.abc import Iterable
 
-from kproxy.errors import DataplaneError
-from kproxy.model.objects import IPV6
+from kproxy.backends.iptables_exec import (
+    FLAVOURS,
+    binary,
+    detect_flavour,
+    restore_noflush,
+    save_all,
+)
 from kproxy.model.options import ProxyOptions
 from kproxy.render import chains as C
 from kproxy.render import ipvs_rules as RR
 
 log = logging.getLogger("kproxy.ipvs")
-
-FLAVOURS = ("legacy", "nft")
-
-
-class IptablesError(DataplaneError):
-    """An iptables command failed; the message carries its stderr."""
-
-
-def _prefix(family: int) -> str:
-    return "ip6tables" if family == IPV6 else "iptables"
-
-
-def binary(family: int, flavour: str, tool: str) -> str:
-    """e.g. binary(4, "nft", "restore") -> "iptables-nft-restore"."""
-    return f"{_prefix(family)}-{flavour}-{tool}"
-
-
-def _run(argv: list[str], stdin: str | None = None) -> str:
-    try:
-        proc = subprocess.run(argv, input=stdin, capture_output=True, text=True, check=False)
-    except FileNotFoundError as err:
-        raise IptablesError(f"{argv[0]} is not installed") from err
-    if proc.returncode != 0:
-        raise IptablesError(f"{' '.join(argv)}: {proc.stderr.strip()}")
-    return proc.stdout
-
-
-def save(family: int, flavour: str, table: str | None = None) -> str:
-    argv = [binary(family, flavour, "save")]
-    if table:
-        argv += ["-t", table]
-    return _run(argv)
-
-
-def detect_flavour(family: int) -> str:
-    """legacy or nft, as the iptables mode decides (see the module docstring)."""
-    counts: dict[str, int] = {}
-    for flavour in FLAVOURS:
-        if not shutil.which(binary(family, flavour, "save")):
-            continue
-        try:
-            text = save(family, flavour)
-        except IptablesError:
-            continue
-        if "KUBE-IPTABLES-HINT" in text or "KUBE-KUBELET-CANARY" in text:
-            return flavour
-        counts[flavour] = sum(1 for line in text.splitlines() if line.startswith("-A "))
-    if counts.get("legacy", 0) > counts.get("nft", 0):
-        return "legacy"
-    return "nft"
 
 
 def _chains(text: str) -> dict[str, set[str]]:
@@ -147,7 +100,7 @@ class CompanionRules:
         """Rewrite kproxy's chains and insert missing hooks in one restore; returns the rule
         count per table."""
         body = self.text()
-        current = save(self.family, self.flavour)
+        current = save_all(self.family, self.flavour)
         hooks = _missing_hooks(current)
         out: list[str] = []
         for block in body.split("COMMIT\n"):
@@ -157,7 +110,7 @@ class CompanionRules:
             out.append(block)
             out.extend(hooks.pop(table, []))
             out.append("COMMIT\n")
-        _run([binary(self.family, self.flavour, "restore"), "--noflush"], stdin="".join(out))
+        restore_noflush(self.family, self.flavour, "".join(out))
         self.writes += 1
         if hooks:
             log.warning("hooks for tables without kproxy chains were skipped: %s", sorted(hooks))
@@ -165,7 +118,7 @@ class CompanionRules:
 
     def present(self) -> bool:
         """True when every kproxy chain and hook is in place (a cheap drift check)."""
-        current = save(self.family, self.flavour)
+        current = save_all(self.family, self.flavour)
         chains = _chains(current)
         declared = set(RR.NAT_CHAINS) <= chains.get("nat", set()) and set(
             RR.FILTER_CHAINS
@@ -181,15 +134,11 @@ def cleanup_rules(families: Iterable[int] = (4, 6)) -> list[str]:
         for flavour in FLAVOURS:
             if not shutil.which(binary(family, flavour, "restore")):
                 continue
-            try:
-                current = save(family, flavour)
-            except IptablesError as err:
-                log.info("skipping %s: %s", binary(family, flavour, "save"), err)
-                continue
+            current = save_all(family, flavour)
             text, gone = _cleanup_text(current)
             if not text:
                 continue
-            _run([binary(family, flavour, "restore"), "--noflush"], stdin=text)
+            restore_noflush(family, flavour, text)
             removed.extend(f"ipv{family}/{flavour}/{g}" for g in gone)
     return removed
 

@@ -42,13 +42,16 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy.backends.base import SyncError, SyncResult
-from kproxy.backends.iptables import _binary, _save, detect_flavour
 from kproxy.backends.iptables_exec import (
+    FLAVOURS,
     ProcessRestorer,
     RestoreFailed,
     Restorer,
     Run,
     RunRestorer,
+    binary,
+    detect_flavour,
+    save,
 )
 from kproxy.backends.userspace_balance import Balancer
 from kproxy.backends.userspace_proxy import (
@@ -69,7 +72,6 @@ log = logging.getLogger("kproxy.userspace")
 
 INTERNAL = "internal"
 EXTERNAL = "external"
-FLAVOURS = ("nft", "legacy")
 
 
 @dataclass(frozen=True, slots=True)
@@ -164,7 +166,7 @@ class UserspaceProxier:
             ProcessRestorer() if run is subprocess.run else RunRestorer(run)
         )
         self.flavour = flavour or detect_flavour(self.family, run)
-        self.restore = _binary(self.family, self.flavour, "restore")
+        self.restore = binary(self.family, self.flavour, "restore")
         self.bind_ip = "::" if self.family == IPV6 else "0.0.0.0"
         self._listeners: dict[Key, ListenerState] = {}
         self._by_service: dict[Ref, set[Key]] = {}
@@ -349,7 +351,7 @@ class UserspaceProxier:
     def _adoptable(self) -> dict[tuple[str, str, str, str, int], int]:
         """(name, protocol, kind, ip, port) -> proxy port of the rules already programmed."""
         try:
-            saved = _save(self.family, self.flavour, "nat", self._run)
+            saved = save(self.family, self.flavour, "nat", self._run)
         except OSError:
             return {}
         out: dict[tuple[str, str, str, str, int], int] = {}
@@ -372,7 +374,7 @@ class UserspaceProxier:
 
     def _apply(self, redirects: list[R.Redirect], drops: list[R.Drop], text: str) -> None:
         """Restore every userspace chain, with the hooks the kernel lacks, in one input."""
-        saved = {t: _save(self.family, self.flavour, t, self._run) for t in (R.NAT, R.FILTER)}
+        saved = {t: save(self.family, self.flavour, t, self._run) for t in (R.NAT, R.FILTER)}
         sink = self._restorer.open([self.restore, "--noflush", "-w", "5"])
         self.restores += 1
         sink.write(R.render_restore(redirects, hooks=R.missing_hooks(saved), drops=drops))
@@ -437,10 +439,10 @@ def cleanup_rules(family: int, run: Run = subprocess.run) -> None:
     import shutil
 
     for flavour in FLAVOURS:
-        restore = _binary(family, flavour, "restore")
+        restore = binary(family, flavour, "restore")
         if shutil.which(restore) is None:
             continue
-        saved: Mapping[str, str] = {t: _save(family, flavour, t, run) for t in (R.NAT, R.FILTER)}
+        saved: Mapping[str, str] = {t: save(family, flavour, t, run) for t in (R.NAT, R.FILTER)}
         text = R.cleanup_restore(saved)
         if not text:
             continue

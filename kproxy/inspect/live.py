@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kproxy.backends.base import SyncError
-from kproxy.backends.iptables import detect_flavour
+from kproxy.backends.iptables_exec import detect_flavour
 from kproxy.backends.netinfo import local_addresses
 from kproxy.errors import DataplaneError
 from kproxy.inspect.iptrace import Ruleset, parse_save
