@@ -15,7 +15,7 @@ echo "== system packages" >&2
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends \
   iptables ipset conntrack iproute2 nftables bind9-dnsutils procps kmod python3-pip \
-  iputils-arping >/dev/null
+  iputils-arping wrk iperf3 >/dev/null
 
 for extra in .ci/ops-setup.sh .ci/vm-setup.sh; do
   if [ -f "$extra" ]; then

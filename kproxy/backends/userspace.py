@@ -288,6 +288,8 @@ class UserspaceProxier:
                 sock = self._bind(state, socket.SOCK_STREAM if tcp else socket.SOCK_DGRAM)
             listener: _Listener
             if tcp:
+                # accepted sockets inherit it: no setsockopt per connection
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.listen(4096)
                 listener = TCPListener(self.engine, sock, state.balancer)
             else:

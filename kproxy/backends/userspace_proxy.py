@@ -121,6 +121,15 @@ class ProxyEngine:
             with contextlib.suppress(OSError, ValueError):
                 self._ep.unregister(fd)
 
+    def rehandle(self, fd: int, mask: int, handler: Any) -> None:
+        """A registered fd changes hands (one epoll_ctl instead of a delete and an add)."""
+        self._handlers[fd] = handler
+        self._ep.modify(fd, mask)
+
+    def forget(self, fd: int) -> None:
+        """Drop the handler of an fd the caller closes next: closing removes it from epoll."""
+        self._handlers.pop(fd, None)
+
     def later(self, delay: float, fn: Callable[[], None]) -> None:
         heapq.heappush(self._timers, (time.monotonic() + delay, next(self._seq), fn))
 
@@ -321,16 +330,16 @@ class _Connect:
         return fire
 
     def on_event(self, fd: int, ev: int) -> None:
-        assert self.sock is not None
+        if self.sock is None or not ev & (OUT | select.EPOLLERR | select.EPOLLHUP):
+            return  # a stale event of an earlier socket that had this fd number
         err = self.sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
         if err:
             log.debug("userspace proxy: connect to %s: %s", self.endpoint, os.strerror(err))
             self._failed()
             return
         sock = self.sock
-        self.listener.engine.remove(self.fd)
         self.sock = None
-        self._connected(sock)
+        self._connected(sock, registered=True)
 
     def _failed(self) -> None:
         assert self.sock is not None
@@ -344,12 +353,12 @@ class _Connect:
         self.done = True
         _reset(self.client)
 
-    def _connected(self, sock: socket.socket) -> None:
+    def _connected(self, sock: socket.socket, *, registered: bool = False) -> None:
         self.done = True
         stats = self.listener.stats
         stats.per_endpoint[self.endpoint] = stats.per_endpoint.get(self.endpoint, 0) + 1
         stats.active += 1
-        _Pair(self.listener.engine, self.client, sock, stats)
+        _Pair(self.listener.engine, self.client, sock, stats, registered=registered)
 
     def close(self) -> None:
         if self.sock is not None:
@@ -392,7 +401,13 @@ class _Pair:
     __slots__ = ("a", "b", "closed", "down", "engine", "fa", "fb", "masks", "stats", "up")
 
     def __init__(
-        self, engine: ProxyEngine, client: socket.socket, backend: socket.socket, stats: Stats
+        self,
+        engine: ProxyEngine,
+        client: socket.socket,
+        backend: socket.socket,
+        stats: Stats,
+        *,
+        registered: bool = False,
     ) -> None:
         self.engine = engine
         self.a, self.b = client, backend
@@ -401,12 +416,18 @@ class _Pair:
         self.down = _Direction(backend, client)  # endpoint -> client
         self.stats = stats
         self.closed = False
-        for s in (client, backend):
-            with contextlib.suppress(OSError):
-                s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        # the client socket inherited TCP_NODELAY from the listener
+        with contextlib.suppress(OSError):
+            backend.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.masks = {self.fa: IN, self.fb: IN}
         engine.add(self.fa, IN, self)
-        engine.add(self.fb, IN, self)
+        if registered:  # still registered from the connect: hand it over
+            engine.rehandle(self.fb, IN, self)
+        else:
+            engine.add(self.fb, IN, self)
+        # the client usually sent its request with the handshake: move it now, not one
+        # epoll round later
+        self._pump(self.up)
 
     def on_event(self, fd: int, ev: int) -> None:
         inbound, outbound = (self.up, self.down) if fd == self.fa else (self.down, self.up)
@@ -495,8 +516,10 @@ class _Pair:
 
     def _eof(self, d: _Direction) -> None:
         d.eof = True
-        src = d.src.fileno()
-        self._set(src, self.masks[src] & ~IN)
+        other = self.down if d is self.up else self.up
+        if not other.done:  # (when both are done the sockets close: no epoll change needed)
+            src = d.src.fileno()
+            self._set(src, self.masks[src] & ~IN)
         if not d.blocked:
             self._finish(d)
 
@@ -505,10 +528,11 @@ class _Pair:
         if d.done:
             return
         d.done = True
+        if self.up.done and self.down.done:
+            self.close()  # close() sends the last FIN
+            return
         with contextlib.suppress(OSError):
             d.dst.shutdown(socket.SHUT_WR)
-        if self.up.done and self.down.done:
-            self.close()
 
     def _broken(self, err: OSError) -> None:
         if err.errno not in _GONE:
@@ -521,8 +545,8 @@ class _Pair:
             return
         self.closed = True
         self.stats.active -= 1
-        self.engine.remove(self.fa)
-        self.engine.remove(self.fb)
+        self.engine.forget(self.fa)  # closing the sockets below removes them from epoll
+        self.engine.forget(self.fb)
         for d in (self.up, self.down):
             if d.pipe is not None:
                 os.close(d.pipe[0])
