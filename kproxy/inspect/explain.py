@@ -683,6 +683,12 @@ def explain_command(
             if picked
             else " (no route to the destination)"
         )
+    if settings.proxy_mode == "userspace":
+        from kproxy.inspect import userspace
+
+        return userspace.explain_command(
+            ip=ip, port=port, proto=proto, source=source, hook=hook, local=local, output=output
+        )
     mode = "ipvs" if settings.proxy_mode == "ipvs" or live.ipvs_present() else "iptables"
     sets = None
     listing = None

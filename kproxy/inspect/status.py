@@ -419,6 +419,10 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
     from kproxy.model.view import build_views
 
     settings = wanted.settings
+    if settings.proxy_mode == "userspace":
+        from kproxy.inspect import userspace
+
+        return userspace.status_command(wanted, output=output)
     try:
         snapshot = snapshot_of(wanted)
     except KubeConfigError as err:

@@ -189,6 +189,10 @@ def run_demo(*, keep: bool = False, proxy_mode: str = "iptables") -> int:
             module_argv("kproxy", "explain", f"{node.ip}:{NODEPORT}/tcp", "--from", lab.client.ip),
         )
 
+        if proxy_mode == "userspace":
+            _title("kproxy status: the proxy's listeners, their endpoints and the next in turn")
+            _show(lab, node.ns, module_argv("kproxy", "status"))
+
         if keep:
             _title(f"lab is up; try: ip netns exec {lab.client.ns} curl {node.ip}:{NODEPORT}")
             _say("  Ctrl-C to tear it down")

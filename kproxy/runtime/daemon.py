@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from kproxy.backends.base import DriftCheck, SyncError, SyncResult
 from kproxy.backends.conntrack import ConntrackCleaner
 from kproxy.config import Settings, node_name
-from kproxy.inspect.socketpath import default_socket_path
+from kproxy.inspect.socketpath import STATE_VERSION, default_socket_path, netns_inode
 from kproxy.kube.ingest import StoreSink
 from kproxy.metrics import Metrics
 from kproxy.model.objects import Ref
@@ -363,17 +363,22 @@ class Daemon:
 
     def _start_inspect(self) -> None:
         """The wanted state for `kproxy status`/`explain` (kproxy.runtime.inspectsock)."""
-        server = InspectServer(
-            default_socket_path(),
-            state_route(
-                settings=self.settings,
-                node_name=self.node_name,
-                planes=lambda: self.planes,
-                wanted=lambda: self._wanted or (self.store.peek(), 0.0),
-                unbound=self.listeners.unbound,
-                rejected=self.rejected_services,
-            ),
+        routes = state_route(
+            settings=self.settings,
+            node_name=self.node_name,
+            planes=lambda: self.planes,
+            wanted=lambda: self._wanted or (self.store.peek(), 0.0),
+            unbound=self.listeners.unbound,
+            rejected=self.rejected_services,
         )
+        describers = [p.proxier.describe for p in self.planes if hasattr(p.proxier, "describe")]
+        if describers:  # userspace mode: its proxy's listeners (kproxy.inspect.userspace)
+            routes["/v1/userspace"] = lambda: {
+                "version": STATE_VERSION,
+                "netns": netns_inode(),
+                "listeners": [r for d in describers for r in d()],
+            }
+        server = InspectServer(default_socket_path(), routes)
         self._inspect = server
         self.listeners.start(
             "the inspection socket",

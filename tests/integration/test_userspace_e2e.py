@@ -242,3 +242,72 @@ def test_cleanup_removes_the_userspace_rules(lab: Lab, web: Any) -> None:
     assert out.returncode == 0, out.stderr
     for table in ("nat", "filter"):
         assert "KUBE-" not in agent.save(table), agent.save(table)
+
+
+def _kproxy_json(lab: Lab, *args: str) -> tuple[int, dict[str, Any]]:
+    out = lab.run(
+        lab.nodes[0].ns,
+        module_argv("kproxy", *args, "-o", "json"),
+        capture_output=True,
+        check=False,
+    )
+    return out.returncode, json.loads(out.stdout)
+
+
+def test_status_shows_ports_endpoints_and_the_next_one(lab: Lab, web: Any) -> None:
+    _, agent = web
+    rc, doc = _kproxy_json(lab, "status")
+    assert rc == 0, json.dumps(doc)[:1500]
+    assert doc["mode"] == "userspace" and not doc["stale_rules"]
+    rows = {(r["service"], r["scope"]): r for r in doc["listeners"]}
+    http = rows[("default/web:http", "internal")]
+    assert http["ok"] and http["listening"]
+    assert {f"--to-ports {http['proxy_port']}"} <= {
+        m.group(0) for m in re.finditer(r"--to-ports \d+", agent.save())
+    }
+    assert sorted(http["endpoints"]) == sorted(f"{p.ip}:80" for p in lab.pods)
+    # the endpoint status names as next is the one the next connection gets
+    by_ip = {p.ip: p.name for p in lab.pods}
+    for _ in range(3):
+        expected = by_ip[listener(agent, "default/web:http")["next"].split(":")[0]]
+        assert http_get(lab.pods[0].ns, VIP, 80).name == expected
+    assert rows[("default/web:http", "external")]["addresses"] == [
+        f"{EXT_IP}:80 (external)",
+        f"{LB_IP}:80 (external)",
+        "*:30080 (nodeport)",
+    ]
+
+
+def test_status_flags_a_redirect_to_the_wrong_port(lab: Lab, web: Any) -> None:
+    _, agent = web
+    port = listener(agent, "default/web:http")["proxy_port"]
+    saved = agent.save()
+    chain = [ln for ln in saved.splitlines() if ln.startswith("-A KUBE-PORTALS-CONTAINER ")]
+    index, line = next((i, ln) for i, ln in enumerate(chain, 1) if "-d 10.96.0.80/32 -p tcp" in ln)
+    broken = line.replace(f"--to-ports {port}", f"--to-ports {port + 1}")
+    lab.run(
+        lab.nodes[0].ns,
+        ["iptables", "-t", "nat", "-R", "KUBE-PORTALS-CONTAINER", str(index), *broken.split()[2:]],
+    )
+    rc, doc = _kproxy_json(lab, "status")
+    assert rc == 1
+    bad = [r for r in doc["listeners"] if not r["ok"]]
+    assert [r["service"] for r in bad] == ["default/web:http"]
+    assert "redirected to" in " ".join(bad[0]["problems"])
+
+
+def test_explain_names_the_proxy_port_and_the_next_endpoint(lab: Lab, web: Any) -> None:
+    _, agent = web
+    src = lab.pods[0].ip
+    rc, doc = _kproxy_json(lab, "explain", f"{VIP}:80/tcp", "--from", src)
+    assert rc == 0
+    assert doc["rule"]["proxy_port"] == listener(agent, "default/web:http")["proxy_port"]
+    assert doc["hook"] == "PREROUTING"
+    nxt = doc["next"]
+    got = http_get(lab.pods[0].ns, VIP, 80)
+    assert got.ok and f"{lab.pod(got.name or '').ip}:80" == nxt
+    rc, doc = _kproxy_json(lab, "explain", f"{lab.nodes[0].ip}:30080/tcp", "--from", "192.0.2.1")
+    assert doc["rule"]["kind"] == "nodeport"
+    assert doc["listener"]["scope"] == "external"
+    rc, doc = _kproxy_json(lab, "explain", "10.96.0.200:80/tcp", "--from", src)
+    assert doc["rule"] is None
