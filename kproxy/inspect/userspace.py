@@ -34,8 +34,8 @@ ROUTE = "/v1/userspace"
 # -- reads ----------------------------------------------------------------------------------------
 def agent_listeners(path: Any = None) -> list[dict[str, Any]] | None:
     """The running agent's listeners, or None when no agent answers."""
+    from kproxy.inspect.socketpath import default_socket_path
     from kproxy.inspect.wanted import fetch
-    from kproxy.runtime.inspectsock import default_socket_path
 
     try:
         doc = fetch(path or default_socket_path(), ROUTE)
@@ -184,12 +184,12 @@ def render_table(rows: Iterable[ListenerRow], stale: Iterable[str]) -> str:
 
 def status_command(wanted: Wanted, *, output: str = "table") -> int:
     """`kproxy status` in userspace mode (see the module docstring); exit 0/1/2 as status."""
+    from kproxy.backends.netinfo import with_node_addresses
     from kproxy.backends.userspace import wanted_listeners
+    from kproxy.config import base_options, node_name
     from kproxy.inspect.status import _families
     from kproxy.inspect.wanted import snapshot_of
     from kproxy.model.view import build_views
-    from kproxy.runtime.daemon import node_name
-    from kproxy.runtime.dataplane import proxy_options
 
     settings = wanted.settings
     snapshot = snapshot_of(wanted)
@@ -202,7 +202,7 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
     stale: list[str] = []
     sources: list[str] = []
     for family in _families(snapshot):
-        options = proxy_options(settings, family=family, node_name=node)
+        options = with_node_addresses(base_options(settings, family=family, node_name=node))
         want = [
             (w, family)
             for views in build_views(snapshot, family=family, node_name=node).values()
