@@ -2,8 +2,10 @@
 
 `StoreSink` implements the sources' `Sink` protocol: it converts raw objects and updates the
 store. An object that cannot be converted is logged with its namespace/name and reason, counted,
-and left out: it never stops the other services. What conversion accepts only leniently
-(leading-zero IPv4 addresses) is logged once per object and text, not on every relist.
+and left out: it never stops the other services. A refusal is logged once per object and
+reason (not again on every relist or manifest reload, again once the object was accepted in
+between); what conversion accepts only leniently (leading-zero IPv4 addresses) once per object
+and text.
 """
 
 from __future__ import annotations
@@ -45,9 +47,17 @@ class StoreSink:
         self._on_invalid = on_invalid or (lambda kind: None)
         self._on_event = on_event or (lambda kind: None)
         self._noted: set[tuple[str, str, str, str]] = set()
+        self._refused: dict[tuple[str, str, str], set[str]] = {}
 
     def _invalid(self, kind: str, obj: RawObject, reason: str) -> None:
+        self._on_invalid(kind)
         ns, name = object_ref(obj)
+        if len(self._refused) >= NOTED_MAX:
+            self._refused.clear()
+        reasons = self._refused.setdefault((kind, ns, name), set())
+        if reason in reasons:
+            return
+        reasons.add(reason)
         ref = f"{short(ns)}/{short(name)}"
         log.warning(
             "skipping invalid %s %s: %s",
@@ -56,7 +66,10 @@ class StoreSink:
             reason,
             extra={"kind": kind, "object": ref, "reason": reason},
         )
-        self._on_invalid(kind)
+
+    def _accepted(self, kind: str, obj: RawObject) -> None:
+        if self._refused:
+            self._refused.pop((kind, *object_ref(obj)), None)
 
     def _noter(self, kind: str, obj: RawObject) -> Callable[[str], None]:
         def note(text: str) -> None:
@@ -74,29 +87,39 @@ class StoreSink:
 
     def _service(self, obj: RawObject) -> Service | None:
         try:
-            return parse_service(obj, on_note=self._noter("Service", obj))
+            svc = parse_service(obj, on_note=self._noter("Service", obj))
         except (InvalidObject, TypeError, AttributeError, KeyError) as err:
             self._invalid("Service", obj, str(err) or type(err).__name__)
             return None
+        self._accepted("Service", obj)
+        return svc
 
     def _slice(self, obj: RawObject) -> EndpointSlice | None:
+        bad: list[str] = []
+
         def bad_endpoint(reason: str) -> None:
+            bad.append(reason)
             self._invalid("EndpointSlice", obj, f"endpoint skipped: {reason}")
 
         try:
-            return parse_endpoint_slice(
+            sl = parse_endpoint_slice(
                 obj, on_bad_endpoint=bad_endpoint, on_note=self._noter("EndpointSlice", obj)
             )
         except (InvalidObject, TypeError, AttributeError, KeyError) as err:
             self._invalid("EndpointSlice", obj, str(err) or type(err).__name__)
             return None
+        if not bad:
+            self._accepted("EndpointSlice", obj)
+        return sl
 
     def _node(self, obj: RawObject) -> NodeInfo | None:
         try:
-            return parse_node(obj, on_note=self._noter("Node", obj))
+            node = parse_node(obj, on_note=self._noter("Node", obj))
         except (InvalidObject, TypeError, AttributeError, KeyError) as err:
             self._invalid("Node", obj, str(err) or type(err).__name__)
             return None
+        self._accepted("Node", obj)
+        return node
 
     # -- Sink protocol ---------------------------------------------------------------------
     def replace(self, kind: str, objects: list[RawObject]) -> None:

@@ -291,9 +291,18 @@ def test_sink_logs_one_short_line_per_refused_object_and_notes_once(
     assert store.peek().services[Ref("default", "zeros")].cluster_ips == ("172.30.0.41",)
     lines = [r.getMessage() for r in caplog.records]
     refused = [ln for ln in lines if ln.startswith("skipping invalid Service")]
-    assert len(refused) == 4
+    assert len(refused) == 2  # once per object and reason, not again on the relist
     assert all(len(ln) < 400 for ln in refused), max(map(len, refused))
     assert any("(10000 chars)" in ln and "metadata.name" in ln for ln in refused)
     assert any("default/badport" in ln and "99999" in ln for ln in refused)
     zeros = [ln for ln in lines if "172.30.0.041" in ln]
     assert len(zeros) == 1 and "default/zeros" in zeros[0]
+    # fixed, then broken again the same way: logged again
+    caplog.clear()
+    fixed = make_service_obj("default", "badport")
+    with caplog.at_level(logging.WARNING, logger="kproxy.kube"):
+        sink.apply("Service", "MODIFIED", fixed)
+        sink.apply("Service", "MODIFIED", objects[1])
+        sink.apply("Service", "MODIFIED", objects[1])
+    again = [r.getMessage() for r in caplog.records]
+    assert len(again) == 1 and "default/badport" in again[0], again
