@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import ipaddress
 import json
-import shutil
-import subprocess
 import sys
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -47,14 +45,10 @@ def agent_listeners(path: Any = None) -> list[dict[str, Any]] | None:
 
 def live_redirects(family: int) -> tuple[list[R.Redirect], str]:
     """The REDIRECT rules in the kernel, and the save binary they were read with."""
-    from kproxy.backends.iptables import detect_flavour
+    from kproxy.backends.iptables_exec import binary, detect_flavour, save
 
-    base = "ip6tables" if family == 6 else "iptables"
-    binary = f"{base}-{detect_flavour(family)}-save"
-    if shutil.which(binary) is None:
-        return [], binary
-    res = subprocess.run([binary, "-t", "nat"], capture_output=True, text=True, check=False)
-    return R.parse_redirects(res.stdout), binary
+    flavour = detect_flavour(family)
+    return R.parse_redirects(save(family, flavour, "nat")), binary(family, flavour, "save")
 
 
 # -- status ---------------------------------------------------------------------------------------
