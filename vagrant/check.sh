@@ -68,6 +68,13 @@ host_mode() {
       check "host -> NodePort $ip:$NODEPORT spreads over the 3 nginx pods" \
         reaches_all_nginx "http://$ip:$NODEPORT/"
     done
+    local lb_ip
+    lb_ip=$(vagrant ssh cp -c "sudo kubectl --kubeconfig /etc/kubernetes/admin.conf get svc \
+      nginx-loadbalancer -o jsonpath='{.status.loadBalancer.ingress[0].ip}'" 2>/dev/null | tr -d '\r')
+    if [ -n "$lb_ip" ]; then
+      check "host -> LoadBalancer $lb_ip (ARP answered by one node) reaches the 3 nginx pods" \
+        reaches_all_nginx "http://$lb_ip/"
+    fi
   else
     echo "      (curl is not installed on the host: skipped)"
   fi
@@ -102,6 +109,24 @@ is_cname_of() { # NAME TARGET
 
 short_name_works() {
   toolbox wget -q -T 3 -O - http://nginx-nodeport/ | grep -q '^pod='
+}
+
+lb_address() {
+  kubectl get svc nginx-loadbalancer -o jsonpath='{.status.loadBalancer.ingress[0].ip}'
+}
+
+lb_address_assigned() { # within 30 s, an address of the lab's pool (192.168.56.200-220)
+  local i ip
+  for i in $(seq 30); do
+    ip=$(lb_address)
+    if [ -n "$ip" ]; then
+      echo "      EXTERNAL-IP $ip (after ${i}s)"
+      [ "${ip%.*}" = 192.168.56 ] && [ "${ip##*.}" -ge 200 ] && [ "${ip##*.}" -le 220 ]
+      return
+    fi
+    sleep 1
+  done
+  return 1
 }
 
 pods_use_kproxy_dns() {
@@ -166,8 +191,14 @@ vm_mode() {
   local lb_port first_worker
   lb_port=$(kubectl get svc nginx-loadbalancer -o jsonpath='{.spec.ports[0].nodePort}')
   first_worker=$(echo "$NODE_IPS" | awk '{print $2}')
-  check "its NodePort $first_worker:$lb_port works while EXTERNAL-IP is pending" \
+  check "its NodePort $first_worker:$lb_port works" \
     reaches_all_nginx "http://$first_worker:$lb_port/"
+  check "it gets an EXTERNAL-IP from kproxy's pool" lb_address_assigned
+  local lb_ip
+  lb_ip=$(lb_address)
+  if [ -n "$lb_ip" ]; then
+    check "its EXTERNAL-IP $lb_ip reaches the 3 nginx pods" reaches_all_nginx "http://$lb_ip/"
+  fi
 
   echo
   echo "== DNS (kproxy's node-local server on $DNS_IP)"

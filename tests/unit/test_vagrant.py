@@ -202,3 +202,64 @@ def test_kubelet_points_pods_at_kproxy_dns() -> None:
 def test_examples_kubernetes_validate_strict(doc: dict[str, Any]) -> None:
     kv = pytest.importorskip("kubernetes_validate")
     kv.validate(doc, "1.32.0", strict=True)
+
+
+# -- LoadBalancer pool and Ingress (issue 13) ---------------------------------------------------
+def lab_pool() -> str:
+    match = re.search(r'"LB_POOL" => "([^"]+)"', (LAB / "Vagrantfile").read_text())
+    assert match
+    subnet = re.search(r'^SUBNET = "([0-9.]+)"', (LAB / "Vagrantfile").read_text(), re.M)
+    assert subnet
+    return match.group(1).replace("#{SUBNET}", subnet.group(1))
+
+
+def test_lb_pool_lies_on_the_host_only_network_clear_of_the_nodes() -> None:
+    from kproxy.lb.pools import Pools
+
+    pools = Pools.parse([lab_pool()])
+    assert pools.size() == 21
+    network = ipaddress.ip_network("192.168.56.0/24")
+    [r] = pools.ranges
+    assert r.first in network and r.last in network
+    taken = {"192.168.56.1", "192.168.56.10", *(f"192.168.56.{10 + i}" for i in range(1, 10))}
+    assert not any(pools.contains(ip) for ip in taken)
+
+
+def test_lab_gives_kproxy_the_pool_and_its_permissions() -> None:
+    start = (LAB / "provision" / "start-kproxy.sh").read_text()
+    assert "--lb-pool $LB_POOL" in start
+    cp = (LAB / "provision" / "control-plane.sh").read_text()
+    assert '"$SRC/deploy/loadbalancer/rbac.yaml"' in cp
+    roles = {
+        d["kind"]: d["metadata"]["name"]
+        for d in yaml.safe_load_all((ROOT / "deploy" / "loadbalancer" / "rbac.yaml").read_text())
+        if d
+    }
+    assert f"--clusterrole={roles['ClusterRole']}" in cp
+    assert f"--role={roles['Role']}" in cp
+    assert cp.count("--group=kproxy:nodes") >= 3  # read-only role + both LB roles
+    # the lab's token group is the one the API server maps kproxy's token to
+    assert 'kproxy,kproxy,\\"kproxy:nodes\\"' in cp
+
+
+def test_ingress_nginx_is_installed_behind_a_loadbalancer() -> None:
+    cp = (LAB / "provision" / "control-plane.sh").read_text()
+    assert "deploy/static/provider/cloud/deploy.yaml" in cp
+    assert 'grep -q "type: LoadBalancer" /root/ingress-nginx.yaml' in cp
+    assert re.search(r'"INGRESS_NGINX_RELEASE" => INGRESS', (LAB / "Vagrantfile").read_text())
+
+
+def test_ingress_examples_route_hosts_and_paths_to_example_services() -> None:
+    ingresses = [d for d in DOCS if d["kind"] == "Ingress"]
+    hosts = {r.get("host") for i in ingresses for r in i["spec"]["rules"]}
+    assert {"app1.lab.local", "app2.lab.local", "lab.local"} <= hosts
+    paths = [p["path"] for i in ingresses for r in i["spec"]["rules"] for p in r["http"]["paths"]]
+    assert any(p.startswith("/app1") for p in paths) and any(p.startswith("/app2") for p in paths)
+    for ingress in ingresses:
+        assert ingress["spec"]["ingressClassName"] == "nginx"
+        for rule in ingress["spec"]["rules"]:
+            for path in rule["http"]["paths"]:
+                backend = path["backend"]["service"]
+                svc = find("Service", backend["name"])
+                assert backend["port"]["number"] in {p["port"] for p in svc["spec"]["ports"]}
+                assert replicas_behind(svc) >= 1

@@ -66,6 +66,14 @@ log "kproxy's RBAC (deploy/rbac.yaml) bound to the lab's kproxy token group"
 kubectl apply -f "$SRC/deploy/rbac.yaml"
 kubectl create clusterrolebinding kproxy-lab-nodes --clusterrole=kproxy --group=kproxy:nodes \
   --dry-run=client -o yaml | kubectl apply -f -
+if [ -n "${LB_POOL:-}" ]; then
+  log "LoadBalancer pool $LB_POOL: deploy/loadbalancer/rbac.yaml bound to the same group"
+  kubectl apply -f "$SRC/deploy/loadbalancer/rbac.yaml"
+  kubectl create clusterrolebinding kproxy-lab-loadbalancer --clusterrole=kproxy-loadbalancer \
+    --group=kproxy:nodes --dry-run=client -o yaml | kubectl apply -f -
+  kubectl -n kube-system create rolebinding kproxy-lab-loadbalancer --role=kproxy-loadbalancer \
+    --group=kproxy:nodes --dry-run=client -o yaml | kubectl apply -f -
+fi
 
 log "kproxy"
 start_kproxy
@@ -91,3 +99,14 @@ kubectl apply -f /root/kube-flannel.yml
 log "waiting for this node to be Ready"
 kubectl wait --for=condition=Ready "node/$NODE_NAME" --timeout=300s
 kubectl get nodes -o wide
+
+if [ "${INGRESS_NGINX_RELEASE:-none}" != none ]; then
+  # The course's Ingress controller, behind a LoadBalancer Service: kproxy's pool gives it an
+  # EXTERNAL-IP on the host-only network (vagrant/examples/ingress-*.yaml, docs/lab.md).
+  log "ingress-nginx $INGRESS_NGINX_RELEASE (cloud provider manifest: a LoadBalancer Service)"
+  url=https://raw.githubusercontent.com/kubernetes/ingress-nginx/$INGRESS_NGINX_RELEASE/deploy/static/provider/cloud/deploy.yaml
+  curl -fsSL "$url" -o /root/ingress-nginx.yaml
+  grep -q "type: LoadBalancer" /root/ingress-nginx.yaml
+  kubectl apply -f /root/ingress-nginx.yaml
+  kubectl -n ingress-nginx get svc ingress-nginx-controller -o wide || true
+fi

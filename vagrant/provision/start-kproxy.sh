@@ -2,7 +2,8 @@
 # Sourced by control-plane.sh and worker.sh once the node has joined: configure kproxy and start
 # it as a systemd unit. The node's own API credentials (the kubeadm bootstrap token or kubelet's
 # client certificate) are not used: kproxy authenticates with its own token, which the API server
-# maps to the group kproxy:nodes, bound to deploy/rbac.yaml's read-only ClusterRole.
+# maps to the group kproxy:nodes, bound to deploy/rbac.yaml's read-only ClusterRole (and, for the
+# address pool, to deploy/loadbalancer/rbac.yaml's roles).
 
 start_kproxy() {
   local src=/kproxy-src
@@ -42,7 +43,9 @@ contexts:
 current-context: kproxy
 KUBECONFIG
   umask 022
-  echo 'KPROXY_ARGS="--kubeconfig /etc/kproxy/kubeconfig -v=2"' > /etc/default/kproxy
+  # LoadBalancer addresses from the lab's pool on the host-only network (empty: none)
+  echo "KPROXY_ARGS=\"--kubeconfig /etc/kproxy/kubeconfig -v=2${LB_POOL:+ --lb-pool $LB_POOL}\"" \
+    > /etc/default/kproxy
 
   systemctl daemon-reload
   systemctl enable kproxy.service
