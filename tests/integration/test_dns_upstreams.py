@@ -26,8 +26,10 @@ from tests.support.builders import make_service
 from tests.support.dnsupstream import BIG, FixtureUpstream
 
 FORWARD_TIMEOUT = 0.5
-# one upstream: its timeout, plus the TCP retry's share of the same deadline, plus slack
-BOUND = FORWARD_TIMEOUT + 1.5
+# One upstream's timeout (the TCP retry shares its deadline), plus generous slack for a loaded
+# machine: the point is an answer long before the client gives up (CLIENT_TIMEOUT), not speed.
+BOUND = FORWARD_TIMEOUT + 3.5
+CLIENT_TIMEOUT = 10
 
 Start = Callable[..., DNSService]
 
@@ -219,9 +221,9 @@ def test_a_failing_upstream_gives_servfail_in_bounded_time(
         q = dns.message.make_query(name, "A", use_edns=0 if edns else False)
         t0 = time.monotonic()
         if transport == "tcp":
-            msg = dns.query.tcp(q, host, port=port, timeout=5)
+            msg = dns.query.tcp(q, host, port=port, timeout=CLIENT_TIMEOUT)
         else:
-            msg = dns.query.udp(q, host, port=port, timeout=5, ignore_trailing=False)
+            msg = dns.query.udp(q, host, port=port, timeout=CLIENT_TIMEOUT, ignore_trailing=False)
         took = time.monotonic() - t0
         assert msg.rcode() == dns.rcode.SERVFAIL, (transport, edns)
         assert q.is_response(msg)  # same id, same question

@@ -174,7 +174,9 @@ class ExplodingForwarder(Forwarder):
         raise KeyError("bug in lookup")
 
 
-def synced_engine(**options: object) -> Engine:
+def synced_engine(
+    udp: list[socket.socket] | None = None, tcp: list[socket.socket] | None = None
+) -> Engine:
     store = Store()
     store.replace_services(
         [
@@ -186,7 +188,7 @@ def synced_engine(**options: object) -> Engine:
     )
     eps = [make_endpoint(f"10.{i // 250}.{i % 250}.1") for i in range(HUGE)]
     store.replace_slices([make_slice("default", "huge", endpoints=eps)])
-    e = engine(**options)
+    e = Engine(DNSOptions(create_interface=False), udp=udp or [], tcp=tcp or [])
     e.apply(diff_snapshots(None, store.peek()))
     return e
 
@@ -264,8 +266,7 @@ def serving() -> Iterator[tuple[Engine, tuple[str, int]]]:
     tcp_sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     tcp_sock.bind(addr)
     tcp_sock.listen(8)
-    e = synced_engine()
-    e._udp, e._tcp = [udp_sock], [tcp_sock]
+    e = synced_engine(udp=[udp_sock], tcp=[tcp_sock])
     e.start()
     yield e, addr
     e.stop()

@@ -316,6 +316,6 @@ def test_forwarder_gives_up_in_time_with_an_upstream_error(behaviour: str) -> No
         t0 = time.monotonic()
         with pytest.raises(UpstreamError):
             fwd.lookup(qbytes, qbytes)
-        assert time.monotonic() - t0 < 1.0
+        assert time.monotonic() - t0 < 3.0  # the 0.3 s timeout, with slack for a loaded machine
     finally:
         upstream.close()
