@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import gc
 import logging
+import re
 import shutil
 import subprocess
 import time
@@ -78,7 +79,7 @@ from kproxy.backends.iptables_exec import (
     detect_flavour,
     save,
 )
-from kproxy.backends.iptables_rejects import find_rejected, short
+from kproxy.backends.iptables_rejects import find_rejected, short, suspects_of
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
@@ -100,6 +101,7 @@ from kproxy.render.iptables import (
 log = logging.getLogger("kproxy.iptables")
 
 NFT_CHUNK_CHAINS = 2000
+MAX_REJECT_ROUNDS = 3  # find-and-retry rounds after a refused restore
 TABLES = (NAT, FILTER, MANGLE)
 
 
@@ -598,42 +600,55 @@ class IptablesProxier:
 
     def _sync_without_rejected(self, snapshot: Snapshot, failure: SyncError) -> SyncResult:
         """After a refused restore: find the services iptables refuses on their own (see
-        iptables_rejects), leave them out, and program everything else in a full sync. When no
-        service is to blame, or the sync fails even without them, `failure` stands."""
-        candidates = [
-            (ref, block)
-            for ref, block in self._render(snapshot, sorted(snapshot.services)).items()
-            if not block.empty and self._admitted(ref, block)
-        ]
-        found = find_rejected(candidates, self._probe, max_chains=self.nft_chunk_chains)
-        if not found:
-            raise failure
-        blocks = dict(candidates)
+        iptables_rejects), leave them out, and program everything else in a full sync (a few
+        rounds, when one refused line hid another). When no service is to blame, or the sync
+        fails even without them, `failure` stands."""
         before = dict(self.rejected)
-        for ref, error in found.items():
-            self.rejected[ref] = Rejected(blocks[ref], error)
-            log.error(
-                "iptables refused the rules of service %s (IPv%d), leaving it out: %s",
-                _name(ref),
-                self.family,
-                error,
-                extra={"service": _name(ref), "family": self.family, "error": error},
+        for _ in range(MAX_REJECT_ROUNDS):
+            candidates = [
+                (ref, block)
+                for ref, block in self._render(snapshot, sorted(snapshot.services)).items()
+                if not block.empty and self._admitted(ref, block)
+            ]
+            found = find_rejected(
+                candidates,
+                (self._test_probe, self._probe),
+                suspects=suspects_of(candidates, _refused_line(failure)),
+                max_chains=self.nft_chunk_chains,
             )
-        try:
-            return self._full_sync(snapshot)
-        except SyncError:
-            self.rejected = before  # not their fault after all
-            raise
+            if not found:
+                break
+            blocks = dict(candidates)
+            for ref, error in found.items():
+                self.rejected[ref] = Rejected(blocks[ref], error)
+                log.error(
+                    "iptables refused the rules of service %s (IPv%d), leaving it out: %s",
+                    _name(ref),
+                    self.family,
+                    error,
+                    extra={"service": _name(ref), "family": self.family, "error": error},
+                )
+            try:
+                return self._full_sync(snapshot)
+            except SyncError as err:
+                failure = err
+        self.rejected = before  # not their fault after all
+        raise failure
 
-    def _probe(self, text: str) -> str:
+    def _probe(self, text: str, *flags: str) -> str:
         """Restore `text` (a probe that leaves nothing behind): "" or iptables' error."""
-        sink = self._open()
+        self.restores += 1
+        sink = self._restorer.open([self.restore, "--noflush", "-w", "5", *flags])
         sink.write(text)
         try:
             sink.wait()
         except RestoreFailed as err:
             return str(err)
         return ""
+
+    def _test_probe(self, text: str) -> str:
+        """`_probe` with --test: parsed only, nothing sent to the kernel (cheap)."""
+        return self._probe(text, "--test")
 
     def _rule_counts(self) -> dict[str, int]:
         return {NAT: self._nat_rules, FILTER: self._filter_rules}
@@ -692,6 +707,22 @@ class Rejected:
 
 def _name(ref: Ref) -> str:
     return f"{short(ref.namespace)}/{short(ref.name)}"
+
+
+def _refused_line(failure: SyncError) -> str:
+    """The input line iptables-restore named in `failure` ("Error occurred at line: N"), from
+    the excerpt RestoreFailed keeps; "" when it named none."""
+    cause = failure.__cause__
+    if not isinstance(cause, RestoreFailed):
+        return ""
+    m = re.search(r"line:? (\d+)", str(cause))
+    if not m:
+        return ""
+    prefix = f"{m.group(1)}: "
+    for line in cause.lines.splitlines():
+        if line.startswith(prefix):
+            return line[len(prefix) :]
+    return ""
 
 
 def cleanup_text(saved: Mapping[str, str]) -> str:

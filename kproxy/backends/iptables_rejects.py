@@ -10,12 +10,17 @@ Probes are real iptables-restore inputs that leave nothing behind: the services'
 their lines in the shared chains, with every "KUBE-" name spelt "KPRB-" (same length, so no
 limit is crossed that the real rules would not cross), each chain flushed and deleted again at
 the end of the same input. A probe checks exactly what the real restore checks (the tool's
-parser, and the kernel's checks at commit) without touching a live chain. Groups that fail are
-halved until single services remain: a few probes per bad service, on top of one probe per
-group of about `max_chains` chains.
+parser, and the kernel's checks at commit) without touching a live chain.
 
-A control probe (no service at all) goes first: when even that fails (the xtables lock is
-held, the binary is missing), nothing is blamed on any service.
+The search is cheapest first, each step only when the one before found nothing:
+1. the suspects: the services whose rules hold the line iptables-restore named in its error
+   ("Error occurred at line: N"), each probed on its own;
+2. every service, in groups of about `max_chains` chains, a failing group halved until single
+   services remain (a few probes per bad service on top of one per group);
+and both first with the cheap probe (`--test`: parsed, nothing sent to the kernel), then, for
+what only the kernel refuses, with the committing one. A control probe (no service at all)
+goes first with each: when even that fails (the xtables lock is held, the binary is missing),
+nothing is blamed on any service.
 """
 
 from __future__ import annotations
@@ -72,14 +77,53 @@ def _groups(items: Sequence[tuple[T, ServiceRules]], max_chains: int) -> list[li
 
 
 def find_rejected(
-    items: Sequence[tuple[T, ServiceRules]], probe: Probe, *, max_chains: int = 2000
+    items: Sequence[tuple[T, ServiceRules]],
+    probes: Sequence[Probe],
+    *,
+    suspects: Sequence[T] = (),
+    max_chains: int = 2000,
 ) -> dict[T, str]:
-    """The keys of `items` whose block iptables refuses on its own, with iptables' error.
+    """The keys of `items` whose block iptables refuses on its own, with iptables' error,
+    searched as the module docstring says with each of `probes` in turn.
 
     Empty when the control probe fails (the failure is not any service's) or when every
     group is accepted (the failure lies elsewhere, e.g. in the shared chains)."""
-    if probe(probe_input(())):
-        return {}
+    blocks = dict(items)
+    for probe in probes:
+        if probe(probe_input(())):
+            continue
+        bad = {k: err for k in suspects if k in blocks and (err := probe(probe_input([blocks[k]])))}
+        if bad:
+            return bad
+        bad = _bisect(items, probe, max_chains)
+        if bad:
+            return bad
+    return {}
+
+
+def suspects_of(items: Sequence[tuple[T, ServiceRules]], line: str) -> list[T]:
+    """The keys of `items` whose rules hold `line`, a line of a refused restore input (its
+    "-I CHAIN 1"/"-D" edits of shared chains match the block's "-A CHAIN" line)."""
+    line = line.strip()
+    if line.startswith("-I "):
+        chain, _, rest = line[3:].partition(" ")
+        line = f"-A {chain} {rest.removeprefix('1 ')}"
+    elif line.startswith("-D "):
+        line = "-A " + line[3:]
+    if line.startswith(":"):
+        name = line[1:].split(" ", 1)[0]
+        return [k for k, b in items if name in b.names]
+    if not line.startswith("-A "):
+        return []
+    needle = line + "\n"
+    return [
+        k
+        for k, b in items
+        if any(needle in text for _, text in b.chains) or any(needle in t for t in b.shared)
+    ]
+
+
+def _bisect(items: Sequence[tuple[T, ServiceRules]], probe: Probe, max_chains: int) -> dict[T, str]:
     bad: dict[T, str] = {}
     stack = list(reversed(_groups(items, max_chains)))
     while stack:
