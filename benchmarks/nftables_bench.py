@@ -237,6 +237,71 @@ def inner(n: int, m: int, repeats: int) -> dict[str, Any]:
     return out
 
 
+def first_packet(mode: str, n: int, m: int, connects: int) -> dict[str, Any]:
+    """Runs inside a fresh namespace: N services programmed by `mode`'s proxier; the last
+    service (the end of iptables' KUBE-SERVICES list) has one endpoint, a listener on a local
+    address; time `connects` new TCP connections from this namespace to its ClusterIP (each a
+    new conntrack entry, so each first packet traverses the nat rules)."""
+    import socket
+    import threading
+
+    from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice, Ref
+    from kproxy.model.options import ProxyOptions
+
+    subprocess.run(["ip", "link", "set", "lo", "up"], check=True)
+    subprocess.run(["ip", "addr", "add", "10.250.0.1/32", "dev", "lo"], check=True)
+    subprocess.run(["ip", "route", "add", "default", "dev", "lo"], check=True)
+    store = make_store(n, m)
+    last = Ref("bench", f"s{n - 1}")
+    store.set_slice(
+        EndpointSlice(
+            "bench",
+            f"s{n - 1}-x",
+            f"s{n - 1}",
+            endpoints=(Endpoint("10.250.0.1", node_name="elsewhere"),),
+            ports=(EndpointPort("http", "TCP", 8080),),
+        )
+    )
+    snapshot, changes = store.take()
+    options = ProxyOptions(node_name="bench-node", cluster_cidrs=("10.128.0.0/9",))
+    proxier: Any
+    if mode == "nftables":
+        from kproxy.backends.nftables import NftablesProxier
+
+        proxier = NftablesProxier(options=options)
+    else:
+        from kproxy.backends.iptables import IptablesProxier
+
+        proxier = IptablesProxier(options=options, flavour="nft")
+    proxier.sync(snapshot, changes, full=True)
+    vip = snapshot.services[last].cluster_ips[0]
+
+    srv = socket.socket()
+    srv.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    srv.bind(("10.250.0.1", 8080))
+    srv.listen(1024)
+
+    def accept() -> None:
+        while True:
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                return
+            conn.close()
+
+    threading.Thread(target=accept, daemon=True).start()
+    times = []
+    for _ in range(connects):
+        c = socket.socket()
+        c.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")
+        start = time.perf_counter()
+        c.connect((vip, 80))
+        times.append(time.perf_counter() - start)
+        c.close()
+    srv.close()
+    return {"mode": mode, "connect": _summary(times)}
+
+
 def _with_endpoint(proxier: Any, snapshot: Any, ref: Any, ip: str) -> Any:
     from dataclasses import replace
 
@@ -291,9 +356,27 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--json")
     ap.add_argument("--inner", action="store_true")
+    ap.add_argument("--first-packet", choices=("nftables", "iptables"))
+    ap.add_argument("--connects", type=int, default=2000)
+    ap.add_argument("--skip-sync", action="store_true", help="only the first-packet part")
     args = ap.parse_args()
+    if args.inner and args.first_packet:
+        r = first_packet(args.first_packet, args.services, args.endpoints, args.connects)
+        print(json.dumps(r))
+        return
     if args.inner:
         print(json.dumps(inner(args.services, args.endpoints, args.repeats)))
+        return
+    size = ["--services", str(args.services), "--endpoints", str(args.endpoints)]
+    fp = {}
+    for mode in ("iptables", "nftables"):
+        fp[mode] = in_netns([*size, "--first-packet", mode, "--connects", str(args.connects)])
+        c = fp[mode]["connect"]
+        print(
+            f"first packet ({mode}, ClusterIP of the last of {args.services} services): "
+            f"connect p50 {c['p50'] * 1e6:.0f} us, p99 {c['p99'] * 1e6:.0f} us"
+        )
+    if args.skip_sync:
         return
     r = in_netns(
         [
@@ -326,7 +409,7 @@ def main() -> None:
         f"writes while idle: {r['idle_writes']}"
     )
     if args.json:
-        Path(args.json).write_text(json.dumps(r, indent=2))
+        Path(args.json).write_text(json.dumps({**r, "first_packet": fp}, indent=2))
 
 
 if __name__ == "__main__":

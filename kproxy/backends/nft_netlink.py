@@ -40,6 +40,7 @@ from kproxy.backends.ipvs_netlink import (
 from kproxy.errors import DataplaneError
 from kproxy.model.objects import IPV6
 from kproxy.render.nftables import (
+    SLOTS,
     TABLE,
     Dnat,
     DnatMap,
@@ -54,6 +55,7 @@ from kproxy.render.nftables import (
     SetDef,
     Stmt,
     UpdateSaddr,
+    is_endpoint_map,
 )
 
 NETLINK_NETFILTER = 12
@@ -88,7 +90,8 @@ REG_VERDICT, REG_1, REG_2 = 0, 1, 2
 REG32_01 = 9
 
 # set flags
-SET_ANONYMOUS, SET_CONSTANT, SET_MAP, SET_TIMEOUT, SET_EVAL = 0x1, 0x2, 0x8, 0x10, 0x20
+SET_ANONYMOUS, SET_CONSTANT, SET_INTERVAL, SET_MAP = 0x1, 0x2, 0x4, 0x8
+SET_TIMEOUT, SET_EVAL = 0x10, 0x20
 
 # nft's datatype ids (for `nft list` to print keys and values; the kernel reads lengths only)
 TYPE_INTEGER, TYPE_IPADDR, TYPE_IP6ADDR = 4, 7, 8
@@ -103,6 +106,19 @@ TYPE_IDS = {
 # the set userdata nft writes for an anonymous numgen map (key byte order: host)
 ANON_MAP_UDATA = bytes.fromhex("000401000000010400000000060400000000")
 PROTOCOLS = {"tcp": 6, "udp": 17, "sctp": 132}
+# the set userdata nft 1.0.6 writes for `typeof numgen random mod 65536 : ip daddr . tcp dport`
+# (and ip6 / udp): nft prints the map's declaration from it; the kernel ignores it
+_UDATA_HEAD = (
+    "000401000000010400000000031a0004170000000112000401000000010400000100020400000000043400040d"
+    "000000012c0014000407000000010c0004"
+)
+ENDPOINT_MAP_UDATA = {
+    (fam, proto): bytes.fromhex(
+        _UDATA_HEAD + mid + "0000000114000407000000010c0004" + p + "000000010402000000060400000000"
+    )
+    for fam, mid in ((4, "0c00000001040c"), (6, "0d000000010409"))
+    for proto, p in (("tcp", "08"), ("udp", "06"))
+}
 RTN_LOCAL = 2
 
 
@@ -295,32 +311,20 @@ class Encoder:
             fib = expr("fib", be32(1, REG_1), be32(2, 3), be32(3, 1))  # ADDRTYPE of saddr
             return fib + cmp(REG_1, CMP_EQ, struct.pack("=I", RTN_LOCAL))
         if isinstance(s, DnatMap):
-            alen = 16 if fam == IPV6 else 4
-            addr_type = TYPE_IP6ADDR if fam == IPV6 else TYPE_IPADDR
-            name, sid = self._anon_map(
-                4, (addr_type << TYPE_BITS) | TYPE_INET_SERVICE, alen + 4, len(s.endpoints)
-            )
-            self._anon_elements(
-                sid,
-                [data_value(2, _addr(ip) + _port(port) + b"\0\0") for ip, port in s.endpoints],
-            )
             if fam == IPV6:
                 nat = expr("nat", be32(1, 1), be32(2, self.nfproto), be32(3, REG_1), be32(5, REG_2))
             else:
                 nat = expr(
-                    "nat",
-                    be32(1, 1),
-                    be32(2, self.nfproto),
-                    be32(3, REG_1),
-                    be32(4, REG_1),
-                    be32(5, REG32_01),
-                    be32(6, REG32_01),
-                    be32(7, 3),
+                    "nat", be32(1, 1), be32(2, self.nfproto), be32(3, REG_1), be32(5, REG32_01)
                 )
+            byteorder = expr(
+                "byteorder", be32(1, REG_1), be32(2, REG_1), be32(3, 1), be32(4, 4), be32(5, 4)
+            )
             return (
                 _l4proto(s.protocol)
-                + numgen(REG_1, len(s.endpoints))
-                + lookup(REG_1, name, set_id=sid, dreg=REG_1)
+                + numgen(REG_1, SLOTS)
+                + byteorder
+                + lookup(REG_1, s.map, dreg=REG_1)
                 + nat
             )
         if isinstance(s, Dnat):
@@ -395,6 +399,9 @@ class Encoder:
         )
 
     def new_set(self, s: SetDef) -> None:
+        if s.typeof:
+            self._endpoint_map(s)
+            return
         if s.value:
             raise Unencodable("named maps are created by full syncs")
         ((typ, length),) = (TYPE_IDS[k] for k in s.key)
@@ -411,6 +418,39 @@ class Encoder:
             parts.append(be64(11, s.timeout * 1000))
             parts.append(nest(9, be32(1, 65535)))
         self._msg(MSG_NEWSET, NLM_F_CREATE, *parts)
+
+    def _endpoint_map(self, s: SetDef) -> None:
+        """A service port's interval map: numgen slot (big endian u32) -> ip . port."""
+        proto = s.typeof.rsplit(" ", 2)[-2]
+        udata = ENDPOINT_MAP_UDATA.get((self.family, proto))
+        if udata is None:
+            raise Unencodable(f"endpoint map for {proto}")
+        alen = 16 if self.family == IPV6 else 4
+        addr_type = TYPE_IP6ADDR if self.family == IPV6 else TYPE_IPADDR
+        self._msg(
+            MSG_NEWSET,
+            NLM_F_CREATE,
+            string(1, TABLE),
+            string(2, s.name),
+            be32(3, SET_INTERVAL | SET_MAP),
+            be32(4, TYPE_INTEGER),
+            be32(5, 4),
+            be32(6, (addr_type << TYPE_BITS) | TYPE_INET_SERVICE),
+            be32(7, alen + 4),
+            be32(10, self._next_id()),
+            attr(13, udata),
+        )
+
+    def endpoint_elements(self, e: Element, *, with_data: bool) -> list[bytes]:
+        """The two rbtree elements of one slot range: its start (with the endpoint) and the
+        key after its end, flagged INTERVAL_END."""
+        lo, _, hi = e.key[0].partition("-")
+        start = [data_value(1, int(lo).to_bytes(4, "big"))]
+        if with_data:
+            ip, _, port = e.value.partition(" . ")
+            start.append(data_value(2, _addr(ip) + _port(int(port)) + b"\0\0"))
+        end = [data_value(1, (int(hi) + 1).to_bytes(4, "big")), be32(3, 1)]
+        return [nest(1, *start), nest(1, *end)]
 
     def _next_id(self) -> int:
         self._set_id += 1
@@ -440,9 +480,12 @@ def encode_ops(ops: Sequence[Op], family: int, set_types: dict[str, tuple[str, .
                 flush()
                 pending_key = (kind, e.set)
             types = set_types.get(e.set)
-            if types is None:
+            if types is not None:
+                pending.append(enc.element(e, types, with_data=kind == MSG_NEWSETELEM))
+            elif is_endpoint_map(e.set):
+                pending.extend(enc.endpoint_elements(e, with_data=kind == MSG_NEWSETELEM))
+            else:
                 raise Unencodable(f"unknown set {e.set}")
-            pending.append(enc.element(e, types, with_data=kind == MSG_NEWSETELEM))
             continue
         flush()
         if k == "add-chain":

@@ -689,6 +689,19 @@ def explain_command(
         return userspace.explain_command(
             ip=ip, port=port, proto=proto, source=source, hook=hook, local=local, output=output
         )
+    if settings.proxy_mode == "nftables":
+        from kproxy.inspect.nftexplain import nft_explain
+
+        return nft_explain(
+            family=family,
+            proto=proto,
+            source=source,
+            ip=ip,
+            port=port,
+            local=local,
+            from_node=hook == T.OUTPUT,
+            output=output,
+        )
     mode = "ipvs" if settings.proxy_mode == "ipvs" or live.ipvs_present() else "iptables"
     sets = None
     listing = None

@@ -78,6 +78,10 @@ EXTERNAL_PREFIX = "external-"
 FIREWALL_PREFIX = "firewall-"
 ENDPOINT_PREFIX = "endpoint-"
 AFFINITY_PREFIX = "affinity-"
+# kproxy's own: one interval map per service port (and policy) from slot ranges to endpoints
+ENDPOINTS_PREFIX = "endpoints-"
+LOCAL_ENDPOINTS_PREFIX = "local-endpoints-"
+SLOTS = 65536  # numgen's range; endpoint i of n gets slots [i*SLOTS//n, (i+1)*SLOTS//n)
 SERVICE_CHAIN_PREFIXES = (
     SERVICE_PREFIX,
     LOCAL_PREFIX,
@@ -149,7 +153,7 @@ def endpoint_base(v: ServicePortView, ep: EndpointInfo) -> str:
 
 
 _SERVICE_CHAIN = re.compile(r"^(service|local|external|firewall|endpoint)-[A-Z2-7]{8}-")
-_AFFINITY_SET = re.compile(r"^affinity-[A-Z2-7]{8}-")
+_AFFINITY_SET = re.compile(r"^(affinity|endpoints|local-endpoints)-[A-Z2-7]{8}-")
 
 
 def is_service_chain(name: str) -> bool:
@@ -159,6 +163,10 @@ def is_service_chain(name: str) -> bool:
 
 def is_service_set(name: str) -> bool:
     return _AFFINITY_SET.match(name) is not None
+
+
+def is_endpoint_map(name: str) -> bool:
+    return name.startswith((ENDPOINTS_PREFIX, LOCAL_ENDPOINTS_PREFIX))
 
 
 # -- statements and rules ----------------------------------------------------------------------
@@ -185,10 +193,11 @@ class Jump:
 
 @dataclass(frozen=True, slots=True)
 class DnatMap:
-    """`meta l4proto P dnat ip to numgen random mod N map { i : ip . port }`."""
+    """`meta l4proto P dnat ip to numgen random mod 65536 map @MAP`: MAP is the service port's
+    own interval map from slot ranges to `ip . port` (see `slot_ranges`)."""
 
     protocol: str
-    endpoints: tuple[tuple[str, int], ...]
+    map: str
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,11 +255,7 @@ def stmt_text(s: Stmt, family: int) -> str:
     if isinstance(s, FibSaddrLocal):
         return "fib saddr type local"
     if isinstance(s, DnatMap):
-        items = ", ".join(f"{i} : {ip} . {port}" for i, (ip, port) in enumerate(s.endpoints))
-        return (
-            f"meta l4proto {s.protocol} dnat {fw} to numgen random mod {len(s.endpoints)} "
-            f"map {{ {items} }}"
-        )
+        return f"meta l4proto {s.protocol} dnat {fw} to numgen random mod {SLOTS} map @{s.map}"
     if isinstance(s, Dnat):
         return f"meta l4proto {s.protocol} dnat {fw} to {_hostport(family, s.ip, s.port)}"
     if isinstance(s, NumgenVmap):
@@ -259,6 +264,12 @@ def stmt_text(s: Stmt, family: int) -> str:
     if isinstance(s, SaddrInSet):
         return f"{fw} saddr @{s.set}"
     return f"update @{s.set} {{ {fw} saddr }}"
+
+
+def slot_ranges(n: int) -> list[tuple[int, int]]:
+    """The numgen slot range [lo, hi] of each of `n` endpoints: equal shares of SLOTS (within
+    one slot in 65536), so changing the endpoints changes map elements, never the rule."""
+    return [(i * SLOTS // n, (i + 1) * SLOTS // n - 1) for i in range(n)]
 
 
 def _no_ep(verdict: Verdict) -> str:
@@ -297,9 +308,12 @@ class SetDef:
     value: str = ""
     flags: tuple[str, ...] = ()
     timeout: int = 0
+    typeof: str = ""  # declared with `typeof` instead of `type` (the endpoint maps)
 
     def text(self) -> str:
         kind = "map" if self.value else "set"
+        if self.typeof:
+            return f"{kind} {self.name} {{ typeof {self.typeof} ; flags {','.join(self.flags)} ; }}"
         typ = " . ".join(self.key) + (f" : {self.value}" if self.value else "")
         extra = ""
         if self.flags:
@@ -448,9 +462,9 @@ class Renderer:
             add(Element(HAIRPIN, (ep.ip, ep.ip)))
 
         if cluster_eps:
-            chains[svc] = self._balance(v, cluster_eps, chains, sets)
+            chains[svc] = self._balance(v, cluster_eps, chains, sets, elements, local=False)
         if local_eps:
-            chains[svl] = self._balance(v, local_eps, chains, sets)
+            chains[svl] = self._balance(v, local_eps, chains, sets, elements, local=True)
 
         if uses_ext:
             rules: list[Rule] = []
@@ -479,12 +493,28 @@ class Renderer:
         endpoints: Sequence[EndpointInfo],
         chains: dict[str, list[Rule]],
         sets: list[SetDef],
+        elements: list[Element],
+        *,
+        local: bool,
     ) -> list[Rule]:
         proto = v.port.protocol.lower()
         timeout = v.decision.affinity_timeout
         if not timeout:
-            eps = tuple((e.ip, e.port) for e in endpoints)
-            return [(DnatMap(proto, eps),)]
+            base = chain_base(v)
+            name = (LOCAL_ENDPOINTS_PREFIX if local else ENDPOINTS_PREFIX) + base
+            fw = family_word(self.family)
+            sets.append(
+                SetDef(
+                    name,
+                    ("integer",),
+                    "endpoint",
+                    flags=("interval",),
+                    typeof=f"numgen random mod {SLOTS} : {fw} daddr . {proto} dport",
+                )
+            )
+            for (lo, hi), e in zip(slot_ranges(len(endpoints)), endpoints, strict=True):
+                elements.append(Element(name, (f"{lo}-{hi}",), f"{e.ip} . {e.port}"))
+            return [(DnatMap(proto, name),)]
         # ClientIP affinity: kube-proxy's per-endpoint chains and affinity sets
         rules: list[Rule] = []
         targets = []
@@ -773,6 +803,7 @@ def full_chunks(
     collect(renderer.nodeport_elements())
     for b in blocks:
         out = [f"add {s.text().replace(' ', f' {t} ', 1)}\n" for s in b.sets]
+        out.extend(f"flush map {t} {s.name}\n" for s in b.sets if s.typeof)
         out.extend(f"add chain {t} {name}\n" for name, _ in b.chains)
         out.extend(f"flush chain {t} {name}\n" for name, _ in b.chains)
         for chain, chain_rules in b.chains:

@@ -121,7 +121,8 @@ SVC = make_service()
 REF = SVC.ref
 
 
-def test_endpoint_change_rewrites_one_chain_and_the_hairpin_elements() -> None:
+def test_endpoint_change_is_element_changes_only() -> None:
+    """No rule changes: the kernel then skips validating the chains reachable from the hooks."""
     before = block((SVC, [make_slice(endpoints=[make_endpoint("10.180.0.1")])]))
     after = block(
         (SVC, [make_slice(endpoints=[make_endpoint("10.180.0.1"), make_endpoint("10.180.0.2")])])
@@ -130,12 +131,12 @@ def test_endpoint_change_rewrites_one_chain_and_the_hairpin_elements() -> None:
     ops, changed = delta_ops({REF: before}, {REF: after}, counts)
     apply_counts(counts, changed)
     text = ops_text(ops, 4)
-    chain = "service-XPGD46QR-ns1/svc1/tcp/p80"
+    m = "endpoints-XPGD46QR-ns1/svc1/tcp/p80"
     assert text == (
-        f"flush chain ip kube-proxy {chain}\n"
-        f"add rule ip kube-proxy {chain} meta l4proto tcp dnat ip to numgen random mod 2 "
-        "map { 0 : 10.180.0.1 . 80, 1 : 10.180.0.2 . 80 }\n"
+        f"delete element ip kube-proxy {m} {{ 0-65535 }}\n"
         f"add element ip kube-proxy {HAIRPIN} {{ 10.180.0.2 . 10.180.0.2 }}\n"
+        f"add element ip kube-proxy {m} {{ 0-32767 : 10.180.0.1 . 80 }}\n"
+        f"add element ip kube-proxy {m} {{ 32768-65535 : 10.180.0.2 . 80 }}\n"
     )
     assert counts == element_counts([after])
 

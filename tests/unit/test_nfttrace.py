@@ -1,0 +1,75 @@
+"""The nftables packet tracer over a real `nft -j list table ip kube-proxy` dump (the golden
+`overall` ruleset loaded into a kernel and listed): kube-proxy's packet-flow expectations for
+ClusterIP, masquerade, hairpin, no endpoints, invalid ports, NodePort and externalIP under
+eTP Local, LoadBalancer source ranges and node-originated traffic."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from kproxy.inspect.nfttrace import Packet, parse_table, trace
+
+TABLE = parse_table((Path(__file__).parent / "golden" / "nftables-overall.json").read_text())
+NODE = "192.168.0.2"
+
+
+def outcome(packet: Packet) -> set[tuple[str, str, bool, float]]:
+    return {
+        (p.verdict, p.dnat, p.masquerade, round(p.share, 3))
+        for p in trace(TABLE, packet, local={NODE})
+    }
+
+
+@pytest.mark.parametrize(
+    ("packet", "expected"),
+    [
+        (
+            Packet("tcp", "10.0.0.5", "172.30.0.41", 80),
+            {("accept", "10.180.0.1:80", False, 0.5), ("accept", "10.180.0.2:80", False, 0.5)},
+        ),
+        (  # from outside the cluster CIDR: masqueraded
+            Packet("tcp", "192.168.1.9", "172.30.0.41", 80),
+            {("accept", "10.180.0.1:80", True, 0.5), ("accept", "10.180.0.2:80", True, 0.5)},
+        ),
+        (  # hairpin: only the connection that lands on the sender is masqueraded
+            Packet("tcp", "10.180.0.1", "172.30.0.41", 80),
+            {("accept", "10.180.0.1:80", True, 0.5), ("accept", "10.180.0.2:80", False, 0.5)},
+        ),
+        (Packet("udp", "10.0.0.5", "172.30.0.44", 53), {("reject", "", False, 1.0)}),
+        (Packet("tcp", "10.0.0.5", "172.30.0.41", 81), {("reject", "", False, 1.0)}),
+        (Packet("udp", "9.9.9.9", NODE, 3053), {("reject", "", False, 1.0)}),
+        (  # eTP Local from outside: the local endpoint only, client IP kept
+            Packet("tcp", "192.168.1.9", NODE, 3001),
+            {("accept", "10.180.0.3:80", False, 1.0)},
+        ),
+        (  # eTP Local from a pod: short-circuited to every endpoint
+            Packet("tcp", "10.0.0.5", NODE, 3001),
+            {("accept", "10.180.0.3:80", False, 0.5), ("accept", "10.180.0.4:80", False, 0.5)},
+        ),
+        (Packet("tcp", "192.168.1.9", "5.6.7.8", 80), {("accept", "10.180.0.3:80", False, 1.0)}),
+        (Packet("tcp", "198.51.100.9", "1.2.3.4", 80), {("drop", "", False, 1.0)}),
+        (Packet("tcp", "203.0.113.5", "1.2.3.4", 80), {("accept", "10.180.0.3:80", False, 1.0)}),
+        (  # the node itself (outside the cluster CIDR), through affinity's endpoint chains
+            Packet("tcp", NODE, "172.30.0.43", 80, local=True),
+            {("accept", "10.180.0.5:80", True, 0.5), ("accept", "10.180.0.6:80", True, 0.5)},
+        ),
+    ],
+    ids=[
+        "clusterip",
+        "clusterip-offcluster-masq",
+        "hairpin",
+        "no-endpoints-reject",
+        "invalid-port-reject",
+        "nodeport-no-endpoints-reject",
+        "etp-local-external",
+        "etp-local-pod-shortcircuit",
+        "externalip",
+        "source-range-drop",
+        "source-range-allowed",
+        "node-affinity",
+    ],
+)
+def test_packet_flow(packet: Packet, expected: set[tuple[str, str, bool, float]]) -> None:
+    assert outcome(packet) == expected
