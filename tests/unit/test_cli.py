@@ -47,7 +47,8 @@ def test_render_nftables(manifests: str, capsys: pytest.CaptureFixture[str]) -> 
     mysql = '10.96.100.50 . tcp . 3306 comment "default/mysql-service:mysql"'
     assert f"{mysql} : goto service-" in out
     assert 'tcp . 30080 comment "default/nginx-nodeport:http" : goto external-' in out
-    assert "dnat ip to numgen random mod 1 map { 0 : 10.244.1.14 . 3306 }" in out
+    assert "dnat ip to numgen random mod 65536 map @endpoints-" in out
+    assert "mysql-service/tcp/mysql { 0-65535 : 10.244.1.14 . 3306 }" in out
     assert "web-headless" not in out and "nginx-external" not in out
 
 
