@@ -18,10 +18,12 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
+from kproxy.errors import InputError
+
 ACCEPT, DROP, REJECT, CONTINUE = "accept", "drop", "reject", "continue"
 
 
-class Unknown(ValueError):
+class Unknown(InputError):
     """An expression this tracer does not interpret."""
 
 
