@@ -23,17 +23,27 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 
+from kproxy.backends.netlink import HDR as _HDR
+from kproxy.backends.netlink import NFGEN as _NFGEN
+from kproxy.backends.netlink import (
+    NLA,
+    NLA_F_NESTED,
+    NLA_F_NET_BYTEORDER,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    Sequence,
+    error_code,
+    parse_attrs,
+    parse_messages,
+)
+from kproxy.backends.netlink import nla as _nla
 from kproxy.errors import DataplaneError
 
 NETLINK_NETFILTER = 12
 NFNL_SUBSYS_IPSET = 6
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300
-NLA_F_NESTED = 0x8000
-NLA_F_NET_BYTEORDER = 0x4000
 
 IPSET_PROTOCOL = 7
 CMD_LIST = 7
@@ -63,9 +73,6 @@ PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 CHUNK = 512  # elements per message (~40 bytes each, well inside one page-sized datagram pack)
 
-_HDR = struct.Struct("=IHHII")
-_NFGEN = struct.Struct("=BBH")
-_NLA = struct.Struct("=HH")
 _BE16 = struct.Struct(">H")
 _U32 = struct.Struct("=I")
 
@@ -74,11 +81,6 @@ class IPSetNetlinkError(DataplaneError):
     def __init__(self, message: str, errno: int = 0) -> None:
         super().__init__(message)
         self.errno = errno
-
-
-def _nla(kind: int, payload: bytes) -> bytes:
-    size = 4 + len(payload)
-    return _NLA.pack(size, kind) + payload + b"\0" * (-size & 3)
 
 
 def _ip(kind: int, address: str) -> bytes:
@@ -132,22 +134,10 @@ def _setname(name: str) -> bytes:
     return _nla(ATTR_SETNAME, name.encode() + b"\0")
 
 
-def _attrs(buf: memoryview) -> dict[int, memoryview]:
-    out: dict[int, memoryview] = {}
-    off = 0
-    while off + 4 <= len(buf):
-        size, kind = _NLA.unpack_from(buf, off)
-        if size < 4:
-            break
-        out[kind & 0x3FFF] = buf[off + 4 : off + size]
-        off += (size + 3) & ~3
-    return out
-
-
 def _attr_list(buf: memoryview) -> Iterator[tuple[int, memoryview]]:
     off = 0
     while off + 4 <= len(buf):
-        size, kind = _NLA.unpack_from(buf, off)
+        size, kind = NLA.unpack_from(buf, off)
         if size < 4:
             break
         yield kind & 0x3FFF, buf[off + 4 : off + size]
@@ -155,7 +145,7 @@ def _attr_list(buf: memoryview) -> Iterator[tuple[int, memoryview]]:
 
 
 def _ip_text(nested: memoryview) -> str:
-    a = _attrs(nested)
+    a = parse_attrs(nested)
     if IPADDR_IPV4 in a:
         return socket.inet_ntoa(a[IPADDR_IPV4])
     return str(ipaddress.IPv6Address(bytes(a[IPADDR_IPV6])))
@@ -163,7 +153,7 @@ def _ip_text(nested: memoryview) -> str:
 
 def decode_element(set_type: str, data: memoryview) -> str:
     """The text of one listed element (inverse of `encode_element`)."""
-    a = _attrs(data)
+    a = parse_attrs(data)
     if set_type == "bitmap:port":
         return str(_BE16.unpack(a[DATA_PORT][:2])[0])
     ip = _ip_text(a[DATA_IP])
@@ -188,7 +178,7 @@ class IPSetSocket:
         self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
         self._sock.bind((0, 0))
         self._sock.settimeout(60.0)
-        self._seq = int.from_bytes(os.urandom(3), "big")
+        self._seq = Sequence()
 
     def close(self) -> None:
         self._sock.close()
@@ -200,24 +190,18 @@ class IPSetSocket:
         self.close()
 
     def _next(self) -> int:
-        self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
-        return self._seq
+        return self._seq.next()
 
     def _replies(self, seq: int) -> Iterator[tuple[int, memoryview]]:
         """(type, payload) of the messages answering `seq`, until DONE or an ACK/error."""
         while True:
-            data = memoryview(self._sock.recv(1 << 20))
-            off = 0
-            while off + 16 <= len(data):
-                length, kind, _flags, mseq, _pid = _HDR.unpack_from(data, off)
-                payload = data[off + 16 : off + length]
-                off += (length + 3) & ~3
+            for kind, _flags, mseq, payload in parse_messages(self._sock.recv(1 << 20)):
                 if mseq != seq:
                     continue
                 if kind == NLMSG_DONE:
                     return
                 if kind == NLMSG_ERROR:
-                    code = -struct.unpack_from("=i", payload)[0]
+                    code = error_code(payload)
                     if code:
                         raise IPSetNetlinkError(_describe(code), code)
                     return
@@ -264,7 +248,7 @@ class IPSetSocket:
         )
         out: set[str] = set()
         for _kind, payload in self._replies(seq):
-            attrs = _attrs(payload[4:])
+            attrs = parse_attrs(payload[4:])
             adt = attrs.get(ATTR_ADT)
             if adt is None:
                 continue

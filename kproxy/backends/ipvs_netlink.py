@@ -43,33 +43,43 @@ import os
 import socket
 import struct
 import sys
-import threading
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import NamedTuple
 
+from kproxy.backends.netlink import HDR as _HDR
+from kproxy.backends.netlink import (
+    NETLINK_CAP_ACK,
+    NLM_F_ACK,
+    NLM_F_DUMP,
+    NLM_F_REQUEST,
+    NLMSG_DONE,
+    NLMSG_ERROR,
+    SOL_NETLINK,
+    Span,
+    error_code,
+    netns_socket,
+    parse_messages,
+    scan_attrs,
+)
+from kproxy.backends.netlink import NLA as _NLA
+from kproxy.backends.netlink import nla as _nla
+from kproxy.backends.netlink import nla_be16 as _nla_be16
+from kproxy.backends.netlink import nla_u16 as _nla_u16
+from kproxy.backends.netlink import nla_u32 as _nla_u32
 from kproxy.errors import DataplaneError
 
 log = logging.getLogger("kproxy.ipvs")
 
 # -- netlink and generic netlink (include/uapi/linux/netlink.h, genetlink.h) ------------------
 NETLINK_GENERIC = 16
-NLMSG_ERROR = 2
-NLMSG_DONE = 3
-NLM_F_REQUEST = 0x1
-NLM_F_MULTI = 0x2
-NLM_F_ACK = 0x4
-NLM_F_DUMP = 0x300
-SOL_NETLINK = 270
-NETLINK_CAP_ACK = 10
 GENL_ID_CTRL = 0x10
 CTRL_CMD_GETFAMILY = 3
 CTRL_ATTR_FAMILY_ID = 1
 CTRL_ATTR_FAMILY_NAME = 2
 SO_SNDBUFFORCE = 32
 SO_RCVBUFFORCE = 33
-CLONE_NEWNET = 0x40000000
 
 # -- IPVS (include/uapi/linux/ip_vs.h) ---------------------------------------------------------
 IPVS_GENL_NAME = "IPVS"
@@ -399,31 +409,12 @@ def _strerror(code: int) -> str:
 
 
 # -- encoding (pure) ---------------------------------------------------------------------------
-_HDR = struct.Struct("=IHHII")  # nlmsghdr: len, type, flags, seq, pid
 _GENL = struct.Struct("=BBH")  # genlmsghdr: cmd, version, reserved
-_NLA = struct.Struct("=HH")
 _U16 = struct.Struct("=H")
 _U32 = struct.Struct("=I")
 _U64 = struct.Struct("=Q")
 _I32 = struct.Struct("=i")
 _FLAGS = struct.Struct("=II")
-
-
-def _nla(kind: int, payload: bytes) -> bytes:
-    n = 4 + len(payload)
-    return _NLA.pack(n, kind) + payload + b"\0" * (-n & 3)
-
-
-def _nla_u16(kind: int, value: int) -> bytes:
-    return _NLA.pack(6, kind) + _U16.pack(value) + b"\0\0"
-
-
-def _nla_be16(kind: int, value: int) -> bytes:
-    return _NLA.pack(6, kind) + value.to_bytes(2, "big") + b"\0\0"
-
-
-def _nla_u32(kind: int, value: int) -> bytes:
-    return _NLA.pack(8, kind) + _U32.pack(value)
 
 
 def _pack_addr(address: str) -> tuple[int, bytes]:
@@ -588,56 +579,6 @@ def plan_batches(
 
 
 # -- decoding (pure) ---------------------------------------------------------------------------
-class Message(NamedTuple):
-    type: int
-    flags: int
-    seq: int
-    payload: memoryview  # after the nlmsghdr
-
-
-def parse_messages(buf: bytes | bytearray | memoryview) -> Iterator[Message]:
-    """The netlink messages in one received datagram."""
-    view = memoryview(buf)
-    off = 0
-    end = len(view)
-    while off + 16 <= end:
-        length, kind, flags, seq, _pid = _HDR.unpack_from(view, off)
-        if length < 16 or off + length > end:
-            raise IPVSError(f"malformed netlink message (length {length} at {off})")
-        yield Message(kind, flags, seq, view[off + 16 : off + length])
-        off += (length + 3) & ~3
-
-
-Span = tuple[int, int]  # (payload offset, payload length) of an attribute within a buffer
-
-
-def scan_attrs(buf: memoryview, off: int = 0, end: int | None = None) -> dict[int, Span]:
-    """type -> span of the netlink attributes in buf[off:end] (the NESTED flag is ignored).
-
-    Offsets instead of sliced views: decoding a dump is dominated by this loop (a 10,000-service
-    table has 100,000 real server messages of ~25 attributes each)."""
-    out: dict[int, Span] = {}
-    stop = len(buf) if end is None else end
-    unpack = _NLA.unpack_from
-    while off + 4 <= stop:
-        length, kind = unpack(buf, off)
-        if length < 4:
-            break
-        out[kind & 0x3FFF] = (off + 4, length - 4)
-        off += (length + 3) & ~3
-    return out
-
-
-def parse_attrs(buf: memoryview) -> dict[int, memoryview]:
-    """type -> payload view of a run of netlink attributes (for tests and rare paths)."""
-    return {k: buf[o : o + n] for k, (o, n) in scan_attrs(buf).items()}
-
-
-def error_code(payload: memoryview) -> int:
-    """The errno of an NLMSG_ERROR payload (0 for an acknowledgement)."""
-    return -int(_I32.unpack_from(payload, 0)[0])
-
-
 def _uint(buf: memoryview, span: Span | None) -> int:
     """A host-order unsigned integer attribute (u8..u64); 0 when absent."""
     if span is None:
@@ -771,53 +712,6 @@ def decode_dest(payload: memoryview, family: int, *, stats: bool = True) -> Real
 
 
 # -- the socket --------------------------------------------------------------------------------
-def _setns(fd: int) -> None:
-    """Move the calling thread into the network namespace open at `fd`."""
-    setns = getattr(os, "setns", None)  # Python >= 3.12
-    if setns is not None:
-        setns(fd, CLONE_NEWNET)
-        return
-    import ctypes
-
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.setns(fd, CLONE_NEWNET) != 0:
-        err = ctypes.get_errno()
-        raise OSError(err, f"setns: {os.strerror(err)}")
-
-
-def netns_socket(netns: str | None, family: int, kind: int, proto: int = 0) -> socket.socket:
-    """A socket of the named network namespace (a name under /run/netns or a path), or of the
-    current one when `netns` is None.
-
-    A socket belongs to the namespace it was created in for its whole life, so a throwaway
-    thread enters the namespace (setns affects only the calling thread), creates the socket and
-    ends; the caller's thread never moves.
-    """
-    if netns is None:
-        return socket.socket(family, kind, proto)
-    path = netns if netns.startswith("/") else f"/run/netns/{netns}"
-    box: list[socket.socket | BaseException] = []
-
-    def create() -> None:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
-            try:
-                _setns(fd)
-            finally:
-                os.close(fd)
-            box.append(socket.socket(family, kind, proto))
-        except BaseException as err:  # handed to the caller's thread
-            box.append(err)
-
-    worker = threading.Thread(target=create, name=f"netns-{netns}", daemon=True)
-    worker.start()
-    worker.join()
-    got = box[0]
-    if isinstance(got, BaseException):
-        raise got
-    return got
-
-
 def _set_buffer(sock: socket.socket, force: int, plain: int, size: int) -> None:
     try:
         sock.setsockopt(socket.SOL_SOCKET, force, size)

@@ -14,10 +14,11 @@ compares `nft list table` output. A statement this codec cannot encode (a rule m
 CIDRs, which needs an anonymous interval set) raises `Unencodable`; the caller then sends that
 batch through `nft -f`.
 
-Netlink framing (message parsing, attribute scanning, namespace sockets) is shared with the
-IPVS codec (kproxy.backends.ipvs_netlink). Errors: the kernel processes a batch synchronously
-inside `sendmsg`, so every error is queued when it returns; `apply` reads until the
-acknowledgement of the batch's last message and raises `NftError` with the first error.
+Netlink framing (attribute packing, message parsing, attribute scanning, namespace sockets)
+is kproxy.backends.netlink, shared with the IPVS and ipset codecs. Errors: the kernel processes
+a batch synchronously inside `sendmsg`, so every error is queued when it returns; `apply` reads
+until the acknowledgement of the batch's last message and raises `NftError` with the first
+error.
 """
 
 from __future__ import annotations
@@ -30,13 +31,24 @@ import time
 from collections.abc import Sequence
 from typing import Protocol
 
-from kproxy.backends.ipvs_netlink import (
+from kproxy.backends.netlink import HDR as _HDR
+from kproxy.backends.netlink import NFGEN as _NFGEN
+from kproxy.backends.netlink import (
+    NLM_F_ACK,
+    NLM_F_APPEND,
+    NLM_F_CREATE,
+    NLM_F_REQUEST,
     NLMSG_ERROR,
     error_code,
+    nest,
     netns_socket,
     parse_messages,
     scan_attrs,
 )
+from kproxy.backends.netlink import nla as attr
+from kproxy.backends.netlink import nla_be32 as be32
+from kproxy.backends.netlink import nla_be64 as be64
+from kproxy.backends.netlink import nla_string as string
 from kproxy.errors import DataplaneError
 from kproxy.model.objects import IPV6
 from kproxy.render.nftables import (
@@ -62,12 +74,6 @@ NETLINK_NETFILTER = 12
 NFNL_SUBSYS_NFTABLES = 10
 NFNL_MSG_BATCH_BEGIN = 0x10
 NFNL_MSG_BATCH_END = 0x11
-NLM_F_REQUEST = 0x1
-NLM_F_ACK = 0x4
-NLM_F_EXCL = 0x200
-NLM_F_CREATE = 0x400
-NLM_F_APPEND = 0x800
-NLA_F_NESTED = 0x8000
 
 MSG_NEWTABLE, MSG_GETTABLE = 0, 1
 MSG_GETGEN = 16
@@ -133,32 +139,6 @@ class Unencodable(NftError):
 
 
 # -- attributes --------------------------------------------------------------------------------
-_NLA = struct.Struct("=HH")
-_HDR = struct.Struct("=IHHII")
-_NFGEN = struct.Struct("=BBH")
-
-
-def attr(kind: int, payload: bytes) -> bytes:
-    n = 4 + len(payload)
-    return _NLA.pack(n, kind) + payload + b"\0" * (-n & 3)
-
-
-def nest(kind: int, *parts: bytes) -> bytes:
-    return attr(kind | NLA_F_NESTED, b"".join(parts))
-
-
-def be32(kind: int, value: int) -> bytes:
-    return attr(kind, struct.pack(">i" if value < 0 else ">I", value))
-
-
-def be64(kind: int, value: int) -> bytes:
-    return attr(kind, struct.pack(">Q", value))
-
-
-def string(kind: int, text: str) -> bytes:
-    return attr(kind, text.encode() + b"\0")
-
-
 def data_value(kind: int, raw: bytes) -> bytes:
     return nest(kind, attr(1, raw))  # NFTA_DATA_VALUE
 

@@ -15,6 +15,7 @@ from typing import Any
 import pytest
 from pyroute2.netlink.generic import ipvs as pr
 
+from kproxy.backends.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, error_code, parse_messages
 from kproxy.backends.ipvs_netlink import (
     CMD_DEL_DEST,
     CMD_DEL_SERVICE,
@@ -26,9 +27,6 @@ from kproxy.backends.ipvs_netlink import (
     FLAG_PERSISTENT,
     FLAG_SCHED1,
     FLAG_SCHED2,
-    NLM_F_ACK,
-    NLM_F_REQUEST,
-    NLMSG_ERROR,
     AddDest,
     AddService,
     DeleteDest,
@@ -46,10 +44,8 @@ from kproxy.backends.ipvs_netlink import (
     decode_service,
     describe_op,
     encode_message,
-    error_code,
     follow_up,
     op_request,
-    parse_messages,
     plan_batches,
 )
 

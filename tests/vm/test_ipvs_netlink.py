@@ -19,6 +19,7 @@ from collections.abc import Iterator
 
 import pytest
 
+from kproxy.backends.netlink import netns_socket
 from kproxy.backends.ipvs_netlink import (
     FLAG_SCHED1,
     FLAG_SCHED2,
@@ -35,7 +36,6 @@ from kproxy.backends.ipvs_netlink import (
     RealServer,
     ServiceKey,
     VirtualServer,
-    netns_socket,
 )
 from tests.vm.conftest import Run, del_netns, new_netns, sh
 from tests.vm.ipvsadm import (
