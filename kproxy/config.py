@@ -1,9 +1,10 @@
 """kproxy's settings: one typed `Settings`, filled from defaults, then the config file, then flags.
 
-Every option is declared once in `OPTIONS` with its flag, its place in a kube-proxy
-`KubeProxyConfiguration` file (kubeproxy.config.k8s.io/v1alpha1) and its help text; the argparse
-parser, the file reader and the generated configuration reference (`kproxy config-reference`) all
-come from that table, so they cannot drift apart.
+Every setting is declared once, as a `Settings` field made by `setting(...)` with its default,
+flag, parser, help text and place in a kube-proxy `KubeProxyConfiguration` file
+(kubeproxy.config.k8s.io/v1alpha1); `OPTIONS` is read off the fields, and the argparse parser,
+the file reader and the generated configuration reference (`kproxy config-reference`) all come
+from it, so they cannot drift apart.
 
 The config file is kube-proxy's own format, so an existing kube-proxy config works unchanged,
 plus a top-level `kproxy:` section for what kube-proxy does not have (DNS, manifests). Unknown or
@@ -153,48 +154,359 @@ def parse_choice(*choices: str) -> Callable[[Any], str]:
 
 # -- the settings ----------------------------------------------------------------------------
 @dataclass(frozen=True)
+class Option:
+    """How one setting is given: its flag, its parser, its help, and its place in a
+    KubeProxyConfiguration file. Declared on the Settings field itself (`setting`)."""
+
+    attr: str
+    flag: str
+    parse: Callable[[Any], Any]
+    help: str
+    file_path: str = ""  # dotted path in KubeProxyConfiguration ("iptables.syncPeriod")
+    metavar: str = ""
+    kind: str = "value"  # value | bool (store_true) | count | negbool (--no-x) | append
+
+
+def setting(
+    default: Any,
+    *,
+    flag: str,
+    parse: Callable[[Any], Any],
+    help: str,
+    file_path: str = "",
+    metavar: str = "",
+    kind: str = "value",
+) -> Any:
+    """A Settings field with its default and how it is given (the field's name fills in
+    `Option.attr`)."""
+    option = Option("", flag, parse, help, file_path, metavar, kind)
+    return field(default=default, metadata={"option": option})
+
+
+@dataclass(frozen=True)
 class Settings:
     """Everything kproxy can be told. Defaults follow kube-proxy where it has the setting."""
 
-    config: str = ""
-    kubeconfig: str = ""
-    master: str = ""
-    manifests: str = ""
-    proxy_mode: str = "iptables"
-    hostname_override: str = ""
-    node_ip_override: tuple[str, ...] = ()
-    cluster_cidr: tuple[str, ...] = ()
-    masquerade_all: bool = False
-    masquerade_bit: int = 14
-    nodeport_addresses: tuple[str, ...] = ()
-    iptables_min_sync_period: float = 1.0
-    iptables_sync_period: float = 30.0
-    ipvs_min_sync_period: float = 0.0
-    ipvs_sync_period: float = 30.0
-    full_sync_period: float = 3600.0
-    ipvs_scheduler: str = "rr"
-    ipvs_tcp_timeout: float = 0.0
-    ipvs_tcpfin_timeout: float = 0.0
-    ipvs_udp_timeout: float = 0.0
-    udp_idle_timeout: float = 0.25
-    healthz_bind_address: str = "0.0.0.0:10256"
-    metrics_bind_address: str = "127.0.0.1:10249"
-    conntrack_udp_cleanup: bool = True
-    cleanup: bool = False
-    verbosity: int = 0
-    log_format: str = "text"
-    dns: bool = True
-    dns_listen: tuple[str, ...] = ("169.254.20.10:53",)
-    cluster_domain: str = "cluster.local"
-    dns_ttl: int = 5
-    dns_upstream: tuple[str, ...] = ()
-    dns_allow_cidrs: tuple[str, ...] = ()
-    dns_pods: str = "insecure"
-    dns_service_ip: str = ""
-    dns_workers: int = 1
-    lb_pools: tuple[str, ...] = ()
-    lb_lease_namespace: str = "kube-system"
-    lb_lease_duration: float = 2.0
+    config: str = setting(
+        "",
+        flag="--config",
+        parse=parse_str,
+        help="Path to a KubeProxyConfiguration file (YAML).",
+        metavar="FILE",
+    )
+    kubeconfig: str = setting(
+        "",
+        flag="--kubeconfig",
+        parse=parse_str,
+        help="Path to a kubeconfig; default: in-cluster service account, else --master.",
+        file_path="clientConnection.kubeconfig",
+        metavar="FILE",
+    )
+    master: str = setting(
+        "",
+        flag="--master",
+        parse=parse_str,
+        help="Address of the API server (overrides the kubeconfig's server).",
+        metavar="URL",
+    )
+    manifests: str = setting(
+        "",
+        flag="--manifests",
+        parse=parse_str,
+        help="Read Services/EndpointSlices/Nodes from YAML in this directory instead of the API.",
+        file_path="kproxy.manifests",
+        metavar="DIR",
+    )
+    proxy_mode: str = setting(
+        "iptables",
+        flag="--proxy-mode",
+        parse=parse_mode,
+        help="Dataplane: iptables, ipvs, nftables or userspace.",
+        file_path="mode",
+        metavar="MODE",
+    )
+    hostname_override: str = setting(
+        "",
+        flag="--hostname-override",
+        parse=parse_str,
+        help="This node's name, if not the host name.",
+        file_path="hostnameOverride",
+        metavar="NAME",
+    )
+    node_ip_override: tuple[str, ...] = setting(
+        (),
+        flag="--node-ip-override",
+        parse=parse_ips,
+        help="This node's primary IPs (one per family), as kube-proxy: a LoadBalancer whose source "
+        "ranges contain one also admits its LB IPs as source. Default: any local address "
+        "(run), the Node object's InternalIP/ExternalIP addresses (render).",
+        file_path="nodeIPOverride",
+        metavar="IPS",
+    )
+    cluster_cidr: tuple[str, ...] = setting(
+        (),
+        flag="--cluster-cidr",
+        parse=parse_cidrs,
+        help="Pod CIDR(s), comma-separated; traffic to ClusterIPs from outside is masqueraded.",
+        file_path="clusterCIDR",
+        metavar="CIDRS",
+    )
+    masquerade_all: bool = setting(
+        False,
+        flag="--masquerade-all",
+        parse=parse_bool,
+        help="Masquerade all traffic sent to Service IPs.",
+        file_path="iptables.masqueradeAll",
+        kind="bool",
+    )
+    masquerade_bit: int = setting(
+        14,
+        flag="--iptables-masquerade-bit",
+        parse=parse_int,
+        help="The fwmark bit (0-31) that marks packets to masquerade.",
+        file_path="iptables.masqueradeBit",
+        metavar="BIT",
+    )
+    nodeport_addresses: tuple[str, ...] = setting(
+        (),
+        flag="--nodeport-addresses",
+        parse=parse_cidrs,
+        help="CIDRs of node addresses that accept NodePorts; default: all local addresses.",
+        file_path="nodePortAddresses",
+        metavar="CIDRS",
+    )
+    iptables_min_sync_period: float = setting(
+        1.0,
+        flag="--iptables-min-sync-period",
+        parse=parse_duration,
+        help="Minimum time between syncs in iptables mode (e.g. 1s).",
+        file_path="iptables.minSyncPeriod",
+        metavar="DURATION",
+    )
+    iptables_sync_period: float = setting(
+        30.0,
+        flag="--iptables-sync-period",
+        parse=parse_duration,
+        help="Period of the periodic sync in iptables mode (e.g. 30s): a partial sync plus a cheap "
+        "check that the tables are still kproxy's (a full rewrite only if they are not).",
+        file_path="iptables.syncPeriod",
+        metavar="DURATION",
+    )
+    ipvs_min_sync_period: float = setting(
+        0.0,
+        flag="--ipvs-min-sync-period",
+        parse=parse_duration,
+        help="Minimum time between syncs in IPVS mode.",
+        file_path="ipvs.minSyncPeriod",
+        metavar="DURATION",
+    )
+    ipvs_sync_period: float = setting(
+        30.0,
+        flag="--ipvs-sync-period",
+        parse=parse_duration,
+        help="Period of the periodic sync in IPVS mode (partial, with a cheap drift check).",
+        file_path="ipvs.syncPeriod",
+        metavar="DURATION",
+    )
+    full_sync_period: float = setting(
+        3600.0,
+        flag="--full-sync-period",
+        parse=parse_duration,
+        help="Period of full rewrites of every service's rules (kube-proxy hard-codes 1h); "
+        "0 disables them (full syncs then happen only at start-up, after failures, on "
+        "tampering and on node changes).",
+        file_path="kproxy.fullSyncPeriod",
+        metavar="DURATION",
+    )
+    ipvs_scheduler: str = setting(
+        "rr",
+        flag="--ipvs-scheduler",
+        parse=parse_scheduler,
+        help="Default IPVS scheduler (rr, wrr, lc, wlc, lblc, lblcr, sh, dh, sed, nq, mh); "
+        "per service: annotation kproxy.io/ipvs-scheduler.",
+        file_path="ipvs.scheduler",
+        metavar="NAME",
+    )
+    ipvs_tcp_timeout: float = setting(
+        0.0,
+        flag="--ipvs-tcp-timeout",
+        parse=parse_duration,
+        help="IPVS TCP session timeout (0 keeps the kernel's).",
+        file_path="ipvs.tcpTimeout",
+        metavar="DURATION",
+    )
+    ipvs_tcpfin_timeout: float = setting(
+        0.0,
+        flag="--ipvs-tcpfin-timeout",
+        parse=parse_duration,
+        help="IPVS TCP FIN_WAIT timeout (0 keeps the kernel's).",
+        file_path="ipvs.tcpFinTimeout",
+        metavar="DURATION",
+    )
+    ipvs_udp_timeout: float = setting(
+        0.0,
+        flag="--ipvs-udp-timeout",
+        parse=parse_duration,
+        help="IPVS UDP timeout (0 keeps the kernel's).",
+        file_path="ipvs.udpTimeout",
+        metavar="DURATION",
+    )
+    udp_idle_timeout: float = setting(
+        0.25,
+        flag="--udp-timeout",
+        parse=parse_duration,
+        help="Userspace mode: how long an idle UDP client session lives "
+        "(kube-proxy's default 250ms).",
+        file_path="udpIdleTimeout",
+        metavar="DURATION",
+    )
+    healthz_bind_address: str = setting(
+        "0.0.0.0:10256",
+        flag="--healthz-bind-address",
+        parse=parse_hostport,
+        help="ip:port of /healthz and /livez; empty disables.",
+        file_path="healthzBindAddress",
+        metavar="ADDR",
+    )
+    metrics_bind_address: str = setting(
+        "127.0.0.1:10249",
+        flag="--metrics-bind-address",
+        parse=parse_hostport,
+        help="ip:port of /metrics; empty disables.",
+        file_path="metricsBindAddress",
+        metavar="ADDR",
+    )
+    conntrack_udp_cleanup: bool = setting(
+        True,
+        flag="--conntrack-udp-cleanup",
+        parse=parse_bool,
+        help="Delete stale UDP conntrack entries after endpoint changes.",
+        file_path="kproxy.conntrackUDPCleanup",
+        metavar="BOOL",
+    )
+    cleanup: bool = setting(
+        False,
+        flag="--cleanup",
+        parse=parse_bool,
+        help="Remove everything kproxy created, then exit.",
+        kind="bool",
+    )
+    verbosity: int = setting(
+        0,
+        flag="-v",
+        parse=parse_int,
+        help="Log verbosity: 0 info, 2+ debug (repeatable).",
+        file_path="logging.verbosity",
+        metavar="N",
+        kind="count",
+    )
+    log_format: str = setting(
+        "text",
+        flag="--log-format",
+        parse=parse_choice("text", "json"),
+        help="Log format: text or json.",
+        file_path="logging.format",
+        metavar="FORMAT",
+    )
+    dns: bool = setting(
+        True,
+        flag="--no-dns",
+        parse=parse_bool,
+        help="Do not serve cluster DNS.",
+        file_path="kproxy.dns.enabled",
+        kind="negbool",
+    )
+    dns_listen: tuple[str, ...] = setting(
+        ("169.254.20.10:53",),
+        flag="--dns-listen",
+        parse=parse_list,
+        help="ip:port list the DNS server listens on (node-local, NodeLocal DNSCache style).",
+        file_path="kproxy.dns.listen",
+        metavar="ADDRS",
+    )
+    cluster_domain: str = setting(
+        "cluster.local",
+        flag="--cluster-domain",
+        parse=parse_str,
+        help="The cluster DNS zone.",
+        file_path="kproxy.dns.clusterDomain",
+        metavar="ZONE",
+    )
+    dns_ttl: int = setting(
+        5,
+        flag="--dns-ttl",
+        parse=parse_int,
+        help="TTL of cluster DNS answers in seconds.",
+        file_path="kproxy.dns.ttl",
+        metavar="SECONDS",
+    )
+    dns_upstream: tuple[str, ...] = setting(
+        (),
+        flag="--dns-upstream",
+        parse=parse_list,
+        help="Upstream resolvers for outside names; default: /etc/resolv.conf (minus kproxy).",
+        file_path="kproxy.dns.upstream",
+        metavar="ADDRS",
+    )
+    dns_allow_cidrs: tuple[str, ...] = setting(
+        (),
+        flag="--dns-allow-cidrs",
+        parse=parse_cidrs,
+        help="Who may use recursion; default: cluster CIDR, node addresses, loopback.",
+        file_path="kproxy.dns.allowCIDRs",
+        metavar="CIDRS",
+    )
+    dns_pods: str = setting(
+        "insecure",
+        flag="--dns-pods",
+        parse=parse_choice("insecure", "disabled"),
+        help="Pod records a-b-c-d.<ns>.pod.<zone>: insecure or disabled.",
+        file_path="kproxy.dns.pods",
+        metavar="MODE",
+    )
+    dns_service_ip: str = setting(
+        "",
+        flag="--dns-service-ip",
+        parse=parse_str,
+        help="Also answer on this cluster DNS Service IP (e.g. 10.96.0.10) on this node.",
+        file_path="kproxy.dns.serviceIP",
+        metavar="IP",
+    )
+    dns_workers: int = setting(
+        1,
+        flag="--dns-workers",
+        parse=parse_int,
+        help="DNS serving processes sharing the sockets (each ~80 MB at 10k services).",
+        file_path="kproxy.dns.workers",
+        metavar="N",
+    )
+    lb_pools: tuple[str, ...] = setting(
+        (),
+        flag="--lb-pool",
+        parse=parse_lb_pools,
+        help="LoadBalancer address pool: IPv4/IPv6 ranges (A-B) or CIDRs, repeatable; "
+        "empty: no address allocation or ARP/NDP announcements (docs/loadbalancer.md).",
+        file_path="kproxy.loadBalancer.pools",
+        metavar="RANGES",
+        kind="append",
+    )
+    lb_lease_namespace: str = setting(
+        "kube-system",
+        flag="--lb-lease-namespace",
+        parse=parse_str,
+        help="Namespace of the allocator's and the agents' Leases (with --lb-pool).",
+        file_path="kproxy.loadBalancer.leaseNamespace",
+        metavar="NS",
+    )
+    lb_lease_duration: float = setting(
+        2.0,
+        flag="--lb-lease-duration",
+        parse=parse_duration,
+        help="How long a silent agent keeps its addresses and the allocator its role "
+        "(whole seconds).",
+        file_path="kproxy.loadBalancer.leaseDuration",
+        metavar="DURATION",
+    )
     ignored: tuple[str, ...] = field(default=(), compare=False)
 
     @property
@@ -208,6 +520,11 @@ class Settings:
     @property
     def sync_period(self) -> float:
         return self.ipvs_sync_period if self.proxy_mode == "ipvs" else self.iptables_sync_period
+
+
+OPTIONS: tuple[Option, ...] = tuple(
+    replace(f.metadata["option"], attr=f.name) for f in fields(Settings) if "option" in f.metadata
+)
 
 
 def node_name(settings: Settings) -> str:
@@ -240,338 +557,6 @@ def base_options(settings: Settings, *, family: int, node_name: str) -> ProxyOpt
         ),
     )
 
-
-@dataclass(frozen=True)
-class Option:
-    attr: str
-    flag: str
-    parse: Callable[[Any], Any]
-    help: str
-    file_path: str = ""  # dotted path in KubeProxyConfiguration ("iptables.syncPeriod")
-    metavar: str = ""
-    kind: str = "value"  # value | bool (store_true) | count | negbool (--no-x) | append
-
-
-OPTIONS: tuple[Option, ...] = (
-    Option(
-        "config",
-        "--config",
-        parse_str,
-        "Path to a KubeProxyConfiguration file (YAML).",
-        metavar="FILE",
-    ),
-    Option(
-        "kubeconfig",
-        "--kubeconfig",
-        parse_str,
-        "Path to a kubeconfig; default: in-cluster service account, else --master.",
-        "clientConnection.kubeconfig",
-        "FILE",
-    ),
-    Option(
-        "master",
-        "--master",
-        parse_str,
-        "Address of the API server (overrides the kubeconfig's server).",
-        metavar="URL",
-    ),
-    Option(
-        "manifests",
-        "--manifests",
-        parse_str,
-        "Read Services/EndpointSlices/Nodes from YAML in this directory instead of the API.",
-        "kproxy.manifests",
-        "DIR",
-    ),
-    Option(
-        "proxy_mode",
-        "--proxy-mode",
-        parse_mode,
-        "Dataplane: iptables, ipvs, nftables or userspace.",
-        "mode",
-        "MODE",
-    ),
-    Option(
-        "hostname_override",
-        "--hostname-override",
-        parse_str,
-        "This node's name, if not the host name.",
-        "hostnameOverride",
-        "NAME",
-    ),
-    Option(
-        "node_ip_override",
-        "--node-ip-override",
-        parse_ips,
-        "This node's primary IPs (one per family), as kube-proxy: a LoadBalancer whose source "
-        "ranges contain one also admits its LB IPs as source. Default: any local address "
-        "(run), the Node object's InternalIP/ExternalIP addresses (render).",
-        "nodeIPOverride",
-        "IPS",
-    ),
-    Option(
-        "cluster_cidr",
-        "--cluster-cidr",
-        parse_cidrs,
-        "Pod CIDR(s), comma-separated; traffic to ClusterIPs from outside is masqueraded.",
-        "clusterCIDR",
-        "CIDRS",
-    ),
-    Option(
-        "masquerade_all",
-        "--masquerade-all",
-        parse_bool,
-        "Masquerade all traffic sent to Service IPs.",
-        "iptables.masqueradeAll",
-        kind="bool",
-    ),
-    Option(
-        "masquerade_bit",
-        "--iptables-masquerade-bit",
-        parse_int,
-        "The fwmark bit (0-31) that marks packets to masquerade.",
-        "iptables.masqueradeBit",
-        "BIT",
-    ),
-    Option(
-        "nodeport_addresses",
-        "--nodeport-addresses",
-        parse_cidrs,
-        "CIDRs of node addresses that accept NodePorts; default: all local addresses.",
-        "nodePortAddresses",
-        "CIDRS",
-    ),
-    Option(
-        "iptables_min_sync_period",
-        "--iptables-min-sync-period",
-        parse_duration,
-        "Minimum time between syncs in iptables mode (e.g. 1s).",
-        "iptables.minSyncPeriod",
-        "DURATION",
-    ),
-    Option(
-        "iptables_sync_period",
-        "--iptables-sync-period",
-        parse_duration,
-        "Period of the periodic sync in iptables mode (e.g. 30s): a partial sync plus a cheap "
-        "check that the tables are still kproxy's (a full rewrite only if they are not).",
-        "iptables.syncPeriod",
-        "DURATION",
-    ),
-    Option(
-        "ipvs_min_sync_period",
-        "--ipvs-min-sync-period",
-        parse_duration,
-        "Minimum time between syncs in IPVS mode.",
-        "ipvs.minSyncPeriod",
-        "DURATION",
-    ),
-    Option(
-        "ipvs_sync_period",
-        "--ipvs-sync-period",
-        parse_duration,
-        "Period of the periodic sync in IPVS mode (partial, with a cheap drift check).",
-        "ipvs.syncPeriod",
-        "DURATION",
-    ),
-    Option(
-        "full_sync_period",
-        "--full-sync-period",
-        parse_duration,
-        "Period of full rewrites of every service's rules (kube-proxy hard-codes 1h); "
-        "0 disables them (full syncs then happen only at start-up, after failures, on "
-        "tampering and on node changes).",
-        "kproxy.fullSyncPeriod",
-        "DURATION",
-    ),
-    Option(
-        "ipvs_scheduler",
-        "--ipvs-scheduler",
-        parse_scheduler,
-        "Default IPVS scheduler (rr, wrr, lc, wlc, lblc, lblcr, sh, dh, sed, nq, mh); "
-        "per service: annotation kproxy.io/ipvs-scheduler.",
-        "ipvs.scheduler",
-        "NAME",
-    ),
-    Option(
-        "ipvs_tcp_timeout",
-        "--ipvs-tcp-timeout",
-        parse_duration,
-        "IPVS TCP session timeout (0 keeps the kernel's).",
-        "ipvs.tcpTimeout",
-        "DURATION",
-    ),
-    Option(
-        "ipvs_tcpfin_timeout",
-        "--ipvs-tcpfin-timeout",
-        parse_duration,
-        "IPVS TCP FIN_WAIT timeout (0 keeps the kernel's).",
-        "ipvs.tcpFinTimeout",
-        "DURATION",
-    ),
-    Option(
-        "ipvs_udp_timeout",
-        "--ipvs-udp-timeout",
-        parse_duration,
-        "IPVS UDP timeout (0 keeps the kernel's).",
-        "ipvs.udpTimeout",
-        "DURATION",
-    ),
-    Option(
-        "udp_idle_timeout",
-        "--udp-timeout",
-        parse_duration,
-        "Userspace mode: how long an idle UDP client session lives (kube-proxy's default 250ms).",
-        "udpIdleTimeout",
-        "DURATION",
-    ),
-    Option(
-        "healthz_bind_address",
-        "--healthz-bind-address",
-        parse_hostport,
-        "ip:port of /healthz and /livez; empty disables.",
-        "healthzBindAddress",
-        "ADDR",
-    ),
-    Option(
-        "metrics_bind_address",
-        "--metrics-bind-address",
-        parse_hostport,
-        "ip:port of /metrics; empty disables.",
-        "metricsBindAddress",
-        "ADDR",
-    ),
-    Option(
-        "conntrack_udp_cleanup",
-        "--conntrack-udp-cleanup",
-        parse_bool,
-        "Delete stale UDP conntrack entries after endpoint changes.",
-        "kproxy.conntrackUDPCleanup",
-        "BOOL",
-    ),
-    Option(
-        "cleanup",
-        "--cleanup",
-        parse_bool,
-        "Remove everything kproxy created, then exit.",
-        kind="bool",
-    ),
-    Option(
-        "verbosity",
-        "-v",
-        parse_int,
-        "Log verbosity: 0 info, 2+ debug (repeatable).",
-        "logging.verbosity",
-        "N",
-        kind="count",
-    ),
-    Option(
-        "log_format",
-        "--log-format",
-        parse_choice("text", "json"),
-        "Log format: text or json.",
-        "logging.format",
-        "FORMAT",
-    ),
-    Option(
-        "dns",
-        "--no-dns",
-        parse_bool,
-        "Do not serve cluster DNS.",
-        "kproxy.dns.enabled",
-        kind="negbool",
-    ),
-    Option(
-        "dns_listen",
-        "--dns-listen",
-        parse_list,
-        "ip:port list the DNS server listens on (node-local, NodeLocal DNSCache style).",
-        "kproxy.dns.listen",
-        "ADDRS",
-    ),
-    Option(
-        "cluster_domain",
-        "--cluster-domain",
-        parse_str,
-        "The cluster DNS zone.",
-        "kproxy.dns.clusterDomain",
-        "ZONE",
-    ),
-    Option(
-        "dns_ttl",
-        "--dns-ttl",
-        parse_int,
-        "TTL of cluster DNS answers in seconds.",
-        "kproxy.dns.ttl",
-        "SECONDS",
-    ),
-    Option(
-        "dns_upstream",
-        "--dns-upstream",
-        parse_list,
-        "Upstream resolvers for outside names; default: /etc/resolv.conf (minus kproxy).",
-        "kproxy.dns.upstream",
-        "ADDRS",
-    ),
-    Option(
-        "dns_allow_cidrs",
-        "--dns-allow-cidrs",
-        parse_cidrs,
-        "Who may use recursion; default: cluster CIDR, node addresses, loopback.",
-        "kproxy.dns.allowCIDRs",
-        "CIDRS",
-    ),
-    Option(
-        "dns_pods",
-        "--dns-pods",
-        parse_choice("insecure", "disabled"),
-        "Pod records a-b-c-d.<ns>.pod.<zone>: insecure or disabled.",
-        "kproxy.dns.pods",
-        "MODE",
-    ),
-    Option(
-        "dns_service_ip",
-        "--dns-service-ip",
-        parse_str,
-        "Also answer on this cluster DNS Service IP (e.g. 10.96.0.10) on this node.",
-        "kproxy.dns.serviceIP",
-        "IP",
-    ),
-    Option(
-        "dns_workers",
-        "--dns-workers",
-        parse_int,
-        "DNS serving processes sharing the sockets (each ~80 MB at 10k services).",
-        "kproxy.dns.workers",
-        "N",
-    ),
-    Option(
-        "lb_pools",
-        "--lb-pool",
-        parse_lb_pools,
-        "LoadBalancer address pool: IPv4/IPv6 ranges (A-B) or CIDRs, repeatable; "
-        "empty: no address allocation or ARP/NDP announcements (docs/loadbalancer.md).",
-        "kproxy.loadBalancer.pools",
-        "RANGES",
-        kind="append",
-    ),
-    Option(
-        "lb_lease_namespace",
-        "--lb-lease-namespace",
-        parse_str,
-        "Namespace of the allocator's and the agents' Leases (with --lb-pool).",
-        "kproxy.loadBalancer.leaseNamespace",
-        "NS",
-    ),
-    Option(
-        "lb_lease_duration",
-        "--lb-lease-duration",
-        parse_duration,
-        "How long a silent agent keeps its addresses and the allocator its role (whole seconds).",
-        "kproxy.loadBalancer.leaseDuration",
-        "DURATION",
-    ),
-)
 
 # kube-proxy fields kproxy accepts and ignores (so an existing config loads unchanged).
 IGNORED_FIELDS = frozenset(
