@@ -11,7 +11,7 @@ and text.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 from kproxy.kube.convert import (
@@ -122,19 +122,36 @@ class StoreSink:
         return node
 
     # -- Sink protocol ---------------------------------------------------------------------
-    def replace(self, kind: str, objects: list[RawObject]) -> None:
-        for _ in objects:  # a (re)list counts each object as a change, as kube-proxy's adds do
-            self._on_event(kind)
+    def replace(self, kind: str, objects: Iterable[RawObject]) -> None:
+        """Convert every object, then replace the store's set (nothing changes if reading
+        `objects` raises). Raw objects are dropped as soon as they are converted."""
+        count = 0
         if kind == "Service":
-            services = [s for s in map(self._service, objects) if s is not None]
+            services = []
+            for obj in objects:
+                count += 1
+                svc = self._service(obj)
+                if svc is not None:
+                    services.append(svc)
             self._store.replace_services(services)
         elif kind == "EndpointSlice":
-            slices = [s for s in map(self._slice, objects) if s is not None]
+            slices = []
+            for obj in objects:
+                count += 1
+                sl = self._slice(obj)
+                if sl is not None:
+                    slices.append(sl)
             self._store.replace_slices(slices)
         elif kind == "Node":
-            mine = [o for o in objects if object_ref(o)[1] == self._node_name]
+            mine = []
+            for obj in objects:
+                count += 1
+                if object_ref(obj)[1] == self._node_name:
+                    mine.append(obj)
             node = self._node(mine[0]) if mine else None
             self._store.set_node(node)
+        for _ in range(count):  # a (re)list counts each object as a change, as kube-proxy's adds do
+            self._on_event(kind)
 
     def apply(self, kind: str, event_type: str, obj: RawObject) -> None:
         self._on_event(kind)

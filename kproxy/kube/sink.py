@@ -5,6 +5,10 @@ to a `Sink`. Kinds are "Service", "EndpointSlice" and "Node".
 
 - `replace(kind, objects)` delivers the complete current set of one kind, after a (re)list or a
   manifest change. Sources never call it because of an error: an empty list means "there are none".
+  `objects` is an iterable to be read once (the API source decodes list pages while the sink
+  reads them, so that the raw JSON of a large list is never all alive at once). Reading it may
+  raise (a page failed to arrive): the sink must then change nothing, so it converts everything
+  first and updates its state only at the end.
 - `apply(kind, event_type, obj)` delivers one watch event: ADDED, MODIFIED or DELETED.
 
 Implementations must be thread-safe: the API source calls from one thread per kind.
@@ -12,6 +16,7 @@ Implementations must be thread-safe: the API source calls from one thread per ki
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Protocol
 
 RawObject = dict[str, Any]
@@ -21,6 +26,6 @@ EVENT_TYPES = ("ADDED", "MODIFIED", "DELETED")
 
 
 class Sink(Protocol):
-    def replace(self, kind: str, objects: list[RawObject]) -> None: ...
+    def replace(self, kind: str, objects: Iterable[RawObject]) -> None: ...
 
     def apply(self, kind: str, event_type: str, obj: RawObject) -> None: ...

@@ -66,6 +66,10 @@ class _StatusError(Exception):
     """The server said something we cannot use (an ERROR event other than 410, bad JSON)."""
 
 
+class _ContinueExpired(Exception):
+    """The continue token of a paged list expired (410): list again, unpaged."""
+
+
 class _SinkError(Exception):
     """The sink raised: a bug on the consumer's side. We list again after the backoff."""
 
@@ -148,6 +152,50 @@ def _status_text(status: Any) -> str:
     if not isinstance(status, dict):
         return repr(status)
     return f"{status.get('code')} {status.get('reason')}: {status.get('message')}"
+
+
+class _Pages:
+    """The items of one (paged) list, fetched page by page while they are iterated.
+
+    Iterating yields each item once, dropping the page's references as it goes; a failure to
+    fetch a page is remembered in `error` and raised from the iteration. `done` is set once the
+    last page was read, `resource_version` then holds the list's.
+    """
+
+    def __init__(self, watcher: _Watcher, limit: int | None) -> None:
+        self._watcher = watcher
+        self._limit = limit
+        self.error: BaseException | None = None
+        self.done = False
+        self.count = 0
+        self.resource_version = ""
+
+    def __iter__(self) -> Iterator[RawObject]:
+        kind = self._watcher.kind
+        api_version = _API_VERSIONS[kind]
+        token: str | None = None
+        while True:
+            try:
+                page = self._watcher.fetch_page(self._limit, token)
+            except BaseException as err:
+                self.error = err
+                raise
+            items: list[RawObject] = page["items"]
+            meta = page.get("metadata") or {}
+            del page
+            token = meta.get("continue") or None
+            items.reverse()
+            while items:
+                item = items.pop()
+                if isinstance(item, dict):
+                    item.setdefault("kind", kind)
+                    item.setdefault("apiVersion", api_version)
+                self.count += 1
+                yield item
+            if token is None:
+                self.resource_version = str(meta.get("resourceVersion") or "")
+                self.done = True
+                return
 
 
 class _Watcher:
@@ -293,43 +341,32 @@ class _Watcher:
         return float(delay * random.uniform(0.8, 1.2))
 
     def _list(self) -> None:
-        """List everything (paged), hand it to the sink, remember the list's resourceVersion."""
-        items: list[RawObject] = []
-        token: str | None = None
+        """List everything (paged), hand it to the sink, remember the list's resourceVersion.
+
+        The pages are decoded one at a time while the sink consumes them (`Sink.replace` takes
+        an iterable), so at most one page of raw JSON is alive: at 10k services x 10 endpoints
+        the whole list decodes into ~200 MB of dicts, which would stay the process's RSS. A
+        page that fails makes the iteration raise inside `replace`; the sink then changes
+        nothing, and the failure is handled here like any failed list.
+        """
         limit: int | None = LIST_PAGE_SIZE
         while True:
+            pages = _Pages(self, limit)
             try:
-                resp = self._call(
-                    limit=limit,
-                    _continue=token,
-                    _preload_content=False,
-                    _request_timeout=(CONNECT_TIMEOUT, LIST_READ_TIMEOUT),
-                )
-            except ApiException as err:
-                if err.status == 410 and token:  # the snapshot expired mid-list: one big list
-                    log.info("%s: list continue token expired; listing unpaged", self.kind)
-                    items, token, limit = [], None, None
-                    continue
-                raise
-            with self._reading(resp, reuse=True):
-                page = json.loads(resp.data)
-            if self._stop.is_set():
-                raise _StatusError("stopping")
-            if not isinstance(page, dict) or not isinstance(page.get("items"), list):
-                raise _StatusError(f"unexpected list response: {str(page)[:200]}")
-            items.extend(page["items"])
-            meta = page.get("metadata") or {}
-            token = meta.get("continue") or None
-            if token is None:
-                break
-        for item in items:
-            item.setdefault("kind", self.kind)
-            item.setdefault("apiVersion", _API_VERSIONS[self.kind])
-        rv = str(meta.get("resourceVersion") or "")
-        try:
-            self._sink.replace(self.kind, items)
-        except Exception as err:
-            raise _SinkError(f"sink.replace failed: {err!r}") from err
+                self._sink.replace(self.kind, pages)
+            except Exception as err:
+                if pages.error is None:
+                    raise _SinkError(f"sink.replace failed: {err!r}") from err
+            if isinstance(pages.error, _ContinueExpired):  # the snapshot expired mid-list
+                log.info("%s: list continue token expired; listing unpaged", self.kind)
+                limit = None
+                continue
+            if pages.error is not None:
+                raise pages.error
+            if not pages.done:
+                raise _SinkError("sink.replace returned before reading the whole list")
+            break
+        rv = pages.resource_version
         self._rv = rv
         first = not self.synced.is_set()
         self.status.lists += 1
@@ -342,9 +379,30 @@ class _Watcher:
             logging.DEBUG if first else logging.INFO,
             "%s: listed %d objects at resourceVersion %s",
             self.kind,
-            len(items),
+            pages.count,
             rv,
         )
+
+    def fetch_page(self, limit: int | None, token: str | None) -> dict[str, Any]:
+        """One page of a (paged) list, decoded."""
+        try:
+            resp = self._call(
+                limit=limit,
+                _continue=token,
+                _preload_content=False,
+                _request_timeout=(CONNECT_TIMEOUT, LIST_READ_TIMEOUT),
+            )
+        except ApiException as err:
+            if err.status == 410 and token:
+                raise _ContinueExpired(str(err)) from err
+            raise
+        with self._reading(resp, reuse=True):
+            page = json.loads(resp.data)
+        if self._stop.is_set():
+            raise _StatusError("stopping")
+        if not isinstance(page, dict) or not isinstance(page.get("items"), list):
+            raise _StatusError(f"unexpected list response: {str(page)[:200]}")
+        return page
 
     def _watch(self) -> int:
         """Watch from the remembered resourceVersion until the stream ends; returns how many

@@ -45,7 +45,7 @@ import threading
 import time
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -861,7 +861,8 @@ class RecordingSink:
         ns = meta.get("namespace")
         return f"{ns}/{meta.get('name')}" if ns else str(meta.get("name"))
 
-    def replace(self, kind: str, objects: list[RawObject]) -> None:
+    def replace(self, kind: str, objects: Iterable[RawObject]) -> None:
+        objects = list(objects)  # read once (the API source decodes pages as they are read)
         with self._lock:
             self.calls.append(("replace", kind, sorted(self.ref(o) for o in objects)))
             self.state[kind] = {self.ref(o): o for o in objects}

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -185,3 +186,19 @@ def test_sink_skips_bad_objects_and_keeps_good_ones() -> None:
     assert Ref("default", "good") in store.peek().services
     sink.apply("EndpointSlice", "DELETED", eps("good-1", "good"))
     assert store.peek().slices_for(Ref("default", "good")) == ()
+
+
+def test_sink_replace_that_cannot_be_read_to_the_end_changes_nothing() -> None:
+    store = Store()
+    events: list[str] = []
+    sink = StoreSink(store, node_name="n1", on_event=events.append)
+    sink.replace("Service", [svc("old")])
+
+    def broken_list() -> Iterator[dict[str, Any]]:
+        yield svc("new")
+        raise ConnectionError("page 2 never came")
+
+    with pytest.raises(ConnectionError):
+        sink.replace("Service", broken_list())
+    assert list(store.peek().services) == [Ref("default", "old")]
+    assert events == ["Service"]  # the failed list counted no changes

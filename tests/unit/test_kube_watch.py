@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 
 import pytest
 
@@ -341,6 +341,70 @@ def test_large_lists_are_paged(fake_apiserver: FakeApiServer, start_source: Star
     assert fake_apiserver.lists[SERVICES] == 3
     assert len(sink.replaces("Service")) == 1
     assert len(sink.replaces("Service")[0]) == 1100
+
+
+class MidListSink(RecordingSink):
+    """Calls `interfere` after reading the first Service of the first list: the next page
+    request then fails (or finds its continue token expired)."""
+
+    def __init__(self, interfere: Callable[[], None]) -> None:
+        super().__init__()
+        self.interfere = interfere
+        self.raised: BaseException | None = None
+
+    def replace(self, kind: str, objects: Iterable[dict[str, object]]) -> None:
+        if kind == "Service" and self.interfere is not None:
+            interfere, self.interfere = self.interfere, None  # type: ignore[assignment]
+            it = iter(objects)
+            next(it)
+            interfere()
+            try:
+                for _ in it:  # raises: the page after the interference does not come
+                    pass
+            except Exception as err:
+                self.raised = err
+                raise
+        super().replace(kind, objects)
+
+
+def _down_briefly(server: FakeApiServer) -> None:
+    server.stop()
+    threading.Timer(0.3, server.start).start()
+
+
+@pytest.mark.parametrize("interference", ["down", "expire"], ids=["relist", "unpaged"])
+def test_a_list_failing_mid_way_changes_nothing_then_completes(
+    fake_apiserver: FakeApiServer, tmp_path: object, interference: str
+) -> None:
+    for i in range(1100):
+        fake_apiserver.upsert(make_service_obj(f"ns{i % 7}", f"svc-{i}"))
+    if interference == "down":
+        interfere: Callable[[], None] = lambda: _down_briefly(fake_apiserver)  # noqa: E731
+    else:
+        interfere = fake_apiserver.compact
+    sink = MidListSink(interfere)
+    stop = threading.Event()
+    source = KubeSource(
+        sink=sink,
+        kubeconfig=fake_apiserver.write_kubeconfig(f"{tmp_path}/kc"),
+        master=None,
+        node_name=NODE,
+        stop=stop,
+        backoff_initial=0.05,
+    )
+    source.start()
+    try:
+        assert source.wait_synced(10)
+        assert sink.raised is not None  # reading the first list stopped part-way
+        # one replace, with everything: never a partial set
+        assert [len(r) for r in sink.replaces("Service")] == [1100]
+        if interference == "expire":  # page 1, page 2's token gets 410, one unpaged list
+            assert fake_apiserver.lists[SERVICES] == 3
+        else:  # page 1, (page 2 refused: the server was down), all 3 pages again
+            assert fake_apiserver.lists[SERVICES] == 4
+    finally:
+        stop.set()
+        assert source.join(2)
 
 
 def test_master_url_without_auth(tmp_path: object) -> None:
