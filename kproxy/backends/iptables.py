@@ -52,6 +52,7 @@ import gc
 import logging
 import re
 import shutil
+import struct
 import subprocess
 import time
 from collections import Counter
@@ -86,13 +87,14 @@ from kproxy.model.store import Changes, Snapshot
 from kproxy.model.view import build_views
 from kproxy.render import chains as C
 from kproxy.render.iptables import (
-    EMPTY_SERVICE,
+    EMPTY_SHARED,
     FILTER,
     MANGLE,
     NAT,
     SHARED_SLOTS,
     Renderer,
     ServiceRules,
+    Shared,
     TableWrite,
     assemble,
     full_writes,
@@ -122,14 +124,14 @@ def missing_hooks(table: str, save_text: str) -> str:
     return "".join(lines)
 
 
-def shared_edits(old: ServiceRules, new: ServiceRules) -> dict[str, str]:
+def shared_edits(old: Shared, new: Shared) -> dict[str, str]:
     """table -> "-D"/"-I" lines that turn `old`'s lines in the shared chains into `new`'s.
 
     Lines of one service never overlap another service's matches, so their position in a
     shared chain does not matter; inserting at the top keeps KUBE-SERVICES' last rule last.
     """
     out: dict[str, list[str]] = {}
-    for (table, _chain), before, after in zip(SHARED_SLOTS, old.shared, new.shared, strict=True):
+    for (table, _chain), before, after in zip(SHARED_SLOTS, old, new, strict=True):
         if before == after:
             continue
         gone = Counter(before.splitlines()) - Counter(after.splitlines())
@@ -167,6 +169,46 @@ class _CommitCounting:
 
 def _count(text: str) -> int:
     return text.count("\n")
+
+
+@dataclass(frozen=True, slots=True)
+class Written:
+    """What kproxy last wrote for one service: enough to diff its next rendering against,
+    without the text. At 10k services x 10 endpoints the chains' text is ~55 MB; this keeps
+    their names, a 64-bit digest of each chain's lines (Python's string hash: a collision
+    between a chain's old and new text, 2^-64, would only skip rewriting that chain until
+    the next full sync), the service's lines in the shared chains (needed verbatim for
+    their "-D" edits) and its nat rule count."""
+
+    names: tuple[str, ...]
+    digests: bytes  # struct "q" per chain, in `names` order
+    counts: bytes  # struct "I" per chain: its rule count (what drift checks compare)
+    shared: Shared
+    nat_rules: int
+
+    @classmethod
+    def of(cls, block: ServiceRules) -> Written:
+        names = tuple(name for name, _ in block.chains)
+        hashes = [hash(text) for _, text in block.chains]
+        counts = [_count(text) for _, text in block.chains]
+        return cls(
+            names=names,
+            digests=struct.pack(f"{len(hashes)}q", *hashes),
+            counts=struct.pack(f"{len(counts)}I", *counts),
+            shared=block.shared,
+            nat_rules=sum(counts),
+        )
+
+    def chain_digests(self) -> dict[str, int]:
+        return dict(
+            zip(self.names, struct.unpack(f"{len(self.names)}q", self.digests), strict=True)
+        )
+
+    def chain_counts(self) -> dict[str, int]:
+        return dict(zip(self.names, struct.unpack(f"{len(self.names)}I", self.counts), strict=True))
+
+
+NOTHING_WRITTEN = Written(names=(), digests=b"", counts=b"", shared=EMPTY_SHARED, nat_rules=0)
 
 
 @contextmanager
@@ -209,7 +251,7 @@ class IptablesProxier:
         self.iptables = binary(self.family, self.flavour, None)
         self.nft_chunk_chains = nft_chunk_chains
         self.renderer = Renderer(options)
-        self._blocks: dict[Ref, ServiceRules] = {}
+        self._blocks: dict[Ref, Written] = {}
         self._nat_rules = 0
         self._filter_rules = 0
         self._need_full = True
@@ -383,7 +425,7 @@ class IptablesProxier:
         self._applied = wanted
         self._reconcile = False
         self._nat_rules = sum(_count(t) for (table, _), t in shared.items() if table == NAT)
-        self._nat_rules += sum(b.nat_rule_count for b in blocks.values())
+        self._nat_rules += sum(b.nat_rules for b in blocks.values())
         self._filter_rules = sum(_count(t) for (table, _), t in shared.items() if table == FILTER)
         self._expected = _expected_counts(shared, blocks.values())
         self._need_full = False
@@ -412,7 +454,7 @@ class IptablesProxier:
         self,
         present: Mapping[str, set[str]],
         shared: Mapping[tuple[str, str], str],
-        blocks: Mapping[Ref, ServiceRules],
+        blocks: Mapping[Ref, Written],
     ) -> dict[str, list[str]]:
         """Owned chains present but no longer wanted, per table."""
         keep = {t: set(present[t]) for t in TABLES}
@@ -436,18 +478,18 @@ class IptablesProxier:
 
     def _stream_legacy(
         self, snapshot: Snapshot, present: Mapping[str, set[str]], hooks: Mapping[str, str]
-    ) -> tuple[dict[Ref, ServiceRules], dict[tuple[str, str], str], list[str]]:
+    ) -> tuple[dict[Ref, Written], dict[tuple[str, str], str], list[str]]:
         """One restore, written while it is being rendered: the nat table first (fixed chains,
         then each service's block as soon as it is rendered, declarations before rules within
         a block, then the shared chains that jump into the blocks), then filter and mangle."""
-        blocks: dict[Ref, ServiceRules] = {}
+        blocks: dict[Ref, Written] = {}
         sink = self._open()
         try:
             fixed = self.renderer.fixed_nat()
             sink.write("*nat\n" + "".join(f":{c} - [0:0]\n" for c, _ in fixed))
             sink.write("".join(text for _, text in fixed))
             for ref, block in self._blocks_of(snapshot):
-                blocks[ref] = block
+                blocks[ref] = Written.of(block)
                 sink.write("".join(f":{c} - [0:0]\n" for c, _ in block.chains))
                 sink.write("".join(text for _, text in block.chains))
             shared = self.renderer.shared_chains(b.shared for b in blocks.values())
@@ -474,19 +516,22 @@ class IptablesProxier:
 
     def _stream_nft(
         self, snapshot: Snapshot, present: Mapping[str, set[str]], hooks: Mapping[str, str]
-    ) -> tuple[dict[Ref, ServiceRules], dict[tuple[str, str], str], list[str]]:
+    ) -> tuple[dict[Ref, Written], dict[tuple[str, str], str], list[str]]:
         """Service chains in inputs of about nft_chunk_chains chains (each service whole),
         each restored while the next is rendered; then one input with the shared chains,
         deletions, hooks and canaries. Small rulesets go in a single input."""
-        blocks: dict[Ref, ServiceRules] = {}
+        blocks: dict[Ref, Written] = {}
+        unsent: list[ServiceRules] = []  # rendered text is kept only until it is written
         fixed = [(c, t) for c, t in self.renderer.fixed_nat() if c in C.NAT_FIXED_TARGETS]
         chunk: list[tuple[str, str]] = list(fixed)
         pending: RestoreSink | None = None
         sent = False
         try:
             for ref, block in self._blocks_of(snapshot):
-                blocks[ref] = block
+                blocks[ref] = Written.of(block)
                 chunk.extend(block.chains)
+                if not sent:
+                    unsent.append(block)
                 if len(chunk) >= self.nft_chunk_chains:
                     text = assemble([TableWrite(NAT, chains=chunk)])
                     if pending is not None:
@@ -494,7 +539,7 @@ class IptablesProxier:
                     pending = self._open()
                     pending.write(text)
                     pending.end()
-                    chunk, sent = [], True
+                    chunk, sent, unsent = [], True, []
             shared = self.renderer.shared_chains(b.shared for b in blocks.values())
             delete = self._deletions(present, shared, blocks)
             if sent and chunk:
@@ -507,7 +552,7 @@ class IptablesProxier:
             if pending is not None:
                 self._finish(pending)
                 pending = None
-            final = self._final_writes(shared, () if sent else blocks.values(), delete, hooks)
+            final = self._final_writes(shared, unsent, delete, hooks)
             self._apply(assemble(final))
         except BaseException:
             if pending is not None:
@@ -522,20 +567,20 @@ class IptablesProxier:
         chains: list[tuple[str, str]] = []
         delete: list[str] = []
         edits: dict[str, list[str]] = {}
-        changed: dict[Ref, ServiceRules] = {}
+        changed: dict[Ref, Written] = {}
         nat_delta = filter_delta = 0
-        for ref, new in rendered.items():
-            old = self._blocks.get(ref, EMPTY_SERVICE)
-            if new == old or not self._admitted(ref, new):
+        for ref, block in rendered.items():
+            old = self._blocks.get(ref, NOTHING_WRITTEN)
+            new = Written.of(block)
+            if new == old or not self._admitted(ref, block):
                 continue
             changed[ref] = new
-            before = dict(old.chains)
-            after = dict(new.chains)
-            chains.extend((c, t) for c, t in new.chains if before.get(c) != t)
-            delete.extend(c for c in before if c not in after)
-            for table, text in shared_edits(old, new).items():
+            before = old.chain_digests()
+            chains.extend((c, t) for c, t in block.chains if before.get(c) != hash(t))
+            delete.extend(c for c in old.names if c not in new.names)
+            for table, text in shared_edits(old.shared, new.shared).items():
                 edits.setdefault(table, []).append(text)
-            nat_delta += new.nat_rule_count - old.nat_rule_count
+            nat_delta += new.nat_rules - old.nat_rules
             for (table, _), a, b in zip(SHARED_SLOTS, old.shared, new.shared, strict=True):
                 if table == NAT:
                     nat_delta += _count(b) - _count(a)
@@ -550,12 +595,12 @@ class IptablesProxier:
         self._apply(assemble(writes))
         self._applied[NAT].difference_update(delete)
         self._applied[NAT].update(c for c, _ in chains)
-        changed_old = {ref: self._blocks.get(ref, EMPTY_SERVICE) for ref in changed}
-        for ref, block in changed.items():
-            if block.empty:
+        changed_old = {ref: self._blocks.get(ref, NOTHING_WRITTEN) for ref in changed}
+        for ref, written in changed.items():
+            if written == NOTHING_WRITTEN:
                 self._blocks.pop(ref, None)
             else:
-                self._blocks[ref] = block
+                self._blocks[ref] = written
         self._nat_rules += nat_delta
         self._filter_rules += filter_delta
         self._expect_partial(chains, delete, changed_old)
@@ -571,7 +616,7 @@ class IptablesProxier:
         self,
         chains: list[tuple[str, str]],
         delete: list[str],
-        changed: Mapping[Ref, ServiceRules],
+        changed: Mapping[Ref, Written],
     ) -> None:
         """Keep `_expected` in step with a partial write (`changed`: the blocks before it)."""
         nat = self._expected[NAT]
@@ -580,7 +625,7 @@ class IptablesProxier:
         for chain, text in chains:
             nat[chain] = _count(text)
         for ref, old in changed.items():
-            new = self._blocks.get(ref, EMPTY_SERVICE)
+            new = self._blocks.get(ref, NOTHING_WRITTEN)
             for (table, chain), a, b in zip(SHARED_SLOTS, old.shared, new.shared, strict=True):
                 if a != b:
                     counts = self._expected[table]
@@ -654,8 +699,9 @@ class IptablesProxier:
         return {NAT: self._nat_rules, FILTER: self._filter_rules}
 
     @property
-    def programmed(self) -> Mapping[Ref, ServiceRules]:
-        """The service blocks last applied (for status and tests)."""
+    def programmed(self) -> Mapping[Ref, Written]:
+        """What was last written for each service (chain names and digests, for status and
+        tests; `kproxy status` reads the rules themselves back from the kernel)."""
         return dict(self._blocks)
 
     # -- cleanup -------------------------------------------------------------------------------
@@ -684,7 +730,7 @@ class IptablesProxier:
 
 
 def _expected_counts(
-    shared: Mapping[tuple[str, str], str], blocks: Iterable[ServiceRules]
+    shared: Mapping[tuple[str, str], str], blocks: Iterable[Written]
 ) -> dict[str, dict[str, int]]:
     """owned chain -> rule count per table, for a full write of `shared` and `blocks`."""
     out: dict[str, dict[str, int]] = {t: {C.CANARY: 0} for t in TABLES}
@@ -692,8 +738,7 @@ def _expected_counts(
         out[table][chain] = _count(text)
     nat = out[NAT]
     for block in blocks:
-        for chain, text in block.chains:
-            nat[chain] = _count(text)
+        nat.update(block.chain_counts())
     return out
 
 

@@ -115,7 +115,6 @@ class Endpoint:
     node_name: str = ""
     zone: str = ""
     zone_hints: tuple[str, ...] = ()
-    target_name: str = ""
 
 
 @dataclass(frozen=True, slots=True)

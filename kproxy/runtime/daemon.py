@@ -22,7 +22,7 @@ from kproxy.config import Settings, node_name
 from kproxy.inspect.socketpath import STATE_VERSION, default_socket_path, netns_inode
 from kproxy.kube.ingest import StoreSink
 from kproxy.metrics import Metrics
-from kproxy.model.objects import Ref
+from kproxy.model.objects import UDP, Ref
 from kproxy.model.store import Changes, Snapshot, Store, without_proxy_for
 from kproxy.model.view import ServicePortView, build_views
 from kproxy.render.conntrack import StaleFlowPlan, plan_stale_flows
@@ -39,6 +39,16 @@ if TYPE_CHECKING:
     from kproxy.runtime.lb import LoadBalancerController, LocalPoolSink
 
 log = logging.getLogger("kproxy")
+
+
+def views_kept(views: tuple[ServicePortView, ...]) -> bool:
+    """Whether the daemon keeps a service's views between syncs: only what the work after a
+    sync reads again later (UDP ports for stale conntrack entries; local traffic policies for
+    the no-local-endpoint gauges and health-check ports). A plain TCP service with cluster
+    policies needs none, and at 10k services x 10 endpoints all views are ~15 MB."""
+    return any(
+        v.protocol == UDP or v.decision.internal_local or v.decision.external_local for v in views
+    )
 
 
 class Daemon:
@@ -238,7 +248,7 @@ class Daemon:
             )
             previous = {} if reconcile else {ref: known.get(ref, ()) for ref in refs}
             for ref, views in current.items():
-                if views:
+                if views_kept(views):
                     known[ref] = views
                 else:
                     known.pop(ref, None)
