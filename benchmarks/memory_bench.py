@@ -449,14 +449,11 @@ def breakdown(args: argparse.Namespace) -> None:
     stages = Stages(args.top)
     store = Store()
     sink = StoreSink(store, node_name=NODE)
-    raw: dict[str, list[Any]] = {}
-    with stages.stage("raw list items (json.loads)"):
-        for kind, chunks in pages.items():
-            raw[kind] = [item for chunk in chunks for item in json.loads(chunk)["items"]]
-    with stages.stage("convert into the store, raw dropped"):
+    with stages.stage("list + convert into the store"):
+        # as the API source does it: each page decoded while the sink converts its items
         sink.replace("Node", [node_obj()])
-        for kind in ("Service", "EndpointSlice"):
-            sink.replace(kind, raw.pop(kind))
+        for kind, chunks in pages.items():
+            sink.replace(kind, (item for chunk in chunks for item in json.loads(chunk)["items"]))
     with stages.stage("snapshot (store.take)"):
         snap, changes = store.take()
     options = ProxyOptions(node_name=NODE, cluster_cidrs=("10.0.0.0/8",))

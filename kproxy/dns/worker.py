@@ -26,6 +26,7 @@ import sys
 import threading
 from typing import Any
 
+from kproxy import memtrim
 from kproxy.dns.frames import read_frame
 
 
@@ -36,6 +37,7 @@ def _fds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     from kproxy.dns.engine import Engine
 
+    memtrim.limit_arenas()
     parser = argparse.ArgumentParser(prog="kproxy-dns-worker")
     parser.add_argument("--udp", default="")
     parser.add_argument("--tcp", default="")
@@ -74,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             gc.freeze()
             gc.enable()
+        memtrim.trim()  # the previous index's pages go back to the kernel
         emit(
             {"event": "applied", "seq": seq, "generation": index.generation, "synced": index.synced}
         )

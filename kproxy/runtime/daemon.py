@@ -16,6 +16,7 @@ import time
 from types import FrameType
 from typing import TYPE_CHECKING
 
+from kproxy import memtrim
 from kproxy.backends.base import DriftCheck, SyncError, SyncResult
 from kproxy.backends.conntrack import ConntrackCleaner
 from kproxy.config import Settings, node_name
@@ -223,6 +224,8 @@ class Daemon:
             full, reason = True, "proxier"  # the proxier found it had to rewrite everything
         self._record(snapshot, changes, results, elapsed=elapsed, full=full, reason=reason)
         self._after_sync(snapshot, changes, full=full)
+        if full:
+            memtrim.trim()  # the full render's text is gone: give its pages back
         return True, full
 
     def rejected_services(self) -> list[dict[str, object]]:
@@ -476,6 +479,7 @@ class Daemon:
         self.store.subscribe(self.lb.store_changed)
 
     def run(self) -> int:
+        memtrim.limit_arenas()
         self._install_signals()
         log.info(
             "kproxy starting",
