@@ -28,9 +28,10 @@ ALLOWED: dict[str, set[str]] = {
     "config": {"model", "lb"},
     "logs": set(),
     "metrics": set(),
+    "memtrim": set(),
     "backends": {"render", "lb", "model"},
     "kube": {"render", "lb", "model"},
-    "dns": {"model", "__init__"},
+    "dns": {"model", "__init__", "memtrim"},
     "lab": {"config", "logs", "metrics", "model"},
     "inspect": {
         "backends",
@@ -46,6 +47,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "runtime": {
         "__init__",
+        "memtrim",
         "inspect",
         "lb",
         "backends",
