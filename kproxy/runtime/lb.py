@@ -23,7 +23,7 @@ import ipaddress
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -135,9 +135,9 @@ class LocalPoolSink:
         self.decisions: dict[Ref, Decision] = {}
         self.listeners: list[Callable[[list[RawObject]], None]] = []
 
-    def replace(self, kind: str, objects: list[RawObject]) -> None:
-        if kind == "Service":
-            objects = self._assign(objects)
+    def replace(self, kind: str, objects: Iterable[RawObject]) -> None:
+        if kind == "Service":  # manifest sources only: small lists, read here more than once
+            objects = self._assign(list(objects))
             for listener in self.listeners:
                 listener(objects)
         self._inner.replace(kind, objects)
