@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import re
 import signal
+import sys
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -228,3 +229,22 @@ def test_demo_loadbalancer_answers_the_outside_client(lab_factory: Any) -> None:
     assert len(macs) == 1, section
     counts = dict(re.findall(r"(nginx-\d): #+ (\d+)", section.split("requests from the client")[1]))
     assert sum(map(int, counts.values())) == 6 and set(counts) <= {"nginx-1", "nginx-2", "nginx-3"}
+
+
+def test_strict_arp_stops_the_kernel_answering_for_addresses_on_other_interfaces(
+    lab_factory: Any,
+) -> None:
+    """IPVS mode puts every Service address on kube-ipvs0 (here: lo, as the lab kernel has no
+    dummy links). With Linux's default arp_ignore=0 the node then answers ARP for it on eth0 -
+    every node would. kproxy's strict ARP (set with --lb-pool in IPVS mode) stops that."""
+    lab = lab_factory(nodes=1, pods_per_node=0)
+    node = lab.nodes[0]
+    vip = "192.168.50.230"
+    lab.run(node.ns, ["ip", "addr", "add", f"{vip}/32", "dev", "lo"])
+    assert set(arping(lab, vip, count=2)) == {mac_of(lab, node.ns)}
+    lab.run(
+        node.ns,
+        [sys.executable, "-c", "from kproxy.runtime.lb import strict_arp; strict_arp()"],
+    )
+    assert lab.run(node.ns, ["sysctl", "-n", "net.ipv4.conf.all.arp_ignore"]).stdout.strip() == "1"
+    assert arping(lab, vip, count=2) == []
