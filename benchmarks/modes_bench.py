@@ -16,10 +16,14 @@ Rows: `direct` (the pod's own IP: no proxy at all), then each mode kproxy offers
 `kproxy cleanup` removes its rules before the next mode.
 
 Columns: wrk's requests/s and p50/p99 latency at `--connections` concurrent connections for
-`--seconds` s with `Connection: close`; iperf3's received throughput (Gbit/s) and its share of
-direct; the kproxy process's CPU time per request during the wrk run (user+system from
-/proc/PID/stat: the userspace proxy's own cost; near zero for the kernel modes, whose work is
-done in softirq context and shows up nowhere in kproxy).
+`--seconds` s with `Connection: close` (a new connection per request), with the share of direct;
+iperf3's received throughput (Gbit/s) and its share of direct; CPU time per request during the
+wrk run of the kproxy process ("cpu us/r", with its user-space share: the userspace proxy's own
+cost, near zero for the kernel modes, whose work happens in softirq context charged to the
+sending processes), of the HTTP server ("srv") and of wrk; and "est. 2cpu": the requests/s
+that this CPU per request of client, server and proxy would allow on two otherwise idle cores,
+the proxy's single thread on at most one of them. On a shared machine the measured requests/s
+say more about the neighbours than about kproxy; the CPU per request and the estimate do not.
 
     sudo python3 benchmarks/modes_bench.py [--seconds 5] [--connections 16] [--json out.json]
 """
@@ -30,6 +34,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import subprocess
 import sys
@@ -157,7 +162,12 @@ def measure(
 ) -> dict[str, Any]:
     before = cpu_times(pid) if pid else (0.0, 0.0)
     server_before = cpu_times(server_pid)
+    children = resource.getrusage(resource.RUSAGE_CHILDREN)
     wrk = run_wrk(lab, client, web_ip, seconds=seconds, conns=conns)
+    children_after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    client_used = (children_after.ru_utime + children_after.ru_stime) - (
+        children.ru_utime + children.ru_stime
+    )
     after = cpu_times(pid) if pid else (0.0, 0.0)
     server_after = cpu_times(server_pid)
     user, system = after[0] - before[0], after[1] - before[1]
@@ -171,6 +181,7 @@ def measure(
     row["proxy_us_per_req"] = (used / wrk["requests"] * 1e6) if pid and wrk["requests"] else None
     row["proxy_user_share"] = user / used if used else None
     row["server_us_per_req"] = server_used / wrk["requests"] * 1e6 if wrk["requests"] else None
+    row["client_us_per_req"] = client_used / wrk["requests"] * 1e6 if wrk["requests"] else None
     return row
 
 
@@ -208,18 +219,34 @@ def available_modes() -> list[str]:
     return out
 
 
+def capacity(row: dict[str, Any]) -> str:
+    """Requests/s this CPU cost per request would allow on 2 otherwise idle cores: all three
+    processes' CPU shared over both, and the single-threaded proxy at most one core. An
+    estimate for a quiet machine (softirq work outside these processes is not counted)."""
+    proxy = row["proxy_us_per_req"] or 0.0
+    total = proxy + (row["server_us_per_req"] or 0.0) + (row["client_us_per_req"] or 0.0)
+    if not total:
+        return "-"
+    bound = 2e6 / total
+    if proxy:
+        bound = min(bound, 1e6 / proxy)
+    return f"{bound:.0f}"
+
+
 def fmt(row: dict[str, Any], direct: dict[str, Any]) -> str:
     share = row["gbps"] / direct["gbps"] if direct["gbps"] else 0.0
     rshare = row["rps"] / direct["rps"] if direct["rps"] else 0.0
     cpu = row["proxy_us_per_req"]
     user = row["proxy_user_share"]
     srv = row["server_us_per_req"]
+    cli = row["client_us_per_req"]
     return (
         f"{row['name']:<10} {row['rps']:>9.0f} {rshare:>6.0%} {row['p50_ms']:>8.2f} "
         f"{row['p99_ms']:>8.2f} {row['gbps']:>8.2f} {share:>6.0%} "
         f"{'-' if cpu is None else f'{cpu:.0f}':>9} "
         f"{'-' if user is None else f'{user:.0%}':>6} "
-        f"{'-' if srv is None else f'{srv:.0f}':>9} {row['errors']:>6.0f}"
+        f"{'-' if srv is None else f'{srv:.0f}':>9} "
+        f"{'-' if cli is None else f'{cli:.0f}':>9} {capacity(row):>9} {row['errors']:>6.0f}"
     )
 
 
@@ -297,7 +324,8 @@ def main() -> int:
     print()
     print(
         f"{'mode':<10} {'req/s':>9} {'ofdir':>6} {'p50 ms':>8} {'p99 ms':>8} {'Gbit/s':>8} "
-        f"{'ofdir':>6} {'cpu us/r':>9} {'user':>6} {'srv us/r':>9} {'errors':>6}"
+        f"{'ofdir':>6} {'cpu us/r':>9} {'user':>6} {'srv us/r':>9} {'wrk us/r':>9} "
+        f"{'est. 2cpu':>9} {'errors':>6}"
     )
     for row in rows:
         print(fmt(row, direct))
