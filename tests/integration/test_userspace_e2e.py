@@ -8,6 +8,7 @@ import json
 import re
 import time
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 import pytest
@@ -16,7 +17,7 @@ from kproxy.lab.netlab import Lab
 from kproxy.lab.nsexec import module_argv
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_batch, http_get, start_hold, udp_query
-from tests.support.agent import Agent, eventually
+from tests.support.agent import Agent, eventually, serve_cluster_api
 from tests.support.fakeapi import FakeApiServer
 from tests.support.objects import make_service_obj, make_slice_obj
 
@@ -311,3 +312,46 @@ def test_explain_names_the_proxy_port_and_the_next_endpoint(lab: Lab, web: Any) 
     assert doc["listener"]["scope"] == "external"
     rc, doc = _kproxy_json(lab, "explain", "10.96.0.200:80/tcp", "--from", src)
     assert doc["rule"] is None
+
+
+def test_ipv6_clusterip_nodeport_and_udp(lab_factory: Callable[..., Lab]) -> None:
+    lab = lab_factory(nodes=1, pods_per_node=2, ipv6=True)
+    serve_pods(lab, tcp=[80], udp=[5353])
+    vip4, vip6 = "10.96.20.67", "fd00:96::67"
+    svc = make_service_obj(
+        "default",
+        "dual",
+        type="NodePort",
+        clusterIP=vip4,
+        clusterIPs=[vip4, vip6],
+        ipFamilies=["IPv4", "IPv6"],
+        ipFamilyPolicy="RequireDualStack",
+        ports=[
+            {"name": "http", "port": 80, "targetPort": 80, "nodePort": 30167},
+            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30168},
+        ],
+    )
+    pods = lab.pods
+    v6 = [{"ip": p.ip6, "node": p.node.name, "pod": p.name} for p in pods]
+    v4 = [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in pods]
+    with serve_cluster_api(lab) as (api, kubeconfig):
+        api.upsert(svc)
+        api.upsert(make_slice_obj("default", "dual-v4", "dual", v4, PORTS))
+        api.upsert(make_slice_obj("default", "dual-v6", "dual", v6, PORTS))
+        agent = Agent(
+            lab,
+            lab.nodes[0],
+            kubeconfig,
+            extra=["--proxy-mode", "userspace", "--cluster-cidr", "10.244.0.0/16,fd00:10:244::/48"],
+        )
+        agent.start()
+        batch = http_batch(pods[0].ns, vip6, 80, n=10)
+        assert batch.names == Counter({p.name: 5 for p in pods}), batch.errors
+        assert http_batch(pods[0].ns, vip4, 80, n=4).names == Counter({p.name: 2 for p in pods})
+        node6 = lab.nodes[0].ip6
+        assert node6 is not None
+        assert http_batch(lab.client.ns, node6, 30167, n=4).ok_count == 4
+        # the reply must come from the VIP (the probe's socket is connected to it)
+        replies = udp_query(pods[0].ns, vip6, 53, n=2)
+        assert replies.all_ok, replies.errors
+        assert "REDIRECT" in agent.save(binary="ip6tables-save")
