@@ -233,3 +233,18 @@ def test_a_failing_upstream_gives_servfail_in_bounded_time(
         assert took < BOUND, f"SERVFAIL after {took:.2f} s"
     out = dig(svc, name)
     assert "status: SERVFAIL" in out and "QUERY: 1," in out, out
+
+
+@pytest.mark.parametrize("behaviour", ["answer", "silent"])
+def test_the_in_process_engine_answers_alike(start_dns: Start, behaviour: str) -> None:
+    # workers=0: the engine on threads of the daemon process, the other serving path
+    svc = start_dns(behaviour, workers=0)
+    for transport, edns in WAYS:
+        msg = ask(svc, "ext.default.svc.cluster.local", transport=transport, edns=edns)
+        if behaviour == "answer":
+            assert sequence(msg) == [
+                ("ext.default.svc.cluster.local.", "CNAME"),
+                ("outside.example.org.", "A"),
+            ]
+        else:
+            assert msg.rcode() == dns.rcode.SERVFAIL and (msg.edns >= 0) == edns
