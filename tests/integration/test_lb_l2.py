@@ -17,6 +17,7 @@ from typing import Any
 import pytest
 
 from kproxy.lab.netlab import Lab
+from kproxy.lab.nsexec import module_argv
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_get
 from kproxy.lb.select import announcer
@@ -107,6 +108,11 @@ def test_address_assigned_one_mac_answers_and_failover(
         assert {"address": ip, "service": "default/web", "node": owner} in doc["addresses"]
         announced = "kproxy_lb_announced_addresses 1.0" in agent.metrics()
         assert announced is (agent.node.name == owner)
+    # `kproxy status` on the owner: the address, its service, and "this node"
+    owner_ns = lab.nodes[names.index(owner)].ns
+    status = lab.run(owner_ns, module_argv("kproxy", "status"), check=False).stdout
+    assert re.search(rf"{re.escape(ip)}\s+default/web\s+{owner} \(this node\)", status), status
+    assert "address pools: 192.168.50.200-192.168.50.201 1/2 used" in status
     res = eventually(lambda: http_get(lab.client.ns, ip, 80, timeout=1.0).ok, timeout=10)
     res = http_get(lab.client.ns, ip, 80, timeout=1.0)
     assert res.ok and res.name in {p.name for p in lab.pods}
