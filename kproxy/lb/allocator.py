@@ -117,14 +117,14 @@ def _family(ip: str) -> int:
     return 6 if ":" in ip else 4
 
 
-def _wanted_families(svc: LBService, pools: Pools) -> tuple[tuple[int, ...], bool]:
-    """(families to assign, whether every one of them is required)."""
+def _wanted_families(svc: LBService, pools: Pools) -> tuple[int, ...]:
+    """The families to assign an address of (each one required)."""
     fams = svc.families or (4,)
     if svc.family_policy == "SingleStack" or len(fams) == 1:
-        return fams[:1], True
+        return fams[:1]
     if svc.family_policy == "RequireDualStack":
-        return fams, True
-    return tuple(f for f in fams if f in pools.families()) or fams[:1], True
+        return fams
+    return tuple(f for f in fams if f in pools.families()) or fams[:1]  # PreferDualStack
 
 
 def _order(services: Iterable[LBService]) -> list[LBService]:
@@ -176,7 +176,7 @@ def allocate(pools: Pools, services: Iterable[LBService]) -> dict[Ref, Decision]
         if isinstance(req, str):
             decisions[svc.ref] = Decision(pending=req)
             continue
-        fams, _ = _wanted_families(svc, pools)
+        fams = _wanted_families(svc, pools)
         have = chosen[svc.ref]
         problem = ""
         if req:

@@ -245,6 +245,7 @@ class LoadBalancerController:
         # heartbeat and leadership
         self._heartbeat: E.LeaseRecord | None = None
         self._heartbeat_ok_at = -1e9
+        self._beat_retry_at = 0.0
         self._leader_record: E.LeaseRecord | None = None
         self._leader_renewed_at = -1e9
         self._next_election = 0.0
@@ -331,8 +332,9 @@ class LoadBalancerController:
                 self._stop.wait(1.0)
 
     def _beat(self, now: float) -> None:
-        if now - self._heartbeat_ok_at < self.renew:
+        if now - self._heartbeat_ok_at < self.renew or now < self._beat_retry_at:
             return
+        self._beat_retry_at = now + self.renew  # after a failure: no faster than renewals
         name = E.agent_lease_name(self.node)
         current = self._heartbeat
         try:
