@@ -13,9 +13,11 @@ Which endpoints serve which traffic, and what happens without any, is the model'
 (`ServicePortView.decision`, kproxy.model.decisions); this module only turns it into listeners
 and rules: FORWARD -> a listening proxy port; REJECT -> the port is closed, so the kernel resets
 the REDIRECTed connection ("connection refused"); DROP -> a filter rule drops new connections to
-the proxy port. Not translated: the short-circuit of pod/node traffic to external addresses
-under externalTrafficPolicy Local (a userspace proxy never preserves the client address, which
-is what that policy is for, so such traffic simply gets the Local policy's endpoints).
+the proxy port; the short-circuit of externalTrafficPolicy Local -> clients of an external
+listener from a cluster CIDR or this node get the short-circuit endpoints (kube-proxy sends
+them to the cluster-wide endpoints), everyone else the local ones (a node without local
+endpoints then resets outside clients instead of dropping them: the port must stay open for
+the pods).
 
 Syncing:
 - An endpoint change updates the listener's balancer in place: no iptables write at all, and
@@ -34,10 +36,11 @@ Syncing:
 from __future__ import annotations
 
 import errno
+import ipaddress
 import logging
 import socket
 import subprocess
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -86,6 +89,12 @@ class Wanted:
     endpoints: tuple[str, ...]
     affinity_timeout: float
     verdict: Verdict = Verdict.FORWARD
+    # externalTrafficPolicy Local: pod and node clients of external addresses use these
+    short_circuit: tuple[str, ...] = ()
+
+    @property
+    def open(self) -> bool:
+        return bool(self.endpoints or self.short_circuit)
 
 
 @dataclass(slots=True)
@@ -94,6 +103,7 @@ class ListenerState:
 
     wanted: Wanted
     balancer: Balancer
+    short: Balancer | None = None  # the short-circuit balancer, when the policy has one
     port: int = 0
     listener: _Listener | None = None
     reserve: socket.socket | None = None  # a bound, not listening TCP socket holding the port
@@ -136,6 +146,7 @@ def wanted_listeners(view: ServicePortView, options: ProxyOptions) -> list[Wante
                     endpoints=tuple(e.hostport for e in d.external),
                     affinity_timeout=affinity,
                     verdict=d.external_verdict,
+                    short_circuit=tuple(e.hostport for e in d.short_circuit),
                 )
             )
     return out
@@ -168,6 +179,10 @@ class UserspaceProxier:
         self.flavour = flavour or detect_flavour(self.family, run)
         self.restore = binary(self.family, self.flavour, "restore")
         self.bind_ip = "::" if self.family == IPV6 else "0.0.0.0"
+        self._node_ips = frozenset(options.node_ips)
+        self._cluster_nets = tuple(
+            ipaddress.ip_network(c, strict=False) for c in options.cluster_cidrs
+        )
         self._listeners: dict[Key, ListenerState] = {}
         self._by_service: dict[Ref, set[Key]] = {}
         self._applied = ""
@@ -243,7 +258,8 @@ class UserspaceProxier:
             )
             state.port = self._adopted_port(w)
             self._listeners[key] = state
-            self._set_open(state, bool(w.endpoints))
+            self._update_short(state)
+            self._set_open(state, w.open)
             return 1
         changed = state.wanted != w
         before = state.balancer.endpoints
@@ -253,8 +269,34 @@ class UserspaceProxier:
             gone = set(before) - set(w.endpoints)
             if gone:
                 self.engine.call_soon(_closer(state.listener, gone))
-        self._set_open(state, bool(w.endpoints))
+        self._update_short(state)
+        self._set_open(state, w.open)
         return 1 if changed else 0
+
+    def _update_short(self, state: ListenerState) -> None:
+        """Keep the short-circuit balancer (and the listener's use of it) in line with the
+        wanted endpoints for pod and node clients."""
+        w = state.wanted
+        if not w.short_circuit:
+            state.short = None
+        elif state.short is None:
+            state.short = Balancer(w.short_circuit, affinity_timeout=w.affinity_timeout)
+        else:
+            state.short.update(w.short_circuit, affinity_timeout=w.affinity_timeout)
+        if state.listener is not None:
+            state.listener.short_circuit = self._short_circuit(state)
+
+    def _short_circuit(self, state: ListenerState) -> tuple[Balancer, Callable[[str], bool]] | None:
+        if state.short is None:
+            return None
+        return state.short, self._in_cluster
+
+    def _in_cluster(self, ip: str) -> bool:
+        """A pod (in a cluster CIDR) or this node: the clients kube-proxy short-circuits."""
+        if ip in self._node_ips:
+            return True
+        addr = ipaddress.ip_address(ip)
+        return any(addr in net for net in self._cluster_nets)
 
     def _drop(self, key: Key) -> None:
         state = self._listeners.pop(key)
@@ -294,6 +336,7 @@ class UserspaceProxier:
                 listener = TCPListener(self.engine, sock, state.balancer)
             else:
                 listener = UDPListener(self.engine, sock, state.balancer, timeout=self.udp_timeout)
+            listener.short_circuit = self._short_circuit(state)
             state.listener = listener
             self.engine.start()
             self.engine.call_soon(listener.register)
@@ -347,7 +390,7 @@ class UserspaceProxier:
         return [
             R.Drop(s.wanted.name, s.wanted.protocol, s.port)
             for s in self._listeners.values()
-            if s.port and s.wanted.verdict == Verdict.DROP
+            if s.port and s.wanted.verdict == Verdict.DROP and not s.wanted.short_circuit
         ]
 
     def _adoptable(self) -> dict[tuple[str, str, str, str, int], int]:
@@ -410,6 +453,7 @@ class UserspaceProxier:
                     "endpoints": list(state.balancer.endpoints),
                     "next": state.balancer.peek(),
                     "verdict": w.verdict.value,
+                    "short_circuit": list(w.short_circuit),
                     "affinity_timeout": state.balancer.affinity_timeout,
                     "affinity": {
                         c: {"endpoint": e, "expires_in": t}

@@ -238,6 +238,9 @@ class _Listener:
         self.sock = sock
         self.fd = sock.fileno()
         self.balancer = balancer
+        # (balancer, predicate): clients the predicate selects use that balancer instead
+        # (the short-circuit of pod and node traffic under externalTrafficPolicy Local)
+        self.short_circuit: tuple[Balancer, Callable[[str], bool]] | None = None
         self.stats = Stats()
         self.family = sock.family
         self.port = int(sock.getsockname()[1])
@@ -245,6 +248,12 @@ class _Listener:
 
     def register(self) -> None:
         self.engine.add(self.fd, IN, self)
+
+    def balancer_for(self, client_ip: str) -> Balancer:
+        short = self.short_circuit
+        if short is not None and short[1](client_ip):
+            return short[0]
+        return self.balancer
 
     def close(self) -> None:
         if self.closed:
@@ -294,7 +303,7 @@ class _Connect:
     def attempt(self) -> None:
         lis = self.listener
         while self.tries < len(CONNECT_TIMEOUTS):
-            endpoint = lis.balancer.pick(self.client_ip, retry=self.tries > 0)
+            endpoint = lis.balancer_for(self.client_ip).pick(self.client_ip, retry=self.tries > 0)
             if endpoint is None:
                 lis.stats.no_endpoint += 1
                 break
@@ -676,7 +685,8 @@ class UDPListener(_Listener):
                 session.close()
 
     def _open(self, key: tuple[Any, bytes]) -> _Session | None:
-        endpoint = self.balancer.pick(str(key[0][0]))
+        client_ip = str(key[0][0])
+        endpoint = self.balancer_for(client_ip).pick(client_ip)
         if endpoint is None:
             self.stats.no_endpoint += 1
             return None

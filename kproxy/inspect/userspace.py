@@ -119,7 +119,7 @@ def compare(
             row.affinity = dict(a.get("affinity") or {})
             if sorted(row.endpoints) != sorted(w.endpoints):
                 row.problems.append(f"endpoints {row.endpoints} != wanted {list(w.endpoints)}")
-            if row.listening != bool(w.endpoints):
+            if row.listening != w.open:
                 row.problems.append(
                     "listening without endpoints" if row.listening else "not listening"
                 )

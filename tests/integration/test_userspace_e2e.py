@@ -355,3 +355,24 @@ def test_ipv6_clusterip_nodeport_and_udp(lab_factory: Callable[..., Lab]) -> Non
         replies = udp_query(pods[0].ns, vip6, 53, n=2)
         assert replies.all_ok, replies.errors
         assert "REDIRECT" in agent.save(binary="ip6tables-save")
+
+
+def test_local_policy_outside_clients_local_endpoints_pods_short_circuit(
+    lab: Lab, cluster_api: tuple[FakeApiServer, str]
+) -> None:
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(web_service(externalTrafficPolicy="Local"))
+    here, there = lab.pods[:2], lab.pods[2]
+    endpoints = [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in here]
+    endpoints.append({"ip": there.ip, "node": "another-node", "pod": there.name})
+    api.upsert(make_slice_obj("default", "web-abc12", "web", endpoints, PORTS))
+    agent = userspace_agent(lab, kubeconfig)
+    node = lab.nodes[0].ip
+    outside = http_batch(lab.client.ns, node, 30080, n=20)
+    assert outside.names == Counter({p.name: 10 for p in here})  # only this node's endpoints
+    # pods reaching the NodePort are short-circuited to every endpoint, as kube-proxy does
+    inside = http_batch(lab.pods[0].ns, node, 30080, n=30)
+    assert inside.names == Counter({p.name: 10 for p in lab.pods})
+    ext = listener(agent, "default/web:http", "external")
+    assert sorted(ext["short_circuit"]) == sorted(f"{p.ip}:80" for p in lab.pods)

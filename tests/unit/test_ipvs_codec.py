@@ -15,7 +15,6 @@ from typing import Any
 import pytest
 from pyroute2.netlink.generic import ipvs as pr
 
-from kproxy.backends.netlink import NLM_F_ACK, NLM_F_REQUEST, NLMSG_ERROR, error_code, parse_messages
 from kproxy.backends.ipvs_netlink import (
     CMD_DEL_DEST,
     CMD_DEL_SERVICE,
@@ -47,6 +46,13 @@ from kproxy.backends.ipvs_netlink import (
     follow_up,
     op_request,
     plan_batches,
+)
+from kproxy.backends.netlink import (
+    NLM_F_ACK,
+    NLM_F_REQUEST,
+    NLMSG_ERROR,
+    error_code,
+    parse_messages,
 )
 
 FAMILY_ID = 0x1F

@@ -7,8 +7,9 @@ from collections import Counter
 
 import pytest
 
-from kproxy.backends.userspace import EXTERNAL, INTERNAL, wanted_listeners
+from kproxy.backends.userspace import EXTERNAL, INTERNAL, UserspaceProxier, wanted_listeners
 from kproxy.backends.userspace_balance import Balancer
+from kproxy.backends.userspace_proxy import ProxyEngine
 from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import ServicePortView, service_views
@@ -245,3 +246,20 @@ def test_local_policy_without_local_endpoints_drops_external_traffic() -> None:
         '-A KUBE-NODEPORT-NON-LOCAL -p tcp -m comment --comment "default/web:http has no local '
         'endpoints" -m tcp --dport 40002 -j DROP\n'
     ) in text
+
+
+def test_local_policy_short_circuits_pods_and_the_node_to_cluster_endpoints() -> None:
+    svc = _views(external_policy_local=True)[0].service
+    (elsewhere,) = service_views(svc, [_slice()], family=4, node_name="a-third-node")
+    wanted = {w.scope: w for w in wanted_listeners(elsewhere, ProxyOptions())}
+    ext = wanted[EXTERNAL]
+    assert ext.endpoints == ()  # no local endpoint for outside clients
+    assert ext.short_circuit == ("10.244.1.11:8080", "10.244.2.11:8080")
+    assert ext.open  # the pods still need the port
+    proxier = UserspaceProxier(
+        options=ProxyOptions(cluster_cidrs=("10.244.0.0/16",), node_ips=("192.168.50.11",)),
+        engine=ProxyEngine(),
+        flavour="nft",
+    )
+    assert proxier._in_cluster("10.244.7.7") and proxier._in_cluster("192.168.50.11")
+    assert not proxier._in_cluster("192.168.50.2")

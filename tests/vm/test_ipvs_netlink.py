@@ -19,7 +19,6 @@ from collections.abc import Iterator
 
 import pytest
 
-from kproxy.backends.netlink import netns_socket
 from kproxy.backends.ipvs_netlink import (
     FLAG_SCHED1,
     FLAG_SCHED2,
@@ -37,6 +36,7 @@ from kproxy.backends.ipvs_netlink import (
     ServiceKey,
     VirtualServer,
 )
+from kproxy.backends.netlink import netns_socket
 from tests.vm.conftest import Run, del_netns, new_netns, sh
 from tests.vm.ipvsadm import (
     ListedDest,
