@@ -537,3 +537,26 @@ def test_kproxy_runs_under_real_systemd(container: Container) -> None:
         journal(container, "kproxy.service")
     )
     assert "10.96.100.50/32" in _nat_rules(container)
+
+
+def test_strict_arp_snippet_matches_what_the_agent_sets() -> None:
+    """IPVS + LoadBalancer pools: the sysctl.d snippet the lab installs sets exactly what
+    kproxy.runtime.lb.strict_arp writes (the agent cannot under ProtectKernelTunables)."""
+    import inspect
+
+    from kproxy.runtime.lb import strict_arp
+
+    text = (SYSTEMD / "sysctl.d" / "91-kproxy-strict-arp.conf").read_text()
+    settings = dict(
+        (k.strip(), v.strip())
+        for k, _, v in (
+            line.partition("=") for line in text.splitlines() if line and not line.startswith("#")
+        )
+    )
+    assert settings == {"net.ipv4.conf.all.arp_ignore": "1", "net.ipv4.conf.all.arp_announce": "2"}
+    source = inspect.getsource(strict_arp)
+    for key, value in settings.items():
+        assert f'("{key}", "{value}")' in source
+        assert Path("/proc/sys", *key.split(".")).exists()
+    node_sh = (SYSTEMD.parent / "vagrant" / "provision" / "node.sh").read_text()
+    assert "91-kproxy-strict-arp.conf" in node_sh and '"$KPROXY_MODE" = ipvs' in node_sh

@@ -24,6 +24,9 @@ install -m 0644 "$SRC/systemd/modules-load.d/kproxy-ipvs.conf" /etc/modules-load
 echo overlay > /etc/modules-load.d/containerd.conf
 systemctl restart systemd-modules-load.service
 install -m 0644 "$SRC/systemd/sysctl.d/90-kproxy.conf" /etc/sysctl.d/90-kproxy.conf
+if [ "$KPROXY_MODE" = ipvs ] && [ -n "${LB_POOL:-}" ]; then
+  install -m 0644 "$SRC/systemd/sysctl.d/91-kproxy-strict-arp.conf" /etc/sysctl.d/
+fi
 sysctl --system >/dev/null
 
 log "packages"
