@@ -263,3 +263,15 @@ def test_local_policy_short_circuits_pods_and_the_node_to_cluster_endpoints() ->
     )
     assert proxier._in_cluster("10.244.7.7") and proxier._in_cluster("192.168.50.11")
     assert not proxier._in_cluster("192.168.50.2")
+
+
+def test_render_shows_rules_and_what_each_proxy_port_does() -> None:
+    from kproxy.inspect.render import render_userspace
+
+    (view,) = _views()
+    text = render_userspace({view.service.ref: (view,)}, ProxyOptions(node_name="here"))
+    assert (
+        "#   :40000 default/web:http tcp (internal) -> 10.244.1.11:8080, 10.244.2.11:8080" in text
+    )
+    assert "-d 10.96.0.80/32 -p tcp" in text and "--dport 80 -j REDIRECT --to-ports 40000" in text
+    assert "--dport 30080 -j REDIRECT --to-ports 40001" in text
