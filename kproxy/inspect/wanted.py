@@ -23,7 +23,7 @@ from typing import Any
 from kproxy.config import Settings, resolve, validate
 from kproxy.errors import SourceError
 from kproxy.inspect.socketpath import STATE_VERSION, default_socket_path, netns_inode
-from kproxy.model.codec import decode, decode_snapshot
+from kproxy.model.codec import decode, decode_snapshot, paused_gc
 from kproxy.model.store import Snapshot
 
 SOURCE_FLAGS = ("manifests", "kubeconfig", "master", "config")
@@ -79,7 +79,8 @@ def fetch(path: Path, route: str = "/v1/state", *, timeout: float = TIMEOUT) -> 
         conn.close()
     if res.status != 200:
         raise NoAgent(f"the kproxy agent at {path} answered HTTP {res.status}")
-    doc: dict[str, Any] = json.loads(body)
+    with paused_gc():
+        doc: dict[str, Any] = json.loads(body)
     if doc.get("version") != STATE_VERSION:
         raise NoAgent(
             f"the kproxy agent at {path} speaks state version {doc.get('version')}, this "
@@ -104,7 +105,8 @@ def from_agent(args: argparse.Namespace, *, path: Path | None = None) -> Wanted:
     names = {f.name for f in fields(Settings)}
     given = {k: v for k, v in vars(args).items() if k in names and v is not None}
     settings = validate(replace(settings, **given))
-    snapshot = decode_snapshot(doc.get("snapshot", {}))
+    with paused_gc():
+        snapshot = decode_snapshot(doc.get("snapshot", {}))
     rest = {k: v for k, v in doc.items() if k != "snapshot"}
     return Wanted(settings, snapshot, f"the running agent ({where})", rest)
 

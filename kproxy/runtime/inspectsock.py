@@ -40,7 +40,7 @@ from typing import TYPE_CHECKING, Any
 import kproxy
 from kproxy.config import Settings
 from kproxy.inspect.socketpath import STATE_VERSION, netns_inode
-from kproxy.model.codec import encode, encode_snapshot
+from kproxy.model.codec import encode, encode_snapshot, paused_gc
 from kproxy.model.store import Snapshot
 from kproxy.runtime.health import Route
 
@@ -116,7 +116,9 @@ class InspectServer:
                     status, body = 404, b'{"error": "not found"}\n'
                 else:
                     try:
-                        status, body = 200, json.dumps(route(), separators=(",", ":")).encode()
+                        with paused_gc():
+                            doc = json.dumps(route(), separators=(",", ":")).encode()
+                        status, body = 200, doc
                     except Exception:
                         log.exception("building %s for the inspection socket failed", self.path)
                         status, body = 500, b'{"error": "internal error"}\n'
