@@ -79,6 +79,7 @@ IPS = [
     ("1.2.3", None, False),
     ("1.2.3.4.5", None, False),
     ("0x1.2.3.4", None, False),
+    ("1.2.3.\u0664", None, False),  # an Arabic-Indic digit four: not an address for Go either
     ("fe80::1%eth0", None, False),
     ("", None, False),
 ]
