@@ -162,6 +162,9 @@ class Daemon:
             self.stop_event.wait(0.05)  # debounce bursts of events
 
     # -- syncing ---------------------------------------------------------------------------
+    def _all_checkable(self) -> bool:
+        return all(isinstance(p.proxier, DriftCheck) for p in self.planes)
+
     def _drift(self) -> str | None:
         """The periodic check: does any plane's kernel state differ from what it wrote?"""
         for plane in self.planes:
@@ -188,6 +191,10 @@ class Daemon:
         started = time.monotonic()
         if not full and changes.node_changed:
             full, reason = True, "node"
+        if not full and plan.check and not self._all_checkable():
+            # a proxier without a cheap drift check keeps the old rule: the periodic sync
+            # rewrites everything (IPVS and nftables until they implement DriftCheck)
+            full, reason = True, "periodic"
         if not full and plan.check:
             drift = self._drift()
             if drift:
