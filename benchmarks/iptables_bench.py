@@ -672,21 +672,21 @@ def main() -> None:
                 print(json.dumps(row), flush=True)
                 continue
             one = ms(single["raw_single"]) if single else ("-" if k["restores"] == 1 else "n/a")
+            change = ms(k.get("change_p50")) + "/" + ms(k.get("change_p95"))
+            raw_change = ms(k.get("raw_change_p50")) + "/" + ms(k.get("raw_change_p95"))
             print(
                 f"{flavour:7} {n:8d} {k['rules']['nat']:9d} {k['restores']:8d} {ms(full):>8} "
                 f"{ms(raw_full):>8} {full / raw_full:5.2f} {one:>11} "
-                f"{ms(k['resync']):>9} "
-                f"{ms(k['change_p50']) + '/' + ms(k['change_p95']):>17} "
-                f"{ms(k['raw_change_p50']) + '/' + ms(k['raw_change_p95']):>19}",
+                f"{ms(k.get('resync')):>9} {change:>17} {raw_change:>19}",
                 flush=True,
             )
             print(
                 f"        first run: iptables-save {ms(k['full_save'])}, kproxy process CPU "
                 f"{ms(k['full_cpu'])} (model, render, pipe writes; overlapped with the restore "
-                f"for legacy); resync CPU {ms(k['resync_cpu'])}, save {ms(k['resync_save'])}; "
-                f"runs: kproxy {', '.join(ms(x) for x in fulls)}, raw "
+                f"for legacy); resync CPU {ms(k.get('resync_cpu'))}, save "
+                f"{ms(k.get('resync_save'))}; runs: kproxy {', '.join(ms(x) for x in fulls)}, raw "
                 f"{', '.join(ms(x) for x in raws)}; raw 1-chain p50 with PREROUTING/OUTPUT "
-                f"unhooked {ms(k['raw_change_unhooked_p50'])}",
+                f"unhooked {ms(k.get('raw_change_unhooked_p50'))}",
                 flush=True,
             )
 
