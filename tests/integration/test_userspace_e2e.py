@@ -376,3 +376,24 @@ def test_local_policy_outside_clients_local_endpoints_pods_short_circuit(
     assert inside.names == Counter({p.name: 10 for p in lab.pods})
     ext = listener(agent, "default/web:http", "external")
     assert sorted(ext["short_circuit"]) == sorted(f"{p.ip}:80" for p in lab.pods)
+
+
+def test_outside_flush_of_the_portals_is_repaired_by_the_periodic_check(
+    lab: Lab, cluster_api: tuple[FakeApiServer, str]
+) -> None:
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(web_service())
+    api.upsert(web_slice(lab.pods))
+    agent = Agent(
+        lab,
+        lab.nodes[0],
+        kubeconfig,
+        extra=["--proxy-mode", "userspace", "--iptables-sync-period", "1s"],
+    )
+    agent.start()
+    assert http_batch(lab.pods[0].ns, VIP, 80, n=3).ok_count == 3
+    lab.run(lab.nodes[0].ns, ["iptables", "-w", "5", "-t", "nat", "-F", "KUBE-PORTALS-CONTAINER"])
+    eventually(lambda: "full sync (tampered)" in agent.log(), timeout=10.0)
+    assert "-A KUBE-PORTALS-CONTAINER -d 10.96.0.80/32" in agent.save()
+    assert http_batch(lab.pods[0].ns, VIP, 80, n=6).ok_count == 6
