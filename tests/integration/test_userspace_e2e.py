@@ -120,8 +120,24 @@ def test_udp_request_and_response(lab: Lab, web: Any) -> None:
     assert replies.all_ok and set(replies.names) <= pods
     from_client = udp_query(lab.client.ns, lab.nodes[0].ip, 30053, n=2)
     assert from_client.all_ok and set(from_client.names) <= pods
-    # one client socket is one session: one endpoint for all its datagrams
-    assert len(set(replies.names)) == 1
+
+
+def test_udp_session_keeps_its_endpoint_until_idle(
+    lab: Lab, cluster_api: tuple[FakeApiServer, str]
+) -> None:
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(web_service())
+    api.upsert(web_slice(lab.pods))
+    # a long idle timeout, so a slow (loaded) machine cannot end the session between datagrams
+    agent = Agent(
+        lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", "userspace", "--udp-timeout", "10s"]
+    )
+    agent.start()
+    replies = udp_query(lab.pods[0].ns, VIP, 53, n=6, interval=0.1)
+    assert replies.all_ok and len(set(replies.names)) == 1  # one socket, one session
+    stats = listener(agent, "default/web:dns")["stats"]
+    assert stats["accepted"] == 1 and stats["active"] == 1
 
 
 def test_udp_sessions_of_different_clients_rotate(lab: Lab, web: Any) -> None:
@@ -172,7 +188,7 @@ def test_a_refusing_endpoint_is_skipped(lab: Lab, cluster_api: tuple[FakeApiServ
 
 def test_endpoint_removal_keeps_established_connection(lab: Lab, web: Any) -> None:
     api, agent = web
-    hold = start_hold(lab.pods[0].ns, VIP, 80, duration=3.0, interval=0.1)
+    hold = start_hold(lab.pods[0].ns, VIP, 80, duration=6.0, interval=0.1)
     hold.wait_started()
     time.sleep(0.3)
     # find which pod the held connection talks to, then remove that pod from the service
@@ -184,12 +200,14 @@ def test_endpoint_removal_keeps_established_connection(lab: Lab, web: Any) -> No
     victim = next(p for p in lab.pods if f"{p.ip}:80" == served)
     api.upsert(web_slice([p for p in lab.pods if p is not victim]))
     eventually(lambda: served not in listener(agent, "default/web:http")["endpoints"])
+    removed_at = time.monotonic()
     after = http_batch(lab.pods[1].ns, VIP, 80, n=10)
     assert after.ok_count == 10 and victim.name not in after.names
     held = hold.result()
     assert held.ok, held.error
     assert set(held.names) == {victim.name}  # the same connection, the same pod, to the end
-    assert held.duration >= 2.5
+    # and it kept exchanging after the endpoint had left the proxy's list
+    assert sum(r.t > removed_at for r in held.exchanges) >= 5
 
 
 def test_service_without_endpoints_refuses_at_once(lab: Lab, web: Any) -> None:
