@@ -429,6 +429,14 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
         print(f"kproxy status: cannot read the wanted state: {err}", file=sys.stderr)
         return 2
     node = node_name(settings)
+    if settings.proxy_mode == "nftables":
+        from kproxy.inspect.nftstatus import nft_status
+
+        per_family = {}
+        for family in _families(snapshot):
+            opts = with_node_addresses(base_options(settings, family=family, node_name=node))
+            per_family[family] = (build_views(snapshot, family=family, node_name=node), opts)
+        return nft_status(per_family, output=output)
     ipvs = settings.proxy_mode == "ipvs" or live.ipvs_present()
     rows: list[Row] = []
     stale: set[str] = set()

@@ -73,3 +73,22 @@ def outcome(packet: Packet) -> set[tuple[str, str, bool, float]]:
 )
 def test_packet_flow(packet: Packet, expected: set[tuple[str, str, bool, float]]) -> None:
     assert outcome(packet) == expected
+
+
+def test_status_rows_match_the_golden_table() -> None:
+    """`kproxy status` (nftables): every wanted ClusterIP frontend is programmed as wanted; a
+    frontend whose endpoint map lost an element is flagged."""
+    from kproxy.inspect.nftstatus import rows_for
+    from kproxy.render.nftables import Renderer
+    from tests.unit.test_render_nftables import V4, overall
+
+    renderer = Renderer(V4)
+    blocks = {ref: renderer.render_service(v) for ref, v in overall().items()}
+    rows = rows_for(blocks, TABLE)
+    assert {r["frontend"] for r in rows} == {"172.30.0.41:80/tcp", "172.30.0.42:80/tcp"}
+    assert all(r["ok"] for r in rows), rows
+    name = next(n for n in TABLE.sets if n.startswith("endpoints-") and "svc1" in n)
+    damaged = parse_table((Path(__file__).parent / "golden" / "nftables-overall.json").read_text())
+    damaged.sets[name] = damaged.sets[name][:1]
+    bad = [r for r in rows_for(blocks, damaged) if not r["ok"]]
+    assert [r["frontend"] for r in bad] == ["172.30.0.41:80/tcp"]

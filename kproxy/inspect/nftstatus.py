@@ -1,0 +1,122 @@
+"""`kproxy status` in nftables mode: for every ClusterIP/externalIP/LB frontend kproxy wants,
+the endpoints the live `kube-proxy` table sends it to (its `service-ips` element, the chain it
+points at and that chain's endpoint map), checked against the wanted ones."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+from kproxy.inspect.nfttrace import Table, parse_table
+from kproxy.model.objects import Ref
+from kproxy.model.options import ProxyOptions
+from kproxy.model.view import ServicePortView
+from kproxy.render.nftables import (
+    ENDPOINTS_PREFIX,
+    LOCAL_ENDPOINTS_PREFIX,
+    LOCAL_PREFIX,
+    SERVICE_IPS,
+    SERVICE_PREFIX,
+    Renderer,
+    ServiceBlock,
+)
+
+Row = dict[str, Any]
+
+
+def _map_of(chain: str) -> str:
+    if chain.startswith(SERVICE_PREFIX):
+        return ENDPOINTS_PREFIX + chain[len(SERVICE_PREFIX) :]
+    if chain.startswith(LOCAL_PREFIX):
+        return LOCAL_ENDPOINTS_PREFIX + chain[len(LOCAL_PREFIX) :]
+    return ""
+
+
+def _endpoints(elements: Sequence[Any]) -> set[str]:
+    out = set()
+    for e in elements:
+        if isinstance(e, list) and isinstance(e[1], dict) and "concat" in e[1]:
+            ip, port = e[1]["concat"]
+            out.add(f"[{ip}]:{port}" if ":" in str(ip) else f"{ip}:{port}")
+        elif isinstance(e, list) and isinstance(e[1], str):  # nft -f text form (wanted)
+            ip, _, port = e[1].partition(" . ")
+            out.add(f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}")
+    return out
+
+
+def _frontends(table: Table) -> dict[tuple[str, ...], str]:
+    """(ip, proto, port) -> the chain its service-ips element jumps to."""
+    out: dict[tuple[str, ...], str] = {}
+    for e in table.sets.get(SERVICE_IPS, []):
+        key, verdict = e
+        val = key["elem"]["val"] if isinstance(key, dict) and "elem" in key else key
+        ip, proto, port = val["concat"]
+        target = next(iter(verdict.values()))["target"]
+        out[(str(ip), str(proto), str(port))] = target
+    return out
+
+
+def rows_for(blocks: Mapping[Ref, ServiceBlock], table: Table) -> list[Row]:
+    live = _frontends(table)
+    rows = []
+    for block in blocks.values():
+        wanted_maps: dict[str, set[str]] = {}
+        for e in block.elements:
+            if e.set.startswith((ENDPOINTS_PREFIX, LOCAL_ENDPOINTS_PREFIX)):
+                wanted_maps.setdefault(e.set, set()).update(_endpoints([[e.key, e.value]]))
+        for e in block.elements:
+            if e.set != SERVICE_IPS:
+                continue
+            chain = e.value.split(" ", 1)[1]
+            m = _map_of(chain)
+            if m not in wanted_maps:
+                continue  # external- and affinity chains: see `kproxy explain`
+            want = wanted_maps.get(m, set())
+            front = live.get(e.key)
+            have = _endpoints(table.sets.get(_map_of(front), [])) if front else set()
+            rows.append(
+                {
+                    "frontend": f"{e.key[0]}:{e.key[2]}/{e.key[1]}",
+                    "service": e.comment,
+                    "wanted": sorted(want),
+                    "programmed": sorted(have),
+                    "ok": front == chain and want == have,
+                }
+            )
+    return rows
+
+
+def nft_status(
+    views_by_family: Mapping[int, tuple[Mapping[Ref, Sequence[ServicePortView]], ProxyOptions]],
+    *,
+    output: str = "table",
+) -> int:
+    rows: list[Row] = []
+    for family, (views, options) in sorted(views_by_family.items()):
+        fw = "ip6" if family == 6 else "ip"
+        res = subprocess.run(
+            ["nft", "-j", "list", "table", fw, "kube-proxy"],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        table = parse_table(res.stdout) if res.returncode == 0 else Table()
+        renderer = Renderer(options)
+        blocks = {ref: renderer.render_service(v) for ref, v in views.items()}
+        rows += rows_for(blocks, table)
+    if output == "json":
+        json.dump({"mode": "nftables", "ports": rows}, sys.stdout, indent=2)
+        sys.stdout.write("\n")
+    else:
+        for r in rows:
+            flag = "ok" if r["ok"] else "MISMATCH"
+            sys.stdout.write(
+                f"{r['frontend']:<28} {r['service']:<40} {flag:<8} "
+                f"{' '.join(r['programmed']) or '(none)'}\n"
+            )
+            if not r["ok"]:
+                sys.stdout.write(f"{'':<28} {'wanted:':<40} {'':<8} {' '.join(r['wanted'])}\n")
+    return 0 if all(r["ok"] for r in rows) else 1
