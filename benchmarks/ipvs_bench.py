@@ -8,8 +8,9 @@ same kernel, same run. Needs a kernel with IPVS: run it inside the test VM,
 For each size N it programs N TCP virtual servers (rr) x `--dests` masquerade real servers from an
 empty table, each side in a fresh network namespace of its own:
 
-- **kproxy**: `IPVSAdapter.apply(ops)` of the add operations (encoding included; building the
-  frozen dataclasses is the model's work and is timed apart);
+- **kproxy**: `IPVSAdapter.apply(ops)` of one `AddVS` per virtual server, as the diff emits them
+  (encoding and the per-real-server requests included; building the desired table is the
+  renderer's work and is not timed);
 - **ipvsadm -R**: the same table as restore text on stdin (text generated beforehand), timed
   around the process, with the cost of starting an ipvsadm in the namespace (`ipvsadm -Ln` of an
   empty table) shown beside it.
@@ -37,50 +38,39 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
-from kproxy.backends.ipvs_netlink import (
-    AddDest,
-    AddService,
-    DeleteDest,
-    EditDest,
-    IPVSAdapter,
-    IPVSUnavailable,
-    Op,
-    RealServer,
-    VirtualServer,
-)
+from kproxy.backends.ipvs_netlink import IPVSAdapter, IPVSUnavailable
+from kproxy.render.ipvs import Dest, VirtualServer, VSKey
+from kproxy.render.ipvs_diff import AddDest, AddVS, DelDest, EditDest, Op
 
-Table = dict[VirtualServer, list[RealServer]]
+Table = list[VirtualServer]
 T = TypeVar("T")
 
 
 def make_table(services: int, dests: int) -> Table:
     vbase = int(ipaddress.IPv4Address("10.96.0.0"))
     rbase = int(ipaddress.IPv4Address("10.128.0.0"))
-    table: Table = {}
-    for i in range(services):
-        vs = VirtualServer(str(ipaddress.IPv4Address(vbase + i)), "TCP", 80, "rr")
-        table[vs] = [
-            RealServer(str(ipaddress.IPv4Address(rbase + i * 16 + j)), 8080) for j in range(dests)
-        ]
-    return table
+    return [
+        VirtualServer(
+            VSKey(str(ipaddress.IPv4Address(vbase + i)), "TCP", 80),
+            "rr",
+            dests=tuple(
+                Dest(str(ipaddress.IPv4Address(rbase + i * 16 + j)), 8080) for j in range(dests)
+            ),
+        )
+        for i in range(services)
+    ]
 
 
 def add_ops(table: Table) -> list[Op]:
-    ops: list[Op] = []
-    for vs, dests in table.items():
-        ops.append(AddService(vs))
-        ops.extend(AddDest(vs.key, rs) for rs in dests)
-    return ops
+    return [AddVS(vs) for vs in table]
 
 
 def restore_text(table: Table) -> str:
     lines: list[str] = []
-    for vs, dests in table.items():
-        lines.append(f"-A -t {vs.address}:{vs.port} -s {vs.scheduler}")
-        lines.extend(
-            f"-a -t {vs.address}:{vs.port} -r {rs.address}:{rs.port} -m -w {rs.weight}"
-            for rs in dests
-        )
+    for vs in table:
+        vip = f"{vs.key.address}:{vs.key.port}"
+        lines.append(f"-A -t {vip} -s {vs.scheduler}")
+        lines.extend(f"-a -t {vip} -r {d.address}:{d.port} -m -w {d.weight}" for d in vs.dests)
     return "\n".join(lines) + "\n"
 
 
@@ -120,16 +110,16 @@ def bench_kproxy(table: Table, dests: int, repeat: int) -> dict[str, Any]:
         if counts != (len(table), len(table) * dests):
             raise SystemExit(f"kernel holds {counts}, wanted {len(table)} x {dests}")
         # one real server change at this size
-        vs, rs = next(iter(table.items()))
+        vs = table[0]
         edit_times: list[float] = []
         churn_times: list[float] = []
-        extra = RealServer("10.255.0.1", 8080)
+        extra = Dest("10.255.0.1", 8080)
         for i in range(repeat):
-            edit: list[Op] = [EditDest(vs.key, RealServer(rs[0].address, 8080, weight=2 + i % 5))]
+            edit: list[Op] = [EditDest(vs.key, Dest(vs.dests[0].address, 8080, weight=2 + i % 5))]
             t, r = timed(functools.partial(adapter.apply, edit))
             edit_times.append(t)
             t1, r1 = timed(lambda: adapter.apply([AddDest(vs.key, extra)]))
-            t2, r2 = timed(lambda: adapter.apply([DeleteDest(vs.key, extra.key)]))
+            t2, r2 = timed(lambda: adapter.apply([DelDest(vs.key, extra.address, extra.port)]))
             if not (r.ok and r1.ok and r2.ok):
                 raise SystemExit("a single change failed")
             churn_times.extend((t1, t2))
@@ -176,10 +166,12 @@ def bench_pyroute2(table: Table) -> float:
     with Netns() as ns:
         t = time.perf_counter()
         with IPVS(netns=ns.name) as ipvs:
-            for vs, dests in table.items():
-                svc = IPVSService(addr=vs.address, port=vs.port, protocol=6, sched_name="rr")
+            for vs in table:
+                svc = IPVSService(
+                    addr=vs.key.address, port=vs.key.port, protocol=6, sched_name="rr"
+                )
                 ipvs.service("add", service=svc)
-                for rs in dests:
+                for rs in vs.dests:
                     ipvs.dest(
                         "add",
                         service=svc,

@@ -119,64 +119,6 @@ def set_timeouts(tcp: float, tcpfin: float, udp: float) -> bool:
     return True
 
 
-# -- translation between render's types and the netlink adapter's -------------------------------
-def _service_key(key: R.VSKey) -> N.ServiceKey:
-    return N.ServiceKey(key.address, key.protocol, key.port)
-
-
-def _netlink_vs(vs: R.VirtualServer) -> N.VirtualServer:
-    return N.VirtualServer(
-        address=vs.key.address,
-        protocol=vs.key.protocol,
-        port=vs.key.port,
-        scheduler=vs.scheduler,
-        flags=vs.flags & ~R.FLAG_HASHED,
-        timeout=vs.timeout,
-    )
-
-
-def _netlink_ops(ops: Iterable[D.Op]) -> list[N.Op]:
-    out: list[N.Op] = []
-    for op in ops:
-        if isinstance(op, D.AddDest):
-            out.append(
-                N.AddDest(
-                    _service_key(op.key),
-                    N.RealServer(op.dest.address, op.dest.port, op.dest.weight),
-                )
-            )
-        elif isinstance(op, D.EditDest):
-            out.append(
-                N.EditDest(
-                    _service_key(op.key),
-                    N.RealServer(op.dest.address, op.dest.port, op.dest.weight),
-                )
-            )
-        elif isinstance(op, D.DelDest):
-            out.append(N.DeleteDest(_service_key(op.key), N.DestKey(op.address, op.port)))
-        elif isinstance(op, D.AddVS):
-            out.append(N.AddService(_netlink_vs(op.vs)))
-            key = _service_key(op.vs.key)
-            out.extend(
-                N.AddDest(key, N.RealServer(d.address, d.port, d.weight)) for d in op.vs.dests
-            )
-        elif isinstance(op, D.EditVS):
-            out.append(N.EditService(_netlink_vs(op.vs)))
-        else:
-            out.append(N.DeleteService(_service_key(op.key)))
-    return out
-
-
-def _observed_dest(rs: N.RealServer) -> D.ObservedDest:
-    return D.ObservedDest(
-        rs.address, rs.port, rs.weight, rs.active_conns, rs.inactive_conns, rs.forward
-    )
-
-
-def _family_of(address: str) -> int:
-    return IPV6 if ":" in address else 4
-
-
 # -- the proxier ---------------------------------------------------------------------------------
 def node_options(
     options: ProxyOptions, amap: Mapping[str, set[str]]
@@ -314,28 +256,14 @@ class IPVSProxier:
         """The kernel's virtual servers of this family with their real servers: one netlink
         service dump plus /proc/net/ip_vs (kproxy.backends.ipvs_procfs), or one dest dump per
         service when /proc cannot be read."""
-        fam = self.family
-        services = [
-            (R.VSKey(vs.address, vs.protocol, vs.port), vs.scheduler, vs.flags, vs.timeout)
-            for vs in self.ipvs.services()
-            if _family_of(vs.address) == fam
-        ]
+        services = [vs for vs in self.ipvs.services() if vs.key.family == self.family]
         try:
             dests = procfs.read()
         except OSError as err:
             log.info(
                 "reading %s failed (%s): one netlink dump per virtual server", procfs.PATH, err
             )
-            return {
-                key: D.ObservedVS(
-                    key,
-                    sched,
-                    flags,
-                    timeout,
-                    tuple(_observed_dest(rs) for rs in self.ipvs.dests(_service_key(key)).values()),
-                )
-                for key, sched, flags, timeout in services
-            }
+            return {vs.key: replace(vs, dests=self.ipvs.dests(vs.key)) for vs in services}
         return procfs.merge(services, dests)
 
     # -- full sync -----------------------------------------------------------------------------
@@ -444,8 +372,7 @@ class IPVSProxier:
             known = self._observed.get(key)
             if known is None:
                 continue
-            dests = self.ipvs.dests(_service_key(key)).values()
-            observed[key] = replace(known, dests=tuple(_observed_dest(rs) for rs in dests))
+            observed[key] = replace(known, dests=self.ipvs.dests(key))
         plan = D.diff_ipvs(desired, observed, owned=lambda _k: True)
         t2 = time.perf_counter()
 
@@ -497,7 +424,7 @@ class IPVSProxier:
         if plan.empty:
             return
         started = time.perf_counter()
-        result = self.ipvs.apply(_netlink_ops(plan.ops))
+        result = self.ipvs.apply(plan.ops)
         self.timings["ipvs"] = time.perf_counter() - started
         if result.failures:
             raise SyncError(
@@ -573,10 +500,11 @@ def cleanup_ipvs(*, families: Iterable[int] = (4, 6), ipvs: N.IPVSAdapter | None
         adapter = None
     if adapter is not None:
         owned = D.owner_predicate(bound=bound, sets=sets)
-        ops: list[N.Op] = []
-        for key, _obs in adapter.dump().items():
-            if _family_of(key.address) in families and owned(R.VSKey(*key)):
-                ops.append(N.DeleteService(key))
+        ops = [
+            D.DelVS(vs.key)
+            for vs in adapter.services()
+            if vs.key.family in families and owned(vs.key)
+        ]
         if ops:
             adapter.apply(ops)
             log.info("deleted %d IPVS virtual servers", len(ops))

@@ -17,14 +17,20 @@ kproxy's own, for two reasons:
 - **Explicit defaults.** pyroute2's verb ``"update"`` sends a *delete*, it fills in scheduler
   ``wlc`` and forwarding "route" when a field is left out, and it drops ``None`` fields. Every
   request built here carries every field the kernel reads (scheduler, flags with a full mask,
-  timeout, netmask; forwarding method, weight and both thresholds), taken from the frozen
-  dataclasses below, which have no hidden defaults beyond the documented ones.
+  timeout, netmask; forwarding method, weight and both thresholds).
+
+**One vocabulary.** The adapter speaks kproxy.render's types as they are: it encodes the diff's
+operations (``kproxy.render.ipvs_diff``: ``AddVS`` .. ``DelDest``, desired ``VirtualServer`` and
+``Dest``) and decodes a dump into the diff's ``ObservedVS``/``ObservedDest``, so nothing between
+the renderer and the socket translates. What only the kernel knows (forwarding method,
+netmask, connection counts, counters) lives on the observed records; what
+kproxy sends is fixed: masquerade forwarding, no thresholds, a one-address netmask.
 
 Invariants:
 
-- Addresses are canonical text (``ipaddress`` form, as the model keeps them), so a desired object
-  compares equal to the one a dump returns. ``VirtualServer.flags`` never holds the kernel's
-  internal HASHED bit; its PERSISTENT bit is set exactly when ``timeout > 0``.
+- Addresses are canonical text (``ipaddress`` form, as the model keeps them), so a desired key
+  equals the one a dump returns. Observed flags never hold the kernel's internal HASHED bit,
+  and their PERSISTENT bit is set exactly when ``timeout > 0``.
 - Errors cross one boundary: ``IPVSError`` and its subclasses. EEXIST on an add becomes an edit to
   the requested settings (so "add" means "make it so"); ESRCH/ENOENT on a delete is success; EPERM
   and EACCES are fatal (``IPVSPermissionError``); anything else is reported per operation in
@@ -45,8 +51,7 @@ import struct
 import sys
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass, field
-from typing import NamedTuple
+from dataclasses import dataclass, replace
 
 from kproxy.backends.netlink import HDR as _HDR
 from kproxy.backends.netlink import (
@@ -69,6 +74,19 @@ from kproxy.backends.netlink import nla_be16 as _nla_be16
 from kproxy.backends.netlink import nla_u16 as _nla_u16
 from kproxy.backends.netlink import nla_u32 as _nla_u32
 from kproxy.errors import DataplaneError
+from kproxy.render.ipvs import FLAG_HASHED, FLAG_PERSISTENT, Dest, VirtualServer, VSKey
+from kproxy.render.ipvs_diff import (
+    AddDest,
+    AddVS,
+    DelDest,
+    DelVS,
+    EditDest,
+    EditVS,
+    ObservedDest,
+    ObservedVS,
+    Op,
+    Stats,
+)
 
 log = logging.getLogger("kproxy.ipvs")
 
@@ -129,13 +147,6 @@ STATS_ATTR_OUTPKTS = 3
 STATS_ATTR_INBYTES = 4
 STATS_ATTR_OUTBYTES = 5
 
-FLAG_PERSISTENT = 0x0001
-FLAG_HASHED = 0x0002  # kernel-internal: set on every hashed service, never sent
-FLAG_ONEPACKET = 0x0004
-FLAG_SCHED1 = 0x0008  # sh-fallback / mh-fallback
-FLAG_SCHED2 = 0x0010  # sh-port / mh-port
-FLAG_SCHED3 = 0x0020
-
 PROTOCOLS: dict[str, int] = {"TCP": socket.IPPROTO_TCP, "UDP": socket.IPPROTO_UDP, "SCTP": 132}
 PROTOCOL_NAMES: dict[int, str] = {v: k for k, v in PROTOCOLS.items()}
 FORWARD_METHODS: dict[str, int] = {"masq": 0, "local": 1, "tunnel": 2, "route": 3, "bypass": 4}
@@ -179,185 +190,13 @@ class IPVSOpError(IPVSError):
         self.failure = failure
 
 
-# -- the typed objects -------------------------------------------------------------------------
+# -- the objects: kproxy.render's, as they are --------------------------------------------------
 def address_family(address: str) -> int:
     """socket.AF_INET or AF_INET6 for an address's text."""
     return socket.AF_INET6 if ":" in address else socket.AF_INET
 
 
-class ServiceKey(NamedTuple):
-    """What identifies a virtual server: address, protocol name (TCP/UDP/SCTP), port."""
-
-    address: str
-    protocol: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{self.protocol} {host}:{self.port}"
-
-
-class DestKey(NamedTuple):
-    """What identifies a real server within its virtual server: address and port."""
-
-    address: str
-    port: int
-
-    def __str__(self) -> str:
-        host = f"[{self.address}]" if ":" in self.address else self.address
-        return f"{host}:{self.port}"
-
-
-@dataclass(frozen=True, slots=True)
-class Stats:
-    """Kernel counters of a virtual or real server (cumulative since it was created)."""
-
-    conns: int = 0
-    inpkts: int = 0
-    outpkts: int = 0
-    inbytes: int = 0
-    outbytes: int = 0
-
-
-@dataclass(frozen=True, slots=True)
-class VirtualServer:
-    """An IPVS virtual server (service).
-
-    `timeout` is the persistence timeout in seconds (0: not persistent); the PERSISTENT flag follows
-    it. `flags` may carry ONEPACKET and the scheduler flags (SCHED1..3). `netmask` is the
-    persistence granularity as a prefix length; None (or the full length, normalised to None)
-    means one address. `stats` is filled by dumps and never compared.
-    """
-
-    address: str
-    protocol: str
-    port: int
-    scheduler: str
-    flags: int = 0
-    timeout: int = 0
-    netmask: int | None = None
-    stats: Stats | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if self.protocol not in PROTOCOLS:
-            raise ValueError(f"protocol {self.protocol!r}: not one of {sorted(PROTOCOLS)}")
-        if not 0 <= self.port <= 0xFFFF:
-            raise ValueError(f"port {self.port} out of range")
-        if not self.scheduler or len(self.scheduler) > 15:
-            raise ValueError(f"scheduler {self.scheduler!r}: 1 to 15 characters")
-        if self.timeout < 0:
-            raise ValueError("timeout must be >= 0")
-        if self.flags & FLAG_HASHED:
-            raise ValueError("flags: HASHED is kernel-internal")
-        if self.flags & FLAG_PERSISTENT and not self.timeout:
-            raise ValueError("flags: PERSISTENT needs timeout > 0")
-        if self.timeout and not self.flags & FLAG_PERSISTENT:
-            object.__setattr__(self, "flags", self.flags | FLAG_PERSISTENT)
-        if self.netmask is not None:
-            if not 0 < self.netmask <= self.host_prefix:
-                raise ValueError(f"netmask /{self.netmask} out of range")
-            if self.netmask == self.host_prefix:
-                object.__setattr__(self, "netmask", None)
-
-    @property
-    def key(self) -> ServiceKey:
-        return ServiceKey(self.address, self.protocol, self.port)
-
-    @property
-    def family(self) -> int:
-        return address_family(self.address)
-
-    @property
-    def host_prefix(self) -> int:
-        return 128 if ":" in self.address else 32
-
-    @property
-    def persistent(self) -> bool:
-        return self.timeout > 0
-
-
-@dataclass(frozen=True, slots=True)
-class RealServer:
-    """An IPVS real server (destination) of a virtual server.
-
-    `forward` is one of masq, local, tunnel, route, bypass. The connection counts and `stats` are
-    filled by dumps and never compared: `active_conns + inactive_conns == 0` is when a weight-0
-    (draining) real server may go.
-    """
-
-    address: str
-    port: int
-    weight: int = 1
-    forward: str = "masq"
-    u_threshold: int = 0
-    l_threshold: int = 0
-    active_conns: int = field(default=0, compare=False)
-    inactive_conns: int = field(default=0, compare=False)
-    persist_conns: int = field(default=0, compare=False)
-    stats: Stats | None = field(default=None, compare=False)
-
-    def __post_init__(self) -> None:
-        if not 0 <= self.port <= 0xFFFF:
-            raise ValueError(f"port {self.port} out of range")
-        if not 0 <= self.weight <= 0x7FFFFFFF:
-            raise ValueError(f"weight {self.weight} out of range")
-        if self.forward not in FORWARD_METHODS:
-            raise ValueError(f"forward {self.forward!r}: not one of {sorted(FORWARD_METHODS)}")
-
-    @property
-    def key(self) -> DestKey:
-        return DestKey(self.address, self.port)
-
-    @property
-    def connections(self) -> int:
-        return self.active_conns + self.inactive_conns
-
-
-class ObservedService(NamedTuple):
-    """A dumped virtual server and its real servers."""
-
-    service: VirtualServer
-    dests: dict[DestKey, RealServer]
-
-
-IPVSTable = dict[ServiceKey, ObservedService]
-
-
-# -- operations --------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class AddService:
-    service: VirtualServer
-
-
-@dataclass(frozen=True, slots=True)
-class EditService:
-    service: VirtualServer
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteService:
-    key: ServiceKey
-
-
-@dataclass(frozen=True, slots=True)
-class AddDest:
-    service: ServiceKey
-    dest: RealServer
-
-
-@dataclass(frozen=True, slots=True)
-class EditDest:
-    service: ServiceKey
-    dest: RealServer
-
-
-@dataclass(frozen=True, slots=True)
-class DeleteDest:
-    service: ServiceKey
-    dest: DestKey
-
-
-Op = AddService | EditService | DeleteService | AddDest | EditDest | DeleteDest
+IPVSTable = dict[VSKey, ObservedVS]
 
 
 @dataclass(frozen=True, slots=True)
@@ -367,12 +206,13 @@ class OpFailure:
 
     def __str__(self) -> str:
         name = errnos.errorcode.get(self.errno, str(self.errno))
-        return f"{describe_op(self.op)}: {name} ({_strerror(self.errno)})"
+        return f"{describe_op(self.op)}: {name} ({os.strerror(self.errno)})"
 
 
 @dataclass(frozen=True, slots=True)
 class ApplyResult:
-    """What `IPVSAdapter.apply` did. `done` counts operations whose effect holds afterwards
+    """What `IPVSAdapter.apply` did, counted in netlink requests (an `AddVS` is one for the
+    service and one per real server). `done` counts requests whose effect holds afterwards
     (including `already`: adds that found the object, deletes that found nothing)."""
 
     done: int = 0
@@ -388,24 +228,20 @@ class ApplyResult:
 
 
 def describe_op(op: Op) -> str:
-    """One line for logs: 'add-dest TCP 10.96.0.1:80 -> 10.244.1.5:8080 w1 masq'."""
+    """One line for logs: 'add-dest TCP 10.96.0.1:80 -> 10.244.1.5:8080 w1'."""
     match op:
-        case AddService(vs) | EditService(vs):
-            verb = "add-service" if isinstance(op, AddService) else "edit-service"
+        case AddVS(vs) | EditVS(vs):
+            verb = "add-service" if isinstance(op, AddVS) else "edit-service"
             extra = f" persistent {vs.timeout}" if vs.timeout else ""
             return f"{verb} {vs.key} {vs.scheduler} flags={vs.flags:#x}{extra}"
-        case DeleteService(key):
+        case DelVS(key):
             return f"delete-service {key}"
-        case AddDest(key, rs) | EditDest(key, rs):
+        case AddDest(key, d) | EditDest(key, d):
             verb = "add-dest" if isinstance(op, AddDest) else "edit-dest"
-            return f"{verb} {key} -> {rs.key} w{rs.weight} {rs.forward}"
-        case DeleteDest(key, dkey):
-            return f"delete-dest {key} -> {dkey}"
+            return f"{verb} {key} -> {d.hostport} w{d.weight}"
+        case DelDest(key, address, port):
+            return f"delete-dest {key} -> {Dest(address, port).hostport}"
     raise TypeError(f"not an IPVS operation: {op!r}")
-
-
-def _strerror(code: int) -> str:
-    return os.strerror(code)
 
 
 # -- encoding (pure) ---------------------------------------------------------------------------
@@ -425,40 +261,33 @@ def _pack_addr(address: str) -> tuple[int, bytes]:
         raise ValueError(f"not an IP address: {address!r}") from err
 
 
-def encode_service_key(key: ServiceKey) -> bytes:
+def encode_service_key(key: VSKey) -> bytes:
     """The IPVS_CMD_ATTR_SERVICE nest naming a virtual server (for deletes and real server ops)."""
     fam, raw = _pack_addr(key.address)
+    proto = PROTOCOLS.get(key.protocol)
+    if proto is None:
+        raise ValueError(f"protocol {key.protocol!r}: not one of {sorted(PROTOCOLS)}")
     body = (
         _nla_u16(SVC_ATTR_AF, fam)
-        + _nla_u16(SVC_ATTR_PROTOCOL, PROTOCOLS[key.protocol])
+        + _nla_u16(SVC_ATTR_PROTOCOL, proto)
         + _nla(SVC_ATTR_ADDR, raw)
         + _nla_be16(SVC_ATTR_PORT, key.port)
     )
     return _nla(CMD_ATTR_SERVICE, body)
 
 
-def _netmask(vs: VirtualServer) -> bytes:
-    """IPVS_SVC_ATTR_NETMASK as the kernel reads it: an IPv4 mask in network byte order, or an
-    IPv6 prefix length (host order), as ipvsadm sends them."""
-    plen = vs.host_prefix if vs.netmask is None else vs.netmask
-    if ":" in vs.address:
-        return _U32.pack(plen)
-    return ((0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF).to_bytes(4, "big")
-
-
 def encode_service(vs: VirtualServer) -> bytes:
-    """The full IPVS_CMD_ATTR_SERVICE nest (add/edit): every field the kernel reads."""
-    fam, raw = _pack_addr(vs.address)
+    """The full IPVS_CMD_ATTR_SERVICE nest (add/edit): every field the kernel reads. The
+    netmask is always one address (an IPv4 /32 mask in network byte order, the IPv6 prefix
+    length 128 in host order, as ipvsadm sends them): kproxy's persistence is per client."""
     sched = vs.scheduler.encode("ascii") + b"\0"
+    netmask = _U32.pack(128) if ":" in vs.key.address else b"\xff\xff\xff\xff"
     body = (
-        _nla_u16(SVC_ATTR_AF, fam)
-        + _nla_u16(SVC_ATTR_PROTOCOL, PROTOCOLS[vs.protocol])
-        + _nla(SVC_ATTR_ADDR, raw)
-        + _nla_be16(SVC_ATTR_PORT, vs.port)
+        encode_service_key(vs.key)[4:]
         + _nla(SVC_ATTR_SCHED_NAME, sched)
-        + _nla(SVC_ATTR_FLAGS, _FLAGS.pack(vs.flags, 0xFFFFFFFF))
+        + _nla(SVC_ATTR_FLAGS, _FLAGS.pack(vs.flags & ~FLAG_HASHED, 0xFFFFFFFF))
         + _nla_u32(SVC_ATTR_TIMEOUT, vs.timeout)
-        + _nla(SVC_ATTR_NETMASK, _netmask(vs))
+        + _nla(SVC_ATTR_NETMASK, netmask)
     )
     return _nla(CMD_ATTR_SERVICE, body)
 
@@ -467,9 +296,9 @@ _DEST4 = struct.Struct("=HH4sHHHxxHHIHHIHHIHHIHHHxx")  # addr port fwd weight u 
 _DEST6 = struct.Struct("=HH16sHHHxxHHIHHIHHIHHIHHHxx")
 
 
-def encode_dest(rs: RealServer) -> bytes:
-    """The full IPVS_CMD_ATTR_DEST nest (add/edit)."""
-    fam, raw = _pack_addr(rs.address)
+def encode_dest(d: Dest) -> bytes:
+    """The full IPVS_CMD_ATTR_DEST nest (add/edit): masquerade forwarding, no thresholds."""
+    fam, raw = _pack_addr(d.address)
     st = _DEST6 if fam == socket.AF_INET6 else _DEST4
     body = st.pack(
         4 + len(raw),
@@ -477,19 +306,19 @@ def encode_dest(rs: RealServer) -> bytes:
         raw,
         6,
         DEST_ATTR_PORT,
-        socket.htons(rs.port),
+        socket.htons(d.port),
         8,
         DEST_ATTR_FWD_METHOD,
-        FORWARD_METHODS[rs.forward],
+        FORWARD_METHODS["masq"],
         8,
         DEST_ATTR_WEIGHT,
-        rs.weight,
+        d.weight,
         8,
         DEST_ATTR_U_THRESH,
-        rs.u_threshold,
+        0,
         8,
         DEST_ATTR_L_THRESH,
-        rs.l_threshold,
+        0,
         6,
         DEST_ATTR_ADDR_FAMILY,
         fam,
@@ -497,15 +326,11 @@ def encode_dest(rs: RealServer) -> bytes:
     return _NLA.pack(4 + len(body), CMD_ATTR_DEST) + body
 
 
-def encode_dest_key(key: DestKey) -> bytes:
+def encode_dest_key(address: str, port: int) -> bytes:
     """The IPVS_CMD_ATTR_DEST nest naming a real server (for deletes)."""
-    fam, raw = _pack_addr(key.address)
-    body = (
-        _nla(DEST_ATTR_ADDR, raw)
-        + _nla_be16(DEST_ATTR_PORT, key.port)
-        + _nla_u16(DEST_ATTR_ADDR_FAMILY, fam)
-    )
-    return _nla(CMD_ATTR_DEST, body)
+    fam, raw = _pack_addr(address)
+    body = _nla(DEST_ATTR_ADDR, raw) + _nla_be16(DEST_ATTR_PORT, port)
+    return _nla(CMD_ATTR_DEST, body + _nla_u16(DEST_ATTR_ADDR_FAMILY, fam))
 
 
 def encode_message(family_id: int, cmd: int, seq: int, flags: int, attrs: bytes) -> bytes:
@@ -517,48 +342,54 @@ def encode_message(family_id: int, cmd: int, seq: int, flags: int, attrs: bytes)
     )
 
 
-def op_request(op: Op, key_cache: dict[ServiceKey, bytes] | None = None) -> tuple[int, bytes]:
-    """(command, attributes) for one operation. `key_cache` memoises service-key nests, which
-    every real server operation of a virtual server repeats."""
+def op_requests(
+    op: Op, key_cache: dict[VSKey, bytes] | None = None
+) -> Iterator[tuple[Op, int, bytes]]:
+    """(operation, command, attributes) of each netlink request `op` takes: one, except an
+    `AddVS`, which is its service's request followed by one `AddDest` per real server.
+    `key_cache` memoises service-key nests, which every real server request repeats."""
+    cache = {} if key_cache is None else key_cache
 
-    def svc_key(key: ServiceKey) -> bytes:
-        if key_cache is None:
-            return encode_service_key(key)
-        nest = key_cache.get(key)
+    def svc_key(key: VSKey) -> bytes:
+        nest = cache.get(key)
         if nest is None:
-            nest = key_cache[key] = encode_service_key(key)
+            nest = cache[key] = encode_service_key(key)
         return nest
 
     match op:
-        case AddDest(key, rs):
-            return CMD_NEW_DEST, svc_key(key) + encode_dest(rs)
-        case EditDest(key, rs):
-            return CMD_SET_DEST, svc_key(key) + encode_dest(rs)
-        case DeleteDest(key, dkey):
-            return CMD_DEL_DEST, svc_key(key) + encode_dest_key(dkey)
-        case AddService(vs):
-            return CMD_NEW_SERVICE, encode_service(vs)
-        case EditService(vs):
-            return CMD_SET_SERVICE, encode_service(vs)
-        case DeleteService(key):
-            return CMD_DEL_SERVICE, svc_key(key)
-    raise TypeError(f"not an IPVS operation: {op!r}")
+        case AddDest(key, d):
+            yield op, CMD_NEW_DEST, svc_key(key) + encode_dest(d)
+        case EditDest(key, d):
+            yield op, CMD_SET_DEST, svc_key(key) + encode_dest(d)
+        case DelDest(key, address, port):
+            yield op, CMD_DEL_DEST, svc_key(key) + encode_dest_key(address, port)
+        case AddVS(vs):
+            yield op, CMD_NEW_SERVICE, encode_service(vs)
+            for d in vs.dests:
+                yield AddDest(vs.key, d), CMD_NEW_DEST, svc_key(vs.key) + encode_dest(d)
+        case EditVS(vs):
+            yield op, CMD_SET_SERVICE, encode_service(vs)
+        case DelVS(key):
+            yield op, CMD_DEL_SERVICE, svc_key(key)
+        case _:
+            raise TypeError(f"not an IPVS operation: {op!r}")
 
 
 def follow_up(op: Op, err: int) -> Op | None:
     """The request that completes `op` after error `err`: an add that found the object edits it
-    to the requested settings. None when there is none."""
+    to the requested settings (its real servers are requests of their own). None when there is
+    none."""
     if err == errnos.EEXIST:
-        if isinstance(op, AddService):
-            return EditService(op.service)
+        if isinstance(op, AddVS):
+            return EditVS(op.vs)
         if isinstance(op, AddDest):
-            return EditDest(op.service, op.dest)
+            return EditDest(op.key, op.dest)
     return None
 
 
 def already_done(op: Op, err: int) -> bool:
     """Whether error `err` means `op`'s effect already holds (a delete that found nothing)."""
-    return isinstance(op, DeleteService | DeleteDest) and err in _ALREADY_ON_DELETE
+    return isinstance(op, DelVS | DelDest) and err in _ALREADY_ON_DELETE
 
 
 def plan_batches(
@@ -635,9 +466,9 @@ def _nest(payload: memoryview, kind: int, what: str) -> dict[int, Span]:
     return scan_attrs(payload, span[0], span[0] + span[1])
 
 
-def decode_service(payload: memoryview) -> VirtualServer | None:
-    """A virtual server from a GET_SERVICE reply (the genl payload); None for fwmark services
-    and protocols kproxy does not handle."""
+def decode_service(payload: memoryview) -> ObservedVS | None:
+    """A virtual server (without its real servers) from a GET_SERVICE reply (the genl payload);
+    None for fwmark services and protocols kproxy does not handle."""
     a = _nest(payload, CMD_ATTR_SERVICE, "service")
     if _uint(payload, a.get(SVC_ATTR_FWMARK)) or SVC_ATTR_ADDR not in a:
         return None
@@ -661,10 +492,8 @@ def decode_service(payload: memoryview) -> VirtualServer | None:
     sched = b""
     if sched_span:
         sched = bytes(payload[sched_span[0] : sched_span[0] + sched_span[1]]).split(b"\0", 1)[0]
-    return VirtualServer(
-        address=_addr_text(payload, a[SVC_ATTR_ADDR], fam),
-        protocol=proto,
-        port=_be16(payload, a.get(SVC_ATTR_PORT)),
+    return ObservedVS(
+        VSKey(_addr_text(payload, a[SVC_ATTR_ADDR], fam), proto, _be16(payload, a[SVC_ATTR_PORT])),
         scheduler=sched.decode("ascii"),
         flags=flags,
         timeout=timeout,
@@ -673,7 +502,7 @@ def decode_service(payload: memoryview) -> VirtualServer | None:
     )
 
 
-def decode_dest(payload: memoryview, family: int, *, stats: bool = True) -> RealServer:
+def decode_dest(payload: memoryview, family: int, *, stats: bool = True) -> ObservedDest:
     """A real server from a GET_DEST reply (the genl payload) of a virtual server in `family`.
 
     The hot path of a dump: one pass over the attributes, u32 values read as they pass
@@ -697,17 +526,15 @@ def decode_dest(payload: memoryview, family: int, *, stats: bool = True) -> Real
             spans[kind] = (off + 4, length - 4)
         off += (length + 3) & ~3
     fam = _uint(payload, spans.get(DEST_ATTR_ADDR_FAMILY)) or family
-    return RealServer(
-        address=_addr_text(payload, spans[DEST_ATTR_ADDR], fam),
-        port=_be16(payload, spans.get(DEST_ATTR_PORT)),
-        weight=ints[DEST_ATTR_WEIGHT],
-        forward=FORWARD_NAMES.get(ints[DEST_ATTR_FWD_METHOD] & 0x7, "masq"),
-        u_threshold=ints[DEST_ATTR_U_THRESH],
-        l_threshold=ints[DEST_ATTR_L_THRESH],
-        active_conns=ints[DEST_ATTR_ACTIVE_CONNS],
-        inactive_conns=ints[DEST_ATTR_INACT_CONNS],
-        persist_conns=ints[DEST_ATTR_PERSIST_CONNS],
-        stats=_stats(payload, spans, DEST_ATTR_STATS64, DEST_ATTR_STATS) if stats else None,
+    return ObservedDest(
+        _addr_text(payload, spans[DEST_ATTR_ADDR], fam),
+        _be16(payload, spans.get(DEST_ATTR_PORT)),
+        ints[DEST_ATTR_WEIGHT],
+        ints[DEST_ATTR_ACTIVE_CONNS],
+        ints[DEST_ATTR_INACT_CONNS],
+        FORWARD_NAMES.get(ints[DEST_ATTR_FWD_METHOD] & 0x7, "masq"),
+        ints[DEST_ATTR_PERSIST_CONNS],
+        _stats(payload, spans, DEST_ATTR_STATS64, DEST_ATTR_STATS) if stats else None,
     )
 
 
@@ -792,7 +619,7 @@ class IPVSAdapter:
                             "the kernel has no IPVS netlink family (modprobe ip_vs?)"
                         )
                     if err:
-                        raise IPVSError(f"generic netlink family lookup: {_strerror(err)}", err)
+                        raise IPVSError(f"generic netlink family lookup: {os.strerror(err)}", err)
                     if family_id is None:
                         raise IPVSError("generic netlink family lookup: no answer")
                     return family_id
@@ -815,42 +642,41 @@ class IPVSAdapter:
                 if m.type == NLMSG_ERROR:
                     err = error_code(m.payload)
                     if err in _FATAL:
-                        raise IPVSPermissionError(f"IPVS dump: {_strerror(err)}", err)
+                        raise IPVSPermissionError(f"IPVS dump: {os.strerror(err)}", err)
                     if err:
-                        raise IPVSError(f"IPVS dump (cmd {cmd}): {_strerror(err)}", err)
+                        raise IPVSError(f"IPVS dump (cmd {cmd}): {os.strerror(err)}", err)
                     return
                 yield m.payload
 
     # -- reading ---------------------------------------------------------------------------
-    def services(self) -> list[VirtualServer]:
+    def services(self) -> list[ObservedVS]:
         """Every (non-fwmark) virtual server, without real servers."""
-        out: list[VirtualServer] = []
+        out: list[ObservedVS] = []
         for payload in self._dump_raw(CMD_GET_SERVICE, b""):
             vs = decode_service(payload)
             if vs is not None:
                 out.append(vs)
         return out
 
-    def dests(self, key: ServiceKey, *, stats: bool = True) -> dict[DestKey, RealServer]:
-        """The real servers of one virtual server (empty when it does not exist)."""
+    def dests(self, key: VSKey, *, stats: bool = True) -> tuple[ObservedDest, ...]:
+        """The real servers of one virtual server (none when it does not exist)."""
         fam = address_family(key.address)
-        out: dict[DestKey, RealServer] = {}
         try:
-            for payload in self._dump_raw(CMD_GET_DEST, encode_service_key(key)):
-                rs = decode_dest(payload, fam, stats=stats)
-                out[rs.key] = rs
+            return tuple(
+                decode_dest(payload, fam, stats=stats)
+                for payload in self._dump_raw(CMD_GET_DEST, encode_service_key(key))
+            )
         except IPVSError as err:
             if err.errno not in (errnos.ESRCH, errnos.ENOENT):
                 raise
             log.debug("dest dump of %s: %s (the service vanished)", key, err)
-        return out
+            return ()
 
     def dump(self, *, stats: bool = True) -> IPVSTable:
-        """The whole table: virtual server key -> (virtual server, {real server key: real
-        server}), with connection counts, and with the counters unless `stats=False` (a
-        reconcile needs none: it saves about a third of the decoding)."""
+        """The whole table, real servers with connection counts, and with the counters unless
+        `stats=False` (a reconcile needs none: it saves about a third of the decoding)."""
         return {
-            vs.key: ObservedService(vs, self.dests(vs.key, stats=stats)) for vs in self.services()
+            vs.key: replace(vs, dests=self.dests(vs.key, stats=stats)) for vs in self.services()
         }
 
     # -- writing ---------------------------------------------------------------------------
@@ -858,14 +684,11 @@ class IPVSAdapter:
         """Carry out `ops` in order, batched (module docstring). Raises IPVSPermissionError on
         EPERM/EACCES (after the batch in flight) and IPVSError when replies were lost."""
         started = time.perf_counter()
-        cache: dict[ServiceKey, bytes] = {}
-        encoded = [op_request(op, cache) for op in ops]
+        cache: dict[VSKey, bytes] = {}
+        pending = [req for op in ops for req in op_requests(op, cache)]
         done = already = messages = sends = 0
         failures: list[OpFailure] = []
         fatal: OpFailure | None = None
-        pending: list[tuple[Op, int, bytes]] = [
-            (op, cmd, attrs) for op, (cmd, attrs) in zip(ops, encoded, strict=True)
-        ]
         for start in range(0, len(pending), BATCH_MESSAGES):
             batch_ops = pending[start : start + BATCH_MESSAGES]
             errors, n_sends = self._send_batch(batch_ops)
@@ -882,7 +705,7 @@ class IPVSAdapter:
                     done += 1
                     already += 1
                 elif (nxt := follow_up(op, err)) is not None:
-                    retry.append((nxt, *op_request(nxt, cache)))
+                    retry.extend(op_requests(nxt, cache))
                 else:
                     failures.append(OpFailure(op, err))
             if retry:
@@ -955,25 +778,8 @@ class IPVSAdapter:
         return errors, sends
 
     # -- single operations -----------------------------------------------------------------
-    def _one(self, op: Op) -> None:
+    def apply_one(self, op: Op) -> None:
+        """`apply([op])`, raising `IPVSOpError` on its first failure."""
         result = self.apply([op])
         if result.failures:
             raise IPVSOpError(result.failures[0])
-
-    def add_service(self, vs: VirtualServer) -> None:
-        self._one(AddService(vs))
-
-    def edit_service(self, vs: VirtualServer) -> None:
-        self._one(EditService(vs))
-
-    def delete_service(self, key: ServiceKey) -> None:
-        self._one(DeleteService(key))
-
-    def add_dest(self, key: ServiceKey, rs: RealServer) -> None:
-        self._one(AddDest(key, rs))
-
-    def edit_dest(self, key: ServiceKey, rs: RealServer) -> None:
-        self._one(EditDest(key, rs))
-
-    def delete_dest(self, key: ServiceKey, dest: DestKey) -> None:
-        self._one(DeleteDest(key, dest))

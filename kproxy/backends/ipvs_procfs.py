@@ -23,6 +23,7 @@ from __future__ import annotations
 import ipaddress
 import socket
 from collections.abc import Iterable, Mapping
+from dataclasses import replace
 
 from kproxy.render import ipvs as R
 from kproxy.render import ipvs_diff as D
@@ -87,13 +88,9 @@ def read(path: str = PATH) -> dict[R.VSKey, list[D.ObservedDest]]:
 
 
 def merge(
-    services: Iterable[tuple[R.VSKey, str, int, int]],
-    dests: Mapping[R.VSKey, list[D.ObservedDest]],
+    services: Iterable[D.ObservedVS], dests: Mapping[R.VSKey, list[D.ObservedDest]]
 ) -> dict[R.VSKey, D.ObservedVS]:
-    """Observed virtual servers from (key, scheduler, flags, timeout) of a netlink service dump
-    and the real servers of a /proc read. A service created between the two reads shows no
-    real servers: the diff then adds them, and an add that finds one existing is an edit."""
-    return {
-        key: D.ObservedVS(key, scheduler, flags, timeout, tuple(dests.get(key, ())))
-        for key, scheduler, flags, timeout in services
-    }
+    """The virtual servers of a netlink service dump with the real servers of a /proc read. A
+    service created between the two reads shows no real servers: the diff then adds them, and
+    an add that finds one existing is an edit."""
+    return {vs.key: replace(vs, dests=tuple(dests.get(vs.key, ()))) for vs in services}

@@ -18,7 +18,7 @@ server found with weight 0 (it was draining and came back) is restored to weight
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import NamedTuple
 
 from kproxy.render.ipvs import (
@@ -33,15 +33,30 @@ from kproxy.render.ipvs import (
 )
 
 
+@dataclass(frozen=True, slots=True)
+class Stats:
+    """Kernel counters of a virtual or real server (cumulative since it was created)."""
+
+    conns: int = 0
+    inpkts: int = 0
+    outpkts: int = 0
+    inbytes: int = 0
+    outbytes: int = 0
+
+
 class ObservedDest(NamedTuple):
-    """A real server as the kernel reports it."""
+    """A real server as the kernel reports it (netlink dump or /proc/net/ip_vs): the desired
+    `Dest` fields plus the kernel-only facts kproxy reads but never sets (forwarding method,
+    connection counts, counters). A named tuple: a dump builds 100,000 of them."""
 
     address: str
     port: int
     weight: int
     active: int = 0
     inactive: int = 0
-    forward: str = "masq"
+    forward: str = "masq"  # masq, local, tunnel, route, bypass
+    persist: int = 0
+    stats: Stats | None = None
 
     @property
     def connections(self) -> int:
@@ -50,20 +65,24 @@ class ObservedDest(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class ObservedVS:
-    """A virtual server as the kernel reports it."""
+    """A virtual server as the kernel reports it. `flags` never holds the kernel's HASHED bit
+    (the decoders drop it); `netmask` is the persistence granularity as a prefix length (None:
+    one address) and `stats` the counters, both kernel-only: kproxy never sets them."""
 
     key: VSKey
     scheduler: str
     flags: int = 0
     timeout: int = 0
     dests: tuple[ObservedDest, ...] = ()
+    netmask: int | None = None
+    stats: Stats | None = field(default=None, compare=False)
 
 
+# -- operations: what the diff emits and kproxy.backends.ipvs_netlink encodes, as they are ------
 @dataclass(frozen=True, slots=True)
 class AddVS:
-    """Create a virtual server *with all its real servers* (`vs.dests`): a start-up from empty
-    programs 100,000 real servers, and one operation per real server here would only be
-    translated once more into the adapter's own operations."""
+    """Create a virtual server *with all its real servers* (`vs.dests`): the encoder sends one
+    request for the service and one per real server, without 100,000 op objects in between."""
 
     vs: VirtualServer
 

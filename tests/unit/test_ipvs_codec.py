@@ -22,29 +22,13 @@ from kproxy.backends.ipvs_netlink import (
     CMD_NEW_SERVICE,
     CMD_SET_DEST,
     CMD_SET_SERVICE,
-    FLAG_HASHED,
-    FLAG_PERSISTENT,
-    FLAG_SCHED1,
-    FLAG_SCHED2,
-    AddDest,
-    AddService,
-    DeleteDest,
-    DeleteService,
-    DestKey,
-    EditDest,
-    EditService,
-    Op,
-    RealServer,
-    ServiceKey,
-    Stats,
-    VirtualServer,
     already_done,
     decode_dest,
     decode_service,
     describe_op,
     encode_message,
     follow_up,
-    op_request,
+    op_requests,
     plan_batches,
 )
 from kproxy.backends.netlink import (
@@ -53,6 +37,27 @@ from kproxy.backends.netlink import (
     NLMSG_ERROR,
     error_code,
     parse_messages,
+)
+from kproxy.render.ipvs import (
+    FLAG_HASHED,
+    FLAG_PERSISTENT,
+    FLAG_SCHED1,
+    FLAG_SCHED2,
+    Dest,
+    VirtualServer,
+    VSKey,
+)
+from kproxy.render.ipvs_diff import (
+    AddDest,
+    AddVS,
+    DelDest,
+    DelVS,
+    EditDest,
+    EditVS,
+    ObservedDest,
+    ObservedVS,
+    Op,
+    Stats,
 )
 
 FAMILY_ID = 0x1F
@@ -69,39 +74,40 @@ def nla_dict(nest: Any) -> dict[str, Any]:
 
 
 def request_bytes(op: Op, seq: int = 1) -> bytes:
-    cmd, attrs = op_request(op)
+    (_op, cmd, attrs), *_dests = op_requests(op)
     return encode_message(FAMILY_ID, cmd, seq, NLM_F_REQUEST, attrs)
 
 
+def make_vs(address: str, protocol: str, port: int, scheduler: str, **kw: Any) -> VirtualServer:
+    """A desired virtual server as the renderer builds one (PERSISTENT with a timeout)."""
+    if kw.get("timeout"):
+        kw["flags"] = kw.get("flags", 0) | FLAG_PERSISTENT
+    return VirtualServer(VSKey(address, protocol, port), scheduler, **kw)
+
+
 SERVICES = [
-    pytest.param(VirtualServer("10.96.0.1", "TCP", 80, "rr"), id="v4-tcp-rr"),
+    pytest.param(make_vs("10.96.0.1", "TCP", 80, "rr"), id="v4-tcp-rr"),
     pytest.param(
-        VirtualServer(
-            "10.96.0.10", "UDP", 53, "sh", flags=FLAG_SCHED1 | FLAG_SCHED2, timeout=10800
-        ),
+        make_vs("10.96.0.10", "UDP", 53, "sh", flags=FLAG_SCHED1 | FLAG_SCHED2, timeout=10800),
         id="v4-udp-sh-persistent",
     ),
-    pytest.param(
-        VirtualServer("10.96.0.11", "SCTP", 36412, "mh", timeout=5, netmask=24), id="sctp"
-    ),
-    pytest.param(VirtualServer("fd00::10", "TCP", 443, "wlc", timeout=60, netmask=64), id="v6"),
+    pytest.param(make_vs("10.96.0.11", "SCTP", 36412, "mh", timeout=5), id="sctp"),
+    pytest.param(make_vs("fd00::10", "TCP", 443, "wlc", timeout=60), id="v6"),
 ]
 
 
 @pytest.mark.parametrize("vs", SERVICES)
-@pytest.mark.parametrize(
-    ("kind", "cmd"), [(AddService, CMD_NEW_SERVICE), (EditService, CMD_SET_SERVICE)]
-)
+@pytest.mark.parametrize(("kind", "cmd"), [(AddVS, CMD_NEW_SERVICE), (EditVS, CMD_SET_SERVICE)])
 def test_service_request_carries_every_field(vs: VirtualServer, kind: type, cmd: int) -> None:
     msg = decode_with_pyroute2(request_bytes(kind(vs), seq=42))
     assert msg["cmd"] == cmd and msg["version"] == 1
     assert msg["header"]["sequence_number"] == 42 and msg["header"]["type"] == FAMILY_ID
     svc = nla_dict(msg.get_attr("IPVS_CMD_ATTR_SERVICE"))
-    family = socket.AF_INET6 if ":" in vs.address else socket.AF_INET
+    family = socket.AF_INET6 if ":" in vs.key.address else socket.AF_INET
     assert svc["IPVS_SVC_ATTR_AF"] == family
-    assert svc["IPVS_SVC_ATTR_PROTOCOL"] == {"TCP": 6, "UDP": 17, "SCTP": 132}[vs.protocol]
-    assert svc["IPVS_SVC_ATTR_ADDR"] == vs.address
-    assert svc["IPVS_SVC_ATTR_PORT"] == vs.port
+    assert svc["IPVS_SVC_ATTR_PROTOCOL"] == {"TCP": 6, "UDP": 17, "SCTP": 132}[vs.key.protocol]
+    assert svc["IPVS_SVC_ATTR_ADDR"] == vs.key.address
+    assert svc["IPVS_SVC_ATTR_PORT"] == vs.key.port
     # never pyroute2's silent default scheduler: always the requested one
     assert svc["IPVS_SVC_ATTR_SCHED_NAME"] == vs.scheduler
     flags = nla_dict(svc["IPVS_SVC_ATTR_FLAGS"]) if "attrs" in svc["IPVS_SVC_ATTR_FLAGS"] else None
@@ -112,58 +118,66 @@ def test_service_request_carries_every_field(vs: VirtualServer, kind: type, cmd:
     assert "IPVS_SVC_ATTR_NETMASK" in svc
 
 
-def test_netmask_is_a_v4_mask_or_a_v6_prefix_length() -> None:
-    v4 = decode_with_pyroute2(request_bytes(AddService(VirtualServer("10.0.0.1", "TCP", 1, "rr"))))
+def test_netmask_is_one_address_as_a_v4_mask_or_a_v6_prefix_length() -> None:
+    v4 = decode_with_pyroute2(request_bytes(AddVS(make_vs("10.0.0.1", "TCP", 1, "rr"))))
     assert nla_dict(v4.get_attr("IPVS_CMD_ATTR_SERVICE"))["IPVS_SVC_ATTR_NETMASK"] == (
         "255.255.255.255"
     )
-    v4m = VirtualServer("10.0.0.1", "TCP", 1, "rr", timeout=9, netmask=20)
-    got = decode_with_pyroute2(request_bytes(AddService(v4m)))
-    assert nla_dict(got.get_attr("IPVS_CMD_ATTR_SERVICE"))["IPVS_SVC_ATTR_NETMASK"] == (
-        "255.255.240.0"
-    )
     # IPv6: a host-order u32 prefix length (pyroute2 types the field as an IPv4 address, so it
-    # shows the integer's bytes: 64 -> "64.0.0.0" on little-endian hosts)
-    v6 = VirtualServer("fd00::1", "TCP", 1, "rr", timeout=9, netmask=64)
-    got = decode_with_pyroute2(request_bytes(AddService(v6)))
+    # shows the integer's bytes: 128 -> "128.0.0.0" on little-endian hosts)
+    v6 = make_vs("fd00::1", "TCP", 1, "rr", timeout=9)
+    got = decode_with_pyroute2(request_bytes(AddVS(v6)))
     raw = nla_dict(got.get_attr("IPVS_CMD_ATTR_SERVICE"))["IPVS_SVC_ATTR_NETMASK"]
-    assert int.from_bytes(socket.inet_aton(raw), "little") == 64
+    assert int.from_bytes(socket.inet_aton(raw), "little") == 128
 
 
 @pytest.mark.parametrize(
-    "rs",
+    "d",
     [
-        pytest.param(RealServer("10.244.1.5", 8080), id="v4-masq"),
-        pytest.param(RealServer("10.244.1.6", 80, weight=0, forward="route"), id="weight0-route"),
-        pytest.param(
-            RealServer("fd00:244::5", 8443, weight=9, u_threshold=7, l_threshold=3), id="v6"
-        ),
+        pytest.param(Dest("10.244.1.5", 8080), id="v4"),
+        pytest.param(Dest("10.244.1.6", 80, weight=0), id="weight0"),
+        pytest.param(Dest("fd00:244::5", 8443, weight=9), id="v6"),
     ],
 )
 @pytest.mark.parametrize(("kind", "cmd"), [(AddDest, CMD_NEW_DEST), (EditDest, CMD_SET_DEST)])
-def test_dest_request_carries_every_field(rs: RealServer, kind: type, cmd: int) -> None:
-    key = ServiceKey("fd00::10" if ":" in rs.address else "10.96.0.1", "UDP", 53)
-    msg = decode_with_pyroute2(request_bytes(kind(key, rs)))
+def test_dest_request_carries_every_field(d: Dest, kind: type, cmd: int) -> None:
+    key = VSKey("fd00::10" if ":" in d.address else "10.96.0.1", "UDP", 53)
+    msg = decode_with_pyroute2(request_bytes(kind(key, d)))
     assert msg["cmd"] == cmd
     svc = nla_dict(msg.get_attr("IPVS_CMD_ATTR_SERVICE"))
     assert (svc["IPVS_SVC_ATTR_ADDR"], svc["IPVS_SVC_ATTR_PORT"]) == (key.address, key.port)
     assert svc["IPVS_SVC_ATTR_PROTOCOL"] == socket.IPPROTO_UDP
     dest = nla_dict(msg.get_attr("IPVS_CMD_ATTR_DEST"))
     assert dest == {
-        "IPVS_DEST_ATTR_ADDR": rs.address,
-        "IPVS_DEST_ATTR_PORT": rs.port,
-        # never pyroute2's default (3, "route"): the requested method, masquerade by default
-        "IPVS_DEST_ATTR_FWD_METHOD": {"masq": 0, "route": 3}[rs.forward],
-        "IPVS_DEST_ATTR_WEIGHT": rs.weight,
-        "IPVS_DEST_ATTR_U_THRESH": rs.u_threshold,
-        "IPVS_DEST_ATTR_L_THRESH": rs.l_threshold,
-        "IPVS_DEST_ATTR_ADDR_FAMILY": socket.AF_INET6 if ":" in rs.address else socket.AF_INET,
+        "IPVS_DEST_ATTR_ADDR": d.address,
+        "IPVS_DEST_ATTR_PORT": d.port,
+        # never pyroute2's default (3, "route"): masquerade, and no thresholds
+        "IPVS_DEST_ATTR_FWD_METHOD": 0,
+        "IPVS_DEST_ATTR_WEIGHT": d.weight,
+        "IPVS_DEST_ATTR_U_THRESH": 0,
+        "IPVS_DEST_ATTR_L_THRESH": 0,
+        "IPVS_DEST_ATTR_ADDR_FAMILY": socket.AF_INET6 if ":" in d.address else socket.AF_INET,
     }
 
 
+def test_add_vs_is_the_service_then_each_real_server() -> None:
+    dests = (Dest("10.244.0.1", 8080), Dest("10.244.0.2", 8080, weight=0))
+    vs = make_vs("10.96.0.1", "TCP", 80, "rr", dests=dests)
+    reqs = list(op_requests(AddVS(vs)))
+    assert [(op, cmd) for op, cmd, _attrs in reqs] == [
+        (AddVS(vs), CMD_NEW_SERVICE),
+        (AddDest(vs.key, dests[0]), CMD_NEW_DEST),
+        (AddDest(vs.key, dests[1]), CMD_NEW_DEST),
+    ]
+    # byte for byte what the real servers' own operations send
+    assert [attrs for _op, _cmd, attrs in reqs[1:]] == [
+        next(op_requests(AddDest(vs.key, d)))[2] for d in dests
+    ]
+
+
 def test_deletes_carry_only_keys() -> None:
-    key = ServiceKey("10.96.0.1", "TCP", 80)
-    msg = decode_with_pyroute2(request_bytes(DeleteService(key)))
+    key = VSKey("10.96.0.1", "TCP", 80)
+    msg = decode_with_pyroute2(request_bytes(DelVS(key)))
     assert msg["cmd"] == CMD_DEL_SERVICE
     assert set(nla_dict(msg.get_attr("IPVS_CMD_ATTR_SERVICE"))) == {
         "IPVS_SVC_ATTR_AF",
@@ -171,7 +185,7 @@ def test_deletes_carry_only_keys() -> None:
         "IPVS_SVC_ATTR_ADDR",
         "IPVS_SVC_ATTR_PORT",
     }
-    msg = decode_with_pyroute2(request_bytes(DeleteDest(key, DestKey("10.244.0.1", 8080))))
+    msg = decode_with_pyroute2(request_bytes(DelDest(key, "10.244.0.1", 8080)))
     assert msg["cmd"] == CMD_DEL_DEST
     dest = nla_dict(msg.get_attr("IPVS_CMD_ATTR_DEST"))
     assert (dest["IPVS_DEST_ATTR_ADDR"], dest["IPVS_DEST_ATTR_PORT"]) == ("10.244.0.1", 8080)
@@ -211,8 +225,8 @@ def test_service_reply_decodes_to_the_object() -> None:
     )
     (msg,) = parse_messages(data)
     vs = decode_service(msg.payload)
-    assert vs == VirtualServer("10.0.0.1", "TCP", 80, "wrr", timeout=300, netmask=24)
-    assert vs is not None and vs.flags == FLAG_PERSISTENT  # HASHED is dropped
+    # HASHED is dropped
+    assert vs == ObservedVS(VSKey("10.0.0.1", "TCP", 80), "wrr", FLAG_PERSISTENT, 300, netmask=24)
     assert vs.stats == Stats(conns=5, inbytes=1 << 40)
 
 
@@ -232,7 +246,7 @@ def test_non_persistent_reply_has_no_timeout_and_host_netmask_is_none() -> None:
         ],
     )
     (msg,) = parse_messages(data)
-    assert decode_service(msg.payload) == VirtualServer("10.0.0.2", "UDP", 53, "rr")
+    assert decode_service(msg.payload) == ObservedVS(VSKey("10.0.0.2", "UDP", 53), "rr")
 
 
 def test_fwmark_services_are_skipped() -> None:
@@ -271,11 +285,9 @@ def test_dest_reply_decodes_counts_and_stats() -> None:
         ],
     )
     (msg,) = parse_messages(data)
-    rs = decode_dest(msg.payload, socket.AF_INET6)
-    assert rs == RealServer("fd00::5", 8080, weight=0)
-    assert (rs.active_conns, rs.inactive_conns, rs.persist_conns) == (2, 3, 1)
-    assert rs.connections == 5
-    assert rs.stats == Stats(conns=9, outpkts=4)
+    od = decode_dest(msg.payload, socket.AF_INET6)
+    assert od == ObservedDest("fd00::5", 8080, 0, 2, 3, "masq", 1, Stats(conns=9, outpkts=4))
+    assert od.connections == 5
 
 
 STATS_ORDER = ("CONNS", "INPKTS", "OUTPKTS", "INBYTES", "OUTBYTES", "CPS", "INPPS")
@@ -327,18 +339,18 @@ def _ack(seq: int, code: int) -> bytes:
 
 
 # -- semantics ---------------------------------------------------------------------------------
-KEY = ServiceKey("10.96.0.1", "TCP", 80)
-VS = VirtualServer("10.96.0.1", "TCP", 80, "rr")
-RS = RealServer("10.244.0.1", 8080)
+KEY = VSKey("10.96.0.1", "TCP", 80)
+VS = make_vs("10.96.0.1", "TCP", 80, "rr")
+D1 = Dest("10.244.0.1", 8080)
 
 
 @pytest.mark.parametrize(
     ("op", "err", "expected"),
     [
-        (AddService(VS), errno.EEXIST, EditService(VS)),
-        (AddDest(KEY, RS), errno.EEXIST, EditDest(KEY, RS)),
-        (EditService(VS), errno.ESRCH, None),
-        (AddService(VS), errno.EINVAL, None),
+        (AddVS(VS), errno.EEXIST, EditVS(VS)),
+        (AddDest(KEY, D1), errno.EEXIST, EditDest(KEY, D1)),
+        (EditVS(VS), errno.ESRCH, None),
+        (AddVS(VS), errno.EINVAL, None),
     ],
     ids=["add-service", "add-dest", "edit-missing", "invalid"],
 )
@@ -349,11 +361,11 @@ def test_an_add_that_finds_the_object_edits_it(op: Op, err: int, expected: Op | 
 @pytest.mark.parametrize(
     ("op", "err", "expected"),
     [
-        (DeleteService(KEY), errno.ESRCH, True),
-        (DeleteDest(KEY, RS.key), errno.ENOENT, True),
-        (DeleteDest(KEY, RS.key), errno.ESRCH, True),  # the whole service is gone
-        (DeleteService(KEY), errno.EPERM, False),
-        (AddService(VS), errno.ENOENT, False),  # e.g. an unknown scheduler
+        (DelVS(KEY), errno.ESRCH, True),
+        (DelDest(KEY, D1.address, D1.port), errno.ENOENT, True),
+        (DelDest(KEY, D1.address, D1.port), errno.ESRCH, True),  # the whole service is gone
+        (DelVS(KEY), errno.EPERM, False),
+        (AddVS(VS), errno.ENOENT, False),  # e.g. an unknown scheduler
     ],
 )
 def test_deleting_what_is_gone_is_success(op: Op, err: int, expected: bool) -> None:
@@ -372,31 +384,21 @@ def test_batches_keep_order_and_respect_both_limits() -> None:
     assert plan_batches([]) == []
 
 
-def test_objects_validate_and_normalise() -> None:
-    assert VirtualServer("10.0.0.1", "TCP", 80, "rr", timeout=10).flags == FLAG_PERSISTENT
-    assert VirtualServer("10.0.0.1", "TCP", 80, "rr", timeout=10, netmask=32).netmask is None
-    for bad in (
-        {"flags": FLAG_HASHED},
-        {"flags": FLAG_PERSISTENT},  # persistent without a timeout
-        {"protocol": "ICMP"},
-        {"scheduler": ""},
-        {"netmask": 33, "timeout": 1},
-    ):
-        args: dict[str, Any] = {"address": "10.0.0.1", "protocol": "TCP", "port": 80}
-        args["scheduler"] = "rr"
-        args.update(bad)
-        with pytest.raises(ValueError):
-            VirtualServer(**args)
+def test_the_encoder_refuses_what_the_kernel_cannot_take() -> None:
     with pytest.raises(ValueError):
-        RealServer("10.0.0.1", 80, forward="nat")
+        request_bytes(DelVS(VSKey("10.0.0.1", "ICMP", 80)))
     with pytest.raises(ValueError):
-        op_request(AddDest(KEY, RealServer("not-an-ip", 80)))
-    # observed-only fields never make objects differ
-    assert RealServer("10.0.0.1", 80, active_conns=3) == RealServer("10.0.0.1", 80)
+        request_bytes(AddDest(KEY, Dest("not-an-ip", 80)))
+    with pytest.raises(TypeError):
+        request_bytes(KEY)  # type: ignore[arg-type]
+    # the kernel's HASHED bit is never sent
+    hashed = request_bytes(AddVS(make_vs("10.0.0.1", "TCP", 80, "rr", flags=FLAG_HASHED)))
+    assert hashed == request_bytes(AddVS(make_vs("10.0.0.1", "TCP", 80, "rr")))
 
 
 def test_describe_op_names_the_objects() -> None:
-    assert describe_op(AddDest(KEY, RS)) == "add-dest TCP 10.96.0.1:80 -> 10.244.0.1:8080 w1 masq"
-    assert describe_op(DeleteService(ServiceKey("fd00::1", "UDP", 53))) == (
-        "delete-service UDP [fd00::1]:53"
+    assert describe_op(AddDest(KEY, D1)) == "add-dest TCP 10.96.0.1:80 -> 10.244.0.1:8080 w1"
+    assert describe_op(DelVS(VSKey("fd00::1", "UDP", 53))) == "delete-service UDP [fd00::1]:53"
+    assert (
+        describe_op(DelDest(KEY, "fd00::5", 80)) == "delete-dest TCP 10.96.0.1:80 -> [fd00::5]:80"
     )

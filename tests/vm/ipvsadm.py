@@ -2,31 +2,19 @@
 kproxy's netlink adapter programs.
 
 Pure (text in, objects out); `ipvsadm` itself is run by the tests. Parses the listings of
-`ipvsadm -Ln`, `-Ln --persistent-conn` and `-Ln --stats --exact`; `restore_text` renders a table of
-`VirtualServer`/`RealServer` objects as `ipvsadm -R` input (used by the benchmark and by the tests
-that program with ipvsadm and read back with the adapter).
+`ipvsadm -Ln`, `-Ln --persistent-conn` and `-Ln --stats --exact`; `restore_text` writes listed
+services back as `ipvsadm -R` input, line for line what `ipvsadm -Sn` saves (used by the benchmark
+and by the tests that program with ipvsadm and read back with the adapter). It knows nothing of
+kproxy's IPVS types: its input is what it parses, so what kproxy programs and what this module
+expects are two separate descriptions of the kernel's table.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from kproxy.backends.ipvs_netlink import (
-    FLAG_ONEPACKET,
-    FLAG_SCHED1,
-    FLAG_SCHED2,
-    RealServer,
-    VirtualServer,
-)
-from kproxy.inspect.ipvsadm import hostport, parse_listing, split_hostport
-
-FORWARD_OPTIONS = {"masq": "-m", "route": "-g", "tunnel": "-i"}
-PROTO_OPTIONS = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
-SCHED_FLAG_NAMES = {
-    "sh": ("sh-fallback", "sh-port"),
-    "mh": ("mh-fallback", "mh-port"),
-}
+from kproxy.inspect.ipvsadm import parse_listing, split_hostport
 
 
 @dataclass
@@ -109,60 +97,37 @@ def parse_stats(
     return out
 
 
-def expected_listing(vs: VirtualServer) -> ListedService:
-    """What `ipvsadm -Ln` shows for a virtual server programmed as `vs` (without real servers)."""
-    names = SCHED_FLAG_NAMES.get(vs.scheduler, ("flag-1", "flag-2"))
-    flags = tuple(
-        n for bit, n in zip((FLAG_SCHED1, FLAG_SCHED2), names, strict=True) if vs.flags & bit
-    )
-    mask: str | None = None
-    if vs.timeout and vs.netmask is not None:
-        mask = str(vs.netmask) if ":" in vs.address else _mask4(vs.netmask)
-    return ListedService(
-        vs.protocol,
-        vs.address,
-        vs.port,
-        vs.scheduler,
-        sched_flags=flags,
-        persistent=vs.timeout or None,
-        mask=mask,
-        one_packet=bool(vs.flags & FLAG_ONEPACKET),
-    )
+# ipvsadm(8): "-m, --masquerading", "-g, --gatewaying" (direct routing), "-i, --ipip" (tunnel)
+_PACKET_FORWARDING = {"masq": "-m", "route": "-g", "tunnel": "-i"}
+_SERVICE_OPTION = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}
 
 
-def restore_text(table: Mapping[VirtualServer, Iterable[RealServer]]) -> str:
-    """`ipvsadm -R` input that programs `table` (virtual server -> its real servers)."""
-    out: list[str] = []
-    for vs, dests in table.items():
-        where = f"{PROTO_OPTIONS[vs.protocol]} {hostport(vs.address, vs.port)}"
-        line = f"-A {where} -s {vs.scheduler}"
-        names = SCHED_FLAG_NAMES.get(vs.scheduler)
-        if names:
-            flags = [
-                n
-                for bit, n in zip((FLAG_SCHED1, FLAG_SCHED2), names, strict=True)
-                if vs.flags & bit
-            ]
-            if flags:
-                line += " -b " + ",".join(flags)
-        if vs.timeout:
-            line += f" -p {vs.timeout}"
-            if vs.netmask is not None:
-                line += f" -M {vs.netmask}" if ":" in vs.address else f" -M {_mask4(vs.netmask)}"
-        if vs.flags & FLAG_ONEPACKET:
-            line += " -o"
-        out.append(line)
-        for rs in dests:
-            fwd = FORWARD_OPTIONS[rs.forward]
-            extra = ""
-            if rs.u_threshold:
-                extra += f" -x {rs.u_threshold}"
-            if rs.l_threshold:
-                extra += f" -y {rs.l_threshold}"
-            out.append(f"-a {where} -r {hostport(rs.address, rs.port)} {fwd} -w {rs.weight}{extra}")
-    return "\n".join(out) + "\n"
+def _endpoint(address: str, port: int) -> str:
+    host = f"[{address}]" if ":" in address else address
+    return f"{host}:{port}"
 
 
-def _mask4(plen: int) -> str:
-    bits = (0xFFFFFFFF << (32 - plen)) & 0xFFFFFFFF
-    return ".".join(str((bits >> s) & 0xFF) for s in (24, 16, 8, 0))
+def restore_text(services: Iterable[ListedService]) -> str:
+    """The `ipvsadm -R` input that recreates `services`, in `ipvsadm -Sn`'s words and order:
+
+    -A -t 10.0.0.4:81 -s lblcr -p 100 -M 255.255.255.0 -b flag,... -o
+    -a -t 10.0.0.4:81 -r 10.1.0.9:81 -g -w 1
+    """
+    lines: list[str] = []
+    for svc in services:
+        vip = (_SERVICE_OPTION[svc.protocol], _endpoint(svc.address, svc.port))
+        words = ["-A", *vip, "-s", svc.scheduler]
+        if svc.persistent is not None:
+            words += ["-p", str(svc.persistent)]
+            if svc.mask is not None:
+                words += ["-M", svc.mask]
+        if svc.sched_flags:
+            words += ["-b", ",".join(svc.sched_flags)]
+        if svc.one_packet:
+            words.append("-o")
+        lines.append(" ".join(words))
+        for rs in svc.dests.values():
+            hop = _PACKET_FORWARDING[rs.forward or "masq"]
+            real = _endpoint(rs.address, rs.port)
+            lines.append(" ".join(["-a", *vip, "-r", real, hop, "-w", str(rs.weight)]))
+    return "".join(line + "\n" for line in lines)

@@ -15,125 +15,159 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
+from dataclasses import replace
 
 import pytest
 
-from kproxy.backends.ipvs_netlink import (
-    FLAG_SCHED1,
-    FLAG_SCHED2,
-    AddDest,
-    AddService,
-    DeleteDest,
-    DeleteService,
-    DestKey,
-    EditDest,
-    EditService,
-    IPVSAdapter,
-    IPVSOpError,
-    Op,
-    RealServer,
-    ServiceKey,
-    VirtualServer,
-)
+from kproxy.backends.ipvs_netlink import IPVSAdapter, IPVSOpError
 from kproxy.backends.netlink import netns_socket
-from tests.vm.conftest import Run, del_netns, new_netns, sh
-from tests.vm.ipvsadm import (
-    ListedDest,
-    ListedService,
-    expected_listing,
-    parse_list,
-    parse_stats,
-    restore_text,
+from kproxy.render.ipvs import FLAG_PERSISTENT, FLAG_SCHED1, FLAG_SCHED2, Dest, VirtualServer, VSKey
+from kproxy.render.ipvs_diff import (
+    AddDest,
+    AddVS,
+    DelDest,
+    DelVS,
+    EditDest,
+    EditVS,
+    ObservedDest,
+    ObservedVS,
+    Op,
+    diff_ipvs,
 )
+from tests.vm.conftest import Run, del_netns, new_netns, sh
+from tests.vm.ipvsadm import ListedDest, ListedService, parse_list, parse_stats, restore_text
 
 pytestmark = pytest.mark.vm
 
-Table = dict[VirtualServer, list[RealServer]]
+Table = dict[VSKey, VirtualServer]
 
 
 # -- builders ------------------------------------------------------------------------------------
-def make_vs(address: str, port: int = 80, protocol: str = "TCP", **kw: object) -> VirtualServer:
-    kw.setdefault("scheduler", "rr")
-    return VirtualServer(address, protocol, port, **kw)  # type: ignore[arg-type]
+def make_vs(
+    address: str,
+    port: int = 80,
+    protocol: str = "TCP",
+    *,
+    scheduler: str = "rr",
+    flags: int = 0,
+    timeout: int = 0,
+    dests: Iterable[Dest] = (),
+) -> VirtualServer:
+    """A desired virtual server as the renderer builds one (PERSISTENT with a timeout)."""
+    flags |= FLAG_PERSISTENT if timeout else 0
+    return VirtualServer(VSKey(address, protocol, port), scheduler, flags, timeout, tuple(dests))
+
+
+def table_of(*servers: VirtualServer) -> Table:
+    return {vs.key: vs for vs in servers}
 
 
 def make_table(services: int, dests: int, *, scheduler: str = "rr") -> Table:
     """`services` TCP virtual servers 10.96.x.y:80, each with `dests` real servers :8080."""
     vbase = int(ipaddress.IPv4Address("10.96.0.0"))
     rbase = int(ipaddress.IPv4Address("10.128.0.0"))
-    table: Table = {}
-    for i in range(services):
-        vs = make_vs(str(ipaddress.IPv4Address(vbase + i)), scheduler=scheduler)
-        table[vs] = [
-            RealServer(str(ipaddress.IPv4Address(rbase + i * 16 + j)), 8080, weight=1 + j % 3)
-            for j in range(dests)
-        ]
-    return table
+    return table_of(
+        *(
+            make_vs(
+                str(ipaddress.IPv4Address(vbase + i)),
+                scheduler=scheduler,
+                dests=[
+                    Dest(str(ipaddress.IPv4Address(rbase + i * 16 + j)), 8080, weight=1 + j % 3)
+                    for j in range(dests)
+                ],
+            )
+            for i in range(services)
+        )
+    )
 
 
 def ops_for(table: Table) -> list[Op]:
-    ops: list[Op] = []
-    for vs, dests in table.items():
-        ops.append(AddService(vs))
-        ops.extend(AddDest(vs.key, rs) for rs in dests)
-    return ops
+    return [AddVS(vs) for vs in table.values()]
 
 
-def listing_of(table: Table) -> dict[tuple[str, str, int], ListedService]:
-    """What `ipvsadm -Ln` must show for `table` (connection counts 0)."""
-    out = {}
-    for vs, dests in table.items():
-        listed = expected_listing(vs)
-        for rs in dests:
-            listed.dests[(rs.address, rs.port)] = ListedDest(
-                rs.address, rs.port, rs.weight, rs.forward, active=0, inactive=0
-            )
-        out[listed.key] = listed
-    return out
+def expected_listing(vs: VirtualServer) -> ListedService:
+    """What `ipvsadm -Ln` must show for `vs` (connection counts 0), in the oracle's terms."""
+    names = {"sh": ("sh-fallback", "sh-port"), "mh": ("mh-fallback", "mh-port")}.get(vs.scheduler)
+    sched_flags = ()
+    if names:
+        sched_flags = tuple(
+            n for bit, n in zip((FLAG_SCHED1, FLAG_SCHED2), names, strict=True) if vs.flags & bit
+        )
+    listed = ListedService(
+        vs.key.protocol,
+        vs.key.address,
+        vs.key.port,
+        vs.scheduler,
+        sched_flags=sched_flags,
+        persistent=vs.timeout or None,
+    )
+    listed.dests = {
+        (d.address, d.port): ListedDest(d.address, d.port, d.weight, "masq") for d in vs.dests
+    }
+    return listed
 
 
 def assert_kernel_holds(ipvs: IPVSAdapter, ipvsadm: Run, table: Table) -> None:
-    """ipvsadm's listing and the adapter's dump both show exactly `table`."""
-    assert parse_list(ipvsadm("-Ln")) == listing_of(table)
+    """ipvsadm's listing shows exactly `table`, and the adapter's dump of it is what kproxy's
+    diff finds nothing to change in."""
+    assert parse_list(ipvsadm("-Ln")) == {k: expected_listing(vs) for k, vs in table.items()}
     dumped = ipvs.dump()
-    assert {k: (o.service, o.dests) for k, o in dumped.items()} == {
-        vs.key: (vs, {rs.key: rs for rs in dests}) for vs, dests in table.items()
+    assert {k: (o.scheduler, o.flags, o.timeout, o.netmask) for k, o in dumped.items()} == {
+        k: (vs.scheduler, vs.flags, vs.timeout, None) for k, vs in table.items()
     }
+    assert {
+        k: {(d.address, d.port, d.weight, d.forward) for d in o.dests} for k, o in dumped.items()
+    } == {k: {(d.address, d.port, d.weight, "masq") for d in vs.dests} for k, vs in table.items()}
+    assert diff_ipvs(table, dumped, owned=lambda _k: True).empty
+
+
+def dest_of(observed: ObservedVS, address: str, port: int) -> ObservedDest:
+    (found,) = [d for d in observed.dests if (d.address, d.port) == (address, port)]
+    return found
 
 
 # -- the table ---------------------------------------------------------------------------------
-MIXED: Table = {
-    make_vs("10.96.0.1", 80): [RealServer("10.244.1.5", 8080), RealServer("10.244.2.7", 8080)],
-    make_vs("10.96.0.10", 53, "UDP", scheduler="sh", flags=FLAG_SCHED1 | FLAG_SCHED2): [
-        RealServer("10.244.1.9", 53, weight=2)
-    ],
-    make_vs("10.96.0.11", 443, scheduler="wrr", timeout=10800): [
-        RealServer("10.244.3.1", 8443, weight=5),
-        RealServer("10.244.3.2", 8443, weight=0),
-    ],
-    make_vs("10.96.0.12", 9000, scheduler="lc", timeout=60, netmask=24): [],
-    make_vs("fd00:96::1", 80, scheduler="mh", flags=FLAG_SCHED2, timeout=300, netmask=64): [
-        RealServer("fd00:244::1:5", 8080, u_threshold=100, l_threshold=10)
-    ],
-    make_vs("fd00:96::2", 53, "UDP", scheduler="wlc"): [RealServer("fd00:244::2:9", 5353)],
-    make_vs("10.96.0.13", 36412, "SCTP", scheduler="dh"): [RealServer("10.244.4.4", 36412)],
-    # direct routing cannot change the port: ipvsadm gives the real server the service's
-    make_vs("192.168.50.1", 30080, scheduler="nq"): [
-        RealServer("10.244.1.5", 30080, forward="route")
-    ],
-}
+MIXED: Table = table_of(
+    make_vs("10.96.0.1", 80, dests=[Dest("10.244.1.5", 8080), Dest("10.244.2.7", 8080)]),
+    make_vs(
+        "10.96.0.10",
+        53,
+        "UDP",
+        scheduler="sh",
+        flags=FLAG_SCHED1 | FLAG_SCHED2,
+        dests=[Dest("10.244.1.9", 53, weight=2)],
+    ),
+    make_vs(
+        "10.96.0.11",
+        443,
+        scheduler="wrr",
+        timeout=10800,
+        dests=[Dest("10.244.3.1", 8443, weight=5), Dest("10.244.3.2", 8443, weight=0)],
+    ),
+    make_vs("10.96.0.12", 9000, scheduler="lc", timeout=60),
+    make_vs(
+        "fd00:96::1",
+        80,
+        scheduler="mh",
+        flags=FLAG_SCHED2,
+        timeout=300,
+        dests=[Dest("fd00:244::1:5", 8080)],
+    ),
+    make_vs("fd00:96::2", 53, "UDP", scheduler="wlc", dests=[Dest("fd00:244::2:9", 5353)]),
+    make_vs("10.96.0.13", 36412, "SCTP", scheduler="dh", dests=[Dest("10.244.4.4", 36412)]),
+)
 
 
 def test_applied_table_matches_ipvsadm_listing(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
     result = ipvs.apply(ops_for(MIXED))
     assert result.ok, result.failures
-    assert result.done == sum(1 + len(d) for d in MIXED.values())
+    assert result.done == result.messages == sum(1 + len(vs.dests) for vs in MIXED.values())
     assert_kernel_holds(ipvs, ipvsadm, MIXED)
     # --persistent-conn shows the same real servers and weights
     persist = parse_list(ipvsadm("-Ln", "--persistent-conn"))
     assert {k: {d: x.weight for d, x in s.dests.items()} for k, s in persist.items()} == {
-        vs.key: {(rs.address, rs.port): rs.weight for rs in dests} for vs, dests in MIXED.items()
+        k: {(d.address, d.port): d.weight for d in vs.dests} for k, vs in MIXED.items()
     }
 
 
@@ -147,37 +181,71 @@ def test_every_scheduler(ipvs: IPVSAdapter, ipvsadm: Run, scheduler: str) -> Non
 
 
 def test_ipvsadm_programmed_table_dumps_as_objects(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
-    ipvsadm("-R", stdin=restore_text(MIXED))
+    ipvsadm("-R", stdin=restore_text(expected_listing(vs) for vs in MIXED.values()))
     assert_kernel_holds(ipvs, ipvsadm, MIXED)
+
+
+def test_kernel_only_facts_are_observed_and_the_diff_repairs_forwarding(
+    ipvs: IPVSAdapter, ipvsadm: Run
+) -> None:
+    """What kproxy never sets (a persistence netmask, direct routing), programmed by ipvsadm,
+    shows on the observed records; the diff turns a direct-routing real server back to
+    masquerade."""
+    odd = [
+        ListedService("TCP", "10.96.0.12", 9000, "lc", persistent=60, mask="255.255.255.0"),
+        ListedService("TCP", "fd00:96::1", 80, "mh", ("mh-port",), persistent=300, mask="64"),
+        # direct routing cannot change the port: ipvsadm gives the real server the service's
+        ListedService("TCP", "192.168.50.1", 30080, "nq"),
+    ]
+    odd[2].dests = {("10.244.1.5", 30080): ListedDest("10.244.1.5", 30080, 1, "route")}
+    ipvsadm("-R", stdin=restore_text(odd))
+    assert parse_list(ipvsadm("-Ln")) == {svc.key: svc for svc in odd}
+    dumped = ipvs.dump()
+    assert {k: (o.scheduler, o.flags, o.timeout, o.netmask) for k, o in dumped.items()} == {
+        VSKey("10.96.0.12", "TCP", 9000): ("lc", FLAG_PERSISTENT, 60, 24),
+        VSKey("fd00:96::1", "TCP", 80): ("mh", FLAG_SCHED2 | FLAG_PERSISTENT, 300, 64),
+        VSKey("192.168.50.1", "TCP", 30080): ("nq", 0, 0, None),
+    }
+    routed = dumped[VSKey("192.168.50.1", "TCP", 30080)].dests
+    assert [(d.address, d.port, d.weight, d.forward) for d in routed] == [
+        ("10.244.1.5", 30080, 1, "route")
+    ]
+    want = make_vs("192.168.50.1", 30080, scheduler="nq", dests=[Dest("10.244.1.5", 30080)])
+    plan = diff_ipvs({want.key: want}, {want.key: dumped[want.key]}, owned=lambda _k: True)
+    assert plan.ops == (EditDest(want.key, Dest("10.244.1.5", 30080)),)
+    assert ipvs.apply(plan.ops).ok
+    (fixed,) = ipvs.dump()[want.key].dests
+    assert (fixed.forward, fixed.weight) == ("masq", 1)
 
 
 def test_edit_service_and_dest(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
     table = make_table(3, 3)
     ipvs.apply(ops_for(table))
-    (vs0, _dests0), (vs1, dests1) = list(table.items())[:2]
-    new0 = make_vs(vs0.address, scheduler="sh", flags=FLAG_SCHED1, timeout=900)
-    reweighted = RealServer(dests1[0].address, dests1[0].port, weight=0)
-    result = ipvs.apply([EditService(new0), EditDest(vs1.key, reweighted)])
+    vs0, vs1 = list(table.values())[:2]
+    new0 = replace(vs0, scheduler="sh", flags=FLAG_SCHED1 | FLAG_PERSISTENT, timeout=900)
+    reweighted = Dest(vs1.dests[0].address, vs1.dests[0].port, weight=0)
+    result = ipvs.apply([EditVS(new0), EditDest(vs1.key, reweighted)])
     assert result.ok, result.failures
-    table[new0] = table.pop(vs0)
-    table[vs1] = [reweighted, *dests1[1:]]
+    table[vs0.key] = new0
+    table[vs1.key] = replace(vs1, dests=(reweighted, *vs1.dests[1:]))
     assert_kernel_holds(ipvs, ipvsadm, table)
     # persistence off again
-    plain = make_vs(vs0.address, scheduler="rr")
-    ipvs.edit_service(plain)
-    table[plain] = table.pop(new0)
+    plain = replace(vs0, scheduler="rr")
+    ipvs.apply_one(EditVS(plain))
+    table[vs0.key] = plain
     assert_kernel_holds(ipvs, ipvsadm, table)
 
 
 def test_delete_and_idempotence(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
     table = make_table(3, 2)
     ipvs.apply(ops_for(table))
-    (vs0, _d0), (vs1, dests1) = list(table.items())[:2]
-    ops: list[Op] = [DeleteService(vs0.key), DeleteDest(vs1.key, dests1[0].key)]
+    vs0, vs1 = list(table.values())[:2]
+    gone = vs1.dests[0]
+    ops: list[Op] = [DelVS(vs0.key), DelDest(vs1.key, gone.address, gone.port)]
     first = ipvs.apply(ops)
     assert first.ok and first.already == 0
-    del table[vs0]
-    table[vs1] = dests1[1:]
+    del table[vs0.key]
+    table[vs1.key] = replace(vs1, dests=vs1.dests[1:])
     assert_kernel_holds(ipvs, ipvsadm, table)
     again = ipvs.apply(ops)  # both already gone: success, counted as already
     assert again.ok and again.done == 2 and again.already == 2
@@ -187,50 +255,49 @@ def test_delete_and_idempotence(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
 def test_add_of_existing_objects_edits_them(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
     table = make_table(1, 2)
     ipvs.apply(ops_for(table))
-    (vs, dests) = next(iter(table.items()))
-    wanted = make_vs(vs.address, scheduler="wlc", timeout=30)
-    heavier = RealServer(dests[0].address, dests[0].port, weight=7)
-    result = ipvs.apply([AddService(wanted), AddDest(vs.key, heavier)])
+    (vs,) = table.values()
+    wanted = make_vs(vs.key.address, scheduler="wlc", timeout=30)
+    heavier = Dest(vs.dests[0].address, vs.dests[0].port, weight=7)
+    result = ipvs.apply([AddVS(wanted), AddDest(vs.key, heavier)])
     assert result.ok and result.already == 2 and result.done == 2
-    assert_kernel_holds(ipvs, ipvsadm, {wanted: [heavier, dests[1]]})
+    assert_kernel_holds(ipvs, ipvsadm, table_of(replace(wanted, dests=(heavier, vs.dests[1]))))
 
 
 def test_failures_are_reported_per_op_and_the_batch_goes_on(
     ipvs: IPVSAdapter, ipvsadm: Run
 ) -> None:
     good = make_vs("10.96.7.1")
-    missing = ServiceKey("10.96.7.2", "TCP", 80)
+    missing = VSKey("10.96.7.2", "TCP", 80)
     bad_sched = make_vs("10.96.7.3", scheduler="nosuch")
     ops: list[Op] = [
-        AddService(good),
-        AddDest(missing, RealServer("10.244.0.1", 80)),
-        AddService(bad_sched),
-        EditDest(good.key, RealServer("10.244.0.2", 80)),
-        AddDest(good.key, RealServer("10.244.0.3", 80)),
+        AddVS(good),
+        AddDest(missing, Dest("10.244.0.1", 80)),
+        AddVS(bad_sched),
+        EditDest(good.key, Dest("10.244.0.2", 80)),
+        AddDest(good.key, Dest("10.244.0.3", 80)),
     ]
     result = ipvs.apply(ops)
     failed = {type(f.op).__name__: f.errno for f in result.failures}
-    assert set(failed) == {"AddDest", "AddService", "EditDest"}
+    assert set(failed) == {"AddDest", "AddVS", "EditDest"}
     assert failed["AddDest"] == errno.ESRCH
     assert failed["EditDest"] == errno.ENOENT
     assert result.done == 2
-    assert_kernel_holds(ipvs, ipvsadm, {good: [RealServer("10.244.0.3", 80)]})
+    assert_kernel_holds(ipvs, ipvsadm, table_of(replace(good, dests=(Dest("10.244.0.3", 80),))))
     with pytest.raises(IPVSOpError) as info:
-        ipvs.add_dest(missing, RealServer("10.244.0.1", 80))
+        ipvs.apply_one(AddDest(missing, Dest("10.244.0.1", 80)))
     assert info.value.errno == errno.ESRCH
 
 
 def test_batch_2000_services_x_10_real_servers(ipvs: IPVSAdapter, ipvsadm: Run) -> None:
     table = make_table(2000, 10)
-    ops = ops_for(table)
-    result = ipvs.apply(ops)
+    result = ipvs.apply(ops_for(table))
     assert result.ok, result.failures[:3]
-    assert result.done == len(ops) == 22000
-    assert result.sends < len(ops) / 100  # batched: far fewer datagrams than requests
+    assert result.done == result.messages == 22000
+    assert result.sends < 22000 / 100  # batched: far fewer datagrams than requests
     print(f"\n2000x10 via netlink batches: {result.seconds:.2f} s, {result.sends} sends")
     assert_kernel_holds(ipvs, ipvsadm, table)
     # and take it all down again in one batch
-    down = ipvs.apply([DeleteService(vs.key) for vs in table])
+    down = ipvs.apply([DelVS(key) for key in table])
     assert down.ok and down.already == 0
     assert ipvs.dump() == {}
     assert parse_list(ipvsadm("-Ln")) == {}
@@ -240,9 +307,11 @@ def test_without_cap_net_admin_apply_raises(vm_netns: str) -> None:
     """EPERM is fatal: a process without CAP_NET_ADMIN gets IPVSPermissionError."""
     code = (
         "import sys\n"
-        "from kproxy.backends.ipvs_netlink import *\n"
+        "from kproxy.backends.ipvs_netlink import IPVSAdapter, IPVSPermissionError\n"
+        "from kproxy.render.ipvs import VirtualServer, VSKey\n"
+        "from kproxy.render.ipvs_diff import AddVS\n"
         "try:\n"
-        "    IPVSAdapter().apply([AddService(VirtualServer('10.96.0.1', 'TCP', 80, 'rr'))])\n"
+        "    IPVSAdapter().apply([AddVS(VirtualServer(VSKey('10.96.0.1', 'TCP', 80), 'rr'))])\n"
         "except IPVSPermissionError as e:\n"
         "    print('EPERM', e); sys.exit(0)\n"
         "sys.exit(1)\n"
@@ -330,41 +399,41 @@ def test_connection_counts_and_stats(
     vip = "10.96.5.5"
     sh("ip", "link", "add", "kube-ipvs0", "type", "dummy", netns=vm_netns)
     sh("ip", "address", "add", f"{vip}/32", "dev", "kube-ipvs0", netns=vm_netns)
-    vs = make_vs(vip, 80)
-    ipvs.apply([AddService(vs), AddDest(vs.key, RealServer("10.250.0.2", 8080))])
+    vs = make_vs(vip, 80, dests=[Dest("10.250.0.2", 8080)])
+    ipvs.apply([AddVS(vs)])
     open_conns = [topology.connect(vip, 80) for _ in range(3)]
     open_conns.pop().close()  # one closed by the client: no longer active
     deadline = time.monotonic() + 10
     while True:
-        dest = ipvs.dump()[vs.key].dests[DestKey("10.250.0.2", 8080)]
-        if dest.active_conns == 2 or time.monotonic() > deadline:
+        dest = dest_of(ipvs.dump()[vs.key], "10.250.0.2", 8080)
+        if dest.active == 2 or time.monotonic() > deadline:
             break
         time.sleep(0.2)
-    assert dest.active_conns == 2
+    assert dest.active == 2
     assert dest.connections == 3  # the closed one lingers as inactive until it expires
     listed = parse_list(ipvsadm("-Ln"))[(vip, "TCP", 80)].dests[("10.250.0.2", 8080)]
-    assert (listed.active, listed.inactive) == (dest.active_conns, dest.inactive_conns)
+    assert (listed.active, listed.inactive) == (dest.active, dest.inactive)
     # the kernel folds its per-CPU counters into the totals every 2 s (the rate estimator)
     deadline = time.monotonic() + 10
     while True:
         observed = ipvs.dump()[vs.key]
-        assert observed.service.stats is not None
-        if observed.service.stats.conns == 3 or time.monotonic() > deadline:
+        assert observed.stats is not None
+        if observed.stats.conns == 3 or time.monotonic() > deadline:
             break
         time.sleep(0.5)
-    assert observed.service.stats.conns == 3
+    assert observed.stats.conns == 3
     stats = parse_stats(ipvsadm("-Ln", "--stats", "--exact"))[(vip, "TCP", 80)]
-    assert stats[0].conns == observed.service.stats.conns
-    assert stats[0].inpkts >= observed.service.stats.inpkts > 0
-    dest_stats = observed.dests[DestKey("10.250.0.2", 8080)].stats
+    assert stats[0].conns == observed.stats.conns
+    assert stats[0].inpkts >= observed.stats.inpkts > 0
+    dest_stats = dest_of(observed, "10.250.0.2", 8080).stats
     assert dest_stats is not None
     assert stats[1][("10.250.0.2", 8080)].outbytes >= dest_stats.outbytes > 0
     # draining: weight 0 keeps the established connections, takes no new ones
-    ipvs.edit_dest(vs.key, RealServer("10.250.0.2", 8080, weight=0))
+    ipvs.apply_one(EditDest(vs.key, Dest("10.250.0.2", 8080, weight=0)))
     for c in open_conns:
         c.sendall(b"x")
-    dest = ipvs.dump()[vs.key].dests[DestKey("10.250.0.2", 8080)]
-    assert dest.weight == 0 and dest.active_conns == 2
+    dest = dest_of(ipvs.dump()[vs.key], "10.250.0.2", 8080)
+    assert dest.weight == 0 and dest.active == 2
     with pytest.raises(OSError):
         topology.connect(vip, 80)
     for c in open_conns:
