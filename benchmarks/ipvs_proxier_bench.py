@@ -15,7 +15,14 @@ per namespace), so runs never see each other's state. What is timed:
   rendering, the kernel dump (empty), the diff, ipsets, companion rules, the VIPs on kube-ipvs0
   and the batched IPVS netlink apply; its IPVS part alone is reported too;
 - one endpoint change: one EndpointSlice of one service gets one endpoint replaced, then the
-  partial sync from `Store.take()` to the kernel, repeated; p50/p90/max.
+  partial sync from `Store.take()` to the kernel, repeated; p50/p90/max. Beside it, the same
+  change made by `ipvsadm` in the same table: the operations kproxy's plan held for it, undone
+  and then redone by one `ipvsadm -R` each (a process start plus one netlink round trip per
+  operation, what a script driving ipvsadm would pay); the ratio is kproxy's p50 over ipvsadm's;
+- idle periodic sync: what the sync loop does every `--ipvs-sync-period` when nothing changed:
+  the drift check (`IPVSProxier.drift`, one counted read of /proc/net/ip_vs) and a partial
+  sync with no changes; beside it the full resync (whole table read back) that periodic syncs
+  were before, which now runs only at start-up, after failures or drift, and once an hour.
 
 Results print as a table and as JSON (--json FILE).
 """
@@ -114,6 +121,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     out["ipvs_apply_s"] = proxier.timings.get("ipvs", 0.0)
 
     changes_s: list[float] = []
+    raw_s: list[float] = []
     for k in range(args.changes):
         i = (k * 7919) % args.services
         eps = list(
@@ -134,19 +142,65 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
         snap, changes = store.take()
         proxier.sync(snap, changes, full=False)
         changes_s.append(time.perf_counter() - t)
+        raw_s.extend(_raw_same_change(proxier.last_plan))
+    if raw_s:
+        ordered = sorted(raw_s)
+        out["raw_change_p50_ms"] = statistics.median(ordered) * 1000
+        out["raw_change_p90_ms"] = ordered[int(len(ordered) * 0.9) - 1] * 1000
     if changes_s:
         ordered = sorted(changes_s)
         out["change_p50_ms"] = statistics.median(ordered) * 1000
         out["change_p90_ms"] = ordered[int(len(ordered) * 0.9) - 1] * 1000
         out["change_max_ms"] = ordered[-1] * 1000
         out["change_parts_s"] = dict(proxier.timings)
-    # a periodic full resync with nothing changed
+    # an idle periodic sync: the drift check, then a partial sync with nothing to do
+    idle, checks = [], []
+    for _ in range(3):
+        t = time.perf_counter()
+        found = proxier.drift()
+        checks.append(time.perf_counter() - t)
+        assert found is None, found
+        snap, changes = store.take()
+        proxier.sync(snap, changes, full=False)
+        idle.append(time.perf_counter() - t)
+    out["drift_check_s"] = statistics.median(checks)
+    out["idle_periodic_s"] = statistics.median(idle)
+    # the old periodic sync: a full resync with nothing changed
     snap, changes = store.take()
     t = time.perf_counter()
     proxier.sync(snap, changes, full=True)
     out["resync_s"] = time.perf_counter() - t
     out["resync_parts_s"] = dict(proxier.timings)
     return out
+
+
+def _ipvsadm_line(op: Any, *, undo: bool) -> str:
+    """One `ipvsadm -R` line for a real server operation of a plan (or its inverse)."""
+    from kproxy.render import ipvs_diff as D
+
+    flag = {"TCP": "-t", "UDP": "-u", "SCTP": "--sctp-service"}[op.key.protocol]
+    vs = f"{flag} {op.key.address}:{op.key.port}"
+    if isinstance(op, D.DelDest):
+        rs = f"{op.address}:{op.port}"
+        return f"-a {vs} -r {rs} -m -w 1" if undo else f"-d {vs} -r {rs}"
+    rs = f"{op.dest.address}:{op.dest.port}"
+    if isinstance(op, D.AddDest):
+        return f"-d {vs} -r {rs}" if undo else f"-a {vs} -r {rs} -m -w {op.dest.weight}"
+    if isinstance(op, D.EditDest):
+        return f"-e {vs} -r {rs} -m -w {1 if undo else op.dest.weight}"
+    raise ValueError(f"not a real server operation: {op!r}")
+
+
+def _raw_same_change(plan: Any) -> list[float]:
+    """Undo kproxy's last change with ipvsadm, then time ipvsadm making it again."""
+    undo = "".join(_ipvsadm_line(op, undo=True) + "\n" for op in reversed(plan.ops))
+    redo = "".join(_ipvsadm_line(op, undo=False) + "\n" for op in plan.ops)
+    if not redo:
+        return []
+    subprocess.run(["ipvsadm", "-R"], input=undo, text=True, check=True)
+    t = time.perf_counter()
+    subprocess.run(["ipvsadm", "-R"], input=redo, text=True, check=True)
+    return [time.perf_counter() - t]
 
 
 def run_in_fresh_netns(args: argparse.Namespace, mode: str, services: int) -> dict[str, Any]:
@@ -206,6 +260,16 @@ def main() -> int:
             f"IPVS apply {mine['ipvs_apply_s']:.2f} s ({row['ratio_ipvs']:.2f}x) | "
             f"one endpoint change p50 {mine.get('change_p50_ms', 0):.1f} ms "
             f"p90 {mine.get('change_p90_ms', 0):.1f} ms | idle resync {mine['resync_s']:.2f} s",
+            flush=True,
+        )
+        raw50 = mine.get("raw_change_p50_ms", 0.0)
+        print(
+            f"        same change by ipvsadm -R: p50 {raw50:.1f} ms "
+            f"p90 {mine.get('raw_change_p90_ms', 0):.1f} ms "
+            f"(kproxy/ipvsadm p50 {mine.get('change_p50_ms', 0) / raw50 if raw50 else 0:.2f}) | "
+            f"idle periodic sync {mine['idle_periodic_s'] * 1000:.0f} ms "
+            f"(drift check {mine['drift_check_s'] * 1000:.0f} ms) vs full resync "
+            f"{mine['resync_s']:.2f} s",
             flush=True,
         )
         for label, key in (

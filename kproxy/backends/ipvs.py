@@ -182,6 +182,10 @@ class IPVSProxier:
         self._claims: dict[R.VSKey, dict[Ref, R.VirtualServer]] = {}
         self._entries: Counter[Entry] = Counter()
         self._observed: dict[R.VSKey, D.ObservedVS] = {}
+        # real servers per virtual server of this family as the kernel holds them after kproxy's
+        # last write (all of them, kproxy's or not): what `drift` compares /proc/net/ip_vs with
+        self._dest_counts: dict[R.VSKey, int] = {}
+        self._dest_total = 0
         self._draining: set[R.VSKey] = set()
         self.last_plan: D.Plan = D.Plan()
         self.timings: dict[str, float] = {}
@@ -224,6 +228,43 @@ class IPVSProxier:
         except Exception as err:
             self._failed()
             raise SyncError(f"IPVS sync: {err}") from err
+
+    # -- drift ------------------------------------------------------------------------------------
+    def drift(self) -> str | None:
+        """The periodic check (kproxy.backends.base.DriftCheck): None while the kernel holds as
+        many virtual servers and real servers of this family as kproxy's record says; else what
+        differs, and the next sync is a full one (which reads the whole table back).
+
+        One read of /proc/net/ip_vs, counted without parsing: an outside `ipvsadm -D`/`-d`/`-a`
+        or a flush shows at once; an outside weight or scheduler edit does not (the full
+        resync period catches those)."""
+        if self._needs_full or not self._started:
+            return None  # the next sync is full anyway
+        try:
+            data = procfs.read_bytes()
+        except OSError:
+            return None  # no cheap way to look: the full-sync period stays the backstop
+        services, dests = procfs.count(data, self.family)
+        want = (len(self._observed), self._dest_total)
+        if (services, dests) == want:
+            return None
+        self._needs_full = True
+        return (
+            f"the IPVS table holds {services} IPv{self.family} virtual servers with {dests} real "
+            f"servers, kproxy wrote {want[0]} with {want[1]}"
+        )
+
+    def _set_dest_counts(self, counts: Mapping[R.VSKey, int], *, replace_all: bool) -> None:
+        if replace_all:
+            self._dest_counts = dict(counts)
+            self._dest_total = sum(counts.values())
+            return
+        for key, n in counts.items():  # O(changed), not O(table): partial syncs stay cheap
+            self._dest_total += n - self._dest_counts.get(key, 0)
+            self._dest_counts[key] = n
+
+    def _forget_dest_counts(self, key: R.VSKey) -> None:
+        self._dest_total -= self._dest_counts.pop(key, 0)
 
     def _failed(self) -> None:
         # The next sync reads the whole kernel state again and renders every service anew
@@ -324,6 +365,7 @@ class IPVSProxier:
         for ref in sorted(contrib):
             self._add_contribution(ref, contrib[ref])
         self._observed = _after(observed, plan, desired.servers)
+        self._set_dest_counts(_dest_counts_after(observed, plan), replace_all=True)
         self._draining = set(plan.draining)
         self._contrib_valid = True
         self.timings.update(
@@ -388,7 +430,9 @@ class IPVSProxier:
 
         for key in affected:
             self._observed.pop(key, None)
+            self._forget_dest_counts(key)
         self._observed.update(_after(observed, plan, desired))
+        self._set_dest_counts(_dest_counts_after(observed, plan), replace_all=False)
         self._draining = (self._draining - affected) | set(plan.draining)
         self.timings.update(render=t1 - t0, read=t2 - t1, apply=t3 - t2)
         return self._result(full=False, written=written, rules=None, plan=plan)
@@ -456,6 +500,24 @@ def _by_set(entries: Iterable[Entry]) -> dict[str, set[str]]:
     out: dict[str, set[str]] = {}
     for base, e in entries:
         out.setdefault(base, set()).add(e)
+    return out
+
+
+def _dest_counts_after(
+    observed: Mapping[R.VSKey, D.ObservedVS], plan: D.Plan
+) -> dict[R.VSKey, int]:
+    """Real servers per virtual server once `plan` has been applied to `observed` (draining
+    real servers are still there: they go only when a later plan deletes them)."""
+    out = {key: len(vs.dests) for key, vs in observed.items()}
+    for op in plan.ops:
+        if isinstance(op, D.DelVS):
+            out.pop(op.key, None)
+        elif isinstance(op, D.AddVS):
+            out[op.vs.key] = len(op.vs.dests)
+        elif isinstance(op, D.AddDest):
+            out[op.key] = out.get(op.key, 0) + 1
+        elif isinstance(op, D.DelDest):
+            out[op.key] = out.get(op.key, 0) - 1
     return out
 
 

@@ -545,6 +545,32 @@ def test_foreign_virtual_servers_are_left_alone(env: Env) -> None:
         env.run("ipvsadm", "-D", "-t", "192.0.2.1:9999")
 
 
+def _full_log(env: Env) -> str:
+    return env.agent.log_path.read_text(errors="replace")
+
+
+def test_idle_periodic_syncs_are_partial_and_an_outside_delete_is_repaired(env: Env) -> None:
+    vip = "10.96.0.93"
+    env.api.upsert(make_service_obj("default", "tampered", clusterIP=vip))
+    env.api.upsert(slice_of("tampered", env.local_pods, [("http", 80, "TCP")]))
+    env.wait_serving(k(vip, 80), env.local_pods)
+    # idle: the periodic syncs (every 5 s here) are partial, and so never read the table back
+    seen = len(_full_log(env))
+    eventually(lambda: "partial sync (periodic)" in _full_log(env)[seen:], timeout=30, step=0.5)
+    assert "full sync (periodic)" not in _full_log(env)[seen:]
+
+    seen = len(_full_log(env))
+    env.run("ipvsadm", "-D", "-t", f"{vip}:80")
+    assert k(vip, 80) not in env.ipvsadm()
+    # the next periodic check counts one virtual server and three real servers fewer than
+    # kproxy wrote, and the sync it triggers is full: the virtual server is back
+    env.wait_serving(k(vip, 80), env.local_pods, timeout=30)
+    log = _full_log(env)[seen:]
+    assert "changed from outside" in log and "virtual servers" in log, log[-3000:]
+    assert "full sync (tampered)" in log, log[-3000:]
+    assert http_batch(env.local_pods[0].ns, vip, 80, n=6).ok_count == 6
+
+
 # -- kproxy status / explain read the IPVS table -------------------------------------------
 def kproxy_json(env: Env, *args: str, manifests: Path | None = None) -> tuple[int, Any]:
     """Run an inspection subcommand in node1's namespace with the agent's own settings."""
