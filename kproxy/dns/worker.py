@@ -37,7 +37,6 @@ def _fds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     from kproxy.dns.engine import Engine
 
-    memtrim.limit_arenas()
     parser = argparse.ArgumentParser(prog="kproxy-dns-worker")
     parser.add_argument("--udp", default="")
     parser.add_argument("--tcp", default="")
