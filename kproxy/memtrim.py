@@ -11,7 +11,6 @@ speed. Both are no-ops where the C library is not glibc.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import logging
 
 log = logging.getLogger("kproxy")
@@ -26,7 +25,7 @@ def _glibc() -> ctypes.CDLL | None:
     if not _loaded:
         _loaded = True
         try:
-            lib = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+            lib = ctypes.CDLL("libc.so.6")  # glibc's soname (find_library would run ldconfig)
             lib.malloc_trim.argtypes = [ctypes.c_size_t]
             lib.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
             _libc = lib

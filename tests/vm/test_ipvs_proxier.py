@@ -226,7 +226,7 @@ def env() -> Iterator[Env]:
         api.upsert(slice_of("web", lab.pods_on(0)))
         agent = ManifestAgent(lab, lab.nodes[0], api.directory)
         agent.start(wait=False)
-        agent.wait_ready(timeout=300)
+        agent.wait_ready(timeout=900)  # imports over 9p under TCG crawl on a loaded host
         yield Env(lab, api, agent)
         if agent.proc is not None and agent.proc.poll() is None:
             agent.stop()
