@@ -1,6 +1,10 @@
 """The diff of a desired IPVS table against the one the kernel holds, and kproxy's ownership rule.
 
-Pure and standard-library only.
+Pure and standard-library only. With kproxy.render.ipvs (VSKey, VirtualServer, Dest) this module
+is the whole IPVS vocabulary: the observed records, the operations and the plan here are what the
+netlink codec (kproxy.backends.ipvs_netlink) encodes and decodes as they are, so nothing between
+render and the kernel translates. Desired types carry only what kproxy sets; what only the
+kernel knows (forwarding method, netmask, connection counts, counters) is on the observed ones.
 
 **Ownership** (what the diff may delete): a virtual server is kproxy's when its address is bound
 on kube-ipvs0, when its ip,proto:port is in one of kproxy's service ipsets (KUBE-CLUSTER-IP,
