@@ -12,6 +12,9 @@ to a `Sink`. Kinds are "Service", "EndpointSlice" and "Node".
 - `apply(kind, event_type, obj)` delivers one watch event: ADDED, MODIFIED or DELETED.
 
 Implementations must be thread-safe: the API source calls from one thread per kind.
+
+A `Source` (kproxy.kube.watch.KubeSource, kproxy.kube.manifests.ManifestSource) feeds a sink from
+its own threads once started, until the stop event it was built with is set.
 """
 
 from __future__ import annotations
@@ -29,3 +32,14 @@ class Sink(Protocol):
     def replace(self, kind: str, objects: Iterable[RawObject]) -> None: ...
 
     def apply(self, kind: str, event_type: str, obj: RawObject) -> None: ...
+
+
+class Source(Protocol):
+    def start(self) -> None:
+        """Start feeding the sink (returns at once)."""
+
+    def wait_synced(self, timeout: float) -> bool:
+        """True once every kind was listed at least once (waits up to `timeout` seconds)."""
+
+    def join(self, timeout: float) -> bool:
+        """After the stop event: wait for the source's threads; True when they all ended."""
