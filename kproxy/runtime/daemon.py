@@ -242,7 +242,7 @@ class Daemon:
             self.store,
             self.planes,
             metrics=self.metrics,
-            followups=self.followups,
+            after_sync=self.followups.after_sync,
             on_synced=self._synced,
             dns_service_ip=s.dns_service_ip if s.dns else "",
         )

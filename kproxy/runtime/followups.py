@@ -62,7 +62,7 @@ class FollowUps:
         ips = [ip for p in self.planes if p.options.nodeport_ips for ip in p.options.nodeport_ips]
         self.service_health = ServiceHealthServer(bind_ip=ips or "", proxy_healthy=proxy_healthy)
 
-    def after_sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> None:
+    def after_sync(self, snapshot: Snapshot, changes: Changes, full: bool) -> None:
         """Stale UDP conntrack cleanup and health-check ports, from the views that changed."""
         changed: list[Mapping[Ref, Views]] = []
         plan: StaleFlowPlan | None = None

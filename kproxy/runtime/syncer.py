@@ -16,7 +16,6 @@ from kproxy.backends.base import DriftCheck, SyncError, SyncResult
 from kproxy.metrics import Metrics
 from kproxy.model.store import Changes, Snapshot, Store, without_proxy_for
 from kproxy.runtime.dataplane import Plane
-from kproxy.runtime.followups import FollowUps
 from kproxy.runtime.runner import SyncPlan
 
 log = logging.getLogger("kproxy")
@@ -29,16 +28,17 @@ class Syncer:
         planes: Sequence[Plane],
         *,
         metrics: Metrics,
-        followups: FollowUps,
+        after_sync: Callable[[Snapshot, Changes, bool], None],
         on_synced: Callable[[int], None],
         dns_service_ip: str = "",
     ) -> None:
-        """`on_synced(services)` after every sync that landed (health, readiness);
+        """`after_sync(snapshot, changes, full)` (kproxy.runtime.followups) and
+        `on_synced(services)` (health, readiness) after every sync that landed;
         `dns_service_ip`: the Service address kproxy's DNS answers on itself (left unproxied)."""
         self.store = store
         self.planes = list(planes)
         self.metrics = metrics
-        self.followups = followups
+        self.after_sync = after_sync
         self.on_synced = on_synced
         self.dns_service_ip = dns_service_ip
         self.wanted: tuple[Snapshot, float] | None = None  # last snapshot handed to the planes
@@ -110,7 +110,7 @@ class Syncer:
         if not full and any(r.full for r in results):
             full, reason = True, "proxier"  # the proxier found it had to rewrite everything
         self._record(snapshot, changes, results, elapsed=elapsed, full=full, reason=reason)
-        self.followups.after_sync(snapshot, changes, full=full)
+        self.after_sync(snapshot, changes, full)
         if full:
             memtrim.trim()  # the full render's text is gone: give its pages back
         return True, full

@@ -1,20 +1,18 @@
-"""The daemon's side of the sync triggers: what a periodic sync does with each kind of proxier
+"""The syncer's side of the sync triggers: what a periodic sync does with each kind of proxier
 (a drift check that finds nothing, one that finds tampering, none at all), with fake proxiers
 in place of the kernel backends."""
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from kproxy.backends.base import SyncResult
-from kproxy.config import Settings
+from kproxy.metrics import Metrics
 from kproxy.model.options import ProxyOptions
-from kproxy.model.store import Changes, Snapshot
-from kproxy.runtime.daemon import Daemon
+from kproxy.model.store import Changes, Snapshot, Store
 from kproxy.runtime.dataplane import Plane
 from kproxy.runtime.runner import SyncPlan
+from kproxy.runtime.syncer import Syncer
 
 
 class FakeProxier:
@@ -44,32 +42,36 @@ class CheckingProxier(FakeProxier):
         return self.found
 
 
-def daemon_with(proxier: FakeProxier, tmp_path: Path) -> Daemon:
-    daemon = Daemon(Settings(manifests=str(tmp_path), dns=False, conntrack_udp_cleanup=False))
-    daemon.planes = [Plane(family=4, options=ProxyOptions(node_name="n"), proxier=proxier)]
-    return daemon
+def daemon_with(proxier: FakeProxier) -> Syncer:
+    return Syncer(
+        Store(),
+        [Plane(family=4, options=ProxyOptions(node_name="n"), proxier=proxier)],
+        metrics=Metrics(),
+        after_sync=lambda snapshot, changes, full: None,
+        on_synced=lambda services: None,
+    )
 
 
 PERIODIC = SyncPlan(full=False, reason="periodic", check=True)
 
 
-def counter(daemon: Daemon, name: str, reason: str) -> float:
+def counter(daemon: Syncer, name: str, reason: str) -> float:
     value = daemon.metrics.registry.get_sample_value(f"{name}_total", {"reason": reason})
     return value or 0.0
 
 
-def test_periodic_sync_with_an_intact_dataplane_is_partial(tmp_path: Path) -> None:
+def test_periodic_sync_with_an_intact_dataplane_is_partial() -> None:
     proxier = CheckingProxier(found=None)
-    daemon = daemon_with(proxier, tmp_path)
-    assert daemon._sync(PERIODIC) == (True, False)
+    daemon = daemon_with(proxier)
+    assert daemon.sync(PERIODIC) == (True, False)
     assert proxier.checks == 1 and proxier.calls == [False]
     assert counter(daemon, "kproxy_sync_partial_proxy_rules", "periodic") == 1
 
 
-def test_periodic_sync_that_finds_tampering_is_full(tmp_path: Path) -> None:
+def test_periodic_sync_that_finds_tampering_is_full() -> None:
     proxier = CheckingProxier(found="nat: KUBE-SVC-X flushed")
-    daemon = daemon_with(proxier, tmp_path)
-    assert daemon._sync(PERIODIC) == (True, True)
+    daemon = daemon_with(proxier)
+    assert daemon.sync(PERIODIC) == (True, True)
     assert proxier.calls == [True]
     assert counter(daemon, "kproxy_sync_full_proxy_rules", "tampered") == 1
     assert daemon.metrics.registry.get_sample_value(
@@ -77,16 +79,16 @@ def test_periodic_sync_that_finds_tampering_is_full(tmp_path: Path) -> None:
     ) == pytest.approx(1)
 
 
-def test_change_syncs_skip_the_check(tmp_path: Path) -> None:
+def test_change_syncs_skip_the_check() -> None:
     proxier = CheckingProxier(found="would be drift")
-    daemon = daemon_with(proxier, tmp_path)
-    assert daemon._sync(SyncPlan(full=False, reason="change")) == (True, False)
+    daemon = daemon_with(proxier)
+    assert daemon.sync(SyncPlan(full=False, reason="change")) == (True, False)
     assert proxier.checks == 0 and proxier.calls == [False]
 
 
-def test_a_proxier_without_a_check_gets_a_full_periodic_sync(tmp_path: Path) -> None:
+def test_a_proxier_without_a_check_gets_a_full_periodic_sync() -> None:
     proxier = FakeProxier()
-    daemon = daemon_with(proxier, tmp_path)
-    assert daemon._sync(PERIODIC) == (True, True)
+    daemon = daemon_with(proxier)
+    assert daemon.sync(PERIODIC) == (True, True)
     assert proxier.calls == [True]
     assert counter(daemon, "kproxy_sync_full_proxy_rules", "periodic") == 1
