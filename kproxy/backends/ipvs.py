@@ -43,7 +43,7 @@ import shutil
 import subprocess
 import time
 from collections import Counter
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from typing import Protocol
 
@@ -164,7 +164,12 @@ class IPVSProxier:
         device: AddressDevice | None = None,
         ipsets: IPSets | None = None,
         rules: CompanionRules | None = None,
+        sysctls: Callable[[int], object] = set_sysctls,
+        interfaces: Callable[[int], Mapping[str, set[str]]] = address_map,
+        read_dests: Callable[[], Mapping[R.VSKey, list[D.ObservedDest]]] = procfs.read,
     ) -> None:
+        """The collaborators default to the kernel's; tests inject in-memory ones (and the
+        host-touching `sysctls`, `interfaces` and /proc reader `read_dests`)."""
         self.options = options
         self.ipvs_options = ipvs_options or IPVSOptions()
         self.family = options.family
@@ -173,10 +178,16 @@ class IPVSProxier:
         self._device = device
         self.ipsets = ipsets or IPSets(options.family)
         self._rules = rules
+        self._sysctls = sysctls
+        self._interfaces = interfaces
+        self._read_dests = read_dests
         self._started = False
         self._needs_full = True
         self._contrib_valid = False
-        # what the last sync left in the kernel, as kproxy knows it
+        # what the last sync left in the kernel, as kproxy knows it. These are records of what
+        # was programmed (reference-counted claims on shared virtual servers, ipset entries and
+        # addresses), not a copy of the model: the previous *model* state is not enough to undo
+        # a service's share of a virtual server another service also claims.
         self._renderer = R.IPVSRenderer(options, scheduler=self.scheduler)
         self._contrib: dict[Ref, R.ServiceIPVS] = {}
         self._claims: dict[R.VSKey, dict[Ref, R.VirtualServer]] = {}
@@ -281,7 +292,7 @@ class IPVSProxier:
             self.ipvs  # noqa: B018  (opening the netlink family loads ip_vs when it can)
         except N.IPVSUnavailable as err:
             raise SyncError(f"{err}; IPVS mode needs the ip_vs kernel module") from err
-        set_sysctls(self.family)
+        self._sysctls(self.family)
         o = self.ipvs_options
         set_timeouts(o.tcp_timeout, o.tcpfin_timeout, o.udp_timeout)
         self.device.ensure()
@@ -291,7 +302,7 @@ class IPVSProxier:
     def _addresses(self) -> tuple[set[str], ProxyOptions]:
         """(addresses on kube-ipvs0, the options with this moment's node addresses): one read
         of every interface."""
-        return node_options(self.options, address_map(self.family))
+        return node_options(self.options, self._interfaces(self.family))
 
     def _read_table(self) -> dict[R.VSKey, D.ObservedVS]:
         """The kernel's virtual servers of this family with their real servers: one netlink
@@ -299,7 +310,7 @@ class IPVSProxier:
         service when /proc cannot be read."""
         services = [vs for vs in self.ipvs.services() if vs.key.family == self.family]
         try:
-            dests = procfs.read()
+            dests = self._read_dests()
         except OSError as err:
             log.info(
                 "reading %s failed (%s): one netlink dump per virtual server", procfs.PATH, err

@@ -1,0 +1,103 @@
+"""IPVSProxier through in-memory collaborators (tests.support.fakes): partial syncs touch only
+the changed services' virtual servers, a removed endpoint with connections drains (weight 0)
+before it is deleted, and a failed apply makes the next sync full. No root, no ip_vs module;
+the VM tier (tests/vm) checks the same proxier against a real kernel."""
+
+from __future__ import annotations
+
+import pytest
+
+from kproxy.backends import ipvs_netlink as N
+from kproxy.backends.base import SyncError
+from kproxy.backends.ipvs import IPVSProxier
+from kproxy.model.options import ProxyOptions
+from kproxy.model.store import Store
+from tests.support.builders import make_endpoint, make_service, make_slice
+from tests.support.fakes import FakeDevice, FakeIPSets, FakeIPVS, FakeRules
+
+
+def _store(n: int) -> Store:
+    store = Store()
+    store.replace_services(
+        [make_service(name=f"s{i}", cluster_ips=(f"172.30.0.{i + 1}",)) for i in range(n)]
+    )
+    store.replace_slices(
+        [
+            make_slice(service=f"s{i}", endpoints=[make_endpoint(f"10.1.0.{i + 1}")])
+            for i in range(n)
+        ]
+    )
+    return store
+
+
+def _proxier() -> tuple[IPVSProxier, FakeIPVS, FakeDevice, FakeRules]:
+    ipvs, device, rules = FakeIPVS(), FakeDevice(), FakeRules()
+    p = IPVSProxier(
+        options=ProxyOptions(node_name="n"),
+        ipvs=ipvs,  # type: ignore[arg-type]
+        device=device,
+        ipsets=FakeIPSets(),  # type: ignore[arg-type]
+        rules=rules,  # type: ignore[arg-type]
+        sysctls=lambda family: None,
+        interfaces=device.interfaces,
+        read_dests=ipvs.proc,
+    )
+    return p, ipvs, device, rules
+
+
+def _vip(i: int) -> N.ServiceKey:
+    return N.ServiceKey(f"172.30.0.{i + 1}", "TCP", 80)
+
+
+def test_full_then_partial_touches_only_the_changed_service() -> None:
+    store = _store(3)
+    p, ipvs, device, rules = _proxier()
+    first = p.sync(*store.take(), full=True)
+    assert first.full and set(ipvs.table) == {_vip(0), _vip(1), _vip(2)}
+    assert {"172.30.0.1", "172.30.0.2", "172.30.0.3"} <= device.bound and rules.applied == 1
+    ipvs.applied.clear()
+    store.set_slice(make_slice(service="s1", endpoints=[make_endpoint("10.1.0.9")]))
+    result = p.sync(*store.take(), full=False)
+    assert not result.full and result.services_written == 1 and rules.applied == 1
+    touched = {getattr(op, "service", None) for batch in ipvs.applied for op in batch}
+    assert touched == {_vip(1)}
+    assert set(ipvs.table[_vip(1)][1]) == {N.DestKey("10.1.0.9", 80)}
+    # a deleted service: its virtual server and its address go
+    store.delete_service(make_service(name="s2").ref)
+    p.sync(*store.take(), full=False)
+    assert _vip(2) not in ipvs.table and "172.30.0.3" not in device.bound
+
+
+def test_a_removed_endpoint_with_connections_drains_before_it_is_deleted() -> None:
+    store = _store(1)
+    store.set_slice(
+        make_slice(service="s0", endpoints=[make_endpoint("10.1.0.1"), make_endpoint("10.1.0.2")])
+    )
+    p, ipvs, _, _ = _proxier()
+    p.sync(*store.take(), full=True)
+    gone = N.DestKey("10.1.0.2", 80)
+    ipvs.connections(_vip(0), gone, active=3)
+    store.set_slice(make_slice(service="s0", endpoints=[make_endpoint("10.1.0.1")]))
+    p.sync(*store.take(), full=False)
+    assert ipvs.table[_vip(0)][1][gone].weight == 0  # drains: no new connections
+    assert not ipvs.ops(N.DeleteDest)
+    p.sync(*store.take(), full=False)  # still busy: stays
+    assert gone in ipvs.table[_vip(0)][1]
+    ipvs.connections(_vip(0), gone, active=0)
+    p.sync(*store.take(), full=False)  # idle now: the next sync deletes it
+    assert gone not in ipvs.table[_vip(0)][1]
+    assert [op.dest for op in ipvs.ops(N.DeleteDest)] == [gone]  # type: ignore[union-attr]
+
+
+def test_a_failed_apply_makes_the_next_sync_full() -> None:
+    store = _store(2)
+    p, ipvs, _, rules = _proxier()
+    p.sync(*store.take(), full=True)
+    store.set_slice(make_slice(service="s0", endpoints=[make_endpoint("10.1.0.7")]))
+    ipvs.refuse = 1
+    with pytest.raises(SyncError):
+        p.sync(*store.take(), full=False)
+    again = p.sync(*store.take(), full=False)  # nothing new changed, yet it reconciles all
+    assert again.full and rules.applied == 2
+    assert set(ipvs.table[_vip(0)][1]) == {N.DestKey("10.1.0.7", 80)}
+    assert set(ipvs.table[_vip(1)][1]) == {N.DestKey("10.1.0.2", 80)}
