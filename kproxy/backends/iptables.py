@@ -225,7 +225,11 @@ def _gc_paused() -> Iterator[None]:
 
 
 class IptablesProxier:
-    """Programs one IP family's kube-proxy-style rules. See the module docstring."""
+    """Programs one IP family's kube-proxy-style rules. See the module docstring.
+
+    It keeps a record of what it *wrote* per service (`Written`: chain names, digests, shared
+    lines), not of the model: a partial sync diffs the new rendering against what the kernel
+    holds, which after a refused service or a failed restore differs from the previous model."""
 
     def __init__(
         self,
