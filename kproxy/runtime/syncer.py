@@ -73,7 +73,7 @@ class Syncer:
             full, reason = True, "node"
         if not full and plan.check and not self._all_checkable():
             # a proxier without a cheap drift check keeps the old rule: the periodic sync
-            # rewrites everything (IPVS and nftables until they implement DriftCheck)
+            # rewrites everything (nftables until it implements DriftCheck)
             full, reason = True, "periodic"
         if not full and plan.check:
             drift = self.drift()

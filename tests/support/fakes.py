@@ -89,59 +89,66 @@ class FakeIPVS:
     every batch of operations; `refuse` fails the next batches (every operation, EPERM)."""
 
     def __init__(self) -> None:
-        self.table: dict[N.ServiceKey, tuple[N.VirtualServer, dict[N.DestKey, N.RealServer]]] = {}
-        self.applied: list[list[N.Op]] = []
+        self.table: dict[R.VSKey, D.ObservedVS] = {}
+        self.applied: list[list[D.Op]] = []
         self.refuse = 0
 
-    def services(self) -> list[N.VirtualServer]:
-        return [vs for vs, _ in self.table.values()]
+    def services(self) -> list[D.ObservedVS]:
+        return [dataclasses.replace(vs, dests=()) for vs in self.table.values()]
 
-    def dests(self, key: N.ServiceKey, *, stats: bool = True) -> dict[N.DestKey, N.RealServer]:
-        return dict(self.table[key][1]) if key in self.table else {}
+    def dests(self, key: R.VSKey, *, stats: bool = True) -> tuple[D.ObservedDest, ...]:
+        return self.table[key].dests if key in self.table else ()
 
     def proc(self) -> dict[R.VSKey, list[D.ObservedDest]]:
         """What /proc/net/ip_vs would list (IPVSProxier's `read_dests`)."""
-        return {
-            R.VSKey(*key): [
-                D.ObservedDest(
-                    rs.address, rs.port, rs.weight, rs.active_conns, rs.inactive_conns, rs.forward
-                )
-                for rs in dests.values()
-            ]
-            for key, (_vs, dests) in self.table.items()
-        }
+        return {key: list(vs.dests) for key, vs in self.table.items()}
 
-    def connections(self, key: N.ServiceKey, dest: N.DestKey, active: int) -> None:
-        _vs, dests = self.table[key]
-        dests[dest] = dataclasses.replace(dests[dest], active_conns=active)
+    def dest(self, key: R.VSKey, address: str) -> D.ObservedDest | None:
+        return next((d for d in self.dests(key) if d.address == address), None)
 
-    def apply(self, ops: Sequence[N.Op]) -> N.ApplyResult:
+    def connections(self, key: R.VSKey, address: str, active: int) -> None:
+        vs = self.table[key]
+        dests = tuple(d._replace(active=active) if d.address == address else d for d in vs.dests)
+        self.table[key] = dataclasses.replace(vs, dests=dests)
+
+    def _put_dest(self, key: R.VSKey, dest: R.Dest) -> None:
+        vs = self.table[key]
+        was = {(d.address, d.port): d for d in vs.dests}
+        old = was.get((dest.address, dest.port))
+        was[(dest.address, dest.port)] = D.ObservedDest(
+            dest.address,
+            dest.port,
+            dest.weight,
+            old.active if old else 0,
+            old.inactive if old else 0,
+        )
+        self.table[key] = dataclasses.replace(vs, dests=tuple(was.values()))
+
+    def apply(self, ops: Sequence[D.Op]) -> N.ApplyResult:
         self.applied.append(list(ops))
         if self.refuse > 0:
             self.refuse -= 1
             return N.ApplyResult(failures=tuple(N.OpFailure(op, errno.EPERM) for op in ops))
         for op in ops:
-            if isinstance(op, N.AddService | N.EditService):
-                key = N.ServiceKey(op.service.address, op.service.protocol, op.service.port)
-                old = self.table.get(key, (op.service, {}))[1]
-                self.table[key] = (op.service, old)
-            elif isinstance(op, N.DeleteService):
+            if isinstance(op, D.AddVS | D.EditVS):
+                v = op.vs
+                keep = self.table[v.key].dests if v.key in self.table else ()
+                self.table[v.key] = D.ObservedVS(v.key, v.scheduler, v.flags, v.timeout, keep)
+                if isinstance(op, D.AddVS):
+                    for d in v.dests:
+                        self._put_dest(v.key, d)
+            elif isinstance(op, D.DelVS):
                 self.table.pop(op.key, None)
-            elif isinstance(op, N.AddDest | N.EditDest):
-                dests = self.table[op.service][1]
-                was = dests.get(op.dest.key)
-                dest = op.dest
-                if was is not None:
-                    dest = dataclasses.replace(
-                        dest, active_conns=was.active_conns, inactive_conns=was.inactive_conns
-                    )
-                dests[op.dest.key] = dest
+            elif isinstance(op, D.AddDest | D.EditDest):
+                self._put_dest(op.key, op.dest)
             else:
-                self.table[op.service][1].pop(op.dest, None)
+                vs = self.table[op.key]
+                dests = tuple(d for d in vs.dests if (d.address, d.port) != (op.address, op.port))
+                self.table[op.key] = dataclasses.replace(vs, dests=dests)
         return N.ApplyResult(done=len(ops))
 
-    def ops(self, kind: type) -> list[N.Op]:
-        """Every applied operation of `kind` (e.g. N.DeleteDest)."""
+    def ops(self, kind: type) -> list[D.Op]:
+        """Every applied operation of `kind` (e.g. D.DelDest)."""
         return [op for batch in self.applied for op in batch if isinstance(op, kind)]
 
 

@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import pytest
 
-from kproxy.backends import ipvs_netlink as N
 from kproxy.backends.base import SyncError
 from kproxy.backends.ipvs import IPVSProxier
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Store
+from kproxy.render import ipvs as R
+from kproxy.render import ipvs_diff as D
 from tests.support.builders import make_endpoint, make_service, make_slice
 from tests.support.fakes import FakeDevice, FakeIPSets, FakeIPVS, FakeRules
 
@@ -45,8 +46,12 @@ def _proxier() -> tuple[IPVSProxier, FakeIPVS, FakeDevice, FakeRules]:
     return p, ipvs, device, rules
 
 
-def _vip(i: int) -> N.ServiceKey:
-    return N.ServiceKey(f"172.30.0.{i + 1}", "TCP", 80)
+def _vip(i: int) -> R.VSKey:
+    return R.VSKey(f"172.30.0.{i + 1}", "TCP", 80)
+
+
+def _dests(ipvs: FakeIPVS, i: int) -> set[str]:
+    return {d.address for d in ipvs.dests(_vip(i))}
 
 
 def test_full_then_partial_touches_only_the_changed_service() -> None:
@@ -59,9 +64,9 @@ def test_full_then_partial_touches_only_the_changed_service() -> None:
     store.set_slice(make_slice(service="s1", endpoints=[make_endpoint("10.1.0.9")]))
     result = p.sync(*store.take(), full=False)
     assert not result.full and result.services_written == 1 and rules.applied == 1
-    touched = {getattr(op, "service", None) for batch in ipvs.applied for op in batch}
+    touched = {getattr(op, "key", None) for batch in ipvs.applied for op in batch}
     assert touched == {_vip(1)}
-    assert set(ipvs.table[_vip(1)][1]) == {N.DestKey("10.1.0.9", 80)}
+    assert _dests(ipvs, 1) == {"10.1.0.9"}
     # a deleted service: its virtual server and its address go
     store.delete_service(make_service(name="s2").ref)
     p.sync(*store.take(), full=False)
@@ -75,18 +80,19 @@ def test_a_removed_endpoint_with_connections_drains_before_it_is_deleted() -> No
     )
     p, ipvs, _, _ = _proxier()
     p.sync(*store.take(), full=True)
-    gone = N.DestKey("10.1.0.2", 80)
+    gone = "10.1.0.2"
     ipvs.connections(_vip(0), gone, active=3)
     store.set_slice(make_slice(service="s0", endpoints=[make_endpoint("10.1.0.1")]))
     p.sync(*store.take(), full=False)
-    assert ipvs.table[_vip(0)][1][gone].weight == 0  # drains: no new connections
-    assert not ipvs.ops(N.DeleteDest)
+    drained = ipvs.dest(_vip(0), gone)
+    assert drained is not None and drained.weight == 0  # drains: no new connections
+    assert not ipvs.ops(D.DelDest)
     p.sync(*store.take(), full=False)  # still busy: stays
-    assert gone in ipvs.table[_vip(0)][1]
+    assert gone in _dests(ipvs, 0)
     ipvs.connections(_vip(0), gone, active=0)
     p.sync(*store.take(), full=False)  # idle now: the next sync deletes it
-    assert gone not in ipvs.table[_vip(0)][1]
-    assert [op.dest for op in ipvs.ops(N.DeleteDest)] == [gone]  # type: ignore[union-attr]
+    assert _dests(ipvs, 0) == {"10.1.0.1"}
+    assert [op.address for op in ipvs.ops(D.DelDest)] == [gone]  # type: ignore[union-attr]
 
 
 def test_a_failed_apply_makes_the_next_sync_full() -> None:
@@ -99,5 +105,4 @@ def test_a_failed_apply_makes_the_next_sync_full() -> None:
         p.sync(*store.take(), full=False)
     again = p.sync(*store.take(), full=False)  # nothing new changed, yet it reconciles all
     assert again.full and rules.applied == 2
-    assert set(ipvs.table[_vip(0)][1]) == {N.DestKey("10.1.0.7", 80)}
-    assert set(ipvs.table[_vip(1)][1]) == {N.DestKey("10.1.0.2", 80)}
+    assert _dests(ipvs, 0) == {"10.1.0.7"} and _dests(ipvs, 1) == {"10.1.0.2"}
