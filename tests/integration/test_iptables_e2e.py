@@ -17,29 +17,18 @@ from kproxy.lab.traffic import http_batch, http_get, start_hold, start_stream, u
 from kproxy.render.chains import svc_chain
 from tests.support.agent import Agent, eventually
 from tests.support.fakeapi import FakeApiServer
-from tests.support.objects import make_service_obj, make_slice_obj
+from tests.support.objects import (
+    WEB_EXT_IP,
+    WEB_LB_IP,
+    WEB_VIP,
+    make_service_obj,
+    make_slice_obj,
+    web_service,
+)
 
 pytestmark = [pytest.mark.netns]
 
-VIP = "10.96.0.80"
-LB_IP = "203.0.113.10"
-EXT_IP = "198.51.100.10"
-
-
-def web_service(**spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "type": "LoadBalancer",
-        "clusterIP": VIP,
-        "ports": [
-            {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": 30080},
-            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053},
-        ],
-        "externalIPs": [EXT_IP],
-    }
-    body.update(spec)
-    return make_service_obj(
-        "default", "web", status={"loadBalancer": {"ingress": [{"ip": LB_IP}]}}, **body
-    )
+VIP, LB_IP, EXT_IP = WEB_VIP, WEB_LB_IP, WEB_EXT_IP
 
 
 def web_slice(lab: Lab, pods: list[Any] | None = None) -> dict[str, Any]:

@@ -19,30 +19,19 @@ from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_batch, http_get, start_hold, udp_query
 from tests.support.agent import Agent, eventually, serve_cluster_api
 from tests.support.fakeapi import FakeApiServer
-from tests.support.objects import make_service_obj, make_slice_obj
+from tests.support.objects import (
+    WEB_EXT_IP,
+    WEB_LB_IP,
+    WEB_VIP,
+    make_service_obj,
+    make_slice_obj,
+    web_service,
+)
 
 pytestmark = [pytest.mark.netns]
 
-VIP = "10.96.0.80"
-LB_IP = "203.0.113.10"
-EXT_IP = "198.51.100.10"
+VIP, LB_IP, EXT_IP = WEB_VIP, WEB_LB_IP, WEB_EXT_IP
 PORTS = [("http", 80, "TCP"), ("dns", 5353, "UDP")]
-
-
-def web_service(**spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "type": "LoadBalancer",
-        "clusterIP": VIP,
-        "ports": [
-            {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": 30080},
-            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053},
-        ],
-        "externalIPs": [EXT_IP],
-    }
-    body.update(spec)
-    return make_service_obj(
-        "default", "web", status={"loadBalancer": {"ingress": [{"ip": LB_IP}]}}, **body
-    )
 
 
 def web_slice(pods: list[Any], name: str = "web-abc12", ports: Any = None) -> dict[str, Any]:

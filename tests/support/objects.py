@@ -162,3 +162,27 @@ def make_node_obj(
         "spec": spec,
         "status": {"addresses": [{"type": "InternalIP", "address": a} for a in addresses]},
     }
+
+
+# -- the "web" LoadBalancer service of the end-to-end tests (iptables, nftables, userspace, IPVS) --
+WEB_VIP = "10.96.0.80"
+WEB_LB_IP = "203.0.113.10"
+WEB_EXT_IP = "198.51.100.10"
+
+
+def web_service(**spec: Any) -> RawObject:
+    """default/web: LoadBalancer at WEB_VIP with http 80/TCP (node port 30080) and dns
+    53->5353/UDP (30053), external IP WEB_EXT_IP and ingress WEB_LB_IP; `spec` overrides."""
+    body: dict[str, Any] = {
+        "type": "LoadBalancer",
+        "clusterIP": WEB_VIP,
+        "ports": [
+            {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": 30080},
+            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053},
+        ],
+        "externalIPs": [WEB_EXT_IP],
+    }
+    body.update(spec)
+    return make_service_obj(
+        "default", "web", status={"loadBalancer": {"ingress": [{"ip": WEB_LB_IP}]}}, **body
+    )

@@ -37,14 +37,19 @@ from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import Batch, Result, start_hold, start_stream
 from tests.support.agent import CLUSTER_CIDR, Agent, eventually, node_obj
 from tests.support.lab import require_netns
-from tests.support.objects import make_service_obj, make_slice_obj
+from tests.support.objects import (
+    WEB_EXT_IP,
+    WEB_LB_IP,
+    WEB_VIP,
+    make_service_obj,
+    make_slice_obj,
+    web_service,
+)
 from tests.vm.ipvsadm import ListedService, parse_list, parse_stats
 
 pytestmark = [pytest.mark.vm]
 
-VIP = "10.96.0.80"
-LB_IP = "203.0.113.10"
-EXT_IP = "198.51.100.10"
+VIP, LB_IP, EXT_IP = WEB_VIP, WEB_LB_IP, WEB_EXT_IP
 IPVS_FLAGS = ["--proxy-mode", "ipvs", "--ipvs-min-sync-period", "0s", "--ipvs-sync-period", "5s"]
 
 
@@ -182,22 +187,6 @@ class Env:
     def wait_serving(self, key: Key, pods: list[Pod], timeout: float = 30.0) -> None:
         want = {p.ip for p in pods}
         eventually(lambda: self.serving(key) == want, timeout=timeout, step=0.3)
-
-
-def web_service(**spec: Any) -> dict[str, Any]:
-    body: dict[str, Any] = {
-        "type": "LoadBalancer",
-        "clusterIP": VIP,
-        "ports": [
-            {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP", "nodePort": 30080},
-            {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP", "nodePort": 30053},
-        ],
-        "externalIPs": [EXT_IP],
-    }
-    body.update(spec)
-    return make_service_obj(
-        "default", "web", status={"loadBalancer": {"ingress": [{"ip": LB_IP}]}}, **body
-    )
 
 
 def slice_of(name: str, pods: list[Pod], ports: Any = None) -> dict[str, Any]:
