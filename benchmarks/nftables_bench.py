@@ -103,7 +103,7 @@ def generation() -> int:
         sock.close()
 
 
-def inner(n: int, m: int, repeats: int) -> dict[str, Any]:
+def inner(n: int, m: int, repeats: int, raw_repeats: int = 20) -> dict[str, Any]:
     """Runs inside a fresh namespace."""
     from dataclasses import replace
 
@@ -156,7 +156,7 @@ def inner(n: int, m: int, repeats: int) -> dict[str, Any]:
 
     # the same deltas through nft -f (forward, then back, so the proxier's memory stays true)
     raw = []
-    for r in range(min(repeats, 20)):
+    for r in range(raw_repeats):
         ref = sorted(proxier.programmed)[(r * 104729) % n]
         before = proxier.programmed[ref]
         views_old = before
@@ -199,7 +199,7 @@ def inner(n: int, m: int, repeats: int) -> dict[str, Any]:
     out["service_remove"] = _summary(rm)
     # raw nft -f of adding one service (the text a partial sync would send), then deleting it
     raw_add = []
-    for r in range(min(repeats, 20)):
+    for r in range(raw_repeats):
         svc = Service(
             "bench",
             f"raw{r}",
@@ -356,6 +356,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=100)
     ap.add_argument("--json")
     ap.add_argument("--inner", action="store_true")
+    ap.add_argument(
+        "--raw-repeats",
+        type=int,
+        default=20,
+        help="nft -f comparisons (each reads nft's cache: slow with many endpoint maps)",
+    )
+    ap.add_argument("--skip-first-packet", action="store_true")
     ap.add_argument("--first-packet", choices=("nftables", "iptables"))
     ap.add_argument("--connects", type=int, default=2000)
     ap.add_argument("--skip-sync", action="store_true", help="only the first-packet part")
@@ -365,11 +372,11 @@ def main() -> None:
         print(json.dumps(r))
         return
     if args.inner:
-        print(json.dumps(inner(args.services, args.endpoints, args.repeats)))
+        print(json.dumps(inner(args.services, args.endpoints, args.repeats, args.raw_repeats)))
         return
     size = ["--services", str(args.services), "--endpoints", str(args.endpoints)]
     fp = {}
-    for mode in ("iptables", "nftables"):
+    for mode in () if args.skip_first_packet else ("iptables", "nftables"):
         fp[mode] = in_netns([*size, "--first-packet", mode, "--connects", str(args.connects)])
         c = fp[mode]["connect"]
         print(
@@ -386,6 +393,8 @@ def main() -> None:
             str(args.endpoints),
             "--repeats",
             str(args.repeats),
+            "--raw-repeats",
+            str(args.raw_repeats),
         ]
     )
     print(f"{r['services']} services x {r['endpoints']} endpoints, {r['chains']} chains")
