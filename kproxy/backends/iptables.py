@@ -51,7 +51,6 @@ from __future__ import annotations
 import gc
 import logging
 import re
-import shutil
 import struct
 import subprocess
 import time
@@ -69,7 +68,6 @@ from kproxy.backends.iptables_drift import (
     saved_counts,
 )
 from kproxy.backends.iptables_exec import (
-    FLAVOURS,
     ProcessRestorer,
     RestoreFailed,
     Restorer,
@@ -77,6 +75,7 @@ from kproxy.backends.iptables_exec import (
     Run,
     RunRestorer,
     binary,
+    cleanup_flavours,
     detect_flavour,
     save,
 )
@@ -711,22 +710,11 @@ class IptablesProxier:
     # -- cleanup -------------------------------------------------------------------------------
     def cleanup(self) -> None:
         """Remove every chain and hook kproxy owns, in every iptables flavour present."""
-        for flavour in FLAVOURS:
-            restore = binary(self.family, flavour, "restore")
-            if shutil.which(restore) is None:
-                continue
-            text = cleanup_text({t: save(self.family, flavour, t, self._run) for t in TABLES})
-            if not text:
-                continue
-            res = self._run(
-                [restore, "--noflush", "-w", "5"],
-                input=text,
-                capture_output=True,
-                text=True,
-                check=False,
-            )
-            if res.returncode != 0:
-                raise SyncError(f"{restore} cleanup failed: {res.stderr.strip()}")
+        try:
+            cleaned = cleanup_flavours(self.family, TABLES, cleanup_text, self._run)
+        except RestoreFailed as err:
+            raise SyncError(f"cleanup failed: {err}") from err
+        for flavour in cleaned:
             log.info("removed kproxy's IPv%d chains (%s)", self.family, flavour)
         self._blocks = {}
         self._applied = {t: set() for t in TABLES}

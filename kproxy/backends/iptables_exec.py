@@ -22,7 +22,7 @@ from __future__ import annotations
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 from kproxy.backends.base import SyncError
@@ -213,8 +213,9 @@ class RunRestorer:
 
 
 def restore_noflush(family: int, flavour: str, text: str, run: Run = subprocess.run) -> None:
-    """One small `iptables-restore --noflush` of `text` (raises RestoreFailed)."""
-    sink = RunRestorer(run).open([binary(family, flavour, "restore"), "--noflush"])
+    """One small `iptables-restore --noflush` of `text` (raises RestoreFailed; waits up to 5 s
+    for the xtables lock)."""
+    sink = RunRestorer(run).open([binary(family, flavour, "restore"), "--noflush", "-w", "5"])
     sink.write(text)
     sink.end()
     sink.wait()
@@ -223,3 +224,23 @@ def restore_noflush(family: int, flavour: str, text: str, run: Run = subprocess.
 def save_all(family: int, flavour: str, run: Run = subprocess.run) -> str:
     """The nat, filter and mangle tables of one flavour, as one iptables-save text."""
     return "".join(save(family, flavour, table, run) for table in SAVED_TABLES)
+
+
+def cleanup_flavours(
+    family: int,
+    tables: Sequence[str],
+    removal: Callable[[Mapping[str, str]], str],
+    run: Run = subprocess.run,
+) -> list[str]:
+    """`kproxy cleanup` in every iptables flavour present: `removal` turns the saved `tables`
+    (table -> iptables-save text) into the restore input that removes what a mode left ("" for
+    nothing), which is applied. Returns the flavours something was removed from."""
+    cleaned: list[str] = []
+    for flavour in FLAVOURS:
+        if shutil.which(binary(family, flavour, "restore")) is None:
+            continue
+        text = removal({t: save(family, flavour, t, run) for t in tables})
+        if text:
+            restore_noflush(family, flavour, text, run)
+            cleaned.append(flavour)
+    return cleaned

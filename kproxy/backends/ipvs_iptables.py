@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import shutil
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from kproxy.backends.iptables_exec import (
     FLAVOURS,
@@ -32,30 +32,27 @@ from kproxy.render import ipvs_rules as RR
 log = logging.getLogger("kproxy.ipvs")
 
 
-def _chains(text: str) -> dict[str, set[str]]:
-    """table -> chain names declared in an iptables-save text."""
+def _by_table(text: str, keep: Callable[[str], str | None]) -> dict[str, set[str]]:
+    """table -> what `keep` takes from each line of an iptables-save text (None: skip it)."""
     out: dict[str, set[str]] = {}
     table = ""
     for line in text.splitlines():
         if line.startswith("*"):
             table = line[1:].strip()
             out.setdefault(table, set())
-        elif line.startswith(":") and table:
-            out[table].add(line[1:].split()[0])
+        elif table and (got := keep(line)) is not None:
+            out[table].add(got)
     return out
+
+
+def _chains(text: str) -> dict[str, set[str]]:
+    """table -> chain names declared in an iptables-save text."""
+    return _by_table(text, lambda ln: ln[1:].split()[0] if ln.startswith(":") else None)
 
 
 def _rules(text: str) -> dict[str, set[str]]:
     """table -> "-A CHAIN ..." lines of an iptables-save text."""
-    out: dict[str, set[str]] = {}
-    table = ""
-    for line in text.splitlines():
-        if line.startswith("*"):
-            table = line[1:].strip()
-            out.setdefault(table, set())
-        elif line.startswith("-A ") and table:
-            out[table].add(line.strip())
-    return out
+    return _by_table(text, lambda ln: ln.strip() if ln.startswith("-A ") else None)
 
 
 def _missing_hooks(current: str) -> dict[str, list[str]]:

@@ -40,19 +40,19 @@ import ipaddress
 import logging
 import socket
 import subprocess
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
 from kproxy.backends.base import SyncError, SyncResult
 from kproxy.backends.iptables_exec import (
-    FLAVOURS,
     ProcessRestorer,
     RestoreFailed,
     Restorer,
     Run,
     RunRestorer,
     binary,
+    cleanup_flavours,
     detect_flavour,
     save,
 )
@@ -500,23 +500,10 @@ def _closer(listener: UDPListener, gone: set[str]) -> Any:
 
 def cleanup_rules(family: int, run: Run = subprocess.run) -> None:
     """Remove the userspace chains and hooks from every iptables flavour of `family`."""
-    import shutil
 
-    for flavour in FLAVOURS:
-        restore = binary(family, flavour, "restore")
-        if shutil.which(restore) is None:
-            continue
-        saved: Mapping[str, str] = {t: save(family, flavour, t, run) for t in (R.NAT, R.FILTER)}
-        text = R.cleanup_restore(saved)
-        if not text:
-            continue
-        res = run(
-            [restore, "--noflush", "-w", "5"],
-            input=text,
-            capture_output=True,
-            text=True,
-            check=False,
-        )
-        if res.returncode != 0:
-            raise SyncError(f"{restore} cleanup failed: {res.stderr.strip()}")
+    try:
+        cleaned = cleanup_flavours(family, (R.NAT, R.FILTER), R.cleanup_restore, run)
+    except RestoreFailed as err:
+        raise SyncError(f"cleanup failed: {err}") from err
+    for flavour in cleaned:
         log.info("removed the userspace mode's IPv%d chains (%s)", family, flavour)
