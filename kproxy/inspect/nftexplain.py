@@ -4,11 +4,17 @@ through it (kproxy.inspect.nfttrace)."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from dataclasses import asdict
 
-from kproxy.inspect.nfttrace import Packet, Unknown, parse_table, render_paths, trace
+from kproxy.inspect.nfttrace import (
+    Packet,
+    Unknown,
+    list_live_table,
+    parse_table,
+    render_paths,
+    trace,
+)
 
 
 def nft_explain(
@@ -23,12 +29,7 @@ def nft_explain(
     output: str = "text",
 ) -> int:
     fw = "ip6" if family == 6 else "ip"
-    res = subprocess.run(
-        ["nft", "-j", "list", "table", fw, "kube-proxy"],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    res = list_live_table(family)
     if res.returncode != 0:
         print(f"kproxy explain: no {fw} kube-proxy table: {res.stderr.strip()}", file=sys.stderr)
         return 2

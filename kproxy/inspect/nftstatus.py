@@ -5,12 +5,11 @@ points at and that chain's endpoint map), checked against the wanted ones."""
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from kproxy.inspect.nfttrace import Table, parse_table
+from kproxy.inspect.nfttrace import Table, list_live_table, parse_table
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import ServicePortView
@@ -96,13 +95,7 @@ def nft_status(
 ) -> int:
     rows: list[Row] = []
     for family, (views, options) in sorted(views_by_family.items()):
-        fw = "ip6" if family == 6 else "ip"
-        res = subprocess.run(
-            ["nft", "-j", "list", "table", fw, "kube-proxy"],
-            capture_output=True,
-            text=True,
-            check=False,
-        )
+        res = list_live_table(family)
         table = parse_table(res.stdout) if res.returncode == 0 else Table()
         renderer = Renderer(options)
         blocks = {ref: renderer.render_service(v) for ref, v in views.items()}

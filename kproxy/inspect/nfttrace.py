@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import ipaddress
 import json
+import subprocess
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -54,6 +55,18 @@ class Table:
     chains: dict[str, list[list[dict[str, Any]]]] = field(default_factory=dict)
     hooks: dict[str, tuple[str, int]] = field(default_factory=dict)  # chain -> (hook, prio)
     sets: dict[str, list[Any]] = field(default_factory=dict)
+
+
+def list_live_table(family: int) -> subprocess.CompletedProcess[str]:
+    """`nft -j list table ip|ip6 kube-proxy` of this network namespace (the caller checks the
+    return code: a missing table is a normal answer)."""
+    fw = "ip6" if family == 6 else "ip"
+    return subprocess.run(
+        ["nft", "-j", "list", "table", fw, "kube-proxy"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
 
 
 def parse_table(text: str) -> Table:
