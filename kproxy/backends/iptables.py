@@ -48,7 +48,6 @@ calling process's namespace only, and reads nothing the save output does not alr
 
 from __future__ import annotations
 
-import gc
 import logging
 import re
 import struct
@@ -56,7 +55,6 @@ import subprocess
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from kproxy.backends.base import SyncError, SyncResult
@@ -80,6 +78,7 @@ from kproxy.backends.iptables_exec import (
     save,
 )
 from kproxy.backends.iptables_rejects import find_rejected, short, suspects_of
+from kproxy.model.codec import paused_gc
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
@@ -208,19 +207,6 @@ class Written:
 
 
 NOTHING_WRITTEN = Written(names=(), digests=b"", counts=b"", shared=EMPTY_SHARED, nat_rules=0)
-
-
-@contextmanager
-def _gc_paused() -> Iterator[None]:
-    """Rendering 10k services allocates a few hundred thousand strings and tuples, none of
-    them cyclic; the cyclic collector's passes over them cost up to half the render time."""
-    enabled = gc.isenabled()
-    gc.disable()
-    try:
-        yield
-    finally:
-        if enabled:
-            gc.enable()
 
 
 class IptablesProxier:
@@ -414,7 +400,7 @@ class IptablesProxier:
             present = self._applied
             builtin = {t: self._builtin_rules(t) for t in (NAT, FILTER)}
         hooks = {t: missing_hooks(t, builtin.get(t, "")) for t in TABLES}
-        with _gc_paused():
+        with paused_gc():  # rendering 10k services allocates no cycles
             if self.flavour == "legacy":
                 blocks, shared, delete = self._stream_legacy(snapshot, present, hooks)
             else:
