@@ -45,13 +45,13 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from kproxy.config import MODES
+from kproxy.lab.demo import NODE_NAME, agent_argv
 from kproxy.lab.netlab import Lab, Pod
 from kproxy.lab.nsexec import module_argv
 from kproxy.lab.traffic import wait_http
 
 WEB_VIP = "10.96.0.80"
 BULK_VIP = "10.96.0.81"
-NODE_NAME = "lab-node"
 HERE = Path(__file__).resolve().parent
 
 MANIFESTS = """
@@ -186,25 +186,7 @@ def measure(
 
 
 def start_agent(lab: Lab, mode: str, manifests: Path) -> subprocess.Popen[Any]:
-    argv = module_argv(
-        "kproxy",
-        "run",
-        "--manifests",
-        str(manifests),
-        "--hostname-override",
-        NODE_NAME,
-        "--proxy-mode",
-        mode,
-        "--cluster-cidr",
-        "10.244.0.0/16",
-        "--iptables-min-sync-period",
-        "0s",
-        "--healthz-bind-address",
-        "127.0.0.1:10256",
-        "--metrics-bind-address",
-        "127.0.0.1:10249",
-        "--no-dns",
-    )
+    argv = agent_argv(manifests, mode, "--no-dns")
     return lab.spawn(lab.nodes[0].ns, argv, log=f"kproxy-{mode}")
 
 
@@ -264,7 +246,8 @@ def main() -> int:
         if shutil.which(tool) is None:
             print(f"needs {tool} (scripts/setup.sh installs it)", file=sys.stderr)
             return 1
-    modes = args.modes or available_modes()
+    # direct is always the first row; only proxy modes start an agent
+    modes = [m for m in (args.modes or available_modes()) if m != "direct"]
     rows: list[dict[str, Any]] = []
     with Lab.create(nodes=1, pods_per_node=0, prefix="kpmodes") as lab:
         client = lab.add_pod(0, "bench-client")

@@ -32,6 +32,30 @@ MYSQL_VIP = "10.96.100.50"
 DNS_IP = "169.254.20.10"
 
 
+def agent_argv(manifests: Path, proxy_mode: str, *extra: str) -> list[str]:
+    """`kproxy run` for a lab node: the lab's manifests, node name and cluster CIDR, syncs at
+    once, health and metrics on the node's loopback; `extra` adds flags (DNS, pools)."""
+    return module_argv(
+        "kproxy",
+        "run",
+        "--manifests",
+        str(manifests),
+        "--hostname-override",
+        NODE_NAME,
+        "--proxy-mode",
+        proxy_mode,
+        "--cluster-cidr",
+        "10.244.0.0/16",
+        "--iptables-min-sync-period",
+        "0s",
+        "--healthz-bind-address",
+        "127.0.0.1:10256",
+        "--metrics-bind-address",
+        "127.0.0.1:10249",
+        *extra,
+    )
+
+
 def _say(text: str = "") -> None:
     print(text, flush=True)
 
@@ -115,27 +139,8 @@ def run_demo(*, keep: bool = False, proxy_mode: str = "iptables") -> int:
         _say(f"  client (outside the cluster): {lab.client.ip}")
 
         manifests = _manifests(lab.workdir)
-        argv = module_argv(
-            "kproxy",
-            "run",
-            "--manifests",
-            str(manifests),
-            "--hostname-override",
-            NODE_NAME,
-            "--proxy-mode",
-            proxy_mode,
-            "--cluster-cidr",
-            "10.244.0.0/16",
-            "--iptables-min-sync-period",
-            "0s",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-            "--dns-listen",
-            f"{DNS_IP}:53",
-            "--lb-pool",
-            LB_POOL,
+        argv = agent_argv(
+            manifests, proxy_mode, "--dns-listen", f"{DNS_IP}:53", "--lb-pool", LB_POOL
         )
         _title(f"starting kproxy in the node: kproxy run --manifests {manifests}")
         log_path = lab.workdir / "kproxy.log"
