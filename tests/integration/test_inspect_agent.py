@@ -28,28 +28,11 @@ class ManifestAgent(Agent):
     """`kproxy run --manifests DIR` in a node namespace (iptables mode)."""
 
     def __init__(self, lab: Lab, node: Node, directory: Path) -> None:
-        super().__init__(lab, node, "", extra=["--iptables-sync-period", "1h"])
+        super().__init__(lab, node, "", dns=False, extra=["--iptables-sync-period", "1h"])
         self.directory = directory
 
-    def argv(self) -> list[str]:
-        return module_argv(
-            "kproxy",
-            "run",
-            "--manifests",
-            str(self.directory),
-            "--hostname-override",
-            self.node.name,
-            "--cluster-cidr",
-            CLUSTER_CIDR,
-            "--iptables-min-sync-period",
-            "0s",
-            "--healthz-bind-address",
-            "127.0.0.1:10256",
-            "--metrics-bind-address",
-            "127.0.0.1:10249",
-            "--no-dns",
-            *self.extra,
-        )
+    def source_args(self) -> list[str]:
+        return ["--manifests", str(self.directory)]
 
 
 def write(directory: Path, obj: dict[str, Any]) -> None:

@@ -60,11 +60,14 @@ class Agent:
         self.log_path = lab.workdir / f"kproxy-{node.name}.log"
         self.starts = 0
 
+    def source_args(self) -> list[str]:
+        """Where the agent reads the cluster from (subclasses: manifests)."""
+        return ["--kubeconfig", self.kubeconfig]
+
     def argv(self) -> list[str]:
         args = [
             "run",
-            "--kubeconfig",
-            self.kubeconfig,
+            *self.source_args(),
             "--hostname-override",
             self.node.name,
             "--cluster-cidr",
