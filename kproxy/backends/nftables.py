@@ -35,6 +35,7 @@ from kproxy.render.nftables import (
     Op,
     Renderer,
     ServiceBlock,
+    SetDef,
     apply_counts,
     delta_ops,
     element_counts,
@@ -118,8 +119,9 @@ def _default_writer(family: int, run: Run) -> Writer:
         ) from err
 
 
-def read_objects(family: int, run: Run = subprocess.run) -> tuple[set[str], set[str]]:
-    """(chains, sets) of the kube-proxy table of `family` as they are in the kernel."""
+def read_objects(family: int, run: Run = subprocess.run) -> tuple[set[str], dict[str, int]]:
+    """(chains, sets) of the kube-proxy table of `family` as they are in the kernel; each set
+    with its timeout in seconds (0 for none)."""
     fw = family_word(family)
     res = run(
         [nft_binary(), "-j", "-t", "list", "table", fw, TABLE],
@@ -128,16 +130,15 @@ def read_objects(family: int, run: Run = subprocess.run) -> tuple[set[str], set[
         check=False,
     )
     if res.returncode != 0:  # no table yet
-        return set(), set()
+        return set(), {}
     chains: set[str] = set()
-    sets: set[str] = set()
+    sets: dict[str, int] = {}
     for item in json.loads(res.stdout).get("nftables", ()):
         if "chain" in item:
             chains.add(item["chain"]["name"])
-        elif "set" in item:
-            sets.add(item["set"]["name"])
-        elif "map" in item:
-            sets.add(item["map"]["name"])
+        elif "set" in item or "map" in item:
+            s = item.get("set") or item["map"]
+            sets[s["name"]] = int(s.get("timeout", 0))
     return chains, sets
 
 
@@ -150,6 +151,7 @@ class NftablesProxier:
         options: ProxyOptions,
         writer: Writer | None = None,
         run: Run = subprocess.run,
+        restorer: Restorer | None = None,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.options = options
@@ -158,7 +160,9 @@ class NftablesProxier:
         self._clock = clock
         self.renderer = Renderer(options)
         self.writer: Writer = writer or _default_writer(self.family, run)
-        self._restorer: Restorer = ProcessRestorer() if run is subprocess.run else RunRestorer(run)
+        self._restorer: Restorer = restorer or (
+            ProcessRestorer() if run is subprocess.run else RunRestorer(run)
+        )
         self._blocks: dict[Ref, ServiceBlock] = {}
         self._counts: dict[Element, int] = {}
         self._need_full = True
@@ -236,7 +240,7 @@ class NftablesProxier:
             present_chains, present_sets = read_objects(self.family, self._run)
         else:
             present_chains = {c for b in self._blocks.values() for c, _ in b.chains}
-            present_sets = {s.name for b in self._blocks.values() for s in b.sets}
+            present_sets = {s.name: s.timeout for b in self._blocks.values() for s in b.sets}
         blocks: dict[Ref, ServiceBlock] = {}
         stale_chains: list[str] = []
 
@@ -246,9 +250,19 @@ class NftablesProxier:
             stale_chains.extend(
                 sorted(c for c in present_chains - wanted_chains if is_service_chain(c))
             )
-            return stale_chains, sorted(s for s in present_sets - wanted_sets if is_service_set(s))
+            gone = present_sets.keys() - wanted_sets
+            return stale_chains, sorted(s for s in gone if is_service_set(s))
 
-        chunks = full_chunks(self.renderer, self._blocks_of(snapshot, blocks), stale=stale)
+        def redefined(s: SetDef) -> bool:
+            """An affinity set whose timeout changed (not every kernel updates it in place)."""
+            return present_sets.get(s.name, s.timeout) != s.timeout
+
+        chunks = full_chunks(
+            self.renderer,
+            self._blocks_of(snapshot, blocks),
+            stale=stale,
+            redefined=redefined,
+        )
         sink = self._restorer.open([nft_binary(), "-f", "-"])
         try:
             for chunk in chunks:

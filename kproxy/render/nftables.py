@@ -658,11 +658,17 @@ def delta_ops(
     the counts with `apply_counts` once the ops are applied.
 
     Order matters inside one transaction: chains and sets are created before rules and
-    elements name them; elements pointing at a chain are deleted before the chain."""
+    elements name them; elements pointing at a chain are deleted before the chain.
+
+    A set whose definition changed (the affinity timeout) is deleted and created again: not
+    every kernel updates a set's timeout in place (6.1 keeps the old one), and a set cannot
+    be deleted while a rule names it, so the service's chains are emptied first and refilled
+    after, in the same transaction (the clients' affinity entries start afresh)."""
     # only the counts this delta touches (copying all of them costs more than the rest of a
     # one-endpoint sync at 10k services)
     counts = _Overlay(element_counts)
     add_chains: list[Op] = []
+    recreate: list[Op] = []
     rules: list[Op] = []
     add_sets: list[Op] = []
     add_elems: list[Op] = []
@@ -678,19 +684,21 @@ def delta_ops(
         now = dict(after.chains)
         old_sets = {s.name: s for s in before.sets}
         new_sets = {s.name: s for s in after.sets}
+        redefined = [s.name for s in after.sets if old_sets.get(s.name, s) != s]
+        if redefined:
+            recreate.extend(Op("flush-chain", chain) for chain in was)
+            recreate.extend(Op("delete-set", name) for name in redefined)
         for s in after.sets:
             if old_sets.get(s.name) != s:
-                if s.name in old_sets:
-                    del_sets.append(Op("delete-set", s.name))
                 add_sets.append(Op("add-set", setdef=s))
         del_sets.extend(Op("delete-set", n) for n in old_sets if n not in new_sets)
         for chain, chain_rules in after.chains:
             prev = was.get(chain)
-            if prev == chain_rules:
+            if prev == chain_rules and not redefined:
                 continue
             if prev is None:
                 add_chains.append(Op("add-chain", chain))
-            else:
+            elif not redefined:  # (emptied above otherwise)
                 rules.append(Op("flush-chain", chain))
             rules.extend(Op("add-rule", chain, rule=r) for r in chain_rules)
         for chain in was:
@@ -716,7 +724,7 @@ def delta_ops(
     if readd:
         add_elems = [op for op in add_elems if op.element not in readd]
         del_elems = [op for op in del_elems if op.element not in readd]
-    ops = [*add_chains, *add_sets, *rules, *del_elems, *add_elems, *flush_gone]
+    ops = [*add_chains, *recreate, *add_sets, *rules, *del_elems, *add_elems, *flush_gone]
     ops += del_chains + del_sets
     return ops, counts.changed
 
@@ -762,6 +770,7 @@ def full_chunks(
     blocks: Iterable[ServiceBlock],
     *,
     stale: Callable[[], tuple[Sequence[str], Sequence[str]]] = lambda: ((), ()),
+    redefined: Callable[[SetDef], bool] = lambda s: False,
 ) -> Iterator[str]:
     """The `nft -f` input of a full sync, in pieces, lazily: one atomic transaction that
     (re)declares the table, its sets and chains, flushes what kproxy owns and refills it, and
@@ -770,7 +779,9 @@ def full_chunks(
 
     Each service's chains are declared, flushed and refilled together, so the input can be
     written while later services are still being rendered (nft parses as it reads); the map
-    elements, which point at those chains, come after all of them."""
+    elements, which point at those chains, come after all of them. A set `redefined` says
+    exists with another definition (the affinity timeout) is deleted and created again once its
+    service's chains are flushed (see `delta_ops`)."""
     fam = renderer.family
     t = _prefix(fam)
     head = [f'add table {t} {{ comment "rules for kube-proxy" ; }}\n']
@@ -802,10 +813,14 @@ def full_chunks(
 
     collect(renderer.nodeport_elements())
     for b in blocks:
-        out = [f"add {s.text().replace(' ', f' {t} ', 1)}\n" for s in b.sets]
+        redo = [s for s in b.sets if redefined(s)]
+        out = [f"add {s.text().replace(' ', f' {t} ', 1)}\n" for s in b.sets if s not in redo]
         out.extend(f"flush map {t} {s.name}\n" for s in b.sets if s.typeof)
         out.extend(f"add chain {t} {name}\n" for name, _ in b.chains)
         out.extend(f"flush chain {t} {name}\n" for name, _ in b.chains)
+        for s in redo:
+            out.append(f"delete set {t} {s.name}\n")
+            out.append(f"add {s.text().replace(' ', f' {t} ', 1)}\n")
         for chain, chain_rules in b.chains:
             out.extend(f"add rule {t} {chain} {rule_text(r, fam)}\n" for r in chain_rules)
         collect(b.elements)

@@ -5,6 +5,7 @@ cleared when an endpoint moves, and `kproxy explain` predicting what real traffi
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ from kproxy.lab.netlab import Lab
 from kproxy.lab.nsexec import module_argv
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_batch, udp_query
-from tests.support.agent import Agent, eventually, serve_cluster_api
+from tests.support.agent import Agent, eventually, serve_cluster_api, syncs
 from tests.support.objects import make_service_obj, make_slice_obj
 
 pytestmark = [pytest.mark.netns]
@@ -120,3 +121,46 @@ def test_explain_predicts_what_traffic_hits(lab: Lab, cluster_api: Any) -> None:
     assert predicted == {f"{lab.pod(n).ip}:80" for n in batch.names}
     # hairpin: only the path back to the sender is masqueraded
     assert {p["dnat"] for p in paths if p["masquerade"]} == {f"{pod.ip}:80"}
+
+
+def test_affinity_timeout_change_lands_in_a_partial_sync(lab: Lab, cluster_api: Any) -> None:
+    """Changing sessionAffinityConfig.clientIP.timeoutSeconds: the affinity sets are recreated
+    with the new timeout in a partial sync (their rules emptied and refilled in the same
+    transaction), and a client keeps reaching one endpoint through it."""
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+
+    def sticky(seconds: int) -> dict[str, Any]:
+        return make_service_obj(
+            "default",
+            "web",
+            clusterIP=VIP,
+            ports=[{"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"}],
+            sessionAffinity="ClientIP",
+            sessionAffinityConfig={"clientIP": {"timeoutSeconds": seconds}},
+        )
+
+    api.upsert(sticky(600))
+    api.upsert(
+        make_slice_obj("default", "web-4", "web", [p.ip for p in lab.pods], [("http", 80, "TCP")])
+    )
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=MODE)
+    agent.start()
+
+    def timeouts() -> list[str]:
+        return re.findall(r"set affinity-\S+ \{[^}]*?timeout (\w+)", agent.ruleset())
+
+    assert timeouts() == ["10m"] * len(lab.pods)
+    client = lab.client.ns
+    first = http_batch(client, VIP, 80, n=10)
+    assert first.ok_count == 10 and len(set(first.names)) == 1
+    before = syncs(agent)
+    api.upsert(sticky(90))
+    eventually(lambda: timeouts() == ["1m30s"] * len(lab.pods), timeout=10)
+    after = syncs(agent)[len(before) :]
+    assert after and not any(full for full, _, _ in after), after
+    assert "nftables partial sync failed" not in agent.log()
+    again = http_batch(client, VIP, 80, n=10)
+    assert again.ok_count == 10 and len(set(again.names)) == 1
+    ok, _ = agent.healthz()
+    assert ok

@@ -1,15 +1,18 @@
 """In-memory test doubles of kproxy's own dataplane interfaces (never of subprocess, pyroute2 or
 kubernetes): an iptables `Restorer` that records every restore input and can refuse some, a
 `Run` that answers iptables-save from what was restored, and IPVSProxier's collaborators (IPVS
-table, kube-ipvs0, ipsets, companion rules)."""
+table, kube-ipvs0, ipsets, companion rules), and NftablesProxier's table."""
 
 from __future__ import annotations
 
 import dataclasses
 import errno
+import json
+import re
 import subprocess
 from collections import defaultdict
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
 
 from kproxy.backends import ipvs_netlink as N
 from kproxy.backends.iptables_exec import RestoreFailed, RestoreSink
@@ -36,6 +39,8 @@ class _Sink:
             raise RestoreFailed("iptables-restore: line 2 failed")
         if "--test" not in self.argv:
             self.owner.inputs.append(text)
+            if self.owner.on_commit is not None:
+                self.owner.on_commit(text)
 
     def abort(self) -> None:
         self.parts = []
@@ -45,9 +50,10 @@ class FakeRestorer:
     """Records each committed restore input in `inputs`; the next `refuse` inputs (not --test
     probes) fail as iptables-restore would refuse them."""
 
-    def __init__(self) -> None:
+    def __init__(self, on_commit: Callable[[str], None] | None = None) -> None:
         self.inputs: list[str] = []
         self.refuse = 0
+        self.on_commit = on_commit  # called with each committed input
 
     def open(self, argv: Sequence[str]) -> RestoreSink:
         return _Sink(self, argv)
@@ -223,3 +229,73 @@ class FakeRules:
     def apply(self) -> dict[str, int]:
         self.applied += 1
         return {"nat": 0, "filter": 0}
+
+
+# -- nftables mode -----------------------------------------------------------------------------
+class FakeNftTable:
+    """The kube-proxy table as NftablesProxier sees it: its partial-sync `Writer` (`applied`
+    holds each batch of ops; `refuse` fails the next batches), the `Run` that answers
+    `nft -j list table` with the chains and sets present, and the ruleset generation and object
+    count of `state` (`foreign_commit` is another program's write). `load(text)` takes in a
+    full sync's `nft -f` input (give it the FakeRestorer's inputs)."""
+
+    def __init__(self, family: int = 4) -> None:
+        self.family = family
+        self.chains: set[str] = set()
+        self.sets: dict[str, int] = {}  # name -> timeout
+        self.applied: list[list[Any]] = []
+        self.refuse = 0
+        self.generation = 1
+        self.exists = False
+        self.calls: list[list[str]] = []
+
+    def load(self, text: str) -> None:
+        self.exists = True
+        self.generation += 1
+        for line in text.splitlines():
+            words = line.split()
+            if words[:2] == ["add", "chain"]:
+                self.chains.add(words[4])
+            elif words[:2] == ["delete", "chain"]:
+                self.chains.discard(words[4])
+            elif words[0] == "add" and words[1] in ("set", "map"):
+                m = re.search(r"timeout (\d+)s", line)
+                self.sets[words[4]] = int(m.group(1)) if m else 0
+            elif words[:2] == ["delete", "set"]:
+                self.sets.pop(words[4], None)
+
+    def apply(self, ops: Sequence[Any]) -> None:
+        self.applied.append(list(ops))
+        if self.refuse > 0:
+            self.refuse -= 1
+            raise RuntimeError("nf_tables message 0 (type 12): EEXIST")
+        self.generation += 1
+        for op in ops:
+            if op.kind == "add-chain":
+                self.chains.add(op.name)
+            elif op.kind == "delete-chain":
+                self.chains.discard(op.name)
+            elif op.kind == "add-set":
+                self.sets[op.setdef.name] = op.setdef.timeout
+            elif op.kind == "delete-set":
+                self.sets.pop(op.name, None)
+
+    def table_exists(self) -> bool:
+        return self.exists
+
+    def state(self) -> tuple[int, int | None]:
+        return self.generation, len(self.chains) + len(self.sets) if self.exists else None
+
+    def foreign_commit(self, *, chain: str = "") -> None:
+        self.generation += 1
+        if chain:
+            self.chains.add(chain)
+
+    def __call__(self, argv: Sequence[str], **_kw: object) -> subprocess.CompletedProcess[str]:
+        self.calls.append(list(argv))
+        if "list" in argv and "-j" in argv and self.exists:
+            items: list[dict[str, Any]] = [{"chain": {"name": c}} for c in sorted(self.chains)]
+            for name, timeout in sorted(self.sets.items()):
+                items.append({"set": {"name": name, **({"timeout": timeout} if timeout else {})}})
+            return subprocess.CompletedProcess(list(argv), 0, json.dumps({"nftables": items}), "")
+        return subprocess.CompletedProcess(list(argv), 0 if self.exists else 1, "", "")

@@ -1,0 +1,150 @@
+"""NftablesProxier through injected fakes (tests.support.fakes.FakeNftTable and FakeRestorer):
+a partial sync sends only the changed services' ops, a failed write makes the next sync a
+reconciling full one, drift found by the generation check leads to a full sync that reads the
+table back, and an affinity timeout change recreates the sets in the right order. No root, no
+kernel: the ops and `nft -f` inputs are the assertions."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+
+from kproxy.backends.base import SyncError
+from kproxy.backends.nftables import NftablesProxier
+from kproxy.model.options import ProxyOptions
+from kproxy.model.store import Store
+from tests.support.builders import make_endpoint, make_service, make_slice
+from tests.support.fakes import FakeNftTable, FakeRestorer
+
+
+def _store(n: int, **svc: Any) -> Store:
+    store = Store()
+    store.replace_services(
+        [make_service(name=f"s{i}", cluster_ips=(f"172.30.0.{i + 1}",), **svc) for i in range(n)]
+    )
+    store.replace_slices(
+        [
+            make_slice(service=f"s{i}", endpoints=[make_endpoint(f"10.1.0.{i + 1}")])
+            for i in range(n)
+        ]
+    )
+    return store
+
+
+def _proxier() -> tuple[NftablesProxier, FakeNftTable, FakeRestorer]:
+    table = FakeNftTable()
+    restorer = FakeRestorer(on_commit=table.load)
+    p = NftablesProxier(
+        options=ProxyOptions(node_name="n"), writer=table, run=table, restorer=restorer
+    )
+    return p, table, restorer
+
+
+def _read_backs(table: FakeNftTable) -> int:
+    return sum("-j" in argv for argv in table.calls)
+
+
+def _touched(ops: list[object]) -> set[str]:
+    """The services (ns1/sN) the ops name, through chain, set or element names and comments."""
+    out = set()
+    for op in ops:
+        e = getattr(op, "element", None)
+        text = " ".join([getattr(op, "name", ""), e.set if e else "", e.comment if e else ""])
+        text += " " + " ".join(e.key) if e else ""
+        for i in range(10):
+            if f"ns1/s{i}/" in text or f"ns1/s{i}:" in text or f"172.30.0.{i + 1}" in text:
+                out.add(f"s{i}")
+    return out
+
+
+def test_a_partial_sync_sends_only_the_changed_services_ops() -> None:
+    store = _store(3)
+    p, table, restorer = _proxier()
+    first = p.sync(*store.take(), full=True)
+    assert first.full and len(restorer.inputs) == 1 and not table.applied
+    assert "ns1/s2" in restorer.inputs[0]
+    store.set_slice(make_slice(service="s1", endpoints=[make_endpoint("10.1.0.9")]))
+    result = p.sync(*store.take(), full=False)
+    assert not result.full and result.services_written == 1 and len(restorer.inputs) == 1
+    ((ops),) = table.applied
+    assert _touched(ops) == {"s1"}
+    kinds = {op.kind for op in ops}
+    assert kinds == {"add-element", "delete-element"}  # an endpoint change: elements only
+    # nothing changed: no write at all
+    assert p.sync(*store.take(), full=False).services_written == 0 and len(table.applied) == 1
+    # a deleted service: its chain and elements go, nothing else
+    store.delete_service(make_service(name="s2").ref)
+    p.sync(*store.take(), full=False)
+    ops = table.applied[-1]
+    assert _touched(ops) == {"s2"} and "delete-chain" in {op.kind for op in ops}
+    assert not any("ns1/s2/" in c for c in table.chains)
+
+
+def test_a_failed_write_makes_the_next_sync_a_reconciling_full_one() -> None:
+    store = _store(2)
+    p, table, restorer = _proxier()
+    p.sync(*store.take(), full=True)
+    reads = _read_backs(table)
+    table.refuse = 1
+    store.set_slice(make_slice(service="s0", endpoints=[make_endpoint("10.1.0.7")]))
+    with pytest.raises(SyncError, match="partial sync failed"):
+        p.sync(*store.take(), full=False)
+    # the next sync is full even though nothing changed and it was not asked for
+    result = p.sync(*store.take(), full=False)
+    assert result.full and len(restorer.inputs) == 2 and "10.1.0.7 . 80" in restorer.inputs[1]
+    assert _read_backs(table) == reads + 1  # and reads the table back first
+    # a refused full sync: the next one is full again
+    restorer.refuse = 1
+    with pytest.raises(SyncError):
+        p.sync(*store.take(), full=True)
+    assert p.sync(*store.take(), full=False).full
+
+
+def test_drift_leads_to_a_full_sync_that_reads_the_table_back() -> None:
+    store = _store(2)
+    p, table, _restorer = _proxier()
+    p.sync(*store.take(), full=True)
+    assert p.drift() is None
+    table.foreign_commit()  # someone else's commit elsewhere: same object count, no drift
+    assert p.drift() is None
+    table.foreign_commit(chain="intruder")
+    assert "holds" in (p.drift() or "")
+    reads = _read_backs(table)
+    # the runner asks for a full sync after drift; it reads the table back
+    assert p.sync(*store.take(), full=True).full
+    assert _read_backs(table) == reads + 1
+    table.exists = False
+    table.generation += 1
+    assert "gone" in (p.drift() or "")
+
+
+def test_an_affinity_timeout_change_recreates_the_sets_around_emptied_chains() -> None:
+    store = _store(1, affinity_timeout=600)
+    p, table, restorer = _proxier()
+    p.sync(*store.take(), full=True)
+    assert set(table.sets.values()) >= {600}
+    store.set_service(make_service(name="s0", cluster_ips=("172.30.0.1",), affinity_timeout=60))
+    result = p.sync(*store.take(), full=False)
+    assert not result.full
+    ops = table.applied[-1]
+    order = [(op.kind, op.name or getattr(op.setdef, "name", "")) for op in ops]
+    aff = next(n for k, n in order if k == "delete-set")
+    assert aff.startswith("affinity-")
+    first = {k: order.index((k, n)) for k, n in order if n == aff}
+    chains = [i for i, (k, n) in enumerate(order) if k == "flush-chain"]
+    rules = [i for i, (k, _) in enumerate(order) if k == "add-rule"]
+    # every chain emptied before the set goes; the set back before any rule names it
+    assert max(chains) < first["delete-set"] < first["add-set"] < min(rules)
+    assert {t for n, t in table.sets.items() if n.startswith("affinity-")} == {60}
+    # the same change arriving in a full sync (e.g. while kproxy was down)
+    store.set_service(make_service(name="s0", cluster_ips=("172.30.0.1",), affinity_timeout=30))
+    p.sync(*store.take(), full=True)
+    text = restorer.inputs[-1]
+    at = text.index(f"delete set ip kube-proxy {aff}\n")
+    assert text.index("flush chain ip kube-proxy service-") < at
+    assert at < text.index(f"add set ip kube-proxy {aff} ", at) < text.index("add rule", at)
+    assert {t for n, t in table.sets.items() if n.startswith("affinity-")} == {30}
+    # an unchanged timeout in a full sync keeps the set (and the clients' affinity)
+    p.sync(*store.take(), full=True)
+    assert "delete set" not in restorer.inputs[-1]
