@@ -9,8 +9,10 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
+from typing import NoReturn
 
 from kproxy import __version__
 from kproxy.config import MODES, ConfigError, Settings, build_parser, resolve
@@ -95,7 +97,17 @@ def cmd_run(args: argparse.Namespace) -> int:
     except KubeConfigError as err:
         log.error("cannot reach the Kubernetes API: %s", err)
         return 2
-    return daemon.run()
+    _exit_now(daemon.run())
+
+
+def _exit_now(code: int) -> NoReturn:
+    """End the process once the daemon has stopped (its threads, sockets and child processes
+    are closed): flush the logs and exit without tearing down the interpreter, whose ~1,200
+    modules and ~100,000 objects (most of them the Kubernetes client's) take up to a second."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 def cmd_cleanup(args: argparse.Namespace) -> int:

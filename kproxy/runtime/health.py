@@ -10,8 +10,11 @@ cannot bind its port; that alone does not make the proxy unhealthy (kproxy.runti
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
+import socket
+import socketserver
 import threading
 import time
 from collections.abc import Callable
@@ -118,8 +121,19 @@ class HTTPEndpoint:
         self._thread.start()
 
     def stop(self) -> None:
-        self._server.shutdown()
-        self._server.server_close()
+        stop_serving(self._server)
+
+
+def stop_serving(server: socketserver.TCPServer) -> None:
+    """End `server`'s serve_forever loop (running in another thread) and close it. The loop
+    notices a shutdown request only when its poll (every 0.5 s) returns: shutting the listening
+    socket down makes the poll return at once."""
+    stopper = threading.Thread(target=server.shutdown, name="stop-serving")
+    stopper.start()
+    with contextlib.suppress(OSError):
+        server.socket.shutdown(socket.SHUT_RDWR)
+    stopper.join()
+    server.server_close()
 
 
 def health_routes(state: HealthState) -> dict[str, Route]:

@@ -42,7 +42,7 @@ from kproxy.config import Settings
 from kproxy.inspect.socketpath import STATE_VERSION, netns_inode
 from kproxy.model.codec import encode, encode_snapshot, paused_gc
 from kproxy.model.store import Snapshot
-from kproxy.runtime.health import Route
+from kproxy.runtime.health import Route, stop_serving
 
 if TYPE_CHECKING:
     from kproxy.runtime.dataplane import Plane
@@ -139,8 +139,7 @@ class InspectServer:
     def stop(self) -> None:
         if self._server is None:
             return
-        self._server.shutdown()
-        self._server.server_close()
+        stop_serving(self._server)
         with contextlib.suppress(OSError):
             self.path.unlink()
         self._server = None

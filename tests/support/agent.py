@@ -107,14 +107,18 @@ class Agent:
             return True, {}
 
     def wait_ready(self, timeout: float = 20.0) -> None:
+        """Wait until /healthz reports a sync (lastUpdated). Each /healthz request is a probe
+        process in the node namespace, so it is asked only once this start's first sync is in
+        the log (a file read), not while the agent is still starting up."""
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc is not None and self.proc.poll() is not None:
                 raise AssertionError(f"kproxy exited early:\n{self.log()}")
-            ok, body = self.healthz()
-            if ok and body.get("lastUpdated"):
-                return
-            time.sleep(0.1)
+            if SYNC_LINE.search(self.log_of_this_start()):
+                ok, body = self.healthz()
+                if ok and body.get("lastUpdated"):
+                    return
+            time.sleep(0.05)
         raise AssertionError(f"kproxy did not sync within {timeout}s:\n{self.log()}")
 
     def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int:
@@ -135,6 +139,14 @@ class Agent:
             return Path(self.log_path).read_text(errors="replace")[-6000:]
         except OSError:
             return ""
+
+    def log_of_this_start(self) -> str:
+        """The log written since the last start (the whole file holds every start's)."""
+        try:
+            text = Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+        return text.rpartition(f"---- start {self.starts}\n")[2]
 
     def save(self, table: str = "nat", *, binary: str = "iptables-save") -> str:
         return self.lab.run(
