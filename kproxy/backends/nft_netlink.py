@@ -56,6 +56,7 @@ from kproxy.render.nftables import (
     TABLE,
     Dnat,
     DnatMap,
+    DnatShared,
     Element,
     FibSaddrLocal,
     Jump,
@@ -67,6 +68,8 @@ from kproxy.render.nftables import (
     SetDef,
     Stmt,
     UpdateSaddr,
+    count_map_name,
+    count_of,
     is_endpoint_map,
 )
 
@@ -125,6 +128,24 @@ ENDPOINT_MAP_UDATA = {
     for fam, mid in ((4, "0c00000001040c"), (6, "0d000000010409"))
     for proto, p in (("tcp", "08"), ("udp", "06"))
 }
+# the set userdata nft 1.0.6 writes for the fast path's `typeof ip daddr . meta l4proto .
+# th dport . numgen random mod N : ip daddr . th dport` (ip6 likewise), read back from the
+# kernel; N (host byte order) goes at `_COUNT_MOD`
+_COUNT_UDATA = (
+    "000400000000010400000000036000040d00000001580014000407000000010c0004{a}00000001"
+    "04{b}000000010e00040900000001060004100000000214000407000000010c00040b00000001040200"
+    "0000031a00041700000001120004010000000104{mod}020400000000043400040d000000012c001400"
+    "0407000000010c0004{a}0000000104{b}0000000114000407000000010c00040b000000010402000000"
+    "060400000000"
+)
+_COUNT_FIELDS = {4: ("0c", "0c"), 6: ("0d", "09")}
+
+
+def count_map_udata(family: int, n: int) -> bytes:
+    a, b = _COUNT_FIELDS[family]
+    return bytes.fromhex(_COUNT_UDATA.format(a=a, b=b, mod=struct.pack("=I", n).hex()))
+
+
 RTN_LOCAL = 2
 
 
@@ -200,7 +221,8 @@ def numgen(dreg: int, modulus: int) -> bytes:
 
 
 META_L4PROTO = 16
-PAYLOAD_NETWORK = 1
+PAYLOAD_NETWORK, PAYLOAD_TRANSPORT = 1, 2
+REG32_02, REG32_05, REG32_06, REG32_03 = 10, 13, 14, 11
 CMP_EQ, CMP_NEQ = 0, 1
 
 
@@ -307,6 +329,22 @@ class Encoder:
                 + lookup(REG_1, s.map, dreg=REG_1)
                 + nat
             )
+        if isinstance(s, DnatShared):
+            # nft's registers: ip daddr . l4proto . dport . numgen packed from reg 1
+            if fam == IPV6:
+                regs = (2, REG32_05, REG32_06)
+                daddr = payload(REG_1, PAYLOAD_NETWORK, 24, 16)
+            else:
+                regs = (REG32_01, REG32_02, REG32_03)
+                daddr = payload(REG_1, PAYLOAD_NETWORK, 16, 4)
+            return (
+                daddr
+                + meta_load(regs[0], META_L4PROTO)
+                + payload(regs[1], PAYLOAD_TRANSPORT, 2, 2)
+                + numgen(regs[2], s.n)
+                + lookup(REG_1, count_map_name(s.n), dreg=REG_1)
+                + expr("nat", be32(1, 1), be32(2, self.nfproto), be32(3, REG_1), be32(5, regs[0]))
+            )
         if isinstance(s, Dnat):
             return (
                 _l4proto(s.protocol)
@@ -354,6 +392,8 @@ class Encoder:
                 raw = bytes([PROTOCOLS[text]])
             elif typ == "inet_service":
                 raw = _port(int(text))
+            elif typ == "integer":  # numgen's output: host byte order
+                raw = struct.pack("=I", int(text))
             else:
                 raise Unencodable(f"key type {typ}")
             out += raw + b"\0" * (-len(raw) & 3)
@@ -379,6 +419,9 @@ class Encoder:
         )
 
     def new_set(self, s: SetDef) -> None:
+        if count_of(s.name):
+            self._count_map(s)
+            return
         if s.typeof:
             self._endpoint_map(s)
             return
@@ -421,6 +464,34 @@ class Encoder:
             attr(13, udata),
         )
 
+    def _count_map(self, s: SetDef) -> None:
+        """A fast-path map: ip . l4proto . port . numgen index -> ip . port (a hash map)."""
+        alen = 16 if self.family == IPV6 else 4
+        addr_type = TYPE_IP6ADDR if self.family == IPV6 else TYPE_IPADDR
+        key_type = 0
+        for t in (addr_type, TYPE_INET_PROTOCOL, TYPE_INET_SERVICE, TYPE_INTEGER):
+            key_type = (key_type << TYPE_BITS) | t
+        self._msg(
+            MSG_NEWSET,
+            NLM_F_CREATE,
+            string(1, TABLE),
+            string(2, s.name),
+            be32(3, SET_MAP),
+            be32(4, key_type),
+            be32(5, alen + 12),
+            be32(6, (addr_type << TYPE_BITS) | TYPE_INET_SERVICE),
+            be32(7, alen + 4),
+            be32(10, self._next_id()),
+            attr(13, count_map_udata(self.family, count_of(s.name))),
+        )
+
+    def count_element(self, e: Element, types: Sequence[str], *, with_data: bool) -> bytes:
+        parts = [data_value(1, self.key(types, e.key))]
+        if with_data:
+            ip, _, port = e.value.partition(" . ")
+            parts.append(data_value(2, _addr(ip) + _port(int(port)) + b"\0\0"))
+        return nest(1, *parts)
+
     def endpoint_elements(self, e: Element, *, with_data: bool) -> list[bytes]:
         """The two rbtree elements of one slot range: its start (with the endpoint) and the
         key after its end, flagged INTERVAL_END."""
@@ -441,6 +512,8 @@ def encode_ops(ops: Sequence[Op], family: int, set_types: dict[str, tuple[str, .
     """The messages of one transaction. `set_types` gives each shared set's key types.
     Consecutive element ops on one set share a message."""
     enc = Encoder(family)
+    addr = "ipv6_addr" if family == IPV6 else "ipv4_addr"
+    count_types = (addr, "inet_proto", "inet_service", "integer")
     pending: list[bytes] = []
     pending_key: tuple[int, str] | None = None
 
@@ -460,7 +533,9 @@ def encode_ops(ops: Sequence[Op], family: int, set_types: dict[str, tuple[str, .
                 flush()
                 pending_key = (kind, e.set)
             types = set_types.get(e.set)
-            if types is not None:
+            if count_of(e.set):
+                pending.append(enc.count_element(e, count_types, with_data=kind == MSG_NEWSETELEM))
+            elif types is not None:
                 pending.append(enc.element(e, types, with_data=kind == MSG_NEWSETELEM))
             elif is_endpoint_map(e.set):
                 pending.extend(enc.endpoint_elements(e, with_data=kind == MSG_NEWSETELEM))

@@ -37,12 +37,16 @@ from kproxy.render.nftables import (
     ServiceBlock,
     SetDef,
     apply_counts,
+    count_map_name,
+    count_maps_of,
     delta_ops,
     element_counts,
     family_word,
     full_chunks,
+    is_count_map,
     is_service_chain,
     is_service_set,
+    new_count_maps,
     ops_text,
 )
 
@@ -165,6 +169,7 @@ class NftablesProxier:
         )
         self._blocks: dict[Ref, ServiceBlock] = {}
         self._counts: dict[Element, int] = {}
+        self._count_maps: set[int] = set()  # N of the fast-path maps in the table
         self._need_full = True
         self._reconcile = True
         self._state: tuple[int, int | None] | None = None
@@ -241,17 +246,21 @@ class NftablesProxier:
         else:
             present_chains = {c for b in self._blocks.values() for c, _ in b.chains}
             present_sets = {s.name: s.timeout for b in self._blocks.values() for s in b.sets}
+            present_sets |= {count_map_name(n): 0 for n in self._count_maps}
         blocks: dict[Ref, ServiceBlock] = {}
         stale_chains: list[str] = []
 
         def stale() -> tuple[list[str], list[str]]:
             wanted_chains = {c for b in blocks.values() for c, _ in b.chains}
             wanted_sets = {s.name for b in blocks.values() for s in b.sets}
+            wanted_sets |= {
+                count_map_name(n) for b in blocks.values() for n in count_maps_of(b.elements)
+            }
             stale_chains.extend(
                 sorted(c for c in present_chains - wanted_chains if is_service_chain(c))
             )
             gone = present_sets.keys() - wanted_sets
-            return stale_chains, sorted(s for s in gone if is_service_set(s))
+            return stale_chains, sorted(s for s in gone if is_service_set(s) or is_count_map(s))
 
         def redefined(s: SetDef) -> bool:
             """An affinity set whose timeout changed (not every kernel updates it in place)."""
@@ -277,6 +286,7 @@ class NftablesProxier:
             raise SyncError(_nft_error(str(err))) from err
         self._blocks = blocks
         self._counts = element_counts(blocks.values())
+        self._count_maps = count_maps_of(self._counts)
         self._rules = sum(b.rule_count for b in blocks.values())
         self._need_full = self._reconcile = False
         return SyncResult(
@@ -298,13 +308,16 @@ class NftablesProxier:
         changed = {ref: b for ref, b in new.items() if b != self._blocks.get(ref, EMPTY_BLOCK)}
         if not changed:
             return SyncResult(full=False, rules={TABLE: self._rules})
-        ops, counts = delta_ops(self._blocks, changed, self._counts)
+        ops, counts = delta_ops(
+            self._blocks, changed, self._counts, family=self.family, count_maps=self._count_maps
+        )
         try:
             self.writer.apply(ops)
         except Exception as err:
             self._need_full = self._reconcile = True
             raise SyncError(f"nftables partial sync failed: {err}") from err
         apply_counts(self._counts, counts)
+        self._count_maps |= new_count_maps(ops)
         for ref, block in changed.items():
             self._rules += block.rule_count - self._blocks.get(ref, EMPTY_BLOCK).rule_count
             if block.empty:
@@ -327,6 +340,7 @@ class NftablesProxier:
         cleanup_nftables(self.family, self._run)
         self._blocks = {}
         self._counts = {}
+        self._count_maps = set()
         self._need_full = self._reconcile = True
 
 

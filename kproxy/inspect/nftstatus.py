@@ -1,6 +1,7 @@
 """`kproxy status` in nftables mode: for every ClusterIP/externalIP/LB frontend kproxy wants,
 the endpoints the live `kube-proxy` table sends it to (its `service-ips` element, the chain it
-points at and that chain's endpoint map), checked against the wanted ones."""
+points at and that chain's endpoint map; for the chainless fast path, its elements in the
+shared `cluster-endpoints-N` maps), checked against the wanted ones."""
 
 from __future__ import annotations
 
@@ -21,6 +22,7 @@ from kproxy.render.nftables import (
     SERVICE_PREFIX,
     Renderer,
     ServiceBlock,
+    count_of,
 )
 
 Row = dict[str, Any]
@@ -58,10 +60,60 @@ def _frontends(table: Table) -> dict[tuple[str, ...], str]:
     return out
 
 
-def rows_for(blocks: Mapping[Ref, ServiceBlock], table: Table) -> list[Row]:
+def _hostport(ip: str, port: str) -> str:
+    return f"[{ip}]:{port}" if ":" in ip else f"{ip}:{port}"
+
+
+def _fast_frontends(table: Table) -> dict[tuple[str, ...], tuple[int, set[str]]]:
+    """(ip, proto, port) -> (N of the fast-path map holding it, its endpoints). A frontend
+    with elements in two maps, or an element missing, shows as a mismatch."""
+    out: dict[tuple[str, ...], tuple[int, set[str]]] = {}
+    for name, elems in table.sets.items():
+        n = count_of(name)
+        if not n:
+            continue
+        for key, value in elems:
+            k = key["elem"]["val"] if isinstance(key, dict) and "elem" in key else key
+            ip, proto, port, _index = (str(x) for x in k["concat"])
+            vip, vport = value["concat"]
+            front = (ip, proto, port)
+            have_n, have = out.get(front, (n, set()))
+            have.add(_hostport(str(vip), str(vport)))
+            out[front] = (n if have_n == n else -1, have)
+    return out
+
+
+def rows_for(
+    blocks: Mapping[Ref, ServiceBlock],
+    table: Table,
+    names: Mapping[tuple[str, str, str], str] | None = None,
+) -> list[Row]:
+    """One row per frontend kproxy programs with an endpoint map; `names` gives the service
+    port name of a fast-path frontend (ip, proto, port) (its elements carry no comment)."""
     live = _frontends(table)
+    fast_live = _fast_frontends(table)
     rows = []
     for block in blocks.values():
+        fast: dict[tuple[str, str, str], tuple[int, set[str]]] = {}
+        for e in block.elements:
+            n = count_of(e.set)
+            if n:
+                ip, _, port = e.value.partition(" . ")
+                fast.setdefault((e.key[0], e.key[1], e.key[2]), (n, set()))[1].add(
+                    _hostport(ip, port)
+                )
+        for vip_key, (n, want) in fast.items():
+            have_n, have = fast_live.get(vip_key, (0, set()))
+            rows.append(
+                {
+                    "frontend": f"{vip_key[0]}:{vip_key[2]}/{vip_key[1]}",
+                    "service": (names or {}).get(vip_key, ""),
+                    "wanted": sorted(want),
+                    "programmed": sorted(have),
+                    # len(have) == n: every index 0..N-1 holds a distinct endpoint
+                    "ok": have_n == n and want == have and len(have) == n and vip_key not in live,
+                }
+            )
         wanted_maps: dict[str, set[str]] = {}
         for e in block.elements:
             if e.set.startswith((ENDPOINTS_PREFIX, LOCAL_ENDPOINTS_PREFIX)):
@@ -99,7 +151,12 @@ def nft_status(
         table = parse_table(res.stdout) if res.returncode == 0 else Table()
         renderer = Renderer(options)
         blocks = {ref: renderer.render_service(v) for ref, v in views.items()}
-        rows += rows_for(blocks, table)
+        names = {
+            (v.cluster_ip, v.port.protocol.lower(), str(v.port.port)): v.name
+            for vs in views.values()
+            for v in vs
+        }
+        rows += rows_for(blocks, table, names)
     if output == "json":
         json.dump({"mode": "nftables", "ports": rows}, sys.stdout, indent=2)
         sys.stdout.write("\n")

@@ -188,6 +188,28 @@ class _Tracer:
                 return [(v, 1.0)]
         return []
 
+    def numgen_lookup(self, key: Any, data: Any, s: _State) -> list[tuple[Any, float]]:
+        """`a . b . c . numgen random mod N` in a map: the elements whose leading parts match
+        the packet, each with a 1/N share (an index with no element is a miss)."""
+        *parts, gen = key["concat"]
+        mod = int(gen["numgen"]["mod"])
+        want = tuple(self.value(x, s) for x in parts)
+        elems = self.t.sets.get(data[1:], []) if isinstance(data, str) else data["set"]
+        out = []
+        seen: set[int] = set()
+        for k, v in elems:
+            got = _elem_key(k)
+            items = got.get("concat") if isinstance(got, dict) else None
+            if items is None or len(items) != len(want) + 1:
+                continue
+            index = int(items[-1])
+            if index in seen or not 0 <= index < mod:
+                continue
+            if all(_eq(w, i) for w, i in zip(want, items, strict=False)):
+                seen.add(index)
+                out.append((v, 1 / mod))
+        return out
+
     # -- chains --------------------------------------------------------------------------------
     def chain(self, name: str, s: _State, depth: int = 0) -> list[tuple[_State, str]]:
         if depth > 64:
@@ -250,8 +272,13 @@ class _Tracer:
                 d = st["dnat"]
                 addr = d["addr"]
                 if isinstance(addr, dict) and "map" in addr:
+                    key = addr["map"]["key"]
+                    if _numgen_concat(key):  # the fast path's shared maps
+                        found = self.numgen_lookup(key, addr["map"]["data"], s)
+                    else:
+                        found = self.lookup(key, addr["map"]["data"])
                     outs = []
-                    for target, share in self.lookup(addr["map"]["key"], addr["map"]["data"]):
+                    for target, share in found:
                         ip, port = target["concat"]
                         outs.append(
                             (
@@ -265,6 +292,10 @@ class _Tracer:
                                 ACCEPT,
                             )
                         )
+                    missed = 1.0 - sum(share for _, share in found)
+                    if missed > 1e-9:  # a lookup that misses: no translation, next rule
+                        rest = replace(s, share=s.share * missed)
+                        outs.extend(self.rules(rules, ri + 1, 0, rest, depth))
                     return outs, s
                 ip, port = str(addr), int(d.get("port", s.dport))
                 return [(replace(s, dnat=_hostport(ip, port), dst=ip, dport=port), ACCEPT)], s
@@ -315,6 +346,13 @@ class _Tracer:
             else:
                 out.append((st, v))
         return out
+
+
+def _numgen_concat(key: Any) -> bool:
+    parts = key.get("concat") if isinstance(key, dict) else None
+    if not isinstance(parts, list) or not parts:
+        return False
+    return isinstance(parts[-1], dict) and "numgen" in parts[-1]
 
 
 def _verdict(v: Any) -> tuple[str, str]:

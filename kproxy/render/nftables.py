@@ -30,6 +30,16 @@ chains decides the latency of every change):
   `@cluster-ips`, instead of one per service chain.
 - ClientIP affinity needs per-endpoint state: only services with affinity get kube-proxy's
   `endpoint-` chains and `affinity-` sets.
+- The chainless fast path: a service port with endpoints for internal traffic, no ClientIP
+  affinity and no external exposure (no nodePort, externalIPs or LoadBalancer ingress IPs),
+  the common ClusterIP case, gets no chain and no `service-ips` element at all. Its endpoints
+  are elements of the shared map `cluster-endpoints-N` for its endpoint count N, keyed
+  `ip . l4proto . port . index`; the chain `cluster-endpoints` (entered from `services` for
+  ClusterIP traffic that no `service-ips` element took) holds one rule per N in use:
+  `dnat ip to ip daddr . meta l4proto . th dport . numgen random mod N map @cluster-endpoints-N`.
+  Adding such a service or changing its endpoints changes elements only (the kernel validates
+  nothing), and the commits that do validate walk only the chains of the other services. A
+  map and rule for an N no longer in use stay until the next full sync.
 - No "drop traffic to unallocated ClusterIPs" rule: kproxy is not told the service CIDR.
 - Health-check node ports need no accept rule: this table drops nothing else.
 """
@@ -41,6 +51,7 @@ import hashlib
 import ipaddress
 import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
 
 from kproxy.model.decisions import Verdict, node_in_source_ranges
@@ -81,6 +92,9 @@ AFFINITY_PREFIX = "affinity-"
 # kproxy's own: one interval map per service port (and policy) from slot ranges to endpoints
 ENDPOINTS_PREFIX = "endpoints-"
 LOCAL_ENDPOINTS_PREFIX = "local-endpoints-"
+# kproxy's own: the chainless fast path (see the module docstring)
+CLUSTER_ENDPOINTS = "cluster-endpoints"  # the chain
+COUNT_MAP_PREFIX = "cluster-endpoints-"  # + N: the map of the services with N endpoints
 SLOTS = 65536  # numgen's range; endpoint i of n gets slots [i*SLOTS//n, (i+1)*SLOTS//n)
 SERVICE_CHAIN_PREFIXES = (
     SERVICE_PREFIX,
@@ -110,6 +124,7 @@ FIXED_CHAINS = (
     SERVICE_ENDPOINTS_CHECK,
     NODEPORT_ENDPOINTS_CHECK,
     REJECT_CHAIN,
+    CLUSTER_ENDPOINTS,
 )
 
 
@@ -169,6 +184,24 @@ def is_endpoint_map(name: str) -> bool:
     return name.startswith((ENDPOINTS_PREFIX, LOCAL_ENDPOINTS_PREFIX))
 
 
+_COUNT_MAP = re.compile(r"^cluster-endpoints-([1-9][0-9]*)$")
+
+
+def count_map_name(n: int) -> str:
+    """The shared fast-path map of the service ports with `n` endpoints."""
+    return f"{COUNT_MAP_PREFIX}{n}"
+
+
+def count_of(name: str) -> int:
+    """N of a fast-path map `cluster-endpoints-N`; 0 for any other name."""
+    m = _COUNT_MAP.match(name)
+    return int(m.group(1)) if m else 0
+
+
+def is_count_map(name: str) -> bool:
+    return count_of(name) > 0
+
+
 # -- statements and rules ----------------------------------------------------------------------
 @dataclass(frozen=True, slots=True)
 class SaddrIn:
@@ -201,6 +234,17 @@ class DnatMap:
 
 
 @dataclass(frozen=True, slots=True)
+class DnatShared:
+    """`dnat ip to ip daddr . meta l4proto . th dport . numgen random mod N map
+    @cluster-endpoints-N`: the fast path's one rule per endpoint count N. No `meta l4proto`
+    match: the key holds the protocol, and the map's value type (`th dport`, not `tcp dport`)
+    keeps nft from adding an implicit `meta l4proto tcp`, so one rule serves tcp, udp and
+    sctp."""
+
+    n: int
+
+
+@dataclass(frozen=True, slots=True)
 class Dnat:
     """`meta l4proto P dnat ip to ip:port` (endpoint chains of affinity services)."""
 
@@ -230,7 +274,17 @@ class UpdateSaddr:
     set: str
 
 
-Stmt = SaddrIn | FibSaddrLocal | Jump | DnatMap | Dnat | NumgenVmap | SaddrInSet | UpdateSaddr
+Stmt = (
+    SaddrIn
+    | FibSaddrLocal
+    | Jump
+    | DnatMap
+    | DnatShared
+    | Dnat
+    | NumgenVmap
+    | SaddrInSet
+    | UpdateSaddr
+)
 Rule = tuple[Stmt, ...]
 
 
@@ -256,6 +310,11 @@ def stmt_text(s: Stmt, family: int) -> str:
         return "fib saddr type local"
     if isinstance(s, DnatMap):
         return f"meta l4proto {s.protocol} dnat {fw} to numgen random mod {SLOTS} map @{s.map}"
+    if isinstance(s, DnatShared):
+        return (
+            f"dnat {fw} to {fw} daddr . meta l4proto . th dport . numgen random mod {s.n} "
+            f"map @{count_map_name(s.n)}"
+        )
     if isinstance(s, Dnat):
         return f"meta l4proto {s.protocol} dnat {fw} to {_hostport(family, s.ip, s.port)}"
     if isinstance(s, NumgenVmap):
@@ -313,7 +372,8 @@ class SetDef:
     def text(self) -> str:
         kind = "map" if self.value else "set"
         if self.typeof:
-            return f"{kind} {self.name} {{ typeof {self.typeof} ; flags {','.join(self.flags)} ; }}"
+            flags = f" flags {','.join(self.flags)} ;" if self.flags else ""
+            return f"{kind} {self.name} {{ typeof {self.typeof} ;{flags} }}"
         typ = " . ".join(self.key) + (f" : {self.value}" if self.value else "")
         extra = ""
         if self.flags:
@@ -335,6 +395,30 @@ def shared_sets(family: int) -> tuple[SetDef, ...]:
         SetDef(NO_ENDPOINT_NODEPORTS, ("inet_proto", "inet_service"), "verdict"),
         SetDef(HAIRPIN, (a, a)),
     )
+
+
+def count_map(n: int, family: int) -> SetDef:
+    """The fast path's shared map for `n` endpoints: a plain hash map (a concatenated interval
+    map would be a pipapo set, which clones its lookup tables on every commit)."""
+    fw = family_word(family)
+    return SetDef(
+        count_map_name(n),
+        (addr_type(family), "inet_proto", "inet_service", "integer"),
+        "endpoint",
+        typeof=(
+            f"{fw} daddr . meta l4proto . th dport . numgen random mod {n} : {fw} daddr . th dport"
+        ),
+    )
+
+
+def count_rule(n: int) -> Rule:
+    """The rule of the `cluster-endpoints` chain for the map of `n` endpoints."""
+    return (DnatShared(n),)
+
+
+def count_maps_of(elements: Iterable[Element]) -> set[int]:
+    """The endpoint counts N whose fast-path maps `elements` use."""
+    return {n for n in {count_of(e.set) for e in elements} if n}
 
 
 # -- one service -------------------------------------------------------------------------------
@@ -440,6 +524,14 @@ class Renderer:
         add = elements.append
         cip = v.cluster_ip
         add(Element(CLUSTER_IPS, (cip,)))
+        if internal_ok and not d.affinity_timeout and not v.has_external:
+            # the chainless fast path: elements of the shared map for its endpoint count
+            count = count_map_name(len(d.internal))
+            for i, ep in enumerate(d.internal):
+                add(Element(count, (cip, proto, port, str(i)), f"{ep.ip} . {ep.port}"))
+            for ep in d.all_reachable:
+                add(Element(HAIRPIN, (ep.ip, ep.ip)))
+            return
         if internal_ok:
             add(Element(SERVICE_IPS, (cip, proto, port), f"goto {internal_chain}", name))
         else:
@@ -551,6 +643,7 @@ class Renderer:
             stmt = stmt_text(SaddrIn(self._cidrs, negate=True), self.family)
             services.append(f"{fw} daddr @{CLUSTER_IPS} {stmt} jump {MARK_FOR_MASQUERADE}")
         services.append(f"{fw} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}")
+        services.append(f"{fw} daddr @{CLUSTER_IPS} jump {CLUSTER_ENDPOINTS}")
         services.append(f"{np_match} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
         return {
             "filter-prerouting": (f"{new} jump {FIREWALL_CHECK}",),
@@ -651,11 +744,18 @@ def delta_ops(
     old: Mapping[Ref, ServiceBlock],
     new: Mapping[Ref, ServiceBlock],
     element_counts: Mapping[Element, int],
+    *,
+    family: int = 4,
+    count_maps: AbstractSet[int] = frozenset(),
 ) -> tuple[list[Op], dict[Element, int]]:
     """The ops that turn the blocks `old[ref]` into `new[ref]` for every ref of `new`, and the
     element reference counts that change (elements are shared between services: an element is
     added when its first owner appears and deleted when its last owner goes); fold them into
     the counts with `apply_counts` once the ops are applied.
+
+    `count_maps`: the endpoint counts N whose fast-path map and rule exist (in `family`'s
+    table); a new element of another N's map first creates that map and its rule in
+    `cluster-endpoints` (`new_count_maps` tells which N a transaction created).
 
     Order matters inside one transaction: chains and sets are created before rules and
     elements name them; elements pointing at a chain are deleted before the chain.
@@ -676,6 +776,7 @@ def delta_ops(
     flush_gone: list[Op] = []
     del_chains: list[Op] = []
     del_sets: list[Op] = []
+    created: set[int] = set()
     for ref, after in new.items():
         before = old.get(ref, EMPTY_BLOCK)
         if before == after:
@@ -719,6 +820,12 @@ def delta_ops(
             counts[e] = n + 1
             if n == 0:
                 add_elems.append(Op("add-element", element=e))
+                size = count_of(e.set)
+                if size and size not in count_maps and size not in created:
+                    # a fast-path map first used here (where a full sync declares it)
+                    created.add(size)
+                    add_sets.append(Op("add-set", setdef=count_map(size, family)))
+                    rules.append(Op("add-rule", CLUSTER_ENDPOINTS, rule=count_rule(size)))
     # a deleted-then-readded element (moved between services) nets out
     readd = {op.element for op in add_elems} & {op.element for op in del_elems}
     if readd:
@@ -727,6 +834,11 @@ def delta_ops(
     ops = [*add_chains, *recreate, *add_sets, *rules, *del_elems, *add_elems, *flush_gone]
     ops += del_chains + del_sets
     return ops, counts.changed
+
+
+def new_count_maps(ops: Iterable[Op]) -> set[int]:
+    """The endpoint counts whose fast-path maps the ops of a `delta_ops` create."""
+    return {count_of(op.setdef.name) for op in ops if op.setdef is not None} - {0}
 
 
 class _Overlay:
@@ -812,9 +924,21 @@ def full_chunks(
                 by_set.setdefault(e.set, []).append(e.text())
 
     collect(renderer.nodeport_elements())
+    counts: dict[int, None] = {}  # the fast-path maps declared so far, in order of first use
     for b in blocks:
         redo = [s for s in b.sets if redefined(s)]
-        out = [f"add {s.text().replace(' ', f' {t} ', 1)}\n" for s in b.sets if s not in redo]
+        out = []
+        for n in dict.fromkeys(count_of(e.set) for e in b.elements):
+            if not n or n in counts:
+                continue
+            counts[n] = None  # first used here: declare
+            # created afresh (add, delete, add: whether it existed or not): nft 1.0.6 cannot
+            # add a rule using such a map it read back from the kernel ("conflicting
+            # protocols specified: ip vs. th"), only one declared in the same input; the
+            # rules using it were flushed above, and all its elements follow
+            declare = f"add {count_map(n, fam).text().replace(' ', f' {t} ', 1)}\n"
+            out += [declare, f"delete map {t} {count_map_name(n)}\n", declare]
+        out.extend(f"add {s.text().replace(' ', f' {t} ', 1)}\n" for s in b.sets if s not in redo)
         out.extend(f"flush map {t} {s.name}\n" for s in b.sets if s.typeof)
         out.extend(f"add chain {t} {name}\n" for name, _ in b.chains)
         out.extend(f"flush chain {t} {name}\n" for name, _ in b.chains)
@@ -825,7 +949,7 @@ def full_chunks(
             out.extend(f"add rule {t} {chain} {rule_text(r, fam)}\n" for r in chain_rules)
         collect(b.elements)
         yield "".join(out)
-    out = []
+    out = [f"add rule {t} {CLUSTER_ENDPOINTS} {rule_text(count_rule(n), fam)}\n" for n in counts]
     for name, texts in by_set.items():
         for i in range(0, len(texts), 1000):
             out.append(f"add element {t} {name} {{ {', '.join(texts[i : i + 1000])} }}\n")

@@ -13,7 +13,7 @@ import pytest
 from kproxy.lab.netlab import Lab
 from kproxy.lab.nsexec import module_argv
 from kproxy.lab.servers import serve_pods
-from kproxy.lab.traffic import http_batch, udp_query
+from kproxy.lab.traffic import http_batch, http_get, udp_query
 from tests.support.agent import Agent, eventually, serve_cluster_api, syncs
 from tests.support.objects import make_service_obj, make_slice_obj
 
@@ -164,3 +164,178 @@ def test_affinity_timeout_change_lands_in_a_partial_sync(lab: Lab, cluster_api: 
     assert again.ok_count == 10 and len(set(again.names)) == 1
     ok, _ = agent.healthz()
     assert ok
+
+
+# -- the chainless fast path (plain ClusterIP services) ---------------------------------------
+FAST_VIP, FAST_VIP6 = "10.96.7.90", "fd00:96::7:90"
+FAST_NODE_PORT = 30790
+
+
+def fast_service(*, v6: bool = False, **spec: Any) -> dict[str, Any]:
+    ports = [
+        {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"},
+        {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"},
+    ]
+    if spec.get("type") == "NodePort":
+        ports[0]["nodePort"] = FAST_NODE_PORT
+    body: dict[str, Any] = {"clusterIP": FAST_VIP, "ports": ports, **spec}
+    if v6:
+        body["clusterIPs"] = [FAST_VIP, FAST_VIP6]
+        body["ipFamilies"] = ["IPv4", "IPv6"]
+        body["ipFamilyPolicy"] = "RequireDualStack"
+    return make_service_obj("default", "fast", **body)
+
+
+def fast_slice(pods: Any, *, v6: bool = False) -> dict[str, Any]:
+    ports = [("http", 80, "TCP"), ("dns", 5353, "UDP")]
+    eps = [{"ip": p.ip6 if v6 else p.ip, "node": p.node.name} for p in pods]
+    name = "fast-6" if v6 else "fast-4"
+    return make_slice_obj(
+        "default", name, "fast", eps, ports, address_type="IPv6" if v6 else "IPv4"
+    )
+
+
+def udp_names(ns: str, vip: str, *, tries: int = 12) -> set[str]:
+    """Server names over `tries` UDP flows (a new source port each); every query answered."""
+    out = set()
+    for _ in range(tries):
+        res = udp_query(ns, vip, 53, n=1).results[0]
+        assert res.ok, res.error
+        assert res.name is not None
+        out.add(res.name)
+    return out
+
+
+def test_fast_path_tcp_and_udp_in_both_families(lab_factory: Any) -> None:
+    """A plain ClusterIP service gets no chain and no service-ips element: its endpoints are
+    elements of the shared cluster-endpoints-3 map. TCP and UDP (port 53 -> 5353), IPv4 and
+    IPv6, from a pod and from the node itself, all reach every endpoint."""
+    lab = lab_factory(nodes=1, pods_per_node=3, ipv6=True)
+    with serve_cluster_api(lab) as (api, kubeconfig):
+        serve_pods(lab, tcp=[80], udp=[5353])
+        api.upsert(fast_service(v6=True))
+        api.upsert(fast_slice(lab.pods))
+        api.upsert(fast_slice(lab.pods, v6=True))
+        agent = Agent(lab, lab.nodes[0], kubeconfig, extra=MODE)
+        agent.start()
+        rules = agent.ruleset()
+        assert "default/fast" not in rules  # no per-service chain, no commented element
+        assert f"{FAST_VIP} . udp . 53 . 2 : " in rules
+        assert f"{FAST_VIP6} . tcp . 80 . 0 : " in rules
+        names = {p.name for p in lab.pods}
+        me = lab.pods[0].ns
+        for vip in (FAST_VIP, FAST_VIP6):
+            batch = http_batch(me, vip, 80, n=30)
+            assert batch.ok_count == 30, batch.errors
+            assert set(batch.names) == names
+            assert len(udp_names(me, vip)) >= 2  # random over the endpoints, translated
+        node = http_batch(lab.nodes[0].ns, FAST_VIP, 80, n=10)
+        assert node.ok_count == 10, node.errors
+
+
+def test_fast_path_endpoint_counts_with_traffic(lab: Lab, cluster_api: Any) -> None:
+    """1 -> 3 -> 2 -> 0 endpoints: the service's elements move between the count maps in
+    partial syncs, traffic follows each step, and with none left it is rejected."""
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    pods = lab.pods
+    me = lab.pods[0].ns
+    api.upsert(fast_service())
+    api.upsert(fast_slice(pods[:1]))
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=MODE)
+    agent.start()
+    assert set(http_batch(me, FAST_VIP, 80, n=5).names) == {pods[0].name}
+    for step in (pods, pods[1:], pods[2:]):
+        api.upsert(fast_slice(step))
+        want = {p.name for p in step}
+        eventually(lambda want=want: set(http_batch(me, FAST_VIP, 80, n=20).names) == want)
+        assert udp_names(me, FAST_VIP, tries=8) <= want
+        assert f"cluster-endpoints-{len(step)} {{" in agent.ruleset()
+    api.upsert(fast_slice([]))
+    eventually(lambda: "no-endpoint-services" in agent.ruleset() and FAST_VIP in agent.ruleset())
+    eventually(lambda: "refused" in str(http_get(me, FAST_VIP, 80).error).lower())
+    assert any(not full for full, _, _ in syncs(agent))  # partial syncs did the moves
+
+
+def test_service_moves_between_fast_path_and_chain_layout(lab: Lab, cluster_api: Any) -> None:
+    """Gaining a NodePort or ClientIP affinity moves a service to kube-proxy's chain layout
+    (its chains and service-ips element); losing it moves it back; traffic works throughout."""
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    pods = lab.pods
+    names = {p.name for p in pods}
+    me = lab.pods[0].ns
+    api.upsert(fast_service())
+    api.upsert(fast_slice(pods))
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=MODE)
+    agent.start()
+    assert "default/fast" not in agent.ruleset()
+    assert set(http_batch(me, FAST_VIP, 80, n=20).names) == names
+
+    api.upsert(fast_service(type="NodePort"))
+    eventually(lambda: '"default/fast:http" : goto service-' in agent.ruleset())
+    assert f"{FAST_VIP} . tcp . 80 . " not in agent.ruleset()  # its elements left the map
+    assert f"{FAST_VIP} . udp . 53 . " in agent.ruleset()  # the UDP port stays fast
+    assert set(http_batch(me, FAST_VIP, 80, n=20).names) == names
+    batch = http_batch(lab.client.ns, lab.nodes[0].ip, FAST_NODE_PORT, n=10)
+    assert batch.ok_count == 10, batch.errors
+
+    api.upsert(fast_service(sessionAffinity="ClientIP"))
+    eventually(lambda: "affinity-" in agent.ruleset())
+    assert f"{FAST_VIP} . udp . 53 . " not in agent.ruleset()
+    pinned = http_batch(me, FAST_VIP, 80, n=10)
+    assert pinned.ok_count == 10 and len(pinned.names) == 1, pinned.names
+
+    api.upsert(fast_service())
+    eventually(lambda: "default/fast" not in agent.ruleset())
+    assert f"{FAST_VIP} . tcp . 80 . 2 : " in agent.ruleset()
+    assert set(http_batch(me, FAST_VIP, 80, n=30).names) == names
+
+
+def test_explain_predicts_the_fast_path(lab: Lab, cluster_api: Any) -> None:
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(fast_service())
+    api.upsert(fast_slice(lab.pods))
+    Agent(lab, lab.nodes[0], kubeconfig, extra=MODE).start()
+    pod = lab.pods[0]
+    for proto, port, target in (("tcp", 80, 80), ("udp", 53, 5353)):
+        out = lab.run(
+            lab.nodes[0].ns,
+            module_argv(
+                "kproxy",
+                "explain",
+                f"{FAST_VIP}:{port}/{proto}",
+                "--from",
+                pod.ip,
+                "-o",
+                "json",
+                *MODE,
+            ),
+            capture_output=True,
+            text=True,
+        )
+        assert out.returncode == 0, out.stderr
+        paths = json.loads(out.stdout)["paths"]
+        assert sum(p["share"] for p in paths) == pytest.approx(1.0)
+        assert [p["share"] for p in paths] == pytest.approx([1 / 3] * 3)
+        assert all("cluster-endpoints" in p["chains"] for p in paths)
+        predicted = {p["dnat"] for p in paths if p["verdict"] == "accept"}
+        assert predicted == {f"{p.ip}:{target}" for p in lab.pods}
+        # hairpin: only the path back to the sender is masqueraded
+        assert {p["dnat"] for p in paths if p["masquerade"]} == {f"{pod.ip}:{target}"}
+    batch = http_batch(pod.ns, FAST_VIP, 80, n=40)
+    assert {f"{lab.pod(n).ip}:80" for n in batch.names} == {f"{p.ip}:80" for p in lab.pods}
+    # `kproxy status` reads the fast path's elements back
+    res = lab.run(
+        lab.nodes[0].ns,
+        module_argv("kproxy", "status", "-o", "json"),
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+    rows = {r["frontend"]: r for r in json.loads(res.stdout)["ports"]}
+    assert rows[f"{FAST_VIP}:53/udp"]["service"] == "default/fast:dns"
+    assert rows[f"{FAST_VIP}:53/udp"]["programmed"] == sorted(f"{p.ip}:5353" for p in lab.pods)
+    assert all(r["ok"] for r in rows.values())

@@ -6,6 +6,7 @@ table-existence probe sees a deleted table (the tamper check)."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
@@ -18,17 +19,20 @@ from kproxy.backends.nft_netlink import NetlinkWriter
 from kproxy.backends.nftables import NftCommandWriter
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
-from kproxy.model.view import ServicePortView
+from kproxy.model.view import ServicePortView, service_views
 from kproxy.render.nftables import (
+    CLUSTER_ENDPOINTS,
     Renderer,
     ServiceBlock,
     apply_counts,
     delta_ops,
     element_counts,
     full_text,
+    new_count_maps,
 )
+from tests.support.builders import make_endpoint, make_service, make_slice
 from tests.support.lab import require_netns
-from tests.unit.test_render_nftables import V4, V6, ipv6, overall
+from tests.unit.test_render_nftables import NODE, V4, V6, ipv6, overall
 
 pytestmark = [pytest.mark.netns]
 
@@ -103,42 +107,91 @@ def test_netlink_ops_leave_what_nft_leaves(netns: str, case: str) -> None:
     assert writer.fallbacks == fallbacks
 
 
+def normalized(ns: str, fw: str = "ip") -> dict[tuple[str, str], Any]:
+    """The table as `nft -j` lists it, without handles and creation order: chains with their
+    rules (the rules of `cluster-endpoints` as a set, their order does not matter), sets and
+    maps with their declarations and sorted elements."""
+    out: dict[tuple[str, str], Any] = {}
+    for item in json.loads(nft(ns, "-j", "list", "table", fw, "kube-proxy"))["nftables"]:
+        kind, body = next(iter(item.items()))
+        if kind in ("set", "map"):
+            body = {k: v for k, v in body.items() if k != "handle"}
+            body["elem"] = sorted(json.dumps(e, sort_keys=True) for e in body.get("elem", []))
+            out[(kind, body["name"])] = body
+        elif kind == "chain":
+            out.setdefault(("chain", body["name"]), [])
+        elif kind == "rule":
+            out.setdefault(("chain", body["chain"]), []).append(
+                json.dumps(body["expr"], sort_keys=True)
+            )
+    for key, rules in out.items():
+        if key == ("chain", CLUSTER_ENDPOINTS):
+            out[key] = sorted(rules)
+    return out
+
+
+def fast_service(name: str, vip: str, *addresses: str) -> tuple[Ref, tuple[ServicePortView, ...]]:
+    svc = make_service("ns7", name, cluster_ips=(vip,))
+    sl = make_slice("ns7", name, endpoints=[make_endpoint(a) for a in addresses])
+    return svc.ref, service_views(svc, [sl], family=4, node_name=NODE)
+
+
 def test_netlink_deltas_track_nft(netns: str) -> None:
-    """Remove one service and change another's endpoints: netlink and a fresh nft load agree."""
+    """One transaction that removes a chain-layout and a fast-path service, trims another's
+    endpoints, moves a fast-path service from cluster-endpoints-3 to -2 and adds two (one
+    needing a new cluster-endpoints-4): netlink and a fresh nft load agree."""
     renderer = Renderer(V4)
     views = one_range(overall())
     before = blocks_of(views, V4)
     nft(netns, "-f", "-", stdin=full_text(renderer, before.values()))
-    refs = sorted(views)
-    gone, changed = refs[0], refs[1]
-    trimmed = tuple(replace(v, endpoints=v.endpoints[:1]) for v in views[changed])
+    by_name = {ref.name: ref for ref in views}
     after = dict(before)
-    after[gone] = ServiceBlock()
+    for gone in ("svc1", "svc3"):
+        after[by_name[gone]] = ServiceBlock()
+    changed = by_name["svc2"]
     after[changed] = renderer.render_service(
         tuple(
             replace(
                 v,
+                endpoints=v.endpoints[:1],
                 decision=replace(
                     v.decision,
                     cluster=v.decision.cluster[:1],
                     all_reachable=v.decision.all_reachable[:1],
                 ),
             )
-            for v in trimmed
+            for v in views[changed]
         )
     )
+    moved = by_name["svc5"]
+    after[moved] = renderer.render_service(
+        tuple(
+            replace(v, decision=replace(v.decision, internal=v.decision.internal[:2]))
+            for v in views[moved]
+        )
+    )
+    for ref, vs in (
+        fast_service("svc7", "172.30.0.47", "10.180.1.1", "10.180.1.2", "10.180.1.3"),
+        fast_service("svc8", "172.30.0.48", "10.180.1.4", "10.180.1.5", "10.180.1.6", "10.180.1.7"),
+    ):
+        after[ref] = renderer.render_service(vs)
     writer = NetlinkWriter(4, fallback=NftCommandWriter(4, run=in_netns(netns)), netns=netns)
     counts = element_counts(before.values())
-    ops, changes = delta_ops(before, {gone: after[gone], changed: after[changed]}, counts)
+    delta = {ref: b for ref, b in after.items() if b != before.get(ref)}
+    ops, changes = delta_ops(before, delta, counts, count_maps={1, 2, 3})
+    assert new_count_maps(ops) == {4}
     apply_counts(counts, changes)
     writer.apply(ops)
-    got = nft(netns, "list", "table", "ip", "kube-proxy")
+    got = normalized(netns)
     assert writer.fallbacks == 0
     assert counts == element_counts(b for b in after.values())
+    assert got[("map", "cluster-endpoints-4")]["elem"]
 
     nft(netns, "delete", "table", "ip", "kube-proxy")
     nft(netns, "-f", "-", stdin=full_text(renderer, (b for b in after.values() if not b.empty)))
-    assert got == nft(netns, "list", "table", "ip", "kube-proxy")
+    want = normalized(netns)
+    assert set(got) - set(want) == set()  # every count is still in use here
+    assert got == want
 
 
 def test_table_probe_sees_a_deleted_table(netns: str) -> None:
@@ -179,3 +232,35 @@ def test_proxier_drift_check(netns: str) -> None:
     proxier.sync(snapshot, changes, full=True)
     assert proxier.drift() is None
     assert "172.30.0.41" in nft(netns, "list", "table", "ip", "kube-proxy")
+
+
+def test_proxier_fast_path_maps_follow_the_endpoint_counts(netns: str) -> None:
+    """Partial syncs create the map of a new endpoint count on first use and leave the map of
+    a count no longer used (empty, its rule in place) to the next full sync, which deletes it;
+    a full sync over a live table re-creates the maps in use."""
+    from kproxy.backends.nftables import NftablesProxier
+    from kproxy.model.store import Store
+
+    def maps() -> dict[str, int]:
+        t = normalized(netns)
+        return {k[1]: len(v["elem"]) for k, v in t.items() if k[1].startswith("cluster-endpoints-")}
+
+    store = Store()
+    store.set_service(make_service())
+    addresses = ["10.180.0.1", "10.180.0.2", "10.180.0.3"]
+    store.set_slice(make_slice(endpoints=[make_endpoint(a) for a in addresses]))
+    run = in_netns(netns)
+    writer = NetlinkWriter(4, fallback=NftCommandWriter(4, run=run), netns=netns)
+    proxier = NftablesProxier(options=V4, writer=writer, run=run)
+    snapshot, changes = store.take()
+    proxier.sync(snapshot, changes, full=True)
+    assert maps() == {"cluster-endpoints-3": 3}
+    store.set_slice(make_slice(endpoints=[make_endpoint(a) for a in addresses[:2]]))
+    snapshot, changes = store.take()
+    proxier.sync(snapshot, changes, full=False)
+    assert maps() == {"cluster-endpoints-3": 0, "cluster-endpoints-2": 2}
+    assert len(normalized(netns)[("chain", CLUSTER_ENDPOINTS)]) == 2
+    proxier.sync(snapshot, changes, full=True)
+    assert maps() == {"cluster-endpoints-2": 2}
+    assert len(normalized(netns)[("chain", CLUSTER_ENDPOINTS)]) == 1
+    assert writer.fallbacks == 0

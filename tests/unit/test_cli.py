@@ -44,11 +44,13 @@ def test_render_nftables(manifests: str, capsys: pytest.CaptureFixture[str]) -> 
     assert main([*args, "--cluster-cidr", "10.244.0.0/16"]) == 0
     out = capsys.readouterr().out
     assert out.startswith("add table ip kube-proxy")
-    mysql = '10.96.100.50 . tcp . 3306 comment "default/mysql-service:mysql"'
-    assert f"{mysql} : goto service-" in out
+    # a plain ClusterIP service takes the chainless fast path: an element of the shared map
+    # for its endpoint count, no chain, no service-ips element
+    assert "mysql-service/" not in out
+    assert "cluster-endpoints-1 { 10.96.100.50 . tcp . 3306 . 0 : 10.244.1.14 . 3306 }" in out
+    assert "numgen random mod 1 map @cluster-endpoints-1" in out
     assert 'tcp . 30080 comment "default/nginx-nodeport:http" : goto external-' in out
     assert "dnat ip to numgen random mod 65536 map @endpoints-" in out
-    assert "mysql-service/tcp/mysql { 0-65535 : 10.244.1.14 . 3306 }" in out
     assert "web-headless" not in out and "nginx-external" not in out
 
 

@@ -55,6 +55,19 @@ def outcome(packet: Packet) -> set[tuple[str, str, bool, float]]:
             Packet("tcp", NODE, "172.30.0.43", 80, local=True),
             {("accept", "10.180.0.5:80", True, 0.5), ("accept", "10.180.0.6:80", True, 0.5)},
         ),
+        (  # the fast path for UDP: three endpoints, a third each, through cluster-endpoints
+            Packet("udp", "10.0.0.5", "172.30.0.45", 53),
+            {
+                ("accept", "10.180.0.7:5353", False, 0.333),
+                ("accept", "10.180.0.8:5353", False, 0.333),
+                ("accept", "10.180.0.9:5353", False, 0.333),
+            },
+        ),
+        (Packet("tcp", "10.0.0.5", "172.30.0.45", 53), {("reject", "", False, 1.0)}),
+        (  # iTP Local on the fast path: the local endpoint only
+            Packet("tcp", "10.0.0.5", "172.30.0.46", 80),
+            {("accept", "10.180.0.10:80", False, 1.0)},
+        ),
     ],
     ids=[
         "clusterip",
@@ -69,6 +82,9 @@ def outcome(packet: Packet) -> set[tuple[str, str, bool, float]]:
         "source-range-drop",
         "source-range-allowed",
         "node-affinity",
+        "fast-udp",
+        "fast-wrong-protocol-reject",
+        "fast-itp-local",
     ],
 )
 def test_packet_flow(packet: Packet, expected: set[tuple[str, str, bool, float]]) -> None:
@@ -77,7 +93,8 @@ def test_packet_flow(packet: Packet, expected: set[tuple[str, str, bool, float]]
 
 def test_status_rows_match_the_golden_table() -> None:
     """`kproxy status` (nftables): every wanted ClusterIP frontend is programmed as wanted; a
-    frontend whose endpoint map lost an element is flagged."""
+    frontend whose endpoint map lost an element is flagged, in a per-service endpoint map and
+    in a fast-path map alike."""
     from kproxy.inspect.nftstatus import rows_for
     from kproxy.render.nftables import Renderer
     from tests.unit.test_render_nftables import V4, overall
@@ -85,10 +102,37 @@ def test_status_rows_match_the_golden_table() -> None:
     renderer = Renderer(V4)
     blocks = {ref: renderer.render_service(v) for ref, v in overall().items()}
     rows = rows_for(blocks, TABLE)
-    assert {r["frontend"] for r in rows} == {"172.30.0.41:80/tcp", "172.30.0.42:80/tcp"}
+    assert {r["frontend"] for r in rows} == {
+        "172.30.0.41:80/tcp",  # fast path, 2 endpoints
+        "172.30.0.42:80/tcp",
+        "172.30.0.45:53/udp",  # fast path, 3 endpoints
+        "172.30.0.46:80/tcp",  # fast path, iTP Local
+    }
     assert all(r["ok"] for r in rows), rows
-    name = next(n for n in TABLE.sets if n.startswith("endpoints-") and "svc1" in n)
+    by = {r["frontend"]: r for r in rows}
+    assert by["172.30.0.45:53/udp"]["programmed"] == [
+        "10.180.0.7:5353",
+        "10.180.0.8:5353",
+        "10.180.0.9:5353",
+    ]
+    name = next(n for n in TABLE.sets if n.startswith("endpoints-") and "svc2" in n)
     damaged = parse_table((Path(__file__).parent / "golden" / "nftables-overall.json").read_text())
     damaged.sets[name] = damaged.sets[name][:1]
+    damaged.sets["cluster-endpoints-3"] = damaged.sets["cluster-endpoints-3"][1:]
     bad = [r for r in rows_for(blocks, damaged) if not r["ok"]]
-    assert [r["frontend"] for r in bad] == ["172.30.0.41:80/tcp"]
+    assert sorted(r["frontend"] for r in bad) == ["172.30.0.42:80/tcp", "172.30.0.45:53/udp"]
+
+
+def test_fast_path_lookup_miss_falls_through() -> None:
+    """An index without its element: that share is not translated and goes on through the
+    chain (here: rejected as traffic to an invalid ClusterIP port), so the shares still sum to
+    one and the tracer never invents a translation the kernel would not do."""
+    damaged = parse_table((Path(__file__).parent / "golden" / "nftables-overall.json").read_text())
+    damaged.sets["cluster-endpoints-3"] = damaged.sets["cluster-endpoints-3"][1:]
+    paths = trace(damaged, Packet("udp", "10.0.0.5", "172.30.0.45", 53), local={NODE})
+    got = {(p.verdict, p.dnat, round(p.share, 3)) for p in paths}
+    assert got == {
+        ("accept", "10.180.0.8:5353", 0.333),
+        ("accept", "10.180.0.9:5353", 0.333),
+        ("reject", "", 0.333),
+    }

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from kproxy.model.objects import EndpointSlice, Ref, Service
+from kproxy.model.objects import EndpointPort, EndpointSlice, Ref, Service
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import ServicePortView, service_views
 from kproxy.render.nftables import (
@@ -27,7 +27,11 @@ from kproxy.render.nftables import (
     apply_counts,
     delta_ops,
     element_counts,
+    is_count_map,
+    is_endpoint_map,
     is_service_chain,
+    is_service_set,
+    new_count_maps,
     ops_text,
     render_ruleset,
 )
@@ -76,7 +80,24 @@ def overall() -> dict[Ref, tuple[ServicePortView, ...]]:
         cluster_ips=("172.30.0.44",),
         ports=(make_port(53, name="dns", protocol="UDP", node_port=3053),),
     )
-    return views_of((s1, [sl1]), (s2, [sl2]), (s3, [sl3]), (s4, []))
+    # the chainless fast path: a UDP ClusterIP with three endpoints (svc1, two endpoints, is
+    # the TCP one) and an iTP Local ClusterIP (its local endpoint only)
+    s5 = make_service(
+        "ns5",
+        "svc5",
+        cluster_ips=("172.30.0.45",),
+        ports=(make_port(53, name="dns", protocol="UDP"),),
+    )
+    dns = [EndpointPort(name="dns", port=5353, protocol="UDP")]
+    sl5 = make_slice(
+        "ns5",
+        "svc5",
+        endpoints=[e("10.180.0.7"), e("10.180.0.8"), e("10.180.0.9")],
+        ports=dns,
+    )
+    s6 = make_service("ns6", "svc6", cluster_ips=("172.30.0.46",), internal_policy_local=True)
+    sl6 = make_slice("ns6", "svc6", endpoints=[e("10.180.0.10", node_name=NODE), e("10.180.0.11")])
+    return views_of((s1, [sl1]), (s2, [sl2]), (s3, [sl3]), (s4, []), (s5, [sl5]), (s6, [sl6]))
 
 
 def ipv6() -> dict[Ref, tuple[ServicePortView, ...]]:
@@ -89,7 +110,20 @@ def ipv6() -> dict[Ref, tuple[ServicePortView, ...]]:
         address_type="IPv6",
         endpoints=[make_endpoint("fd00:10::1"), make_endpoint("fd00:10::2")],
     )
-    return views_of((s1, [sl1]), family=6)
+    s2 = make_service(  # the fast path
+        "ns2",
+        "svc2",
+        cluster_ips=("fd00:30::42",),
+        ports=(make_port(53, name="dns", protocol="UDP"),),
+    )
+    sl2 = make_slice(
+        "ns2",
+        "svc2",
+        address_type="IPv6",
+        endpoints=[make_endpoint("fd00:10::3"), make_endpoint("fd00:10::4")],
+        ports=[EndpointPort(name="dns", port=5353, protocol="UDP")],
+    )
+    return views_of((s1, [sl1]), (s2, [sl2]), family=6)
 
 
 CASES = {
@@ -119,14 +153,122 @@ def block(*pairs: tuple[Service, Sequence[EndpointSlice]]) -> ServiceBlock:
 
 SVC = make_service()
 REF = SVC.ref
+# a NodePort service keeps kube-proxy's chain layout
+NP = make_service(type="NodePort", ports=(make_port(80, name="p80", node_port=30080),))
+
+
+def eps(*addresses: str) -> list[EndpointSlice]:
+    return [make_slice(endpoints=[make_endpoint(a) for a in addresses])]
+
+
+def test_fast_path_endpoint_change_is_element_changes_only() -> None:
+    """A ClusterIP service's endpoints are elements of the shared map for their count: one
+    more endpoint moves them from cluster-endpoints-1 to cluster-endpoints-2, no rule."""
+    before = block((SVC, eps("10.180.0.1")))
+    after = block((SVC, eps("10.180.0.1", "10.180.0.2")))
+    assert before.chains == () and after.chains == ()
+    counts = element_counts([before])
+    ops, changed = delta_ops({REF: before}, {REF: after}, counts, count_maps={1, 2})
+    apply_counts(counts, changed)
+    assert ops_text(ops, 4) == (
+        "delete element ip kube-proxy cluster-endpoints-1 { 172.30.0.41 . tcp . 80 . 0 }\n"
+        "add element ip kube-proxy cluster-endpoints-2 { 172.30.0.41 . tcp . 80 . 0 : "
+        "10.180.0.1 . 80 }\n"
+        "add element ip kube-proxy cluster-endpoints-2 { 172.30.0.41 . tcp . 80 . 1 : "
+        "10.180.0.2 . 80 }\n"
+        f"add element ip kube-proxy {HAIRPIN} {{ 10.180.0.2 . 10.180.0.2 }}\n"
+    )
+    assert counts == element_counts([after])
+
+
+def test_fast_path_creates_the_map_of_a_new_count_first() -> None:
+    """Without cluster-endpoints-3 yet, the transaction declares it and its rule before the
+    elements; with it, adding a service is elements only."""
+    new = block((SVC, eps("10.180.0.1", "10.180.0.2", "10.180.0.3")))
+    ops, _ = delta_ops({}, {REF: new}, {}, count_maps={1})
+    text = ops_text(ops, 4)
+    declare = (
+        "add map ip kube-proxy cluster-endpoints-3 { typeof ip daddr . meta l4proto . th dport "
+        ". numgen random mod 3 : ip daddr . th dport ; }\n"
+        "add rule ip kube-proxy cluster-endpoints dnat ip to ip daddr . meta l4proto . th dport "
+        ". numgen random mod 3 map @cluster-endpoints-3\n"
+    )
+    assert text.startswith(declare)
+    assert new_count_maps(ops) == {3}
+    ops, _ = delta_ops({}, {REF: new}, {}, count_maps={1, 3})
+    assert {op.kind for op in ops} == {"add-element"}
+    assert new_count_maps(ops) == set()
+
+
+def test_ipv6_fast_path_maps() -> None:
+    s = make_service(cluster_ips=("fd00:30::41",))
+    sl = make_slice(address_type="IPv6", endpoints=[make_endpoint("fd00:10::1")])
+    (views,) = views_of((s, [sl]), family=6).values()
+    b = Renderer(V6).render_service(views)
+    ops, _ = delta_ops({}, {s.ref: b}, {}, family=6)
+    text = ops_text(ops, 6)
+    assert "typeof ip6 daddr . meta l4proto . th dport . numgen random mod 1 : ip6 daddr" in text
+    assert "dnat ip6 to ip6 daddr . meta l4proto . th dport . numgen random mod 1 map" in text
+    assert "cluster-endpoints-1 { fd00:30::41 . tcp . 80 . 0 : fd00:10::1 . 80 }" in text
+
+
+@pytest.mark.parametrize(
+    ("service", "addresses", "fast"),
+    [
+        (SVC, ("10.180.0.1",), True),
+        (make_service(internal_policy_local=True), ("10.180.0.1",), False),  # none local
+        (NP, ("10.180.0.1",), False),
+        (make_service(external_ips=("5.6.7.8",)), ("10.180.0.1",), False),
+        (
+            make_service(type="LoadBalancer", load_balancer_ips=("1.2.3.4",)),
+            ("10.180.0.1",),
+            False,
+        ),
+        (make_service(affinity_timeout=10800), ("10.180.0.1",), False),
+        (SVC, (), False),  # no endpoints: rejected through no-endpoint-services
+    ],
+    ids=["clusterip", "itp-local-none-here", "nodeport", "externalip", "lb", "affinity", "none"],
+)
+def test_which_ports_take_the_fast_path(
+    service: Service, addresses: tuple[str, ...], fast: bool
+) -> None:
+    b = block((service, eps(*addresses)))
+    in_maps = [e for e in b.elements if e.set.startswith("cluster-endpoints-")]
+    assert bool(in_maps) is fast
+    if fast:  # no chain and no service-ips element: nothing for the kernel to validate
+        assert not b.chains and not any(e.set == SERVICE_IPS for e in b.elements)
+
+
+def test_itp_local_fast_path_uses_the_local_endpoints() -> None:
+    s = make_service(internal_policy_local=True)
+    b = block((s, [make_slice(endpoints=[local("10.180.0.1"), make_endpoint("10.180.0.2")])]))
+    assert [e.text() for e in b.elements if e.set.startswith("cluster-endpoints-")] == [
+        "172.30.0.41 . tcp . 80 . 0 : 10.180.0.1 . 80"
+    ]
+
+
+def test_gaining_a_node_port_moves_the_service_to_the_chain_layout() -> None:
+    fast = block((SVC, eps("10.180.0.1")))
+    chained = block((NP, eps("10.180.0.1")))
+    counts = element_counts([fast])
+    ops, changed = delta_ops({REF: fast}, {REF: chained}, counts, count_maps={1})
+    apply_counts(counts, changed)
+    text = ops_text(ops, 4)
+    assert "delete element ip kube-proxy cluster-endpoints-1 { 172.30.0.41 . tcp . 80 . 0 }" in text
+    assert "add chain ip kube-proxy service-XPGD46QR-ns1/svc1/tcp/p80" in text
+    assert "goto service-XPGD46QR-ns1/svc1/tcp/p80" in text
+    assert counts == element_counts([chained])
+    # and back: the chains go, the element comes back
+    ops, _ = delta_ops({REF: chained}, {REF: fast}, counts, count_maps={1})
+    text = ops_text(ops, 4)
+    assert "delete chain ip kube-proxy service-XPGD46QR-ns1/svc1/tcp/p80" in text
+    assert "add element ip kube-proxy cluster-endpoints-1" in text
 
 
 def test_endpoint_change_is_element_changes_only() -> None:
     """No rule changes: the kernel then skips validating the chains reachable from the hooks."""
-    before = block((SVC, [make_slice(endpoints=[make_endpoint("10.180.0.1")])]))
-    after = block(
-        (SVC, [make_slice(endpoints=[make_endpoint("10.180.0.1"), make_endpoint("10.180.0.2")])])
-    )
+    before = block((NP, eps("10.180.0.1")))
+    after = block((NP, eps("10.180.0.1", "10.180.0.2")))
     counts = element_counts([before])
     ops, changed = delta_ops({REF: before}, {REF: after}, counts)
     apply_counts(counts, changed)
@@ -142,8 +284,8 @@ def test_endpoint_change_is_element_changes_only() -> None:
 
 
 def test_losing_the_last_endpoint_turns_the_dispatch_into_a_reject() -> None:
-    before = block((SVC, [make_slice(endpoints=[make_endpoint("10.180.0.1")])]))
-    after = block((SVC, [make_slice(endpoints=[])]))
+    before = block((NP, eps("10.180.0.1")))
+    after = block((NP, eps()))
     ops, _ = delta_ops({REF: before}, {REF: after}, element_counts([before]))
     text = ops_text(ops, 4)
     # the map element goes before the chain it points at
@@ -152,10 +294,15 @@ def test_losing_the_last_endpoint_turns_the_dispatch_into_a_reject() -> None:
         f"add element ip kube-proxy {NO_ENDPOINT_SERVICES} {{ 172.30.0.41 . tcp . 80 comment "
         f'"ns1/svc1:p80" : goto reject-chain }}' in text
     )
+    # the fast path likewise: its map element goes, the reject element comes
+    ops, _ = delta_ops({REF: block((SVC, eps("10.180.0.1")))}, {REF: block((SVC, eps()))}, {})
+    text = ops_text(ops, 4)
+    assert "delete element ip kube-proxy cluster-endpoints-1" in text
+    assert f"add element ip kube-proxy {NO_ENDPOINT_SERVICES}" in text
 
 
 def test_new_service_creates_its_chain_before_the_element_that_jumps_to_it() -> None:
-    new = block((SVC, [make_slice(endpoints=[make_endpoint("10.180.0.1")])]))
+    new = block((NP, eps("10.180.0.1")))
     counts: dict[Element, int] = {}
     ops, changed = delta_ops({}, {REF: new}, counts)
     apply_counts(counts, changed)
@@ -196,3 +343,13 @@ def test_unchanged_service_sends_nothing() -> None:
 )
 def test_service_chains_are_told_from_fixed_chains(name: str, owned: bool) -> None:
     assert is_service_chain(name) is owned
+
+
+@pytest.mark.parametrize(
+    ("name", "count"),
+    [("cluster-endpoints-3", True), ("cluster-endpoints-10", True), ("cluster-endpoints", False)],
+)
+def test_count_maps_are_told_from_service_sets(name: str, count: bool) -> None:
+    assert is_count_map(name) is count
+    assert not is_service_set(name) and not is_endpoint_map(name)
+    assert not is_service_chain(name)
