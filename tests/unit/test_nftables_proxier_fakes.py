@@ -63,7 +63,8 @@ def test_a_partial_sync_sends_only_the_changed_services_ops() -> None:
     p, table, restorer = _proxier()
     first = p.sync(*store.take(), full=True)
     assert first.full and len(restorer.inputs) == 1 and not table.applied
-    assert "ns1/s2" in restorer.inputs[0]
+    # plain ClusterIP services: the chainless fast path (cluster-endpoints-N elements)
+    assert "172.30.0.3 . tcp . 80 . 0 : 10.1.0.3 . 80" in restorer.inputs[0]
     store.set_slice(make_slice(service="s1", endpoints=[make_endpoint("10.1.0.9")]))
     result = p.sync(*store.take(), full=False)
     assert not result.full and result.services_written == 1 and len(restorer.inputs) == 1
@@ -73,7 +74,18 @@ def test_a_partial_sync_sends_only_the_changed_services_ops() -> None:
     assert kinds == {"add-element", "delete-element"}  # an endpoint change: elements only
     # nothing changed: no write at all
     assert p.sync(*store.take(), full=False).services_written == 0 and len(table.applied) == 1
-    # a deleted service: its chain and elements go, nothing else
+    # a deleted service: its elements go, nothing else
+    store.delete_service(make_service(name="s2").ref)
+    p.sync(*store.take(), full=False)
+    ops = table.applied[-1]
+    assert _touched(ops) == {"s2"} and {op.kind for op in ops} == {"delete-element"}
+
+
+def test_a_deleted_chain_layout_service_loses_its_chains() -> None:
+    store = _store(3, affinity_timeout=60)  # affinity keeps kube-proxy's chain layout
+    p, table, _restorer = _proxier()
+    p.sync(*store.take(), full=True)
+    assert any("ns1/s2/" in c for c in table.chains)
     store.delete_service(make_service(name="s2").ref)
     p.sync(*store.take(), full=False)
     ops = table.applied[-1]
