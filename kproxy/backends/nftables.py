@@ -20,10 +20,12 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Protocol
 
 from kproxy.backends.base import SyncError, SyncResult
 from kproxy.backends.iptables_exec import ProcessRestorer, RestoreFailed, Restorer, RunRestorer
+from kproxy.backends.nftables_rejects import find_refused, suspects_of
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
@@ -37,12 +39,14 @@ from kproxy.render.nftables import (
     ServiceBlock,
     SetDef,
     apply_counts,
+    block_text,
     count_map_name,
     count_maps_of,
     delta_ops,
     element_counts,
     family_word,
     full_chunks,
+    full_text,
     is_count_map,
     is_service_chain,
     is_service_set,
@@ -51,6 +55,7 @@ from kproxy.render.nftables import (
 )
 
 log = logging.getLogger("kproxy.nftables")
+MAX_REJECT_ROUNDS = 3  # find-and-retry rounds after a refused full sync
 
 Run = Callable[..., "subprocess.CompletedProcess[str]"]
 
@@ -68,6 +73,11 @@ def nft_binary() -> str:
     if path is None:
         raise SyncError("nftables mode needs the nft command (Debian package nftables)")
     return path
+
+
+def _exit_text(code: int) -> str:
+    """How nft ended, when it printed nothing (nft 1.0.6 crashes on some inputs)."""
+    return f"nft killed by signal {-code}" if code < 0 else f"nft exited {code}"
 
 
 def _nft_error(err: str) -> str:
@@ -174,15 +184,23 @@ class NftablesProxier:
         self._reconcile = True
         self._state: tuple[int, int | None] | None = None
         self._rules = 0
+        # services whose block nft or the kernel refused, with the error: left out until they
+        # change (see kproxy.backends.nftables_rejects)
+        self.rejected: dict[Ref, Rejected] = {}
         log.info("nftables mode: IPv%d, table %s %s", self.family, family_word(self.family), TABLE)
 
     # -- syncing -------------------------------------------------------------------------------
     def sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult:
+        if self.rejected:  # deleted services are forgotten
+            self.rejected = {r: b for r, b in self.rejected.items() if r in snapshot.services}
         full = full or changes.full or changes.node_changed or self._need_full
-        if full:
-            result = self._full_sync(snapshot)
-        else:
-            result = self._partial_sync(snapshot, changes.services)
+        try:
+            if full:
+                result = self._full_sync(snapshot)
+            else:
+                result = self._partial_sync(snapshot, changes.services)
+        except SyncError as err:
+            result = self._recover(snapshot, err, tried_full=full)
         self._remember_state()
         return result
 
@@ -232,11 +250,11 @@ class NftablesProxier:
         for ref in sorted(snapshot.services):
             views = build_views(snapshot, family=self.family, node_name=node, refs=(ref,))[ref]
             block = render(views)
-            if not block.empty:
+            if not block.empty and self._admitted(ref, block):
                 into[ref] = block
                 yield block
 
-    def _full_sync(self, snapshot: Snapshot) -> SyncResult:
+    def _full_sync(self, snapshot: Snapshot, *, keep_stale: bool = False) -> SyncResult:
         """One `nft -f` transaction, written while it is being rendered (nft parses its input
         as it reads it, so rendering overlaps nft's own work)."""
         self._need_full = True  # until this sync has landed
@@ -251,6 +269,8 @@ class NftablesProxier:
         stale_chains: list[str] = []
 
         def stale() -> tuple[list[str], list[str]]:
+            if keep_stale:
+                return [], []
             wanted_chains = {c for b in blocks.values() for c, _ in b.chains}
             wanted_sets = {s.name for b in blocks.values() for s in b.sets}
             wanted_sets |= {
@@ -305,7 +325,11 @@ class NftablesProxier:
         )
         render = self.renderer.render_service
         new = {ref: render(v) for ref, v in views.items()}
-        changed = {ref: b for ref, b in new.items() if b != self._blocks.get(ref, EMPTY_BLOCK)}
+        changed = {
+            ref: b
+            for ref, b in new.items()
+            if b != self._blocks.get(ref, EMPTY_BLOCK) and self._admitted(ref, b)
+        }
         if not changed:
             return SyncResult(full=False, rules={TABLE: self._rules})
         ops, counts = delta_ops(
@@ -331,6 +355,81 @@ class NftablesProxier:
             detail=f"{len(ops)} ops",
         )
 
+    # -- what nft or the kernel refuses ---------------------------------------------------------
+    def _admitted(self, ref: Ref, block: ServiceBlock) -> bool:
+        """False for a block already refused; a service that changed is tried again."""
+        bad = self.rejected.get(ref)
+        if bad is None:
+            return True
+        if bad.block == block:
+            return False
+        del self.rejected[ref]
+        log.info("service %s changed since nftables refused it: trying it again", ref)
+        return True
+
+    def _recover(self, snapshot: Snapshot, failure: SyncError, *, tried_full: bool) -> SyncResult:
+        """After a refused transaction: a full sync (unless that is what failed); when that is
+        refused too, find the services refused on their own (kproxy.backends.nftables_rejects),
+        leave them out and sync the rest, a few rounds when one refusal hid another. When no
+        service is to blame, a full sync that keeps the stale chains and sets (something outside
+        kproxy may still name them). When that fails too, `failure` stands."""
+        before = dict(self.rejected)
+        for attempt in range(MAX_REJECT_ROUNDS + 1):
+            if attempt or not tried_full:
+                try:
+                    return self._full_sync(snapshot)
+                except SyncError as err:
+                    failure = err
+            if attempt == MAX_REJECT_ROUNDS:
+                break
+            found = self._find_refused(snapshot, str(failure.__cause__ or failure))
+            if not found:
+                break
+            for ref, (block, error) in found.items():
+                self.rejected[ref] = Rejected(block, error)
+                log.error(
+                    "nftables refused the rules of service %s (IPv%d), leaving it out: %s",
+                    ref,
+                    self.family,
+                    error,
+                    extra={"service": str(ref), "family": self.family, "error": error},
+                )
+        try:
+            result = self._full_sync(snapshot, keep_stale=True)
+        except SyncError:
+            self.rejected = before  # not their fault after all
+            raise failure from None
+        log.error("nftables refused deleting stale chains or sets: keeping them (%s)", failure)
+        return result
+
+    def _find_refused(self, snapshot: Snapshot, error: str) -> dict[Ref, tuple[ServiceBlock, str]]:
+        blocks: dict[Ref, ServiceBlock] = {}
+        for _ in self._blocks_of(snapshot, blocks):
+            pass
+        items = list(blocks.items())
+        fam = self.family
+        found = find_refused(
+            items,
+            self._check,
+            suspects=suspects_of(items, error, lambda b: block_text(b, fam)),
+        )
+        return {ref: (blocks[ref], err) for ref, err in found.items()}
+
+    def _check(self, blocks: Sequence[ServiceBlock]) -> str:
+        """`nft --check` of a full sync's input for `blocks` alone: "" or nft's error."""
+        res = self._run(
+            [nft_binary(), "--check", "-f", "-"],
+            input=full_text(self.renderer, blocks),
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        if res.returncode == 0:
+            return ""
+        lines = [ln.strip() for ln in (res.stderr or res.stdout).splitlines() if ln.strip()]
+        error = " | ".join(ln for ln in lines if not set(ln) <= {"^", "~"})[-2000:]
+        return error or _exit_text(res.returncode)
+
     @property
     def programmed(self) -> Mapping[Ref, ServiceBlock]:
         return dict(self._blocks)
@@ -342,6 +441,14 @@ class NftablesProxier:
         self._counts = {}
         self._count_maps = set()
         self._need_full = self._reconcile = True
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A service block nft or the kernel refused, and what it said."""
+
+    block: ServiceBlock
+    error: str
 
 
 def cleanup_nftables(family: int, run: Run = subprocess.run) -> bool:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from kproxy.inspect.nfttrace import Table, list_live_table, parse_table
+from kproxy.inspect.rejections import render_rejections
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.view import ServicePortView
@@ -144,7 +145,10 @@ def nft_status(
     views_by_family: Mapping[int, tuple[Mapping[Ref, Sequence[ServicePortView]], ProxyOptions]],
     *,
     output: str = "table",
+    rejected: Sequence[Mapping[str, Any]] = (),
 ) -> int:
+    """Wanted against programmed, per service port; `rejected` are the services the running
+    agent left out because nftables refused them (shown in a section of their own)."""
     rows: list[Row] = []
     for family, (views, options) in sorted(views_by_family.items()):
         res = list_live_table(family)
@@ -158,7 +162,8 @@ def nft_status(
         }
         rows += rows_for(blocks, table, names)
     if output == "json":
-        json.dump({"mode": "nftables", "ports": rows}, sys.stdout, indent=2)
+        doc = {"mode": "nftables", "ports": rows, "rejected": list(rejected)}
+        json.dump(doc, sys.stdout, indent=2)
         sys.stdout.write("\n")
     else:
         for r in rows:
@@ -169,4 +174,5 @@ def nft_status(
             )
             if not r["ok"]:
                 sys.stdout.write(f"{'':<28} {'wanted:':<40} {'':<8} {' '.join(r['wanted'])}\n")
-    return 0 if all(r["ok"] for r in rows) else 1
+        sys.stdout.write(render_rejections([dict(r) for r in rejected], by="nftables"))
+    return 0 if all(r["ok"] for r in rows) and not rejected else 1

@@ -1,4 +1,5 @@
-"""What the running agent left out because iptables-restore refused it (`kproxy status`).
+"""What the running agent left out because iptables-restore or nftables refused it
+(`kproxy status`).
 
 The agent lists such services in its state document ("rejected", see
 kproxy.runtime.inspectsock); `status` shows them in a section of their own and exits 1. When
@@ -26,10 +27,10 @@ def agent_rejections(wanted: Wanted, *, timeout: float = 5.0) -> list[dict[str, 
     return [i for i in items if isinstance(i, dict)] if isinstance(items, list) else []
 
 
-def render_rejections(items: list[dict[str, Any]]) -> str:
+def render_rejections(items: list[dict[str, Any]], *, by: str = "iptables-restore") -> str:
     if not items:
         return ""
-    lines = ["\nRefused by iptables-restore (left out by the running agent; see its log):\n"]
+    lines = [f"\nRefused by {by} (left out by the running agent; see its log):\n"]
     for item in items:
         lines.append(f"  {item.get('service')} (IPv{item.get('family')}): {item.get('error')}\n")
     return "".join(lines)

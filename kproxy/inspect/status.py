@@ -436,7 +436,9 @@ def status_command(wanted: Wanted, *, output: str = "table") -> int:
         for family in _families(snapshot):
             opts = with_node_addresses(base_options(settings, family=family, node_name=node))
             per_family[family] = (build_views(snapshot, family=family, node_name=node), opts)
-        return nft_status(per_family, output=output)
+        from kproxy.inspect.rejections import agent_rejections
+
+        return nft_status(per_family, output=output, rejected=agent_rejections(wanted))
     ipvs = settings.proxy_mode == "ipvs" or live.ipvs_present()
     rows: list[Row] = []
     stale: set[str] = set()

@@ -926,7 +926,6 @@ def full_chunks(
     collect(renderer.nodeport_elements())
     counts: dict[int, None] = {}  # the fast-path maps declared so far, in order of first use
     for b in blocks:
-        redo = [s for s in b.sets if redefined(s)]
         out = []
         for n in dict.fromkeys(count_of(e.set) for e in b.elements):
             if not n or n in counts:
@@ -938,15 +937,7 @@ def full_chunks(
             # rules using it were flushed above, and all its elements follow
             declare = f"add {count_map(n, fam).text().replace(' ', f' {t} ', 1)}\n"
             out += [declare, f"delete map {t} {count_map_name(n)}\n", declare]
-        out.extend(f"add {s.text().replace(' ', f' {t} ', 1)}\n" for s in b.sets if s not in redo)
-        out.extend(f"flush map {t} {s.name}\n" for s in b.sets if s.typeof)
-        out.extend(f"add chain {t} {name}\n" for name, _ in b.chains)
-        out.extend(f"flush chain {t} {name}\n" for name, _ in b.chains)
-        for s in redo:
-            out.append(f"delete set {t} {s.name}\n")
-            out.append(f"add {s.text().replace(' ', f' {t} ', 1)}\n")
-        for chain, chain_rules in b.chains:
-            out.extend(f"add rule {t} {chain} {rule_text(r, fam)}\n" for r in chain_rules)
+        out.append(block_text(b, fam, redefined))
         collect(b.elements)
         yield "".join(out)
     out = [f"add rule {t} {CLUSTER_ENDPOINTS} {rule_text(count_rule(n), fam)}\n" for n in counts]
@@ -958,6 +949,25 @@ def full_chunks(
     out.extend(f"delete chain {t} {name}\n" for name in stale_chains)
     out.extend(f"delete set {t} {name}\n" for name in stale_sets)
     yield "".join(out)
+
+
+def block_text(
+    b: ServiceBlock, family: int, redefined: Callable[[SetDef], bool] = lambda s: False
+) -> str:
+    """A service's sets, chains and rules in a full sync's input (its elements are written
+    with every other service's, per set)."""
+    t = _prefix(family)
+    redo = [s for s in b.sets if redefined(s)]
+    out = [f"add {s.text().replace(' ', f' {t} ', 1)}\n" for s in b.sets if s not in redo]
+    out.extend(f"flush map {t} {s.name}\n" for s in b.sets if s.typeof)
+    out.extend(f"add chain {t} {name}\n" for name, _ in b.chains)
+    out.extend(f"flush chain {t} {name}\n" for name, _ in b.chains)
+    for s in redo:
+        out.append(f"delete set {t} {s.name}\n")
+        out.append(f"add {s.text().replace(' ', f' {t} ', 1)}\n")
+    for chain, chain_rules in b.chains:
+        out.extend(f"add rule {t} {chain} {rule_text(r, family)}\n" for r in chain_rules)
+    return "".join(out)
 
 
 def full_text(

@@ -34,6 +34,8 @@ class _Sink:
 
     def wait(self) -> None:
         text = "".join(self.parts)
+        if self.owner.refuse_text and self.owner.refuse_text in text:
+            raise RestoreFailed(f"refused: {self.owner.refuse_text}")
         if self.owner.refuse > 0 and "--test" not in self.argv:
             self.owner.refuse -= 1
             raise RestoreFailed("iptables-restore: line 2 failed")
@@ -53,6 +55,7 @@ class FakeRestorer:
     def __init__(self, on_commit: Callable[[str], None] | None = None) -> None:
         self.inputs: list[str] = []
         self.refuse = 0
+        self.refuse_text = ""  # every input holding this text is refused
         self.on_commit = on_commit  # called with each committed input
 
     def open(self, argv: Sequence[str]) -> RestoreSink:
@@ -248,6 +251,7 @@ class FakeNftTable:
         self.generation = 1
         self.exists = False
         self.calls: list[list[str]] = []
+        self.refuse_text = ""  # `--check` inputs and batches naming this are refused
 
     def load(self, text: str) -> None:
         self.exists = True
@@ -266,6 +270,8 @@ class FakeNftTable:
 
     def apply(self, ops: Sequence[Any]) -> None:
         self.applied.append(list(ops))
+        if self.refuse_text and any(self.refuse_text in repr(op) for op in ops):
+            raise RuntimeError(f"nf_tables: refused {self.refuse_text}")
         if self.refuse > 0:
             self.refuse -= 1
             raise RuntimeError("nf_tables message 0 (type 12): EEXIST")
@@ -291,8 +297,13 @@ class FakeNftTable:
         if chain:
             self.chains.add(chain)
 
-    def __call__(self, argv: Sequence[str], **_kw: object) -> subprocess.CompletedProcess[str]:
+    def __call__(self, argv: Sequence[str], **kw: object) -> subprocess.CompletedProcess[str]:
+        """`nft -j list table` and `nft --check -f -` (refused when the input holds
+        `refuse_text`, as the FakeRestorer given the same text refuses the real sync)."""
         self.calls.append(list(argv))
+        if "--check" in argv:
+            bad = bool(self.refuse_text) and self.refuse_text in str(kw.get("input", ""))
+            return subprocess.CompletedProcess(list(argv), int(bad), "", "refused" * bad)
         if "list" in argv and "-j" in argv and self.exists:
             items: list[dict[str, Any]] = [{"chain": {"name": c}} for c in sorted(self.chains)]
             for name, timeout in sorted(self.sets.items()):

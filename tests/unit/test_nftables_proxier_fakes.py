@@ -1,8 +1,9 @@
 """NftablesProxier through injected fakes (tests.support.fakes.FakeNftTable and FakeRestorer):
-a partial sync sends only the changed services' ops, a failed write makes the next sync a
-reconciling full one, drift found by the generation check leads to a full sync that reads the
-table back, and an affinity timeout change recreates the sets in the right order. No root, no
-kernel: the ops and `nft -f` inputs are the assertions."""
+a partial sync sends only the changed services' ops; a failed write is followed by a
+reconciling full sync; a refused service is found, left out and retried once it changes; drift
+found by the generation check leads to a full sync that reads the table back; an affinity
+timeout change recreates the sets in the right order. No root, no kernel: the ops and the
+`nft -f` inputs are the assertions."""
 
 from __future__ import annotations
 
@@ -93,24 +94,47 @@ def test_a_deleted_chain_layout_service_loses_its_chains() -> None:
     assert not any("ns1/s2/" in c for c in table.chains)
 
 
-def test_a_failed_write_makes_the_next_sync_a_reconciling_full_one() -> None:
+def test_a_failed_write_is_followed_by_a_reconciling_full_sync() -> None:
     store = _store(2)
     p, table, restorer = _proxier()
     p.sync(*store.take(), full=True)
     reads = _read_backs(table)
     table.refuse = 1
     store.set_slice(make_slice(service="s0", endpoints=[make_endpoint("10.1.0.7")]))
-    with pytest.raises(SyncError, match="partial sync failed"):
-        p.sync(*store.take(), full=False)
-    # the next sync is full even though nothing changed and it was not asked for
+    # the refused partial write is followed by a full sync at once, which reads the table back
     result = p.sync(*store.take(), full=False)
     assert result.full and len(restorer.inputs) == 2 and "10.1.0.7 . 80" in restorer.inputs[1]
-    assert _read_backs(table) == reads + 1  # and reads the table back first
-    # a refused full sync: the next one is full again
-    restorer.refuse = 1
+    assert _read_backs(table) == reads + 1 and p.rejected == {}
+    # a full sync refused with no service to blame (the retry refused too): the error stands,
+    # and the next sync is full again
+    restorer.refuse = 2
     with pytest.raises(SyncError):
         p.sync(*store.take(), full=True)
+    assert p.rejected == {}
     assert p.sync(*store.take(), full=False).full
+
+
+def test_a_refused_service_is_found_left_out_and_retried_when_it_changes() -> None:
+    store = _store(6)
+    p, table, restorer = _proxier()
+    table.refuse_text = restorer.refuse_text = "10.1.0.4"  # s3's endpoint: refused everywhere
+    first = p.sync(*store.take(), full=True)
+    assert first.full and first.services_written == 5
+    assert [str(ref) for ref in p.rejected] == ["ns1/s3"]
+    assert "10.1.0.4" not in restorer.inputs[-1] and "ns1/s5" in restorer.inputs[-1]
+    checks = sum("--check" in argv for argv in table.calls)
+    assert checks <= 8  # control, then halves (6 services: at most 2 * log2(6) + 1)
+    # later syncs neither write nor probe it again while it is unchanged
+    store.set_slice(make_slice(service="s1", endpoints=[make_endpoint("10.1.0.8")]))
+    assert not p.sync(*store.take(), full=False).full
+    assert _touched(table.applied[-1]) == {"s1"}
+    p.sync(*store.take(), full=True)
+    assert sum("--check" in argv for argv in table.calls) == checks
+    assert [str(ref) for ref in p.rejected] == ["ns1/s3"]
+    # once it changes (to something accepted) it is programmed
+    store.set_slice(make_slice(service="s3", endpoints=[make_endpoint("10.1.0.14")]))
+    assert not p.sync(*store.take(), full=False).full
+    assert p.rejected == {} and _touched(table.applied[-1]) == {"s3"}
 
 
 def test_drift_leads_to_a_full_sync_that_reads_the_table_back() -> None:
