@@ -354,9 +354,13 @@ def test_a_service_nftables_refuses_is_left_out_and_reported(lab: Lab, cluster_a
     node = lab.nodes[0].ns
     pods = [p.ip for p in lab.pods]
 
-    def service(name: str, ip: str) -> dict[str, Any]:
-        port = {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"}
-        return make_service_obj("default", name, clusterIP=ip, ports=[port])
+    def service(name: str, ip: str, node_port: int = 0) -> dict[str, Any]:
+        """With a node port: the chain layout (an endpoint map named after the service)."""
+        port: dict[str, Any] = {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"}
+        if node_port:
+            port["nodePort"] = node_port
+        kind = "NodePort" if node_port else "ClusterIP"
+        return make_service_obj("default", name, type=kind, clusterIP=ip, ports=[port])
 
     def endpoints(name: str, ips: list[str]) -> dict[str, Any]:
         return make_slice_obj("default", f"{name}-4", name, ips, [("http", 80, "TCP")])
@@ -367,7 +371,7 @@ def test_a_service_nftables_refuses_is_left_out_and_reported(lab: Lab, cluster_a
     agent.start()
     squatted = f"endpoints-{hash8('default/bad:http' + 'tcp')}-default/bad/tcp/http"
     lab.run(node, ["nft", "add", "set", "ip", "kube-proxy", squatted, "{ type ipv4_addr ; }"])
-    api.upsert(service("bad", "10.96.7.90"))
+    api.upsert(service("bad", "10.96.7.90", node_port=30790))
     api.upsert(endpoints("bad", pods))
 
     def rejected() -> list[dict[str, Any]]:

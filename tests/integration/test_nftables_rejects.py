@@ -20,7 +20,7 @@ from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Store
 from tests.integration.test_nftables_netlink import in_netns, netns, nft
-from tests.support.builders import make_endpoint, make_service, make_slice
+from tests.support.builders import make_endpoint, make_port, make_service, make_slice
 
 __all__ = ["netns"]
 
@@ -29,8 +29,12 @@ pytestmark = [pytest.mark.netns]
 BAD = "b" * 300
 
 
-def _svc(store: Store, ns: str, name: str, ip: str, ep: str) -> None:
-    store.set_service(make_service(ns, name, cluster_ips=(ip,)))
+def _svc(store: Store, ns: str, name: str, ip: str, ep: str, *, node_port: int = 0) -> None:
+    """A service; with a node port it has the chain layout (chains and an endpoint map named
+    after it), without one the chainless fast path (elements only)."""
+    kind = "NodePort" if node_port else "ClusterIP"
+    port = make_port(80, name="p80", node_port=node_port)
+    store.set_service(make_service(ns, name, type=kind, cluster_ips=(ip,), ports=(port,)))
     store.set_slice(make_slice(ns, name, endpoints=[make_endpoint(ep)]))
 
 
@@ -43,8 +47,8 @@ def _proxier(netns: str) -> NftablesProxier:
 def test_a_refused_service_is_left_out_and_the_rest_programmed(netns: str) -> None:
     store = Store()
     _svc(store, "ns1", "a", "172.30.0.1", "10.1.0.1")
-    _svc(store, "ns1", BAD, "172.30.0.2", "10.1.0.2")
-    _svc(store, "ns1", "c", "172.30.0.3", "10.1.0.3")
+    _svc(store, "ns1", BAD, "172.30.0.2", "10.1.0.2", node_port=30002)
+    _svc(store, "ns1", "c", "172.30.0.3", "10.1.0.3", node_port=30003)
     p = _proxier(netns)
     first = p.sync(*store.take(), full=True)
     table = nft(netns, "list", "table", "ip", "kube-proxy")
@@ -61,7 +65,7 @@ def test_a_refused_service_is_left_out_and_the_rest_programmed(netns: str) -> No
     # a periodic full sync leaves it out without probing or failing again
     assert p.sync(*store.take(), full=True).full and list(p.rejected) == [ref]
     # a second refused service arriving in a partial sync: found, left out, the rest lands
-    _svc(store, "ns2", BAD, "172.30.0.4", "10.1.0.4")
+    _svc(store, "ns2", BAD, "172.30.0.4", "10.1.0.4", node_port=30004)
     _svc(store, "ns2", "d", "172.30.0.5", "10.1.0.5")
     p.sync(*store.take(), full=False)
     table = nft(netns, "list", "table", "ip", "kube-proxy")
@@ -69,7 +73,7 @@ def test_a_refused_service_is_left_out_and_the_rest_programmed(netns: str) -> No
     assert sorted(p.rejected) == [Ref("ns1", BAD), Ref("ns2", BAD)]
     # a refused service that changes into something valid is tried again and programmed
     store.delete_service(Ref("ns2", BAD))
-    _svc(store, "ns1", BAD, "172.30.0.2", "10.1.0.2")  # unchanged: still out
+    _svc(store, "ns1", BAD, "172.30.0.2", "10.1.0.2", node_port=30002)  # unchanged: still out
     p.sync(*store.take(), full=False)
     assert list(p.rejected) == [Ref("ns1", BAD)]
     store.delete_service(Ref("ns1", BAD))
@@ -80,7 +84,7 @@ def test_a_refused_service_is_left_out_and_the_rest_programmed(netns: str) -> No
 def test_a_stale_chain_another_rule_names_is_kept(netns: str) -> None:
     store = Store()
     _svc(store, "ns1", "a", "172.30.0.1", "10.1.0.1")
-    _svc(store, "ns1", "b", "172.30.0.2", "10.1.0.2")
+    _svc(store, "ns1", "b", "172.30.0.2", "10.1.0.2", node_port=30002)
     p = _proxier(netns)
     p.sync(*store.take(), full=True)
     table = nft(netns, "list", "table", "ip", "kube-proxy")

@@ -121,7 +121,7 @@ def test_a_refused_service_is_found_left_out_and_retried_when_it_changes() -> No
     first = p.sync(*store.take(), full=True)
     assert first.full and first.services_written == 5
     assert [str(ref) for ref in p.rejected] == ["ns1/s3"]
-    assert "10.1.0.4" not in restorer.inputs[-1] and "ns1/s5" in restorer.inputs[-1]
+    assert "10.1.0.4" not in restorer.inputs[-1] and "10.1.0.6 . 80" in restorer.inputs[-1]
     checks = sum("--check" in argv for argv in table.calls)
     assert checks <= 8  # control, then halves (6 services: at most 2 * log2(6) + 1)
     # later syncs neither write nor probe it again while it is unchanged
