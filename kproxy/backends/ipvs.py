@@ -51,6 +51,7 @@ from kproxy.backends import ipvs_netlink as N
 from kproxy.backends import ipvs_procfs as procfs
 from kproxy.backends.base import SyncError, SyncResult
 from kproxy.backends.ipset import IPSets
+from kproxy.backends.ipvs_census import Census, Rotation, SockoptReader, key_hash
 from kproxy.backends.ipvs_device import address_map
 from kproxy.backends.ipvs_iptables import CompanionRules
 from kproxy.backends.netinfo import write_sysctl
@@ -167,9 +168,13 @@ class IPVSProxier:
         sysctls: Callable[[int], object] = set_sysctls,
         interfaces: Callable[[int], Mapping[str, set[str]]] = address_map,
         read_dests: Callable[[], Mapping[R.VSKey, list[D.ObservedDest]]] = procfs.read,
+        census: Callable[[int], Census | None] | None = None,
+        rotation: Rotation | None = None,
     ) -> None:
         """The collaborators default to the kernel's; tests inject in-memory ones (and the
-        host-touching `sysctls`, `interfaces` and /proc reader `read_dests`)."""
+        host-touching `sysctls`, `interfaces`, /proc reader `read_dests` and the drift check's
+        `census`: family -> Census, or None when that family has no cheap census; see
+        kproxy.backends.ipvs_census)."""
         self.options = options
         self.ipvs_options = ipvs_options or IPVSOptions()
         self.family = options.family
@@ -181,6 +186,10 @@ class IPVSProxier:
         self._sysctls = sysctls
         self._interfaces = interfaces
         self._read_dests = read_dests
+        self._census = census or self._sockopt_census
+        self._sockopt: SockoptReader | None = None
+        self._census_failed = False
+        self.rotation = rotation or Rotation()
         self._started = False
         self._needs_full = True
         self._contrib_valid = False
@@ -194,9 +203,11 @@ class IPVSProxier:
         self._entries: Counter[Entry] = Counter()
         self._observed: dict[R.VSKey, D.ObservedVS] = {}
         # real servers per virtual server of this family as the kernel holds them after kproxy's
-        # last write (all of them, kproxy's or not): what `drift` compares /proc/net/ip_vs with
+        # last write (all of them, kproxy's or not), their total and fingerprint
+        # (ipvs_census.key_hash summed): what `drift` compares the kernel's census with
         self._dest_counts: dict[R.VSKey, int] = {}
         self._dest_total = 0
+        self._fingerprint = 0
         self._draining: set[R.VSKey] = set()
         self.last_plan: D.Plan = D.Plan()
         self.timings: dict[str, float] = {}
@@ -242,40 +253,82 @@ class IPVSProxier:
 
     # -- drift ------------------------------------------------------------------------------------
     def drift(self) -> str | None:
-        """The periodic check (kproxy.backends.base.DriftCheck): None while the kernel holds as
-        many virtual servers and real servers of this family as kproxy's record says; else what
+        """The periodic check (kproxy.backends.base.DriftCheck): None while the kernel holds the
+        virtual servers and real servers of this family kproxy's record says; else what
         differs, and the next sync is a full one (which reads the whole table back).
 
-        One read of /proc/net/ip_vs, counted without parsing: an outside `ipvsadm -D`/`-d`/`-a`
-        or a flush shows at once; an outside weight or scheduler edit does not (the full
-        resync period catches those)."""
+        Nothing is read back (kproxy.backends.ipvs_census): IPv4 asks the kernel for every
+        virtual server's number of real servers in one getsockopt, so an outside
+        `ipvsadm -A/-D/-a/-d` or a flush shows at the next check; otherwise (IPv6, or the
+        sockopt refused) one netlink service dump counts the virtual servers and the real
+        servers of a rotating slice of them are counted (each virtual server at least once
+        every `rotation.periods` checks). An outside weight or scheduler edit shows in
+        neither (the full resync period catches those)."""
         if self._needs_full or not self._started:
             return None  # the next sync is full anyway
+        found = self._drift()
+        if found:
+            self._needs_full = True
+        return found
+
+    def _sockopt_census(self, family: int) -> Census | None:
+        if family != 4:
+            return None  # the sockopt interface lists IPv4 virtual servers only
+        if self._sockopt is None:
+            self._sockopt = SockoptReader()
+        return self._sockopt.read_v4()
+
+    def _drift(self) -> str | None:
+        fam = self.family
+        services, dests = len(self._dest_counts), self._dest_total
+        census: Census | None = None
         try:
-            data = procfs.read_bytes()
-        except OSError:
-            return None  # no cheap way to look: the full-sync period stays the backstop
-        services, dests = procfs.count(data, self.family)
-        want = (len(self._observed), self._dest_total)
-        if (services, dests) == want:
+            census = self._census(fam)
+        except OSError as err:
+            if not self._census_failed:
+                log.info("IPVS census by getsockopt failed (%s): counting over netlink", err)
+            self._census_failed = True
+        if census is not None:
+            if (census.services, census.dests) != (services, dests):
+                return (
+                    f"the IPVS table holds {census.services} IPv{fam} virtual servers with "
+                    f"{census.dests} real servers, kproxy wrote {services} with {dests}"
+                )
+            if census.fingerprint != self._fingerprint:
+                return (
+                    f"the IPVS table holds as many IPv{fam} virtual servers ({services}) and "
+                    f"real servers ({dests}) as kproxy wrote, but not the same ones"
+                )
             return None
-        self._needs_full = True
-        return (
-            f"the IPVS table holds {services} IPv{self.family} virtual servers with {dests} real "
-            f"servers, kproxy wrote {want[0]} with {want[1]}"
-        )
+        found = self.ipvs.count_services(fam)
+        if found != services:
+            return f"the IPVS table holds {found} IPv{fam} virtual servers, kproxy wrote {services}"
+        for key in self.rotation.take(self._dest_counts):
+            n = self.ipvs.count_dests(key)
+            if n != self._dest_counts[key]:
+                return (
+                    f"the IPVS virtual server {key.address}:{key.port}/{key.protocol} has {n} "
+                    f"real servers, kproxy wrote {self._dest_counts[key]}"
+                )
+        return None
 
     def _set_dest_counts(self, counts: Mapping[R.VSKey, int], *, replace_all: bool) -> None:
         if replace_all:
             self._dest_counts = dict(counts)
             self._dest_total = sum(counts.values())
+            self._fingerprint = sum(key_hash(key, n) for key, n in counts.items())
             return
         for key, n in counts.items():  # O(changed), not O(table): partial syncs stay cheap
-            self._dest_total += n - self._dest_counts.get(key, 0)
+            self._forget_dest_counts(key)
+            self._dest_total += n
+            self._fingerprint += key_hash(key, n)
             self._dest_counts[key] = n
 
     def _forget_dest_counts(self, key: R.VSKey) -> None:
-        self._dest_total -= self._dest_counts.pop(key, 0)
+        n = self._dest_counts.pop(key, None)
+        if n is not None:
+            self._dest_total -= n
+            self._fingerprint -= key_hash(key, n)
 
     def _failed(self) -> None:
         # The next sync reads the whole kernel state again and renders every service anew

@@ -672,6 +672,26 @@ class IPVSAdapter:
             log.debug("dest dump of %s: %s (the service vanished)", key, err)
             return ()
 
+    def count_services(self, family: int) -> int:
+        """How many (non-fwmark) virtual servers of `family` (4 or 6) there are: one service
+        dump, counted without decoding the services (the drift check's read)."""
+        af = socket.AF_INET6 if family == 6 else socket.AF_INET
+        n = 0
+        for payload in self._dump_raw(CMD_GET_SERVICE, b""):
+            a = _nest(payload, CMD_ATTR_SERVICE, "service")
+            fwmark = _uint(payload, a.get(SVC_ATTR_FWMARK))
+            n += not fwmark and _uint(payload, a.get(SVC_ATTR_AF)) == af
+        return n
+
+    def count_dests(self, key: VSKey) -> int:
+        """How many real servers one virtual server has (0 when it does not exist), undecoded."""
+        try:
+            return sum(1 for _ in self._dump_raw(CMD_GET_DEST, encode_service_key(key)))
+        except IPVSError as err:
+            if err.errno not in (errnos.ESRCH, errnos.ENOENT):
+                raise
+            return 0
+
     def dump(self, *, stats: bool = True) -> IPVSTable:
         """The whole table, real servers with connection counts, and with the counters unless
         `stats=False` (a reconcile needs none: it saves about a third of the decoding)."""

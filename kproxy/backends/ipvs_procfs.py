@@ -21,7 +21,6 @@ Line formats (net/netfilter/ipvs/ip_vs_ctl.c, ip_vs_info_seq_show):
 from __future__ import annotations
 
 import ipaddress
-import re
 import socket
 from collections.abc import Iterable, Mapping
 from dataclasses import replace
@@ -81,34 +80,6 @@ def parse(text: str) -> dict[R.VSKey, list[D.ObservedDest]]:
         addr, port = _hostport(words[1])
         current = out.setdefault(R.VSKey(addr, words[0], port), [])
     return out
-
-
-# service lines (TCP/UDP/SCTP; fwmark services skipped) and real server lines, by family: an
-# IPv4 address is 8 hex digits, an IPv6 one is bracketed
-_SERVICE_V4 = re.compile(rb"^(?:TCP|UDP|SCTP) +[0-9A-Fa-f]{8}:", re.M)
-_SERVICE_V6 = re.compile(rb"^(?:TCP|UDP|SCTP) +\[", re.M)
-_DEST_V4 = re.compile(rb"^  -> [0-9A-Fa-f]{8}:", re.M)
-_DEST_V6 = re.compile(rb"^  -> \[", re.M)
-_FWM_BLOCK = re.compile(rb"^FWM .*\n(?:  -> .*\n?)*", re.M)
-
-
-def count(data: bytes, family: int) -> tuple[int, int]:
-    """(virtual servers, real servers) of one family in the raw bytes of /proc/net/ip_vs.
-
-    The cheap drift check: no line is decoded into objects, so counting 10k virtual servers and
-    100k real servers costs a fraction of `parse`. Real servers are counted by their own
-    address family (kproxy never mixes families within a virtual server); fwmark services and
-    their real servers are left out, as `parse` leaves them out."""
-    if b"\nFWM " in data:
-        data = _FWM_BLOCK.sub(b"", data)
-    if family == 6:
-        return len(_SERVICE_V6.findall(data)), len(_DEST_V6.findall(data))
-    return len(_SERVICE_V4.findall(data)), len(_DEST_V4.findall(data))
-
-
-def read_bytes(path: str = PATH) -> bytes:
-    with open(path, "rb") as fh:
-        return fh.read()
 
 
 def read(path: str = PATH) -> dict[R.VSKey, list[D.ObservedDest]]:

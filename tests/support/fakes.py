@@ -16,6 +16,7 @@ from typing import Any
 
 from kproxy.backends import ipvs_netlink as N
 from kproxy.backends.iptables_exec import RestoreFailed, RestoreSink
+from kproxy.backends.ipvs_census import Census, key_hash
 from kproxy.render import ipvs as R
 from kproxy.render import ipvs_diff as D
 
@@ -107,6 +108,23 @@ class FakeIPVS:
 
     def dests(self, key: R.VSKey, *, stats: bool = True) -> tuple[D.ObservedDest, ...]:
         return self.table[key].dests if key in self.table else ()
+
+    def count_services(self, family: int) -> int:
+        return sum(1 for key in self.table if (":" in key.address) == (family == 6))
+
+    def count_dests(self, key: R.VSKey) -> int:
+        return len(self.dests(key))
+
+    def census(self, family: int) -> Census | None:
+        """IPVSProxier's `census`: what the getsockopt census reports (IPv4 only)."""
+        if family != 4:
+            return None
+        keys = [key for key in self.table if ":" not in key.address]
+        return Census(
+            services=len(keys),
+            dests=sum(len(self.table[k].dests) for k in keys),
+            fingerprint=sum(key_hash(k, len(self.table[k].dests)) for k in keys),
+        )
 
     def proc(self) -> dict[R.VSKey, list[D.ObservedDest]]:
         """What /proc/net/ip_vs would list (IPVSProxier's `read_dests`)."""

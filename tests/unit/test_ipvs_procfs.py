@@ -40,14 +40,3 @@ def test_every_virtual_server_with_its_real_servers() -> None:
     (v6,) = table[R.VSKey("fd00:96::41", "TCP", 443)]
     assert (v6.address, v6.port, v6.weight) == ("fd00:244:1::d", 443, 2)
     assert table[R.VSKey("192.168.50.11", "TCP", 30100)] == []
-
-
-def test_counts_agree_with_the_parser_per_family() -> None:
-    table = procfs.parse(TEXT)
-    for family in (4, 6):
-        keys = [key for key in table if (":" in key.address) == (family == 6)]
-        want = (len(keys), sum(len(table[key]) for key in keys))
-        assert procfs.count(TEXT.encode(), family) == want
-    # the fwmark service's real server counts nowhere, as the parser skips it
-    assert procfs.count(TEXT.encode(), 4) == (3, 3)
-    assert procfs.count(TEXT.encode(), 6) == (1, 1)

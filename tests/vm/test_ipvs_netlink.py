@@ -20,6 +20,7 @@ from dataclasses import replace
 
 import pytest
 
+from kproxy.backends.ipvs_census import SockoptReader, key_hash
 from kproxy.backends.ipvs_netlink import IPVSAdapter, IPVSOpError
 from kproxy.backends.netlink import netns_socket
 from kproxy.render.ipvs import FLAG_PERSISTENT, FLAG_SCHED1, FLAG_SCHED2, Dest, VirtualServer, VSKey
@@ -169,6 +170,47 @@ def test_applied_table_matches_ipvsadm_listing(ipvs: IPVSAdapter, ipvsadm: Run) 
     assert {k: {d: x.weight for d, x in s.dests.items()} for k, s in persist.items()} == {
         k: {(d.address, d.port): d.weight for d in vs.dests} for k, vs in MIXED.items()
     }
+
+
+def test_drift_census_reads_agree_with_ipvsadm(
+    vm_netns: str, ipvs: IPVSAdapter, ipvsadm: Run
+) -> None:
+    """The drift check's reads (kproxy.backends.ipvs_census): the sockopt census of the IPv4
+    virtual servers and the undecoded netlink counts, against the table ipvsadm lists (an fwmark
+    service and its real server count nowhere)."""
+    assert ipvs.apply(ops_for(MIXED)).ok
+    ipvsadm("-A", "-f", "7", "-s", "rr")
+    ipvsadm("-a", "-f", "7", "-r", "10.244.9.9", "-m")
+    listed = parse_list(ipvsadm("-Ln"))
+    v4 = [vs for vs in MIXED.values() if ":" not in vs.key.address]
+    reader = SockoptReader(netns=vm_netns)
+    try:
+        census = reader.read_v4()
+        assert (census.services, census.dests) == (len(v4), sum(len(vs.dests) for vs in v4))
+        assert census.fingerprint == sum(key_hash(vs.key, len(vs.dests)) for vs in v4)
+        assert ipvs.count_services(4) == len(v4) and ipvs.count_services(6) == 2
+        for vs in MIXED.values():
+            assert ipvs.count_dests(vs.key) == len(vs.dests) == len(listed[vs.key].dests)
+        assert ipvs.count_dests(VSKey("10.96.0.99", "TCP", 80)) == 0  # no such service
+        # an outside delete of one real server changes the census at once
+        ipvsadm("-d", "-t", "10.96.0.1:80", "-r", "10.244.1.5:8080")
+        after = reader.read_v4()
+        assert (after.services, after.dests) == (census.services, census.dests - 1)
+        assert after.fingerprint != census.fingerprint
+        assert ipvs.count_dests(VSKey("10.96.0.1", "TCP", 80)) == 1
+        # a larger table (~30 KB of records)
+        more = [
+            make_vs(
+                f"10.97.{i // 200}.{i % 200 + 1}",
+                dests=[Dest("10.244.5.1", 80), Dest("10.244.5.2", 80)],
+            )
+            for i in range(300)
+        ]
+        assert ipvs.apply([AddVS(vs) for vs in more]).ok
+        grown = reader.read_v4()
+        assert (grown.services, grown.dests) == (len(v4) + 300, after.dests + 600)
+    finally:
+        reader.close()
 
 
 @pytest.mark.parametrize(

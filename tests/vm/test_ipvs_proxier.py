@@ -561,6 +561,29 @@ def test_idle_periodic_syncs_are_partial_and_an_outside_delete_is_repaired(env: 
     assert http_batch(env.local_pods[0].ns, vip, 80, n=6).ok_count == 6
 
 
+def test_an_outside_real_server_delete_is_repaired_by_the_next_periodic_check(env: Env) -> None:
+    """IPv4's drift check sees every virtual server's real server count on every check
+    (kproxy.backends.ipvs_census), so the bound is one period: the first periodic sync that
+    starts after the delete is the full one (one partial may have started just before it)."""
+    vip = "10.96.0.94"
+    env.api.upsert(make_service_obj("default", "lostreal", clusterIP=vip))
+    env.api.upsert(slice_of("lostreal", env.local_pods, [("http", 80, "TCP")]))
+    env.wait_serving(k(vip, 80), env.local_pods)
+    seen = len(_full_log(env))
+    eventually(lambda: "partial sync (periodic)" in _full_log(env)[seen:], timeout=30, step=0.5)
+    victim = env.local_pods[1]
+    seen = len(_full_log(env))
+    env.run("ipvsadm", "-d", "-t", f"{vip}:80", "-r", f"{victim.ip}:80")
+    assert victim.ip not in env.dests(k(vip, 80))
+    env.wait_serving(k(vip, 80), env.local_pods, timeout=30)
+    eventually(lambda: "full sync (tampered)" in _full_log(env)[seen:], timeout=30, step=0.5)
+    log = _full_log(env)[seen:]
+    before = log[: log.index("full sync (tampered)")]
+    assert before.count("partial sync (periodic)") <= 1, log[-3000:]
+    assert "changed from outside" in before and "real servers" in before, log[-3000:]
+    assert names(http_batch(env.local_pods[0].ns, vip, 80, n=9)) == {p.name for p in env.local_pods}
+
+
 # -- kproxy status / explain read the IPVS table -------------------------------------------
 def kproxy_json(env: Env, *args: str, manifests: Path | None = None) -> tuple[int, Any]:
     """Run an inspection subcommand in node1's namespace with the agent's own settings."""
