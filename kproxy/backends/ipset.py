@@ -140,6 +140,21 @@ class IPSets:
         self._existing = existing
         return self.contents
 
+    def drift(self) -> str | None:
+        """None while every set holds as many elements as `contents` says (one header dump of
+        all sets: the drift check's read, no element listed); else what differs."""
+        try:
+            counts = self._socket().counts()
+        except IPSetNetlinkError as err:
+            raise IPSetError(f"listing the ipset headers: {err}") from err
+        for base, name in self._names.items():
+            if name not in counts:
+                return f"ipset {name} is gone"
+            have, want = counts[name], len(self.contents[base])
+            if have is not None and have != want:  # None: a kernel that does not count
+                return f"ipset {name} holds {have} entries, kproxy wrote {want}"
+        return None
+
     def ensure(self) -> None:
         """Create every missing set, then read what the sets hold."""
         types = set_types()

@@ -54,6 +54,7 @@ ATTR_PROTOCOL = 1
 ATTR_SETNAME = 2
 ATTR_TYPENAME = 3
 ATTR_FAMILY = 5
+ATTR_FLAGS = 6
 ATTR_DATA = 7
 ATTR_ADT = 8
 ATTR_LINENO = 9  # required beside IPSET_ATTR_ADT; per element, it names the one that failed
@@ -64,11 +65,13 @@ DATA_PORT = 4
 DATA_PROTO = 7
 DATA_LINENO = 9
 DATA_IP2 = 20
+DATA_ELEMENTS = 24  # kernel-only, in a header listing: how many elements the set holds
 DATA_CIDR2 = 21
 # inside IPSET_ATTR_IP / IP2
 IPADDR_IPV4 = 1
 IPADDR_IPV6 = 2
 
+FLAG_LIST_HEADER = 1 << 2  # IPSET_FLAG_LIST_HEADER: list the sets' headers, no elements
 PROTO_NUMBERS = {"tcp": 6, "udp": 17, "sctp": 132}
 PROTO_NAMES = {v: k for k, v in PROTO_NUMBERS.items()}
 CHUNK = 512  # elements per message (~40 bytes each, well inside one page-sized datagram pack)
@@ -255,6 +258,25 @@ class IPSetSocket:
             for kind, data in _attr_list(adt):
                 if kind == ATTR_DATA:
                     out.add(decode_element(set_type, data))
+        return out
+
+    def counts(self) -> dict[str, int | None]:
+        """Set name -> how many elements it holds (None when the kernel does not say), for every
+        set of the namespace: one header dump, no element listed."""
+        seq = self._next()
+        flags = _nla(ATTR_FLAGS | NLA_F_NET_BYTEORDER, struct.pack(">I", FLAG_LIST_HEADER))
+        self._sock.send(
+            _message(CMD_LIST, socket.AF_UNSPEC, seq, NLM_F_REQUEST | NLM_F_DUMP, flags)
+        )
+        out: dict[str, int | None] = {}
+        for _kind, payload in self._replies(seq):
+            attrs = parse_attrs(payload[4:])
+            name, data = attrs.get(ATTR_SETNAME), attrs.get(ATTR_DATA)
+            if name is None:
+                continue
+            elements = parse_attrs(data).get(DATA_ELEMENTS) if data is not None else None
+            count = struct.unpack(">I", elements)[0] if elements is not None else None
+            out[bytes(name).split(b"\0", 1)[0].decode()] = count
         return out
 
 

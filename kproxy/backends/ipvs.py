@@ -75,6 +75,8 @@ class AddressDevice(Protocol):
 
     def addresses(self, family: int) -> set[str]: ...
 
+    def count(self, family: int) -> int: ...
+
     def bind(self, addresses: Iterable[str]) -> int: ...
 
     def unbind(self, addresses: Iterable[str]) -> int: ...
@@ -262,11 +264,13 @@ class IPVSProxier:
         `ipvsadm -A/-D/-a/-d` or a flush shows at the next check; otherwise (IPv6, or the
         sockopt refused) one netlink service dump counts the virtual servers and the real
         servers of a rotating slice of them are counted (each virtual server at least once
-        every `rotation.periods` checks). An outside weight or scheduler edit shows in
-        neither (the full resync period catches those)."""
+        every `rotation.periods` checks). Then one header dump of the ipsets (element counts)
+        and one undecoded address dump of kube-ipvs0 (its address count). An outside weight or
+        scheduler edit, or an entry swapped for another, shows in none of these (the full
+        resync period catches those)."""
         if self._needs_full or not self._started:
             return None  # the next sync is full anyway
-        found = self._drift()
+        found = self._drift() or self.ipsets.drift() or self._address_drift()
         if found:
             self._needs_full = True
         return found
@@ -310,6 +314,14 @@ class IPVSProxier:
                     f"the IPVS virtual server {key.address}:{key.port}/{key.protocol} has {n} "
                     f"real servers, kproxy wrote {self._dest_counts[key]}"
                 )
+        return None
+
+    def _address_drift(self) -> str | None:
+        """kube-ipvs0 holds one address per entry of KUBE-IPVS-IPS (kproxy binds exactly those)."""
+        have = self.device.count(self.family)
+        want = len(self.ipsets.contents[R.IPVS_IPS])
+        if have != want:
+            return f"{R.DUMMY_DEVICE} holds {have} IPv{self.family} addresses, kproxy bound {want}"
         return None
 
     def _set_dest_counts(self, counts: Mapping[R.VSKey, int], *, replace_all: bool) -> None:

@@ -191,6 +191,9 @@ class FakeDevice:
     def addresses(self, family: int) -> set[str]:
         return set(self.bound)
 
+    def count(self, family: int) -> int:
+        return len(self.bound)
+
     def bind(self, addresses: Iterable[str]) -> int:
         new = set(addresses) - self.bound
         self.bound |= new
@@ -211,12 +214,23 @@ class FakeIPSets:
 
     def __init__(self) -> None:
         self.contents: defaultdict[str, set[str]] = defaultdict(set)
+        self.lost: set[tuple[str, str]] = set()  # deleted from outside, still in `contents`
 
     def ensure(self) -> None:
         pass
 
     def read(self) -> dict[str, set[str]]:
+        for base, entry in self.lost:
+            self.contents[base].discard(entry)
+        self.lost.clear()
         return {b: set(e) for b, e in self.contents.items()}
+
+    def drift(self) -> str | None:
+        """IPSets.drift: element counts of the 'kernel' (contents less `lost`) vs `contents`."""
+        for base in sorted({b for b, _ in self.lost}):
+            have = len(self.contents[base] - {e for b, e in self.lost if b == base})
+            return f"ipset {base} holds {have} entries, kproxy wrote {len(self.contents[base])}"
+        return None
 
     def update(
         self,

@@ -193,3 +193,23 @@ def test_netlink_drift_counts_services_every_check_and_dests_in_a_rotating_slice
         p.sync(*store.take(), full=False)
         assert _dests(ipvs, victim) == {f"10.1.0.{victim + 1}"}
         assert [p.drift() for _ in range(periods)] == [None] * periods
+
+
+def test_an_ipset_entry_or_a_vip_lost_from_outside_is_drift_and_the_full_sync_restores_it() -> None:
+    store = _store(3)
+    p, _, device, _ = _proxier()
+    ipsets = p.ipsets
+    assert isinstance(ipsets, FakeIPSets)
+    p.sync(*store.take(), full=True)
+    assert p.drift() is None
+    entry = next(iter(ipsets.contents[R.CLUSTER_IP_SET]))
+    ipsets.lost.add((R.CLUSTER_IP_SET, entry))  # ipset del from outside
+    found = p.drift()
+    assert found is not None and R.CLUSTER_IP_SET in found, found
+    assert p.sync(*store.take(), full=False).full
+    assert entry in ipsets.contents[R.CLUSTER_IP_SET] and p.drift() is None
+    device.bound.discard("172.30.0.2")  # ip addr del from outside
+    found = p.drift()
+    assert found is not None and "kube-ipvs0 holds 2 IPv4 addresses, kproxy bound 3" in found
+    assert p.sync(*store.take(), full=False).full
+    assert "172.30.0.2" in device.bound and p.drift() is None

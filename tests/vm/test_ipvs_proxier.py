@@ -584,6 +584,38 @@ def test_an_outside_real_server_delete_is_repaired_by_the_next_periodic_check(en
     assert names(http_batch(env.local_pods[0].ns, vip, 80, n=9)) == {p.name for p in env.local_pods}
 
 
+def test_an_ipset_entry_and_a_vip_deleted_from_outside_are_repaired(env: Env) -> None:
+    """The drift check also counts the ipsets' elements (one header dump) and kube-ipvs0's
+    addresses (one undecoded address dump)."""
+    vip = "10.96.0.95"
+    env.api.upsert(make_service_obj("default", "lostset", clusterIP=vip))
+    env.api.upsert(slice_of("lostset", env.local_pods, [("http", 80, "TCP")]))
+    env.wait_serving(k(vip, 80), env.local_pods)
+
+    def has_entry() -> None:
+        assert f"{vip},tcp:80" in env.run("ipset", "list", "KUBE-CLUSTER-IP")
+
+    def has_vip() -> None:
+        assert f"{vip}/32" in env.run("ip", "-o", "addr", "show", "dev", "kube-ipvs0")
+
+    eventually(has_entry, timeout=20, step=0.3)
+    for outside, present, what in (
+        (["ipset", "del", "KUBE-CLUSTER-IP", f"{vip},tcp:80"], has_entry, "KUBE-CLUSTER-IP"),
+        (["ip", "addr", "del", f"{vip}/32", "dev", "kube-ipvs0"], has_vip, "kube-ipvs0 holds"),
+    ):
+        seen = len(_full_log(env))
+        env.run(*outside)
+        with pytest.raises(AssertionError):
+            present()
+        eventually(present, timeout=30, step=0.5)
+        eventually(
+            lambda at=seen: "full sync (tampered)" in _full_log(env)[at:], timeout=30, step=0.5
+        )
+        log = _full_log(env)[seen:]
+        assert "changed from outside" in log and what in log, log[-3000:]
+    assert http_batch(env.local_pods[0].ns, vip, 80, n=6).ok_count == 6
+
+
 # -- kproxy status / explain read the IPVS table -------------------------------------------
 def kproxy_json(env: Env, *args: str, manifests: Path | None = None) -> tuple[int, Any]:
     """Run an inspection subcommand in node1's namespace with the agent's own settings."""
