@@ -80,9 +80,19 @@ def _exit_text(code: int) -> str:
     return f"nft killed by signal {-code}" if code < 0 else f"nft exited {code}"
 
 
+NO_NF_TABLES = (
+    "this kernel has no nf_tables (the nftables mode needs CONFIG_NF_TABLES and "
+    "CONFIG_NETFILTER_NETLINK, as Debian 12's 6.1 and newer have; kube-proxy requires >= 5.13)"
+)
+
+
+def _missing_nf_tables(err: str) -> bool:
+    return "Protocol not supported" in err or "Operation not supported" in err
+
+
 def _nft_error(err: str) -> str:
-    if "Protocol not supported" in err or "Operation not supported" in err:
-        return f"this kernel has no nf_tables (CONFIG_NF_TABLES, kernel >= 5.13 needed): {err}"
+    if _missing_nf_tables(err):
+        return f"{NO_NF_TABLES}: {err}"
     return f"nft -f failed: {err[-2000:]}"
 
 
@@ -91,10 +101,8 @@ def run_nft(args: Sequence[str], *, stdin: str | None = None, run: Run = subproc
     res = run([nft_binary(), *args], input=stdin, capture_output=True, text=True, check=False)
     if res.returncode != 0:
         err = res.stderr.strip()
-        if "Protocol not supported" in err or "Operation not supported" in err:
-            raise SyncError(
-                f"this kernel has no nf_tables (CONFIG_NF_TABLES, kernel >= 5.13 needed): {err}"
-            )
+        if _missing_nf_tables(err):
+            raise SyncError(f"{NO_NF_TABLES}: {err}")
         raise SyncError(f"nft {' '.join(args[:2])} failed: {err[-2000:]}")
     return res.stdout
 
@@ -128,9 +136,7 @@ def _default_writer(family: int, run: Run) -> Writer:
     try:
         return NetlinkWriter(family, fallback=fallback)
     except OSError as err:
-        raise SyncError(
-            f"no nf_tables netlink socket (is nfnetlink in this kernel?): {err}"
-        ) from err
+        raise SyncError(f"{NO_NF_TABLES}: no nf_tables netlink socket: {err}") from err
 
 
 def read_objects(family: int, run: Run = subprocess.run) -> tuple[set[str], dict[str, int]]:

@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from kproxy import memtrim
 from kproxy.config import Settings, node_name
+from kproxy.errors import DataplaneError
 from kproxy.inspect.socketpath import STATE_VERSION, default_socket_path, netns_inode
 from kproxy.kube.ingest import StoreSink
 from kproxy.kube.sink import Source
@@ -303,7 +304,11 @@ class Daemon:
             "kproxy starting",
             extra={"node": self.node_name, "mode": self.settings.proxy_mode},
         )
-        self._start_syncing()
+        try:
+            self._start_syncing()
+        except DataplaneError as err:  # e.g. a kernel without nf_tables
+            log.error("cannot start the %s dataplane: %s", self.settings.proxy_mode, err)
+            return 1
         self._make_lb()
         self._start_http()
         self._start_inspect()
