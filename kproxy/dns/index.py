@@ -19,7 +19,11 @@ where the spec is silent:
   and the empty non-terminals (`svc.<zone>`, `pod.<zone>`, `<ns>.svc.<zone>`, `_tcp.<svc>...`)
   that make the difference between NODATA and NXDOMAIN.
 
-Pod names (`a-b-c-d.<ns>.pod.<zone>`) are synthesised by the resolver, not stored.
+Pod names (`a-b-c-d.<ns>.pod.<zone>`) are synthesised by the resolver, not stored. Endpoint
+names and endpoint PTRs are synthesised too, by `DnsIndex.lookup`, from each service's
+`Endpoints` (its served addresses packed in one bytes object, plus hostnames when there are
+any) and a map from endpoint address to service names: per endpoint the index keeps ~0.1 KB
+instead of ~1 KB of names, records and nodes.
 
 The index reads only what DNS needs from the model, converted to small tuples (`DnsService`,
 `DnsSlice`): they pickle fast (the serving processes receive them over a pipe) and keep the
@@ -34,21 +38,24 @@ plus one copy of the name map.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+import socket
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from types import MappingProxyType
 from typing import NamedTuple
 
 from kproxy.dns.records import (
+    AAAA,
     CNAME,
     DNS_SCHEMA_VERSION,
     NS,
     PTR,
     RR,
+    A,
     BadName,
     a_rr,
     name_rr,
     pack_ip,
+    reverse_packed,
     reverse_wire,
     soa_rr,
     srv_rr,
@@ -81,15 +88,21 @@ class DnsPort(NamedTuple):
     port: int
 
 
-class DnsEndpoint(NamedTuple):
-    address: str
-    ready: bool
-    hostname: str
-
-
 class DnsSlice(NamedTuple):
-    address_type: str
-    endpoints: tuple[DnsEndpoint, ...]
+    """An EndpointSlice as DNS sees it, packed: a few objects per slice, not a few per endpoint
+    (the serving processes receive the whole model over a pipe, and build from it).
+
+    addrs: per endpoint one `_SLOT`-byte slot (`_slot`); endpoints DNS can serve nothing for
+           (an address not of the slice's family, not an IP address, or an FQDN slice) are
+           left out.
+    ready: per endpoint one byte, 1 when it is ready.
+    hosts: per endpoint its host label (wire) when it is not the dashed address
+           (`_dashed_label`), else b""; None when every one is.
+    """
+
+    addrs: bytes
+    ready: bytes
+    hosts: tuple[bytes, ...] | None
     ports: tuple[DnsPort, ...]
 
 
@@ -121,14 +134,40 @@ def dns_service(svc: Service) -> DnsService:
     )
 
 
+_FAMILIES = {"IPv4": socket.AF_INET, "IPv6": socket.AF_INET6}
+
+
 def dns_slices(slices: Iterable[EndpointSlice]) -> tuple[DnsSlice, ...]:
-    return tuple(
-        DnsSlice(
-            sl.address_type,
-            tuple(DnsEndpoint(e.address, e.ready, e.hostname) for e in sl.endpoints),
-            tuple(DnsPort(p.name, p.protocol, p.port) for p in sl.ports),
-        )
-        for sl in slices
+    return tuple(_dns_slice(sl) for sl in slices)
+
+
+def _dns_slice(sl: EndpointSlice) -> DnsSlice:
+    family = _FAMILIES.get(sl.address_type, 0)
+    addrs: list[bytes] = []
+    ready = bytearray()
+    hosts: list[bytes] = []
+    for ep in sl.endpoints if family else ():
+        if not _family_ok(ep.address, sl.address_type):
+            continue
+        try:
+            packed = pack_ip(ep.address)
+        except ValueError:
+            continue
+        if not ep.hostname and socket.inet_ntop(family, packed) == ep.address:
+            host = b""  # the common case: a canonical address, no hostname
+        else:
+            label = _host_label(ep.hostname, ep.address)
+            if label is None:
+                continue
+            host = b"" if label == _dashed_label(packed) else label
+        addrs.append(_slot(packed))
+        ready.append(ep.ready)
+        hosts.append(host)
+    return DnsSlice(
+        b"".join(addrs),
+        bytes(ready),
+        tuple(hosts) if any(hosts) else None,
+        tuple(DnsPort(p.name, p.protocol, p.port) for p in sl.ports),
     )
 
 
@@ -137,7 +176,10 @@ class ModelDelta:
     """What changed between two snapshots, keyed by service ref.
 
     services: the new service, or None when it was deleted.
-    slices:   the service's complete new slice tuple (empty when it has none any more).
+    slices:   the service's complete new slice tuple (empty when it has none any more), for
+              every service whose slices changed and, unless `full`, every service in
+              `services` that was not deleted (the index builder keeps no slices: it rebuilds
+              a changed service from these).
     full:     replace the whole model with this delta (the first update, or a resync).
     """
 
@@ -171,19 +213,20 @@ def diff_snapshots(prev: Snapshot | None, cur: Snapshot) -> ModelDelta:
             full=True,
         )
     services: dict[Ref, DnsService | None] = {}
+    slices: dict[Ref, tuple[DnsSlice, ...]] = {}
     for ref, svc in cur.services.items():
         old = prev.services.get(ref)
         if old is not svc and old != svc:
             services[ref] = dns_service(svc)
+            slices[ref] = dns_slices(cur.slices.get(ref, ()))
     for ref in prev.services.keys() - cur.services.keys():
         services[ref] = None
-    slices: dict[Ref, tuple[DnsSlice, ...]] = {}
     for ref, group in cur.slices.items():
         old_group = prev.slices.get(ref)
-        if old_group is None or not _same_slices(old_group, group):
+        if ref not in slices and (old_group is None or not _same_slices(old_group, group)):
             slices[ref] = dns_slices(group)
     for ref in prev.slices.keys() - cur.slices.keys():
-        slices[ref] = ()
+        slices.setdefault(ref, ())
     return ModelDelta(
         services=services, slices=slices, synced=cur.synced, generation=cur.generation
     )
@@ -209,20 +252,212 @@ class Node(NamedTuple):
 EMPTY = Node()
 
 
+# -- endpoints: their names and PTRs are synthesised when asked ------------------------------
+
+_SLOT = 17  # an address in `Endpoints.addrs`: its length (4 or 16), then the address padded to 16
+_DEC = [str(i).encode() for i in range(256)]
+
+
+def _slot(packed: bytes) -> bytes:
+    return bytes((len(packed),)) + packed.ljust(16, b"\x00")
+
+
+def _dashed_label(packed: bytes) -> bytes:
+    """The endpoint label of an address without hostname (wire label), b"" if it has none."""
+    if len(packed) == 4:
+        text = b"-".join([_DEC[b] for b in packed])
+    else:
+        text = socket.inet_ntop(socket.AF_INET6, packed).replace(":", "-").encode()
+        if b"." in text:  # an IPv4-mapped address: such an endpoint keeps its label explicitly
+            return b""
+    return bytes((len(text),)) + text
+
+
+def _undash(label: bytes) -> bytes | None:
+    """The address a dashed endpoint label stands for (packed), None when it is not one."""
+    text = label[1:]
+    try:
+        parts = text.split(b"-")
+        if len(parts) == 4 and all(parts):
+            packed = bytes([int(p) for p in parts])
+        else:
+            packed = socket.inet_pton(socket.AF_INET6, text.replace(b"-", b":").decode("ascii"))
+    except (OSError, UnicodeDecodeError, ValueError):  # ValueError: not numbers, or over 255
+        return None
+    return packed if _dashed_label(packed) == label else None
+
+
+def _unreverse(name: bytes) -> bytes | None:
+    """The address of a canonical in-addr.arpa / ip6.arpa name (packed), else None."""
+    if name.endswith(_IN_ADDR):
+        body, want = name[: len(name) - len(_IN_ADDR)], 4
+    elif name.endswith(_IP6):
+        body, want = name[: len(name) - len(_IP6)], 32
+    else:
+        return None
+    labels = []
+    i = 0
+    while i < len(body):
+        end = i + 1 + body[i]
+        labels.append(body[i + 1 : end])
+        i = end
+    if len(labels) != want:
+        return None
+    labels.reverse()
+    try:
+        if want == 4:
+            packed = bytes([int(lb) for lb in labels])
+        else:
+            packed = bytes.fromhex(b"".join(labels).decode("ascii"))
+    except ValueError:  # not numbers, a number over 255, not hex digits
+        return None
+    return packed if reverse_packed(packed) == name else None
+
+
+def _address_rr(owner: bytes, ttl: int, packed: bytes) -> RR:
+    return RR(owner, A if len(packed) == 4 else AAAA, ttl, packed)
+
+
+class Endpoints(NamedTuple):
+    """The addresses one service has names for (ready, or all with publishNotReadyAddresses).
+
+    Nothing per endpoint is stored but its address: the name `<host>.<service>` and the PTR of
+    the address are made when asked (`DnsIndex.lookup`), from this record. At 10k services x
+    10 endpoints that is ~100 MB less than storing each endpoint's names and records.
+
+    addrs: one `_SLOT`-byte slot per address, in model order (the first hostname of an address
+           wins, as in CoreDNS).
+    hosts: per address its host label (wire, with the length byte), b"" for the dashed address
+           (`_dashed_label`); None when every address is dashed (endpoints without hostname).
+    """
+
+    addrs: bytes
+    hosts: tuple[bytes, ...] | None
+
+    def entries(self) -> Iterator[tuple[bytes, bytes]]:
+        """(address, host label) per address, in model order."""
+        addrs, hosts = self.addrs, self.hosts
+        for k in range(len(addrs) // _SLOT):
+            i = k * _SLOT
+            packed = addrs[i + 1 : i + 1 + addrs[i]]
+            host = hosts[k] if hosts is not None else b""
+            yield packed, host or _dashed_label(packed)
+
+    def position(self, packed: bytes) -> int:
+        """Where `packed` is in `addrs` (-1 when it is not there)."""
+        key = _slot(packed)
+        i = self.addrs.find(key)
+        while i >= 0 and i % _SLOT:
+            i = self.addrs.find(key, i + 1)
+        return i // _SLOT if i >= 0 else -1
+
+    def host(self, packed: bytes) -> bytes | None:
+        k = self.position(packed)
+        if k < 0:
+            return None
+        return (self.hosts[k] if self.hosts is not None else b"") or _dashed_label(packed)
+
+    def addresses(self, label: bytes) -> list[bytes]:
+        """The addresses named `label` (several: a dual-stack hostname), in model order."""
+        if self.hosts is None:
+            packed = _undash(label)
+            return [packed] if packed is not None and self.position(packed) >= 0 else []
+        return [packed for packed, host in self.entries() if host == label]
+
+
+def _endpoints(served: dict[bytes, bytes]) -> Endpoints | None:
+    if not served:
+        return None
+    hosts = tuple(served.values())
+    return Endpoints(b"".join(map(_slot, served)), hosts if any(hosts) else None)
+
+
 @dataclass(frozen=True, slots=True)
 class DnsIndex:
-    """Everything the resolver needs to answer for the cluster zone at one model generation."""
+    """Everything the resolver needs to answer for the cluster zone at one model generation.
+
+    stored:         the names kept with their records (services, SRV, cluster IP PTRs, the
+                    apex, empty non-terminals).
+    endpoints:      per service name (wire), its `Endpoints`.
+    endpoint_ptrs:  per endpoint address (packed), the service name(s) it has a name in.
+    `names` is the whole mapping, stored and synthesised (for tests and tools: it enumerates).
+    """
 
     zone: bytes
     ttl: int
     pods_mode: str
-    names: Mapping[bytes, Node]
+    stored: Mapping[bytes, Node]
+    endpoints: Mapping[bytes, Endpoints]
+    endpoint_ptrs: Mapping[bytes, bytes | tuple[bytes, ...]]
     soa: RR
     synced: bool
     generation: int
 
     def lookup(self, name: bytes) -> Node | None:
-        return self.names.get(name)
+        node = self.stored.get(name)
+        if node is not None and node is not EMPTY:
+            return node
+        made = self._endpoint_node(name)
+        return made if made is not None else node
+
+    def _endpoint_node(self, name: bytes) -> Node | None:
+        if not name[0]:
+            return None
+        eps = self.endpoints.get(name[name[0] + 1 :])
+        if eps is not None:
+            found = eps.addresses(name[: name[0] + 1])
+            if found:
+                return Node(tuple(_address_rr(name, self.ttl, p) for p in found))
+        if not self.endpoint_ptrs or not _is_reverse(name):
+            return None
+        packed = _unreverse(name)
+        if packed is None:
+            return None
+        owners = self.endpoint_ptrs.get(packed)
+        if owners is None:
+            return None
+        rrs = []
+        for service in (owners,) if isinstance(owners, bytes) else owners:
+            host = self.endpoints[service].host(packed)
+            if host is not None:
+                rrs.append(name_rr(name, PTR, self.ttl, host + service))
+        if not rrs:
+            return None
+        if len(rrs) > 1:
+            rrs = sorted(_unique(rrs), key=lambda rr: rr.rdata)
+        return Node(tuple(rrs), rank=1)
+
+    @property
+    def names(self) -> Mapping[bytes, Node]:
+        return _Names(self)
+
+
+class _Names(Mapping[bytes, Node]):
+    """Every name of an index, the synthesised endpoint names and PTRs included."""
+
+    def __init__(self, index: DnsIndex) -> None:
+        self._index = index
+
+    def __getitem__(self, name: bytes) -> Node:
+        node = self._index.lookup(name)
+        if node is None:
+            raise KeyError(name)
+        return node
+
+    def __iter__(self) -> Iterator[bytes]:
+        stored = self._index.stored
+        yield from stored
+        for service, eps in self._index.endpoints.items():
+            for owner in dict.fromkeys(host + service for _, host in eps.entries()):
+                if owner not in stored:
+                    yield owner
+        for packed in self._index.endpoint_ptrs:
+            rev = reverse_packed(packed)
+            if rev not in stored:
+                yield rev
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
 
 
 # -- per-service contributions ----------------------------------------------------------------
@@ -238,6 +473,17 @@ def _label(text: str) -> bytes:
 def _dashed(address: str) -> str:
     """CoreDNS's endpoint name for an address without hostname: dots or colons become dashes."""
     return address.replace(".", "-").replace(":", "-")
+
+
+def _host_label(hostname: str, address: str) -> bytes | None:
+    try:
+        return _label(hostname or _dashed(address))
+    except (BadName, UnicodeEncodeError):
+        pass
+    try:
+        return _label(_dashed(address))
+    except (BadName, UnicodeEncodeError):
+        return None
 
 
 def _is_reverse(name: bytes) -> bool:
@@ -263,35 +509,42 @@ def _srv_name(port: DnsPort, name_w: bytes) -> bytes | None:
         return None
 
 
+def _service_wire(namespace: str, name: str, svc_zone: bytes) -> bytes | None:
+    try:
+        return _label(name) + _label(namespace) + svc_zone
+    except (BadName, UnicodeEncodeError):
+        return None
+
+
 def service_part(
     svc: DnsService, slices: tuple[DnsSlice, ...], *, svc_zone: bytes, ttl: int
-) -> dict[bytes, Node]:
-    """Every name one service contributes, with its records. `svc_zone` is `svc.<zone>` (wire)."""
-    try:
-        ns_w = _label(svc.namespace) + svc_zone
-        name_w = _label(svc.name) + ns_w
-    except (BadName, UnicodeEncodeError):
-        return {}
+) -> tuple[dict[bytes, Node], Endpoints | None]:
+    """The names one service stores, with their records, and its `Endpoints` (whose names and
+    PTRs are synthesised at lookup). `svc_zone` is `svc.<zone>` (wire)."""
+    name_w = _service_wire(svc.namespace, svc.name, svc_zone)
+    if name_w is None:
+        return {}, None
+    ns_w = name_w[name_w[0] + 1 :]
     part: dict[bytes, Node] = {ns_w: EMPTY}
 
     if svc.kind == KIND_EXTERNAL_NAME:
         target = svc.external_name.strip()
         try:
             pack_ip(target)
-            return part  # CoreDNS serves no record for an IP "external name"
+            return part, None  # CoreDNS serves no record for an IP "external name"
         except ValueError:
             pass
         try:
             target_w = to_wire(target)
         except BadName:
-            return part
+            return part, None
         if target_w != b"\x00":
             part[name_w] = Node((name_rr(name_w, CNAME, ttl, target_w),))
-        return part
+        return part, None
 
     headless = svc.kind == KIND_HEADLESS
-    # ready endpoints by address (first hostname wins) -> (owner name, address record)
-    endpoints: dict[str, tuple[bytes, RR]] = {}
+    # address (packed) -> host label (b"": the dashed address), the first hostname wins
+    served: dict[bytes, bytes] = {}
     srv_eps: dict[bytes, dict[tuple[int, bytes], None]] = {}  # headless: SRV name -> targets
     bare: list[tuple[int, bytes]] = []  # headless: (port, target) per endpoint address and port
     for sl in slices:
@@ -302,50 +555,44 @@ def service_part(
                     srv_w = _srv_name(p, name_w)
                     if srv_w is not None:
                         named.append((srv_w, p.port))
-        for ep in sl.endpoints:
-            if not (ep.ready or svc.publish_not_ready) or not _family_ok(
-                ep.address, sl.address_type
-            ):
+        addrs, ready, hosts = sl.addrs, sl.ready, sl.hosts
+        for k in range(len(ready)):
+            if not (ready[k] or svc.publish_not_ready):
                 continue
-            hit = endpoints.get(ep.address)
-            if hit is None:
-                try:
-                    host = _label(ep.hostname or _dashed(ep.address))
-                except (BadName, UnicodeEncodeError):
-                    host = _label(_dashed(ep.address))
-                owner = host + name_w
-                try:
-                    hit = (owner, a_rr(owner, ttl, ep.address))
-                except ValueError:
-                    continue
-                endpoints[ep.address] = hit
-            for srv_w, port in named:
-                srv_eps.setdefault(srv_w, {})[(port, hit[0])] = None
+            i = k * _SLOT
+            packed = addrs[i + 1 : i + 1 + addrs[i]]
+            host = served.get(packed)
+            if host is None:
+                host = served[packed] = hosts[k] if hosts is not None else b""
             if headless:
-                bare.extend((p.port, hit[0]) for p in sl.ports if 0 < p.port < 65536)
+                owner = (host or _dashed_label(packed)) + name_w
+                for srv_w, port in named:
+                    srv_eps.setdefault(srv_w, {})[(port, owner)] = None
+                bare.extend((p.port, owner) for p in sl.ports if 0 < p.port < 65536)
 
+    # headless: the endpoints' address records, in model order and by owner (several
+    # addresses may share a hostname: dual-stack)
+    ep_rrs: list[RR] = []
+    by_owner: dict[bytes, list[RR]] = {}
     if headless:
-        if not endpoints:
-            return part  # no ready endpoint: the name does not exist
-        service_rrs = _unique(RR(name_w, rr.rtype, ttl, rr.rdata) for _, rr in endpoints.values())
+        if not served:
+            return part, None  # no ready endpoint: the name does not exist
+        for packed, host in served.items():
+            rr = _address_rr((host or _dashed_label(packed)) + name_w, ttl, packed)
+            ep_rrs.append(rr)
+            by_owner.setdefault(rr.owner, []).append(rr)
+        service_rrs = _unique(_address_rr(name_w, ttl, packed) for packed in served)
     else:
-        addrs = []
+        ip_rrs = []
         for ip in svc.cluster_ips:
             try:
-                addrs.append(a_rr(name_w, ttl, ip))
+                ip_rrs.append(a_rr(name_w, ttl, ip))
             except ValueError:
                 continue
-        service_rrs = _unique(addrs)
+        service_rrs = _unique(ip_rrs)
         ips = len(service_rrs)
         bare = [(sp.port, name_w) for sp in svc.ports if 0 < sp.port < 65536 for _ in range(ips)]
-    part[name_w] = _bare_srv(name_w, service_rrs, bare, endpoints, ttl=ttl)
-
-    # per-endpoint names (several addresses may share a hostname: dual-stack)
-    by_owner: dict[bytes, list[RR]] = {}
-    for owner, rr in endpoints.values():
-        by_owner.setdefault(owner, []).append(rr)
-    for owner, rrs in by_owner.items():
-        part[owner] = Node(tuple(rrs))
+    part[name_w] = _bare_srv(name_w, service_rrs, bare, ep_rrs, ttl=ttl)
 
     # SRV
     if headless:
@@ -370,25 +617,21 @@ def service_part(
             part[srv_w] = Node((*prev.rrs, rr) if prev else (rr,), service_rrs)
             part.setdefault(srv_w[srv_w[0] + 1 :], EMPTY)
 
-    # PTR: cluster IPs (rank 0) and endpoints (rank 1)
+    # PTR of the cluster IPs (rank 0; the endpoints' PTRs, rank 1, are synthesised)
     for ip in svc.cluster_ips:
         try:
             rev = reverse_wire(ip)
         except ValueError:
             continue
         part[rev] = Node((name_rr(rev, PTR, ttl, name_w),), rank=0)
-    for address, (owner, _) in endpoints.items():
-        rev = reverse_wire(address)
-        if rev not in part:
-            part[rev] = Node((name_rr(rev, PTR, ttl, owner),), rank=1)
-    return part
+    return part, _endpoints(served)
 
 
 def _bare_srv(
     name_w: bytes,
     service_rrs: tuple[RR, ...],
     bare: list[tuple[int, bytes]],
-    endpoints: dict[str, tuple[bytes, RR]],
+    ep_rrs: list[RR],
     *,
     ttl: int,
 ) -> Node:
@@ -414,7 +657,7 @@ def _bare_srv(
     if targets == {name_w}:
         glue = service_rrs
     else:
-        glue = _unique(rr for owner, rr in endpoints.values() if owner in targets)
+        glue = _unique(rr for rr in ep_rrs if rr.owner in targets)
     return Node((*service_rrs, *srvs), glue)
 
 
@@ -430,15 +673,19 @@ def _merge_ptr(nodes: list[Node]) -> Node:
 
 
 class IndexBuilder:
-    """Keeps the model and each service's contribution; produces a new `DnsIndex` per delta.
+    """Keeps each service and its contribution; produces a new `DnsIndex` per delta.
 
     Not thread-safe: one thread at a time applies deltas. The indexes it returns are immutable
     and may be read from any thread.
 
-    Names come in three kinds: empty non-terminals (shared, reference-counted), reverse names
-    (possibly shared by several services, merged by rank) and every other name, which belongs
-    to exactly one service (Kubernetes names are unique, and the shapes of service, endpoint
-    and SRV names cannot collide).
+    Stored names come in three kinds: empty non-terminals (shared, reference-counted), reverse
+    names of cluster IPs (possibly shared by several services, merged) and every other name,
+    which belongs to exactly one service (Kubernetes names are unique, and the shapes of
+    service and SRV names cannot collide). Endpoint names and PTRs are not stored: each
+    service's `Endpoints` and, per endpoint address, the services it is in.
+
+    The builder keeps no endpoint slices: a delta carries the slices of every service it
+    changes (`ModelDelta`).
     """
 
     def __init__(
@@ -460,10 +707,11 @@ class IndexBuilder:
         self._ns_name = b"\x02ns\x03dns" + self.zone
         self._ns_addresses = tuple(ns_addresses)
         self._services: dict[Ref, DnsService] = {}
-        self._slices: dict[Ref, tuple[DnsSlice, ...]] = {}
         self._parts: dict[Ref, dict[bytes, Node]] = {}
         self._ptr_owners: dict[bytes, Ref | tuple[Ref, ...]] = {}
         self._ents: dict[bytes, int] = {}
+        self._eps: dict[bytes, Endpoints] = {}
+        self._ep_ptrs: dict[bytes, bytes | tuple[bytes, ...]] = {}
         self._static = self._static_names(serial=1)
         self._names: dict[bytes, Node] = dict(self._static)
         self._synced = False
@@ -509,41 +757,46 @@ class IndexBuilder:
         everything = delta.full or delta.synced != self._synced
         if delta.full:
             self._services = {}
-            self._slices = {}
             self._parts = {}
             self._ptr_owners = {}
             self._ents = {}
             self._names = {}
-        else:
-            self._names = dict(self._names)  # the published map stays untouched
+            self._eps = {}
+            self._ep_ptrs = {}
+        else:  # the published maps stay untouched
+            self._names = dict(self._names)
+            self._eps = dict(self._eps)
+            self._ep_ptrs = dict(self._ep_ptrs)
         for ref, svc in delta.services.items():
             if svc is None:
                 self._services.pop(ref, None)
             else:
                 self._services[ref] = svc
-        for ref, group in delta.slices.items():
-            if group:
-                self._slices[ref] = group
-            else:
-                self._slices.pop(ref, None)
-        changed: set[bytes] = set()
+        # a full answer-cache flush needs no list of names (at 10k x 10: 200k names of garbage)
+        changed: set[bytes] | None = None if everything else set()
         self._static = self._static_names(serial=max(1, delta.generation))
         self._names.update(self._static)
         for ref in delta.touched:
-            self._update_service(ref, changed)
+            self._update_service(ref, delta.slices.get(ref, () if delta.full else None), changed)
         self._synced = delta.synced
         self._generation = delta.generation
-        changed.add(self.zone)
         self.index = self._publish()
-        return self.index, (None if everything else frozenset(changed))
+        if changed is None:
+            return self.index, None
+        changed.add(self.zone)
+        return self.index, frozenset(changed)
 
-    def _update_service(self, ref: Ref, changed: set[bytes]) -> None:
-        old = self._parts.pop(ref, None) or {}
+    def _update_service(
+        self, ref: Ref, slices: tuple[DnsSlice, ...] | None, changed: set[bytes] | None
+    ) -> None:
         svc = self._services.get(ref)
-        new = (
-            service_part(svc, self._slices.get(ref, ()), svc_zone=self._svc_zone, ttl=self.ttl)
+        if svc is not None and slices is None:
+            raise ValueError(f"the delta changes {ref} without its endpoint slices")
+        old = self._parts.pop(ref, None) or {}
+        new, eps = (
+            service_part(svc, slices or (), svc_zone=self._svc_zone, ttl=self.ttl)
             if svc is not None
-            else {}
+            else ({}, None)
         )
         if new:
             self._parts[ref] = new
@@ -559,20 +812,60 @@ class IndexBuilder:
                 self._set_owners(name, tuple(r for r in self._owners(name) if r != ref))
             if name not in new:
                 self._recompute(name)
-                changed.add(name)
+                if changed is not None:
+                    changed.add(name)
         for name, node in new.items():
             if node is EMPTY:
                 self._ents[name] = self._ents.get(name, 0) + 1
                 if name not in names:
                     names[name] = EMPTY
-                    changed.add(name)
+                    if changed is not None:
+                        changed.add(name)
                 continue
             if _is_reverse(name):
                 self._set_owners(name, (*self._owners(name), ref))
                 self._recompute(name)
             else:
                 names[name] = node
-            changed.add(name)
+            if changed is not None:
+                changed.add(name)
+        service = _service_wire(ref.namespace, ref.name, self._svc_zone)
+        if service is not None:
+            self._set_endpoints(service, eps, changed)
+
+    def _set_endpoints(
+        self, service: bytes, eps: Endpoints | None, changed: set[bytes] | None
+    ) -> None:
+        """Replace a service's `Endpoints`: the PTR owners of its addresses follow."""
+        old = self._eps.pop(service, None)
+        if old is not None:
+            if old == eps:
+                self._eps[service] = old
+                return
+            for packed, host in old.entries():
+                if changed is not None:
+                    changed.add(host + service)
+                    changed.add(reverse_packed(packed))
+                owners = self._ep_ptrs.get(packed)
+                if owners == service:
+                    del self._ep_ptrs[packed]
+                elif isinstance(owners, tuple):
+                    rest = tuple(s for s in owners if s != service)
+                    self._ep_ptrs[packed] = rest[0] if len(rest) == 1 else rest
+        if eps is None:
+            return
+        self._eps[service] = eps
+        for packed, host in eps.entries():
+            if changed is not None:
+                changed.add(host + service)
+                changed.add(reverse_packed(packed))
+            owners = self._ep_ptrs.get(packed)
+            if owners is None:  # one owner (the common case) is stored bare
+                self._ep_ptrs[packed] = service
+            elif isinstance(owners, bytes):
+                self._ep_ptrs[packed] = (owners, service)
+            else:
+                self._ep_ptrs[packed] = (*owners, service)
 
     def _owners(self, name: bytes) -> tuple[Ref, ...]:
         found = self._ptr_owners.get(name)
@@ -581,7 +874,7 @@ class IndexBuilder:
         return (found,) if isinstance(found, Ref) else found
 
     def _set_owners(self, name: bytes, owners: tuple[Ref, ...]) -> None:
-        # one owner (the common case) is stored bare: 32k reverse names, 2 MB less
+        # one owner (the common case) is stored bare
         if not owners:
             self._ptr_owners.pop(name, None)
         else:
@@ -606,7 +899,10 @@ class IndexBuilder:
             zone=self.zone,
             ttl=self.ttl,
             pods_mode=self.pods_mode,
-            names=MappingProxyType(self._names),
+            # the builder copies these before it changes them: plain dicts are faster to read
+            stored=self._names,
+            endpoints=self._eps,
+            endpoint_ptrs=self._ep_ptrs,
             soa=self._static[self.zone].rrs[0],
             synced=self._synced,
             generation=self._generation,

@@ -136,7 +136,11 @@ def pack_ip(address: str) -> bytes:
 
 def reverse_wire(address: str) -> bytes:
     """The in-addr.arpa / full-nibble ip6.arpa name of an IP address."""
-    packed = pack_ip(address)
+    return reverse_packed(pack_ip(address))
+
+
+def reverse_packed(packed: bytes) -> bytes:
+    """The in-addr.arpa / full-nibble ip6.arpa name of a packed address (4 or 16 bytes)."""
     if len(packed) == 4:
         return b"".join(_OCTET[b] for b in reversed(packed)) + _IN_ADDR
     return b"".join(_NIBBLE[b & 0xF] + _NIBBLE[b >> 4] for b in reversed(packed)) + _IP6
