@@ -798,6 +798,14 @@ class IndexBuilder:
             if svc is not None
             else ({}, None)
         )
+        service = _service_wire(ref.namespace, ref.name, self._svc_zone)
+        if new and new == old:
+            # the stored names did not move (a ClusterIP service whose endpoints changed):
+            # keep the objects already published rather than churn the heap with equal ones
+            self._parts[ref] = old
+            if service is not None:
+                self._set_endpoints(service, eps, changed)
+            return
         if new:
             self._parts[ref] = new
         names = self._names
@@ -829,7 +837,6 @@ class IndexBuilder:
                 names[name] = node
             if changed is not None:
                 changed.add(name)
-        service = _service_wire(ref.namespace, ref.name, self._svc_zone)
         if service is not None:
             self._set_endpoints(service, eps, changed)
 

@@ -37,6 +37,7 @@ def _fds(text: str) -> list[int]:
 def main(argv: list[str] | None = None) -> int:
     from kproxy.dns.engine import Engine
 
+    memtrim.limit_arenas()  # before any thread starts: as in the daemon
     parser = argparse.ArgumentParser(prog="kproxy-dns-worker")
     parser.add_argument("--udp", default="")
     parser.add_argument("--tcp", default="")
