@@ -1,11 +1,13 @@
 """iptables and nftables modes end to end: the real `kproxy run` in a node namespace, a fake
 apiserver, real traffic from pods and an outside client (issue: Services reachable through kernel
-NAT rules; nftables mode). Every test runs in both modes (the `web` fixture's parameter)."""
+NAT rules; nftables mode). Every test runs in both modes (the parameter of the `web` and `web_lab`
+fixtures)."""
 
 from __future__ import annotations
 
 import re
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -15,8 +17,9 @@ from kproxy.lab.nsexec import module_argv
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_batch, http_get, start_hold, start_stream, udp_query
 from kproxy.render.chains import svc_chain
-from tests.support.agent import Agent, eventually
+from tests.support.agent import Agent, eventually, serve_cluster_api
 from tests.support.fakeapi import FakeApiServer
+from tests.support.lab import require_netns
 from tests.support.objects import (
     WEB_EXT_IP,
     WEB_LB_IP,
@@ -42,32 +45,49 @@ def web_slice(lab: Lab, pods: list[Any] | None = None) -> dict[str, Any]:
     )
 
 
+def start_web(lab: Lab, api: FakeApiServer, kubeconfig: str, mode: str) -> Agent:
+    """Pods serving HTTP on 80 and UDP on 5353, the `web` service over them, an agent in
+    `mode` on node1 (synced)."""
+    serve_pods(lab, tcp=[80], udp=[5353])
+    api.upsert(web_service())
+    api.upsert(web_slice(lab))
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", mode])
+    agent.start()
+    return agent
+
+
 @pytest.fixture(params=["iptables", "nftables"])
 def web(
     request: pytest.FixtureRequest, lab: Lab, cluster_api: tuple[FakeApiServer, str]
 ) -> tuple[FakeApiServer, Agent]:
+    """`web` for a test that changes the cluster or the agent."""
     api, kubeconfig = cluster_api
-    serve_pods(lab, tcp=[80], udp=[5353])
-    api.upsert(web_service())
-    api.upsert(web_slice(lab))
-    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", request.param])
-    agent.start()
-    return api, agent
+    return api, start_web(lab, api, kubeconfig, request.param)
+
+
+@pytest.fixture(scope="module", params=["iptables", "nftables"])
+def web_lab(request: pytest.FixtureRequest) -> Iterator[Lab]:
+    """`web` in a lab of its own, shared by the tests that only send traffic (one lab and one
+    agent per mode, not one per test)."""
+    require_netns()
+    with Lab.create(nodes=1, pods_per_node=3) as lab, serve_cluster_api(lab) as (api, kubeconfig):
+        start_web(lab, api, kubeconfig, request.param)
+        yield lab
 
 
 def names(batch: Any) -> set[str]:
     return set(batch.names)
 
 
-def test_clusterip_spreads_over_all_ready_pods(lab: Lab, web: Any) -> None:
-    batch = http_batch(lab.pods[0].ns, VIP, 80, n=40)
+def test_clusterip_spreads_over_all_ready_pods(web_lab: Lab) -> None:
+    batch = http_batch(web_lab.pods[0].ns, VIP, 80, n=40)
     assert batch.ok_count == 40
-    assert names(batch) == {p.name for p in lab.pods}
+    assert names(batch) == {p.name for p in web_lab.pods}
 
 
-def test_udp_clusterip_reaches_target_port(lab: Lab, web: Any) -> None:
-    replies = udp_query(lab.pods[0].ns, VIP, 53, n=1)
-    assert replies.results[0].ok and replies.results[0].name in {p.name for p in lab.pods}
+def test_udp_clusterip_reaches_target_port(web_lab: Lab) -> None:
+    replies = udp_query(web_lab.pods[0].ns, VIP, 53, n=1)
+    assert replies.results[0].ok and replies.results[0].name in {p.name for p in web_lab.pods}
 
 
 @pytest.mark.parametrize(
@@ -75,19 +95,17 @@ def test_udp_clusterip_reaches_target_port(lab: Lab, web: Any) -> None:
     [("node", 30080), (LB_IP, 80), (EXT_IP, 80)],
     ids=["nodeport", "loadbalancer-ip", "external-ip"],
 )
-def test_external_addresses_reach_pods_from_client(
-    lab: Lab, web: Any, target: str, port: int
-) -> None:
-    ip = lab.nodes[0].ip if target == "node" else target
-    batch = http_batch(lab.client.ns, ip, port, n=30)
+def test_external_addresses_reach_pods_from_client(web_lab: Lab, target: str, port: int) -> None:
+    ip = web_lab.nodes[0].ip if target == "node" else target
+    batch = http_batch(web_lab.client.ns, ip, port, n=30)
     assert batch.ok_count == 30
-    assert names(batch) == {p.name for p in lab.pods}
+    assert names(batch) == {p.name for p in web_lab.pods}
     # off-cluster traffic is masqueraded: pods see the node, not the client
-    assert {r.client_ip for r in batch.results} == {lab.nodes[0].gateway}
+    assert {r.client_ip for r in batch.results} == {web_lab.nodes[0].gateway}
 
 
-def test_udp_nodeport_from_client(lab: Lab, web: Any) -> None:
-    replies = udp_query(lab.client.ns, lab.nodes[0].ip, 30053, n=1)
+def test_udp_nodeport_from_client(web_lab: Lab) -> None:
+    replies = udp_query(web_lab.client.ns, web_lab.nodes[0].ip, 30053, n=1)
     assert replies.results[0].ok
 
 

@@ -8,7 +8,7 @@ import json
 import re
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
@@ -19,6 +19,7 @@ from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_batch, http_get, start_hold, udp_query
 from tests.support.agent import Agent, eventually, serve_cluster_api
 from tests.support.fakeapi import FakeApiServer
+from tests.support.lab import require_netns
 from tests.support.objects import (
     WEB_EXT_IP,
     WEB_LB_IP,
@@ -50,13 +51,30 @@ def userspace_agent(lab: Lab, kubeconfig: str) -> Agent:
     return agent
 
 
-@pytest.fixture
-def web(lab: Lab, cluster_api: tuple[FakeApiServer, str]) -> tuple[FakeApiServer, Agent]:
-    api, kubeconfig = cluster_api
+def start_web(lab: Lab, api: FakeApiServer, kubeconfig: str) -> Agent:
+    """Pods serving HTTP on 80 and UDP on 5353, the `web` service over them, a userspace agent
+    on node1 (synced)."""
     serve_pods(lab, tcp=[80], udp=[5353])
     api.upsert(web_service())
     api.upsert(web_slice(lab.pods))
-    return api, userspace_agent(lab, kubeconfig)
+    return userspace_agent(lab, kubeconfig)
+
+
+@pytest.fixture
+def web(lab: Lab, cluster_api: tuple[FakeApiServer, str]) -> tuple[FakeApiServer, Agent]:
+    """`web` for a test that changes the cluster, the rules or the agent."""
+    api, kubeconfig = cluster_api
+    return api, start_web(lab, api, kubeconfig)
+
+
+@pytest.fixture(scope="module")
+def web_lab() -> Iterator[tuple[Lab, Agent]]:
+    """`web` in a lab of its own, shared by the tests that only send traffic and read the
+    agent's reports (one lab and one agent for all of them, not one per test). Round robin
+    carries over between them: they assert whole turns, not where a turn starts."""
+    require_netns()
+    with Lab.create(nodes=1, pods_per_node=3) as lab, serve_cluster_api(lab) as (api, kubeconfig):
+        yield lab, start_web(lab, api, kubeconfig)
 
 
 def listeners(agent: Agent) -> list[dict[str, Any]]:
@@ -71,7 +89,8 @@ def listener(agent: Agent, service: str, scope: str = "internal") -> dict[str, A
     return next(r for r in listeners(agent) if r["service"] == service and r["scope"] == scope)
 
 
-def test_clusterip_round_robin_from_a_pod(lab: Lab, web: Any) -> None:
+def test_clusterip_round_robin_from_a_pod(web_lab: tuple[Lab, Agent]) -> None:
+    lab, _ = web_lab
     batch = http_batch(lab.pods[0].ns, VIP, 80, n=30)
     assert batch.ok_count == 30
     # round robin, not random: every pod exactly once per turn
@@ -88,21 +107,24 @@ def test_clusterip_round_robin_from_a_pod(lab: Lab, web: Any) -> None:
     ids=["nodeport", "loadbalancer-ip", "external-ip"],
 )
 def test_external_addresses_round_robin_from_the_client(
-    lab: Lab, web: Any, target: str, port: int
+    web_lab: tuple[Lab, Agent], target: str, port: int
 ) -> None:
+    lab, _ = web_lab
     ip = lab.nodes[0].ip if target == "node" else target
     batch = http_batch(lab.client.ns, ip, port, n=30)
     assert batch.ok_count == 30
     assert batch.names == Counter({p.name: 10 for p in lab.pods})
 
 
-def test_the_node_itself_reaches_clusterip_and_nodeport(lab: Lab, web: Any) -> None:
+def test_the_node_itself_reaches_clusterip_and_nodeport(web_lab: tuple[Lab, Agent]) -> None:
+    lab, _ = web_lab
     node = lab.nodes[0]
     assert http_batch(node.ns, VIP, 80, n=6).names == Counter({p.name: 2 for p in lab.pods})
     assert http_batch(node.ns, node.ip, 30080, n=3).ok_count == 3
 
 
-def test_udp_request_and_response(lab: Lab, web: Any) -> None:
+def test_udp_request_and_response(web_lab: tuple[Lab, Agent]) -> None:
+    lab, _ = web_lab
     pods = {p.name for p in lab.pods}
     replies = udp_query(lab.pods[0].ns, VIP, 53, n=3)
     # the probe's socket is connected to the VIP: a reply from any other address is dropped
@@ -129,7 +151,8 @@ def test_udp_session_keeps_its_endpoint_until_idle(
     assert stats["accepted"] == 1 and stats["active"] == 1
 
 
-def test_udp_sessions_of_different_clients_rotate(lab: Lab, web: Any) -> None:
+def test_udp_sessions_of_different_clients_rotate(web_lab: tuple[Lab, Agent]) -> None:
+    lab, _ = web_lab
     names = [udp_query(lab.pods[0].ns, VIP, 53).results[0].name for _ in range(3)]
     assert sorted(n or "" for n in names) == sorted(p.name for p in lab.pods)
 
@@ -262,8 +285,8 @@ def _kproxy_json(lab: Lab, *args: str) -> tuple[int, dict[str, Any]]:
     return out.returncode, json.loads(out.stdout)
 
 
-def test_status_shows_ports_endpoints_and_the_next_one(lab: Lab, web: Any) -> None:
-    _, agent = web
+def test_status_shows_ports_endpoints_and_the_next_one(web_lab: tuple[Lab, Agent]) -> None:
+    lab, agent = web_lab
     rc, doc = _kproxy_json(lab, "status")
     assert rc == 0, json.dumps(doc)[:1500]
     assert doc["mode"] == "userspace" and not doc["stale_rules"]
@@ -304,8 +327,8 @@ def test_status_flags_a_redirect_to_the_wrong_port(lab: Lab, web: Any) -> None:
     assert "redirected to" in " ".join(bad[0]["problems"])
 
 
-def test_explain_names_the_proxy_port_and_the_next_endpoint(lab: Lab, web: Any) -> None:
-    _, agent = web
+def test_explain_names_the_proxy_port_and_the_next_endpoint(web_lab: tuple[Lab, Agent]) -> None:
+    lab, agent = web_lab
     src = lab.pods[0].ip
     rc, doc = _kproxy_json(lab, "explain", f"{VIP}:80/tcp", "--from", src)
     assert rc == 0
