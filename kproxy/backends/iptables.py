@@ -515,6 +515,17 @@ class IptablesProxier:
         chunk: list[tuple[str, str]] = list(fixed)
         pending: RestoreSink | None = None
         sent = False
+
+        def send(chains: list[tuple[str, str]]) -> None:
+            """Restore `chains` once the input before them is done (one restore at a time)."""
+            nonlocal pending
+            text = assemble([TableWrite(NAT, chains=chains)])
+            if pending is not None:
+                self._finish(pending)
+            pending = self._open()
+            pending.write(text)
+            pending.end()
+
         try:
             for ref, block in self._blocks_of(snapshot):
                 blocks[ref] = Written.of(block)
@@ -522,22 +533,12 @@ class IptablesProxier:
                 if not sent:
                     unsent.append(block)
                 if len(chunk) >= self.nft_chunk_chains:
-                    text = assemble([TableWrite(NAT, chains=chunk)])
-                    if pending is not None:
-                        self._finish(pending)
-                    pending = self._open()
-                    pending.write(text)
-                    pending.end()
+                    send(chunk)
                     chunk, sent, unsent = [], True, []
             shared = self.renderer.shared_chains(b.shared for b in blocks.values())
             delete = self._deletions(present, shared, blocks)
             if sent and chunk:
-                text = assemble([TableWrite(NAT, chains=chunk)])
-                if pending is not None:
-                    self._finish(pending)
-                pending = self._open()
-                pending.write(text)
-                pending.end()
+                send(chunk)
             if pending is not None:
                 self._finish(pending)
                 pending = None

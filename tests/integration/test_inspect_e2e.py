@@ -5,17 +5,16 @@ back what is programmed and notices rules damaged by hand."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import pytest
 
-from kproxy.lab.netlab import FABRIC_IP, Lab
+from kproxy.lab.netlab import Lab
 from kproxy.lab.nsexec import module_argv
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_batch, http_get
 from kproxy.render.chains import SEP_PREFIX
-from tests.support.agent import CLUSTER_CIDR, Agent, eventually, node_obj
+from tests.support.agent import CLUSTER_CIDR, Agent, eventually
 from tests.support.fakeapi import FakeApiServer
 from tests.support.objects import make_service_obj, make_slice_obj
 
@@ -131,24 +130,10 @@ def test_explain_rejection_and_unknown_addresses(lab: Lab, web: Agent) -> None:
     assert "kproxy does not touch this packet" in text
 
 
-@pytest.fixture
-def api2(lab2: Lab) -> Iterator[tuple[FakeApiServer, str]]:
-    """A fake apiserver for the two-node lab (as tests.support.agent.cluster_api for `lab`)."""
-    api = FakeApiServer(host=FABRIC_IP, netns=lab2.fabric_ns)
-    api.start()
-    for node in lab2.nodes:
-        api.upsert(node_obj(node))
-    kubeconfig = api.write_kubeconfig(str(lab2.workdir / "kubeconfig"))
-    try:
-        yield api, kubeconfig
-    finally:
-        api.stop()
-
-
 def test_explain_local_policy_matches_real_traffic(
-    lab2: Lab, api2: tuple[FakeApiServer, str]
+    lab2: Lab, cluster_api2: tuple[FakeApiServer, str]
 ) -> None:
-    api, kubeconfig = api2
+    api, kubeconfig = cluster_api2
     start(lab2, api, kubeconfig, policy="Local")
     node = lab2.nodes[0]
     doc = explain(lab2, f"{node.ip}:{NODEPORT}", lab2.client.ip)

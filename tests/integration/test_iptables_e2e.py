@@ -27,6 +27,7 @@ from tests.support.objects import (
     make_service_obj,
     make_slice_obj,
     web_service,
+    web_slice,
 )
 
 pytestmark = [pytest.mark.netns]
@@ -34,24 +35,13 @@ pytestmark = [pytest.mark.netns]
 VIP, LB_IP, EXT_IP = WEB_VIP, WEB_LB_IP, WEB_EXT_IP
 
 
-def web_slice(lab: Lab, pods: list[Any] | None = None) -> dict[str, Any]:
-    chosen = lab.pods if pods is None else pods
-    return make_slice_obj(
-        "default",
-        "web-abc12",
-        "web",
-        [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in chosen],
-        [("http", 80, "TCP"), ("dns", 5353, "UDP")],
-    )
-
-
-def start_web(lab: Lab, api: FakeApiServer, kubeconfig: str, mode: str) -> Agent:
+def start_web(lab: Lab, api: FakeApiServer, kubeconfig: str, mode: str, *extra: str) -> Agent:
     """Pods serving HTTP on 80 and UDP on 5353, the `web` service over them, an agent in
-    `mode` on node1 (synced)."""
+    `mode` (with `extra` arguments) on node1 (synced)."""
     serve_pods(lab, tcp=[80], udp=[5353])
     api.upsert(web_service())
-    api.upsert(web_slice(lab))
-    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", mode])
+    api.upsert(web_slice(lab.pods))
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", mode, *extra])
     agent.start()
     return agent
 
@@ -112,7 +102,7 @@ def test_udp_nodeport_from_client(web_lab: Lab) -> None:
 def test_pod_reaches_itself_through_its_service(lab: Lab, web: Any) -> None:
     api, _ = web
     me = lab.pods[1]
-    api.upsert(web_slice(lab, [me]))
+    api.upsert(web_slice([me]))
     eventually(lambda: names(http_batch(lab.pods[0].ns, VIP, 80, n=20)) == {me.name})
     batch = http_batch(me.ns, VIP, 80, n=5)
     assert batch.ok_count == 5 and names(batch) == {me.name}
@@ -133,7 +123,7 @@ def test_service_without_endpoints_refuses_at_once(lab: Lab, web: Any) -> None:
 def test_removed_endpoint_gets_no_traffic_within_a_second(lab: Lab, web: Any) -> None:
     api, _ = web
     gone = lab.pods[2]
-    api.upsert(web_slice(lab, lab.pods[:2]))
+    api.upsert(web_slice(lab.pods[:2]))
     time.sleep(1.0)
     batch = http_batch(lab.pods[0].ns, VIP, 80, n=30)
     assert batch.ok_count == 30
@@ -202,11 +192,7 @@ def test_outside_flush_of_a_service_chain_is_repaired_by_the_periodic_check(
     lab: Lab, cluster_api: tuple[FakeApiServer, str]
 ) -> None:
     api, kubeconfig = cluster_api
-    serve_pods(lab, tcp=[80], udp=[5353])
-    api.upsert(web_service())
-    api.upsert(web_slice(lab))
-    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--iptables-sync-period", "1s"])
-    agent.start()
+    agent = start_web(lab, api, kubeconfig, "iptables", "--iptables-sync-period", "1s")
     assert http_batch(lab.pods[0].ns, VIP, 80, n=5).ok_count == 5
     chain = svc_chain("default/web:http", "TCP")
     lab.run(lab.nodes[0].ns, ["iptables", "-w", "5", "-t", "nat", "-F", chain], check=True)

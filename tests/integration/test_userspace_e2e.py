@@ -23,41 +23,32 @@ from tests.support.lab import require_netns
 from tests.support.objects import (
     WEB_EXT_IP,
     WEB_LB_IP,
+    WEB_SLICE_PORTS,
     WEB_VIP,
     make_service_obj,
     make_slice_obj,
     web_service,
+    web_slice,
 )
 
 pytestmark = [pytest.mark.netns]
 
 VIP, LB_IP, EXT_IP = WEB_VIP, WEB_LB_IP, WEB_EXT_IP
-PORTS = [("http", 80, "TCP"), ("dns", 5353, "UDP")]
 
 
-def web_slice(pods: list[Any], name: str = "web-abc12", ports: Any = None) -> dict[str, Any]:
-    return make_slice_obj(
-        "default",
-        name,
-        "web",
-        [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in pods],
-        ports or PORTS,
-    )
-
-
-def userspace_agent(lab: Lab, kubeconfig: str) -> Agent:
-    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", "userspace"])
+def userspace_agent(lab: Lab, kubeconfig: str, *extra: str) -> Agent:
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", "userspace", *extra])
     agent.start()
     return agent
 
 
-def start_web(lab: Lab, api: FakeApiServer, kubeconfig: str) -> Agent:
+def start_web(lab: Lab, api: FakeApiServer, kubeconfig: str, *extra: str) -> Agent:
     """Pods serving HTTP on 80 and UDP on 5353, the `web` service over them, a userspace agent
-    on node1 (synced)."""
+    (with `extra` arguments) on node1 (synced)."""
     serve_pods(lab, tcp=[80], udp=[5353])
     api.upsert(web_service())
     api.upsert(web_slice(lab.pods))
-    return userspace_agent(lab, kubeconfig)
+    return userspace_agent(lab, kubeconfig, *extra)
 
 
 @pytest.fixture
@@ -137,14 +128,8 @@ def test_udp_session_keeps_its_endpoint_until_idle(
     lab: Lab, cluster_api: tuple[FakeApiServer, str]
 ) -> None:
     api, kubeconfig = cluster_api
-    serve_pods(lab, tcp=[80], udp=[5353])
-    api.upsert(web_service())
-    api.upsert(web_slice(lab.pods))
     # a long idle timeout, so a slow (loaded) machine cannot end the session between datagrams
-    agent = Agent(
-        lab, lab.nodes[0], kubeconfig, extra=["--proxy-mode", "userspace", "--udp-timeout", "10s"]
-    )
-    agent.start()
+    agent = start_web(lab, api, kubeconfig, "--udp-timeout", "10s")
     replies = udp_query(lab.pods[0].ns, VIP, 53, n=6, interval=0.1)
     assert replies.all_ok and len(set(replies.names)) == 1  # one socket, one session
     stats = listener(agent, "default/web:dns")["stats"]
@@ -366,8 +351,8 @@ def test_ipv6_clusterip_nodeport_and_udp(lab_factory: Callable[..., Lab]) -> Non
     v4 = [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in pods]
     with serve_cluster_api(lab) as (api, kubeconfig):
         api.upsert(svc)
-        api.upsert(make_slice_obj("default", "dual-v4", "dual", v4, PORTS))
-        api.upsert(make_slice_obj("default", "dual-v6", "dual", v6, PORTS))
+        api.upsert(make_slice_obj("default", "dual-v4", "dual", v4, WEB_SLICE_PORTS))
+        api.upsert(make_slice_obj("default", "dual-v6", "dual", v6, WEB_SLICE_PORTS))
         agent = Agent(
             lab,
             lab.nodes[0],
@@ -396,7 +381,7 @@ def test_local_policy_outside_clients_local_endpoints_pods_short_circuit(
     here, there = lab.pods[:2], lab.pods[2]
     endpoints = [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in here]
     endpoints.append({"ip": there.ip, "node": "another-node", "pod": there.name})
-    api.upsert(make_slice_obj("default", "web-abc12", "web", endpoints, PORTS))
+    api.upsert(make_slice_obj("default", "web-abc12", "web", endpoints, WEB_SLICE_PORTS))
     agent = userspace_agent(lab, kubeconfig)
     node = lab.nodes[0].ip
     outside = http_batch(lab.client.ns, node, 30080, n=20)
@@ -412,16 +397,7 @@ def test_outside_flush_of_the_portals_is_repaired_by_the_periodic_check(
     lab: Lab, cluster_api: tuple[FakeApiServer, str]
 ) -> None:
     api, kubeconfig = cluster_api
-    serve_pods(lab, tcp=[80], udp=[5353])
-    api.upsert(web_service())
-    api.upsert(web_slice(lab.pods))
-    agent = Agent(
-        lab,
-        lab.nodes[0],
-        kubeconfig,
-        extra=["--proxy-mode", "userspace", "--iptables-sync-period", "1s"],
-    )
-    agent.start()
+    agent = start_web(lab, api, kubeconfig, "--iptables-sync-period", "1s")
     assert http_batch(lab.pods[0].ns, VIP, 80, n=3).ok_count == 3
     lab.run(lab.nodes[0].ns, ["iptables", "-w", "5", "-t", "nat", "-F", "KUBE-PORTALS-CONTAINER"])
     eventually(lambda: "full sync (tampered)" in agent.log(), timeout=10.0)

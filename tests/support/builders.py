@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice, Service, ServicePort
+from kproxy.model.store import Store
 
 P80 = (EndpointPort("p80", "TCP", 80),)
 
@@ -59,3 +60,22 @@ def make_slice(
         ports=tuple(ports),
         trigger_time=trigger_time,
     )
+
+
+def numbered_store(n: int, **service: Any) -> Store:
+    """A store of `n` services s0, s1, ... (ClusterIP 172.30.0.<i+1>, `service` overrides), each
+    with one ready endpoint 10.1.0.<i+1>: the proxiers' fake-based unit tests start from it."""
+    store = Store()
+    store.replace_services(
+        [
+            make_service(name=f"s{i}", cluster_ips=(f"172.30.0.{i + 1}",), **service)
+            for i in range(n)
+        ]
+    )
+    store.replace_slices(
+        [
+            make_slice(service=f"s{i}", endpoints=[make_endpoint(f"10.1.0.{i + 1}")])
+            for i in range(n)
+        ]
+    )
+    return store

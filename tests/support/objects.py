@@ -186,3 +186,15 @@ def web_service(**spec: Any) -> RawObject:
     return make_service_obj(
         "default", "web", status={"loadBalancer": {"ingress": [{"ip": WEB_LB_IP}]}}, **body
     )
+
+
+WEB_SLICE_PORTS: tuple[PortSpec, ...] = (("http", 80, "TCP"), ("dns", 5353, "UDP"))
+
+
+def web_slice(
+    pods: Iterable[Any], *, name: str = "web-abc12", ports: Iterable[PortSpec] = WEB_SLICE_PORTS
+) -> RawObject:
+    """An EndpointSlice of default/web listing `pods` (lab pods: ip, node, name) as ready
+    endpoints, on web_service's target ports (http 80/TCP, dns 5353/UDP) unless `ports`."""
+    endpoints = [{"ip": p.ip, "node": p.node.name, "pod": p.name} for p in pods]
+    return make_slice_obj("default", name, "web", endpoints, list(ports))

@@ -18,10 +18,8 @@ from kproxy.model.view import service_views
 from kproxy.render import chains as C
 from kproxy.render.iptables import render_ruleset
 from kproxy.render.ipvs import render_desired
-from kproxy.render.ipvs_rules import HOOKS as IPVS_HOOKS
-from kproxy.render.ipvs_rules import companion_rules
 from tests.support.builders import make_endpoint, make_port, make_service, make_slice
-from tests.support.rulesets import hooks_text
+from tests.support.rulesets import hooks_text, ipvs_companions_as_installed
 from tests.unit.test_iptrace import (
     CLIENT,
     ENV,
@@ -219,14 +217,7 @@ def ipvs_ruleset() -> tuple[T.Ruleset, T.Environment]:
     svc = make_service()
     views = {svc.ref: service_views(svc, [three_pods()], family=4, node_name=NODE)}
     desired = render_desired(views, OPTS)
-    builtin = "".join(
-        f"*{t}\n"
-        + "".join(f":{c} ACCEPT [0:0]\n" for c in C.BUILTIN[t])
-        + "".join(f"{h.line}\n" for h in IPVS_HOOKS if h.table == t)
-        + "COMMIT\n"
-        for t in ("nat", "filter")
-    )
-    rs = T.parse_save(companion_rules(OPTS), T.parse_save(builtin))
+    rs = ipvs_companions_as_installed(OPTS)
     env = T.Environment(local_addresses=frozenset((*LOCAL, *desired.bind)), sets=desired.sets)
     return rs, env
 

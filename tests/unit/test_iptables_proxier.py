@@ -10,24 +10,9 @@ from kproxy.backends.base import SyncError
 from kproxy.backends.iptables import IptablesProxier
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
-from kproxy.model.store import Store
 from kproxy.render import chains as C
-from tests.support.builders import make_endpoint, make_service, make_slice
+from tests.support.builders import make_endpoint, make_slice, numbered_store
 from tests.support.fakes import FakeRestorer, SavedTables
-
-
-def _store(n: int) -> Store:
-    store = Store()
-    store.replace_services(
-        [make_service(name=f"s{i}", cluster_ips=(f"172.30.0.{i + 1}",)) for i in range(n)]
-    )
-    store.replace_slices(
-        [
-            make_slice(service=f"s{i}", endpoints=[make_endpoint(f"10.1.0.{i + 1}")])
-            for i in range(n)
-        ]
-    )
-    return store
 
 
 def _proxier(flavour: str, **kw: object) -> tuple[IptablesProxier, FakeRestorer, SavedTables]:
@@ -52,7 +37,7 @@ def _svc(name: str) -> str:
 
 @pytest.mark.parametrize("flavour", ["nft", "legacy"])
 def test_a_partial_sync_writes_only_the_changed_services_chains(flavour: str) -> None:
-    store = _store(3)
+    store = numbered_store(3)
     p, restorer, _ = _proxier(flavour)
     assert p.sync(*store.take(), full=True).full
     restorer.inputs.clear()
@@ -72,7 +57,7 @@ def test_a_partial_sync_writes_only_the_changed_services_chains(flavour: str) ->
 
 
 def test_a_deleted_service_loses_its_chains_and_its_shared_lines_in_place() -> None:
-    store = _store(2)
+    store = numbered_store(2)
     p, restorer, _ = _proxier("nft")
     p.sync(*store.take(), full=True)
     restorer.inputs.clear()
@@ -85,7 +70,7 @@ def test_a_deleted_service_loses_its_chains_and_its_shared_lines_in_place() -> N
 
 
 def test_nft_full_syncs_are_chunked_at_service_boundaries() -> None:
-    store = _store(10)
+    store = numbered_store(10)
     p, restorer, _ = _proxier("nft", nft_chunk_chains=4)
     p.sync(*store.take(), full=True)
     assert len(restorer.inputs) > 2 and p.restores == len(restorer.inputs)
@@ -98,12 +83,12 @@ def test_nft_full_syncs_are_chunked_at_service_boundaries() -> None:
     assert ":KUBE-SERVICES " in last and f":{C.CANARY} " in last
     # legacy rewrites whole tables per input: always one
     p2, restorer2, _ = _proxier("legacy", nft_chunk_chains=4)
-    p2.sync(*_store(10).take(), full=True)
+    p2.sync(*numbered_store(10).take(), full=True)
     assert len(restorer2.inputs) == 1
 
 
 def test_a_refused_restore_makes_the_next_sync_a_reconciling_full_one() -> None:
-    store = _store(2)
+    store = numbered_store(2)
     p, restorer, tables = _proxier("nft")
     p.sync(*store.take(), full=True)
     store.set_slice(make_slice(service="s0", endpoints=[make_endpoint("10.1.0.7")]))
@@ -121,7 +106,7 @@ def test_a_refused_restore_makes_the_next_sync_a_reconciling_full_one() -> None:
 
 
 def test_drift_is_found_by_reading_the_tables_back() -> None:
-    store = _store(2)
+    store = numbered_store(2)
     p, restorer, tables = _proxier("legacy")
     p.sync(*store.take(), full=True)
     (full,) = restorer.inputs

@@ -22,10 +22,8 @@ from kproxy.model.view import service_views
 from kproxy.render import chains as C
 from kproxy.render.iptables import render_ruleset
 from kproxy.render.ipvs import render_desired
-from kproxy.render.ipvs_rules import HOOKS as IPVS_HOOKS
-from kproxy.render.ipvs_rules import companion_rules
 from tests.support.builders import make_endpoint, make_port, make_service, make_slice
-from tests.support.rulesets import as_installed
+from tests.support.rulesets import as_installed, ipvs_companions_as_installed
 
 NODE = "node1"
 NODE_IP = "192.168.50.11"
@@ -618,14 +616,7 @@ def test_ipvs_companion_rules_with_ipset_membership() -> None:
         empty.ref: service_views(empty, [make_slice(service="empty")], family=4, node_name=NODE),
     }
     desired = render_desired(views, OPTS)
-    builtin = "".join(
-        f"*{t}\n"
-        + "".join(f":{c} ACCEPT [0:0]\n" for c in C.BUILTIN[t])
-        + "".join(f"{h.line}\n" for h in IPVS_HOOKS if h.table == t)
-        + "COMMIT\n"
-        for t in ("nat", "filter")
-    )
-    rs = T.parse_save(companion_rules(OPTS), T.parse_save(builtin))
+    rs = ipvs_companions_as_installed(OPTS)
     env = T.Environment(local_addresses=frozenset((*LOCAL, *desired.bind)), sets=dict(desired.sets))
     # off-cluster client to the ClusterIP: accepted in nat (IPVS translates later), marked
     (o,) = trace(rs, CLIENT, VIP, 80, env=env)

@@ -12,25 +12,10 @@ from kproxy.backends.base import SyncError
 from kproxy.backends.ipvs import IPVSProxier
 from kproxy.backends.ipvs_census import Rotation
 from kproxy.model.options import ProxyOptions
-from kproxy.model.store import Store
 from kproxy.render import ipvs as R
 from kproxy.render import ipvs_diff as D
-from tests.support.builders import make_endpoint, make_service, make_slice
+from tests.support.builders import make_endpoint, make_service, make_slice, numbered_store
 from tests.support.fakes import FakeDevice, FakeIPSets, FakeIPVS, FakeRules
-
-
-def _store(n: int) -> Store:
-    store = Store()
-    store.replace_services(
-        [make_service(name=f"s{i}", cluster_ips=(f"172.30.0.{i + 1}",)) for i in range(n)]
-    )
-    store.replace_slices(
-        [
-            make_slice(service=f"s{i}", endpoints=[make_endpoint(f"10.1.0.{i + 1}")])
-            for i in range(n)
-        ]
-    )
-    return store
 
 
 def _proxier(
@@ -63,7 +48,7 @@ def _dests(ipvs: FakeIPVS, i: int) -> set[str]:
 
 
 def test_full_then_partial_touches_only_the_changed_service() -> None:
-    store = _store(3)
+    store = numbered_store(3)
     p, ipvs, device, rules = _proxier()
     first = p.sync(*store.take(), full=True)
     assert first.full and set(ipvs.table) == {_vip(0), _vip(1), _vip(2)}
@@ -82,7 +67,7 @@ def test_full_then_partial_touches_only_the_changed_service() -> None:
 
 
 def test_a_removed_endpoint_with_connections_drains_before_it_is_deleted() -> None:
-    store = _store(1)
+    store = numbered_store(1)
     store.set_slice(
         make_slice(service="s0", endpoints=[make_endpoint("10.1.0.1"), make_endpoint("10.1.0.2")])
     )
@@ -104,7 +89,7 @@ def test_a_removed_endpoint_with_connections_drains_before_it_is_deleted() -> No
 
 
 def test_a_failed_apply_makes_the_next_sync_full() -> None:
-    store = _store(2)
+    store = numbered_store(2)
     p, ipvs, _, rules = _proxier()
     p.sync(*store.take(), full=True)
     store.set_slice(make_slice(service="s0", endpoints=[make_endpoint("10.1.0.7")]))
@@ -129,7 +114,7 @@ def _outside_add_dest(ipvs: FakeIPVS, key: R.VSKey, address: str) -> None:
 
 
 def test_census_drift_sees_an_outside_real_server_delete_at_the_next_check() -> None:
-    store = _store(50)
+    store = numbered_store(50)
     p, ipvs, _, _ = _proxier()
     assert p.drift() is None  # nothing synced yet: the first sync is full anyway
     p.sync(*store.take(), full=True)
@@ -147,7 +132,7 @@ def test_census_drift_sees_an_outside_real_server_delete_at_the_next_check() -> 
 
 def test_census_drift_sees_a_real_server_moved_between_services() -> None:
     """Same totals, different virtual servers: the fingerprint differs."""
-    store = _store(5)
+    store = numbered_store(5)
     p, ipvs, _, _ = _proxier()
     p.sync(*store.take(), full=True)
     _outside_delete_dest(ipvs, _vip(1))
@@ -159,7 +144,7 @@ def test_census_drift_sees_a_real_server_moved_between_services() -> None:
 
 
 def test_census_drift_sees_virtual_servers_deleted_or_added_from_outside() -> None:
-    store = _store(3)
+    store = numbered_store(3)
     p, ipvs, _, _ = _proxier()
     p.sync(*store.take(), full=True)
     ipvs.apply([D.DelVS(_vip(0))])
@@ -176,7 +161,7 @@ def test_census_drift_sees_virtual_servers_deleted_or_added_from_outside() -> No
 
 def test_netlink_drift_counts_services_every_check_and_dests_in_a_rotating_slice() -> None:
     n, periods = 40, 4
-    store = _store(n)
+    store = numbered_store(n)
     p, ipvs, _, _ = _proxier(netlink_census=True, rotation=Rotation(periods=periods, minimum=1))
     p.sync(*store.take(), full=True)
     ipvs.apply([D.DelVS(_vip(7))])  # a virtual server: seen at the next check
@@ -196,7 +181,7 @@ def test_netlink_drift_counts_services_every_check_and_dests_in_a_rotating_slice
 
 
 def test_an_ipset_entry_or_a_vip_lost_from_outside_is_drift_and_the_full_sync_restores_it() -> None:
-    store = _store(3)
+    store = numbered_store(3)
     p, _, device, _ = _proxier()
     ipsets = p.ipsets
     assert isinstance(ipsets, FakeIPSets)

@@ -7,30 +7,13 @@ timeout change recreates the sets in the right order. No root, no kernel: the op
 
 from __future__ import annotations
 
-from typing import Any
-
 import pytest
 
 from kproxy.backends.base import SyncError
 from kproxy.backends.nftables import NftablesProxier
 from kproxy.model.options import ProxyOptions
-from kproxy.model.store import Store
-from tests.support.builders import make_endpoint, make_service, make_slice
+from tests.support.builders import make_endpoint, make_service, make_slice, numbered_store
 from tests.support.fakes import FakeNftTable, FakeRestorer
-
-
-def _store(n: int, **svc: Any) -> Store:
-    store = Store()
-    store.replace_services(
-        [make_service(name=f"s{i}", cluster_ips=(f"172.30.0.{i + 1}",), **svc) for i in range(n)]
-    )
-    store.replace_slices(
-        [
-            make_slice(service=f"s{i}", endpoints=[make_endpoint(f"10.1.0.{i + 1}")])
-            for i in range(n)
-        ]
-    )
-    return store
 
 
 def _proxier() -> tuple[NftablesProxier, FakeNftTable, FakeRestorer]:
@@ -60,7 +43,7 @@ def _touched(ops: list[object]) -> set[str]:
 
 
 def test_a_partial_sync_sends_only_the_changed_services_ops() -> None:
-    store = _store(3)
+    store = numbered_store(3)
     p, table, restorer = _proxier()
     first = p.sync(*store.take(), full=True)
     assert first.full and len(restorer.inputs) == 1 and not table.applied
@@ -83,7 +66,7 @@ def test_a_partial_sync_sends_only_the_changed_services_ops() -> None:
 
 
 def test_a_deleted_chain_layout_service_loses_its_chains() -> None:
-    store = _store(3, affinity_timeout=60)  # affinity keeps kube-proxy's chain layout
+    store = numbered_store(3, affinity_timeout=60)  # affinity keeps kube-proxy's chain layout
     p, table, _restorer = _proxier()
     p.sync(*store.take(), full=True)
     assert any("ns1/s2/" in c for c in table.chains)
@@ -95,7 +78,7 @@ def test_a_deleted_chain_layout_service_loses_its_chains() -> None:
 
 
 def test_a_failed_write_is_followed_by_a_reconciling_full_sync() -> None:
-    store = _store(2)
+    store = numbered_store(2)
     p, table, restorer = _proxier()
     p.sync(*store.take(), full=True)
     reads = _read_backs(table)
@@ -115,7 +98,7 @@ def test_a_failed_write_is_followed_by_a_reconciling_full_sync() -> None:
 
 
 def test_a_refused_service_is_found_left_out_and_retried_when_it_changes() -> None:
-    store = _store(6)
+    store = numbered_store(6)
     p, table, restorer = _proxier()
     table.refuse_text = restorer.refuse_text = "10.1.0.4"  # s3's endpoint: refused everywhere
     first = p.sync(*store.take(), full=True)
@@ -138,7 +121,7 @@ def test_a_refused_service_is_found_left_out_and_retried_when_it_changes() -> No
 
 
 def test_drift_leads_to_a_full_sync_that_reads_the_table_back() -> None:
-    store = _store(2)
+    store = numbered_store(2)
     p, table, _restorer = _proxier()
     p.sync(*store.take(), full=True)
     assert p.drift() is None
@@ -156,7 +139,7 @@ def test_drift_leads_to_a_full_sync_that_reads_the_table_back() -> None:
 
 
 def test_an_affinity_timeout_change_recreates_the_sets_around_emptied_chains() -> None:
-    store = _store(1, affinity_timeout=600)
+    store = numbered_store(1, affinity_timeout=600)
     p, table, restorer = _proxier()
     p.sync(*store.take(), full=True)
     assert set(table.sets.values()) >= {600}
