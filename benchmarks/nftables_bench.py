@@ -13,7 +13,9 @@ What is timed (all wall clock, one run):
   and the kernel's share (the `sendmsg` of the batch, which the kernel processes inside the
   call). Compared with `nft -f` of the same delta text (the command kube-proxy-style tools
   would run), timed the same way;
-- one service added (and removed again), the same way;
+- one service added (and removed again), the same way; plain ClusterIP services take the
+  chainless fast path, so both are element-only commits;
+- one NodePort service added (kube-proxy's chain layout: a commit the kernel validates);
 - idle: a proxier with nothing to do runs its periodic `drift()` check; CPU seconds per check.
   Writes while idle: the ruleset generation must not move;
 - first packet: TCP connects from a client namespace through the node namespace to a ClusterIP
@@ -161,8 +163,9 @@ def inner(n: int, m: int, repeats: int, raw_repeats: int = 20) -> dict[str, Any]
         before = proxier.programmed[ref]
         views_old = before
         alt = _with_endpoint(proxier, snapshot, ref, _ip(220, r))
-        ops, _ = delta_ops({ref: views_old}, {ref: alt}, proxier._counts)
-        back, _ = delta_ops({ref: alt}, {ref: views_old}, proxier._counts)
+        maps = proxier._count_maps
+        ops, _ = delta_ops({ref: views_old}, {ref: alt}, proxier._counts, count_maps=maps)
+        back, _ = delta_ops({ref: alt}, {ref: views_old}, proxier._counts, count_maps=maps)
         raw.append(nft_f(ops_text(ops, 4)))
         nft_f(ops_text(back, 4))
     out["endpoint_change_raw_nft"] = _summary(raw)
@@ -218,13 +221,50 @@ def inner(n: int, m: int, repeats: int, raw_repeats: int = 20) -> dict[str, Any]
         block = proxier.renderer.render_service(
             service_views(svc, [sl], family=4, node_name="bench-node")
         )
-        ops, counts = delta_ops({}, {svc.ref: block}, proxier._counts)
+        maps = proxier._count_maps
+        ops, counts = delta_ops({}, {svc.ref: block}, proxier._counts, count_maps=maps)
         back, _ = delta_ops(
-            {svc.ref: block}, {svc.ref: replace(block, chains=(), elements=())}, counts
+            {svc.ref: block},
+            {svc.ref: replace(block, chains=(), elements=())},
+            counts,
+            count_maps=maps,
         )
         raw_add.append(nft_f(ops_text(ops, 4)))
         nft_f(ops_text(back, 4))
     out["service_add_raw_nft"] = _summary(raw_add)
+
+    # add one NodePort service (kube-proxy's chain layout: chains, and a commit the kernel
+    # validates), then remove it again
+    add_np, add_np_k = [], []
+    for r in range(min(repeats, 40)):
+        name = f"np{r}"
+        svc = Service(
+            "bench",
+            name,
+            type="NodePort",
+            cluster_ips=(_ip(92, r),),
+            ports=(ServicePort("http", "TCP", 80, 8080, node_port=30000 + r),),
+        )
+        sl = EndpointSlice(
+            "bench",
+            f"{name}-x",
+            name,
+            endpoints=tuple(Endpoint(_ip(212, r * m + j), node_name="x") for j in range(m)),
+            ports=(EndpointPort("http", "TCP", 8080),),
+        )
+        start = time.perf_counter()
+        store.set_service(svc)
+        store.set_slice(sl)
+        snap, ch = store.take()
+        proxier.sync(snap, ch, full=False)
+        add_np.append(time.perf_counter() - start)
+        add_np_k.append(writer.last_send_seconds)
+        store.delete_slice(sl.ref)
+        store.delete_service(svc.ref)
+        snap, ch = store.take()
+        proxier.sync(snap, ch, full=False)
+    out["nodeport_add"] = _summary(add_np)
+    out["nodeport_add_kernel"] = _summary(add_np_k)
 
     # idle: the periodic drift check, and no writes
     gen = generation()
@@ -410,6 +450,8 @@ def main() -> None:
         ("service_add_kernel", "  of which the netlink commit"),
         ("service_add_raw_nft", "  same delta via nft -f"),
         ("service_remove", "one service removed"),
+        ("nodeport_add", "one NodePort service added (chain layout)"),
+        ("nodeport_add_kernel", "  of which the netlink commit"),
     ):
         s = r[key]
         print(f"{label}: p50 {ms(s['p50'])}, p99 {ms(s['p99'])}, max {ms(s['max'])} (n={s['n']})")

@@ -302,17 +302,21 @@ class NftablesProxier:
         try:
             for chunk in chunks:
                 sink.write(chunk)
+            sink.end()
         except BaseException:
             sink.abort()
             raise
+        # counted while nft evaluates and commits its input (kept only if that succeeds)
+        counts = element_counts(blocks.values())
+        count_maps = count_maps_of(counts)
         try:
             sink.wait()
         except RestoreFailed as err:
             self._reconcile = True
             raise SyncError(_nft_error(str(err))) from err
         self._blocks = blocks
-        self._counts = element_counts(blocks.values())
-        self._count_maps = count_maps_of(self._counts)
+        self._counts = counts
+        self._count_maps = count_maps
         self._rules = sum(b.rule_count for b in blocks.values())
         self._need_full = self._reconcile = False
         return SyncResult(

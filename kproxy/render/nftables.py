@@ -53,6 +53,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 from kproxy.model.decisions import Verdict, node_in_source_ranges
 from kproxy.model.endpoints import EndpointInfo
@@ -192,10 +193,19 @@ def count_map_name(n: int) -> str:
     return f"{COUNT_MAP_PREFIX}{n}"
 
 
+_counts_of: dict[str, int] = {}
+
+
 def count_of(name: str) -> int:
     """N of a fast-path map `cluster-endpoints-N`; 0 for any other name."""
-    m = _COUNT_MAP.match(name)
-    return int(m.group(1)) if m else 0
+    got = _counts_of.get(name)
+    if got is None:
+        m = _COUNT_MAP.match(name)
+        got = int(m.group(1)) if m else 0
+        if len(_counts_of) > 100_000:
+            _counts_of.clear()
+        _counts_of[name] = got
+    return got
 
 
 def is_count_map(name: str) -> bool:
@@ -341,10 +351,10 @@ def rule_text(rule: Rule, family: int) -> str:
 
 
 # -- elements ----------------------------------------------------------------------------------
-@dataclass(frozen=True, slots=True)
-class Element:
+class Element(NamedTuple):
     """One element of a shared set or map: key parts as nft prints them, the verdict of a
-    map ("goto CHAIN", "drop"; "" for a set) and a comment (the service port name)."""
+    map ("goto CHAIN", "drop"; "" for a set) and a comment (the service port name). A named
+    tuple, not a dataclass: a full sync at 10k services makes and hashes ~200,000 of them."""
 
     set: str
     key: tuple[str, ...]
@@ -877,6 +887,9 @@ def element_counts(blocks: Iterable[ServiceBlock]) -> dict[Element, int]:
     return out
 
 
+ELEMENT_BATCH = 1000  # elements per `add element` command of a full sync
+
+
 def full_chunks(
     renderer: Renderer,
     blocks: Iterable[ServiceBlock],
@@ -939,11 +952,19 @@ def full_chunks(
             out += [declare, f"delete map {t} {count_map_name(n)}\n", declare]
         out.append(block_text(b, fam, redefined))
         collect(b.elements)
+        # full batches of elements go now, so that nft parses them while later services are
+        # rendered (the chains their verdicts name are all above)
+        for name, texts in by_set.items():
+            if len(texts) >= ELEMENT_BATCH:
+                out.append(f"add element {t} {name} {{ {', '.join(texts)} }}\n")
+                texts.clear()
         yield "".join(out)
     out = [f"add rule {t} {CLUSTER_ENDPOINTS} {rule_text(count_rule(n), fam)}\n" for n in counts]
     for name, texts in by_set.items():
-        for i in range(0, len(texts), 1000):
-            out.append(f"add element {t} {name} {{ {', '.join(texts[i : i + 1000])} }}\n")
+        for i in range(0, len(texts), ELEMENT_BATCH):
+            if texts[i : i + ELEMENT_BATCH]:
+                batch = ", ".join(texts[i : i + ELEMENT_BATCH])
+                out.append(f"add element {t} {name} {{ {batch} }}\n")
     stale_chains, stale_sets = stale()
     out.extend(f"flush chain {t} {name}\n" for name in stale_chains)
     out.extend(f"delete chain {t} {name}\n" for name in stale_chains)

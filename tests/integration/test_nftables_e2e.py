@@ -6,12 +6,15 @@ from __future__ import annotations
 
 import json
 import re
+import subprocess
+import sys
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from kproxy.lab.netlab import Lab
-from kproxy.lab.nsexec import module_argv
+from kproxy.lab.nsexec import module_argv, ns_argv
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import http_batch, http_get, udp_query
 from kproxy.render.nftables import hash8
@@ -405,3 +408,49 @@ def test_a_service_nftables_refuses_is_left_out_and_reported(lab: Lab, cluster_a
     api.upsert(endpoints("bad", pods[:1]))
     eventually(lambda: http_batch(lab.client.ns, "10.96.7.90", 80, n=2).ok_count == 2, timeout=15)
     assert "kproxy_sync_rejected_services 0.0" in agent.metrics()
+
+
+def test_fast_path_translates_sctp(lab: Lab, cluster_api: Any) -> None:
+    """The fast path's one rule per endpoint count has no protocol match: SCTP INITs to a
+    ClusterIP reach both endpoints with address and port translated (raw SCTP packets: this
+    kernel may have no SCTP stack, the translation is conntrack's and nftables')."""
+    api, kubeconfig = cluster_api
+    sender, targets = lab.pods[0], lab.pods[1:]
+    port = {"name": "sig", "port": 9999, "targetPort": 7777, "protocol": "SCTP"}
+    api.upsert(make_service_obj("default", "sig", clusterIP=FAST_VIP, ports=[port]))
+    api.upsert(
+        make_slice_obj(
+            "default",
+            "sig-4",
+            "sig",
+            [{"ip": p.ip, "node": p.node.name} for p in targets],
+            [("sig", 7777, "SCTP")],
+        )
+    )
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=MODE)
+    agent.start()
+    assert f"{FAST_VIP} . sctp . 9999 . 1 : " in agent.ruleset()
+    probe = str(Path(__file__).parents[1] / "support" / "sctp_probe.py")
+    receivers = [
+        subprocess.Popen(
+            ns_argv(p.ns, [sys.executable, probe, "recv", "4"]),
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        for p in targets
+    ]
+    try:
+        for r in receivers:
+            assert r.stdout is not None and "ready" in r.stdout.readline()
+        lab.run(sender.ns, [sys.executable, probe, "send", FAST_VIP, "9999", "30"])
+        got = {
+            p.ip: [json.loads(line) for line in r.communicate(timeout=10)[0].splitlines()]
+            for p, r in zip(targets, receivers, strict=True)
+        }
+    finally:
+        for r in receivers:
+            r.kill()
+    assert all(got.values()), got  # both endpoints got some of the 30 associations
+    assert sum(len(v) for v in got.values()) == 30
+    for ip, packets in got.items():
+        assert {(p["dst"], p["dport"]) for p in packets} == {(ip, 7777)}
