@@ -904,9 +904,10 @@ def full_chunks(
 
     Each service's chains are declared, flushed and refilled together, so the input can be
     written while later services are still being rendered (nft parses as it reads); the map
-    elements, which point at those chains, come after all of them. A set `redefined` says
-    exists with another definition (the affinity timeout) is deleted and created again once its
-    service's chains are flushed (see `delta_ops`)."""
+    elements follow the chains they point at, in `add element` commands of ELEMENT_BATCH
+    elements as each fills, and the fast path's maps are declared where first used. A set
+    `redefined` says exists with another definition (the affinity timeout) is deleted and
+    created again once its service's chains are flushed (see `delta_ops`)."""
     fam = renderer.family
     t = _prefix(fam)
     head = [f'add table {t} {{ comment "rules for kube-proxy" ; }}\n']
