@@ -245,8 +245,11 @@ class IptablesProxier:
         self._filter_rules = 0
         self._need_full = True
         self._reconcile = True  # the next full sync reads the tables back (start-up, failures)
+        # the canary and shared chains written, per table (the services' chains are in
+        # `_blocks`: `_present` adds them when a full sync needs them)
         self._applied: dict[str, set[str]] = {t: set() for t in TABLES}
-        # owned chain -> rule count, per table, as last written (what `drift` compares with)
+        # canary and shared chain -> rule count, per table, as last written; with the
+        # services' chain counts in `_blocks`, what `inspect` compares with (`_expected_in`)
         self._expected: dict[str, dict[str, int]] = {t: {} for t in TABLES}
         self._fingerprint: tuple[object, ...] | None = None  # of the tables after our writes
         self._gen_before: int | None = None  # nft: the generation when this sync began
@@ -356,13 +359,29 @@ class IptablesProxier:
             if f":{C.CANARY} " not in text:
                 return f"canary chain {C.CANARY} gone from {table}: tables were flushed"
             observed = saved_counts(text, (c for c in chains_in(text) if C.is_owned(table, c)))
-            found = compare_counts(self._expected[table], observed)
+            found = compare_counts(self._expected_in(table), observed)
             if found:
                 return f"{table}: {found}"
             hooks = missing_hooks(table, text)
             if hooks:
                 return f"{table}: hook jump missing ({hooks.splitlines()[0].strip()})"
         return None
+
+    def _expected_in(self, table: str) -> dict[str, int]:
+        """owned chain -> rule count in `table` as last written (built when asked: at 10k
+        services x 10 endpoints a standing copy of the nat counts holds ~5 MB)."""
+        out = dict(self._expected[table])
+        if table == NAT:
+            for block in self._blocks.values():
+                out.update(block.chain_counts())
+        return out
+
+    def _present(self) -> dict[str, set[str]]:
+        """The owned chains last written, per table."""
+        out = {t: set(chains) for t, chains in self._applied.items()}
+        for block in self._blocks.values():
+            out[NAT].update(block.names)
+        return out
 
     # -- syncing -------------------------------------------------------------------------------
     def sync(self, snapshot: Snapshot, changes: Changes, *, full: bool) -> SyncResult:
@@ -397,7 +416,7 @@ class IptablesProxier:
             present = {t: set(chains_in(existing[t])) for t in TABLES}
             builtin = existing
         else:
-            present = self._applied
+            present = self._present()
             builtin = {t: self._builtin_rules(t) for t in (NAT, FILTER)}
         hooks = {t: missing_hooks(t, builtin.get(t, "")) for t in TABLES}
         with paused_gc():  # rendering 10k services allocates no cycles
@@ -409,14 +428,12 @@ class IptablesProxier:
         wanted: dict[str, set[str]] = {NAT: {C.CANARY}, FILTER: {C.CANARY}, MANGLE: {C.CANARY}}
         for table, chain in shared:
             wanted[table].add(chain)
-        for b in blocks.values():
-            wanted[NAT].update(b.names)
         self._applied = wanted
         self._reconcile = False
         self._nat_rules = sum(_count(t) for (table, _), t in shared.items() if table == NAT)
         self._nat_rules += sum(b.nat_rules for b in blocks.values())
         self._filter_rules = sum(_count(t) for (table, _), t in shared.items() if table == FILTER)
-        self._expected = _expected_counts(shared, blocks.values())
+        self._expected = _expected_counts(shared)
         self._need_full = False
         self._record_written()
         return SyncResult(
@@ -583,8 +600,6 @@ class IptablesProxier:
             TableWrite(NAT, chains=chains, edits="".join(edits.get(NAT, ())), delete=delete),
         ]
         self._apply(assemble(writes))
-        self._applied[NAT].difference_update(delete)
-        self._applied[NAT].update(c for c, _ in chains)
         changed_old = {ref: self._blocks.get(ref, NOTHING_WRITTEN) for ref in changed}
         for ref, written in changed.items():
             if written == NOTHING_WRITTEN:
@@ -593,7 +608,7 @@ class IptablesProxier:
                 self._blocks[ref] = written
         self._nat_rules += nat_delta
         self._filter_rules += filter_delta
-        self._expect_partial(chains, delete, changed_old)
+        self._expect_partial(changed_old)
         self._record_written()
         return SyncResult(
             full=False,
@@ -602,18 +617,9 @@ class IptablesProxier:
             detail=f"{len(chains)} chains written, {len(delete)} deleted",
         )
 
-    def _expect_partial(
-        self,
-        chains: list[tuple[str, str]],
-        delete: list[str],
-        changed: Mapping[Ref, Written],
-    ) -> None:
-        """Keep `_expected` in step with a partial write (`changed`: the blocks before it)."""
-        nat = self._expected[NAT]
-        for chain in delete:
-            nat.pop(chain, None)
-        for chain, text in chains:
-            nat[chain] = _count(text)
+    def _expect_partial(self, changed: Mapping[Ref, Written]) -> None:
+        """Keep `_expected`'s shared chain counts in step with a partial write (`changed`: the
+        blocks before it; the services' own chains are counted in their new blocks)."""
         for ref, old in changed.items():
             new = self._blocks.get(ref, NOTHING_WRITTEN)
             for (table, chain), a, b in zip(SHARED_SLOTS, old.shared, new.shared, strict=True):
@@ -708,16 +714,11 @@ class IptablesProxier:
         self._need_full = self._reconcile = True
 
 
-def _expected_counts(
-    shared: Mapping[tuple[str, str], str], blocks: Iterable[Written]
-) -> dict[str, dict[str, int]]:
-    """owned chain -> rule count per table, for a full write of `shared` and `blocks`."""
+def _expected_counts(shared: Mapping[tuple[str, str], str]) -> dict[str, dict[str, int]]:
+    """canary and shared chain -> rule count per table, for a full write of `shared`."""
     out: dict[str, dict[str, int]] = {t: {C.CANARY: 0} for t in TABLES}
     for (table, chain), text in shared.items():
         out[table][chain] = _count(text)
-    nat = out[NAT]
-    for block in blocks:
-        nat.update(block.chain_counts())
     return out
 
 
