@@ -493,15 +493,9 @@ class Renderer:
         sets: list[SetDef] = []
         for v in views:
             self._render_port(v, chains, elements, sets)
-        seen: set[Element] = set()
-        unique = []
-        for e in elements:
-            if e not in seen:
-                seen.add(e)
-                unique.append(e)
         return ServiceBlock(
             chains=tuple((name, tuple(rules)) for name, rules in chains.items()),
-            elements=tuple(unique),
+            elements=tuple(dict.fromkeys(elements)),  # first of each, in order
             sets=tuple(sets),
         )
 
@@ -512,13 +506,24 @@ class Renderer:
         elements: list[Element],
         sets: list[SetDef],
     ) -> None:
-        name = v.name
         proto = v.port.protocol.lower()
         port = str(v.port.port)
+        cip = v.cluster_ip
+        d = v.decision
+        if d.internal_verdict is Verdict.FORWARD and not d.affinity_timeout and not v.has_external:
+            # the chainless fast path: elements of the shared map for its endpoint count
+            add = elements.append
+            add(Element(CLUSTER_IPS, (cip,)))
+            count = count_map_name(len(d.internal))
+            for i, ep in enumerate(d.internal):
+                add(Element(count, (cip, proto, port, str(i)), f"{ep.ip} . {ep.port}"))
+            for ep in d.all_reachable:
+                add(Element(HAIRPIN, (ep.ip, ep.ip)))
+            return
+        name = v.name
         base = chain_base(v)
         svc, svl = SERVICE_PREFIX + base, LOCAL_PREFIX + base
         ext, fw = EXTERNAL_PREFIX + base, FIREWALL_PREFIX + base
-        d = v.decision
         cluster_eps = d.cluster or ()
         local_eps = d.local or ()
         has_any = d.has_endpoints
@@ -532,16 +537,7 @@ class Renderer:
 
         ext_no_ep = _no_ep(d.external_verdict)
         add = elements.append
-        cip = v.cluster_ip
         add(Element(CLUSTER_IPS, (cip,)))
-        if internal_ok and not d.affinity_timeout and not v.has_external:
-            # the chainless fast path: elements of the shared map for its endpoint count
-            count = count_map_name(len(d.internal))
-            for i, ep in enumerate(d.internal):
-                add(Element(count, (cip, proto, port, str(i)), f"{ep.ip} . {ep.port}"))
-            for ep in d.all_reachable:
-                add(Element(HAIRPIN, (ep.ip, ep.ip)))
-            return
         if internal_ok:
             add(Element(SERVICE_IPS, (cip, proto, port), f"goto {internal_chain}", name))
         else:
@@ -928,21 +924,29 @@ def full_chunks(
         head.extend(f"add rule {t} {chain} {r}\n" for r in rules)
     yield "".join(head)
 
-    by_set: dict[str, list[str]] = {}
-    seen: set[tuple[str, tuple[str, ...]]] = set()
+    by_set: dict[str, list[str]] = {}  # element texts not written yet, per set
+    seen: dict[str, set[tuple[str, ...]]] = {}  # keys written or pending, per set
 
-    def collect(elements: Iterable[Element]) -> None:
+    def collect(elements: Iterable[Element]) -> list[str]:
+        """Queue the elements' texts; the names of the sets met for the first time."""
+        first = []
         for e in elements:
-            if (e.set, e.key) not in seen:  # two services claiming one key: the first wins
-                seen.add((e.set, e.key))
-                by_set.setdefault(e.set, []).append(e.text())
+            keys = seen.get(e.set)
+            if keys is None:
+                keys = seen[e.set] = set()
+                by_set[e.set] = []
+                first.append(e.set)
+            if e.key not in keys:  # two services claiming one key: the first wins
+                keys.add(e.key)
+                by_set[e.set].append(e.text())
+        return first
 
     collect(renderer.nodeport_elements())
     counts: dict[int, None] = {}  # the fast-path maps declared so far, in order of first use
     for b in blocks:
-        out = []
-        for n in dict.fromkeys(count_of(e.set) for e in b.elements):
-            if not n or n in counts:
+        out = [block_text(b, fam, redefined)]
+        for n in (count_of(name) for name in collect(b.elements)):
+            if not n:
                 continue
             counts[n] = None  # first used here: declare
             # created afresh (add, delete, add: whether it existed or not): nft 1.0.6 cannot
@@ -951,8 +955,6 @@ def full_chunks(
             # rules using it were flushed above, and all its elements follow
             declare = f"add {count_map(n, fam).text().replace(' ', f' {t} ', 1)}\n"
             out += [declare, f"delete map {t} {count_map_name(n)}\n", declare]
-        out.append(block_text(b, fam, redefined))
-        collect(b.elements)
         # full batches of elements go now, so that nft parses them while later services are
         # rendered (the chains their verdicts name are all above)
         for name, texts in by_set.items():
