@@ -39,6 +39,8 @@ plus one copy of the name map.
 from __future__ import annotations
 
 import socket
+from array import array
+from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from typing import NamedTuple
@@ -372,6 +374,52 @@ def _endpoints(served: dict[bytes, bytes]) -> Endpoints | None:
     return Endpoints(b"".join(map(_slot, served)), hosts if any(hosts) else None)
 
 
+_ID_BITS = 24  # service numbers in `EndpointPtrs.v4`
+_ID_MASK = (1 << _ID_BITS) - 1
+
+
+class EndpointPtrs:
+    """Per endpoint address, the services it has a name in (what its PTR answers with).
+
+    IPv4 is one sorted array of `address << 24 | service number`: 8 bytes per endpoint, where
+    a dict keyed by address held ~90. IPv6 addresses (rarer) are a dict of service numbers.
+    `services` maps numbers to service names (wire). Immutable once published.
+    """
+
+    __slots__ = ("services", "v4", "v6")
+
+    def __init__(
+        self, v4: array[int], v6: Mapping[bytes, tuple[int, ...]], services: list[bytes]
+    ) -> None:
+        self.v4 = v4
+        self.v6 = v6
+        self.services = services
+
+    def owners(self, packed: bytes) -> list[bytes]:
+        """The names of the services `packed` is an endpoint of."""
+        if len(packed) != 4:
+            return [self.services[k] for k in self.v6.get(packed, ())]
+        v4 = self.v4
+        lo = int.from_bytes(packed, "big") << _ID_BITS
+        hi = lo + (1 << _ID_BITS)
+        out = []
+        i = bisect_left(v4, lo)
+        while i < len(v4) and v4[i] < hi:
+            out.append(self.services[v4[i] & _ID_MASK])
+            i += 1
+        return out
+
+    def addresses(self) -> Iterator[bytes]:
+        """Every endpoint address (packed), once."""
+        last = -1
+        for key in self.v4:
+            address = key >> _ID_BITS
+            if address != last:
+                yield address.to_bytes(4, "big")
+                last = address
+        yield from self.v6
+
+
 @dataclass(frozen=True, slots=True)
 class DnsIndex:
     """Everything the resolver needs to answer for the cluster zone at one model generation.
@@ -379,7 +427,7 @@ class DnsIndex:
     stored:         the names kept with their records (services, SRV, cluster IP PTRs, the
                     apex, empty non-terminals).
     endpoints:      per service name (wire), its `Endpoints`.
-    endpoint_ptrs:  per endpoint address (packed), the service name(s) it has a name in.
+    endpoint_ptrs:  per endpoint address, the service name(s) it has a name in.
     `names` is the whole mapping, stored and synthesised (for tests and tools: it enumerates).
     """
 
@@ -388,7 +436,7 @@ class DnsIndex:
     pods_mode: str
     stored: Mapping[bytes, Node]
     endpoints: Mapping[bytes, Endpoints]
-    endpoint_ptrs: Mapping[bytes, bytes | tuple[bytes, ...]]
+    endpoint_ptrs: EndpointPtrs
     soa: RR
     synced: bool
     generation: int
@@ -408,16 +456,13 @@ class DnsIndex:
             found = eps.addresses(name[: name[0] + 1])
             if found:
                 return Node(tuple(_address_rr(name, self.ttl, p) for p in found))
-        if not self.endpoint_ptrs or not _is_reverse(name):
+        if not _is_reverse(name):
             return None
         packed = _unreverse(name)
         if packed is None:
             return None
-        owners = self.endpoint_ptrs.get(packed)
-        if owners is None:
-            return None
         rrs = []
-        for service in (owners,) if isinstance(owners, bytes) else owners:
+        for service in self.endpoint_ptrs.owners(packed):
             host = self.endpoints[service].host(packed)
             if host is not None:
                 rrs.append(name_rr(name, PTR, self.ttl, host + service))
@@ -451,7 +496,7 @@ class _Names(Mapping[bytes, Node]):
             for owner in dict.fromkeys(host + service for _, host in eps.entries()):
                 if owner not in stored:
                     yield owner
-        for packed in self._index.endpoint_ptrs:
+        for packed in self._index.endpoint_ptrs.addresses():
             rev = reverse_packed(packed)
             if rev not in stored:
                 yield rev
@@ -711,7 +756,16 @@ class IndexBuilder:
         self._ptr_owners: dict[bytes, Ref | tuple[Ref, ...]] = {}
         self._ents: dict[bytes, int] = {}
         self._eps: dict[bytes, Endpoints] = {}
-        self._ep_ptrs: dict[bytes, bytes | tuple[bytes, ...]] = {}
+        # the endpoints' PTR owners (`EndpointPtrs`): service numbers, IPv4 and IPv6 keys, and
+        # this apply's IPv4 additions and removals (merged into a new array at its end)
+        self._ptr_ids: dict[bytes, int] = {}
+        self._ptr_names: list[bytes] = []
+        self._ptr_free: list[int] = []
+        self._ptr4: array[int] = array("Q")
+        self._ptr6: dict[bytes, tuple[int, ...]] = {}
+        self._add4: array[int] = array("Q")
+        self._del4: array[int] = array("Q")
+        self._released: list[int] = []
         self._static = self._static_names(serial=1)
         self._names: dict[bytes, Node] = dict(self._static)
         self._synced = False
@@ -762,11 +816,13 @@ class IndexBuilder:
             self._ents = {}
             self._names = {}
             self._eps = {}
-            self._ep_ptrs = {}
+            self._ptr_ids, self._ptr_names, self._ptr_free = {}, [], []
+            self._ptr4, self._ptr6 = array("Q"), {}
         else:  # the published maps stay untouched
             self._names = dict(self._names)
             self._eps = dict(self._eps)
-            self._ep_ptrs = dict(self._ep_ptrs)
+            self._ptr_names = list(self._ptr_names)
+            self._ptr6 = dict(self._ptr6)
         for ref, svc in delta.services.items():
             if svc is None:
                 self._services.pop(ref, None)
@@ -778,6 +834,7 @@ class IndexBuilder:
         self._names.update(self._static)
         for ref in delta.touched:
             self._update_service(ref, delta.slices.get(ref, () if delta.full else None), changed)
+        self._merge_ptr4()
         self._synced = delta.synced
         self._generation = delta.generation
         self.index = self._publish()
@@ -849,30 +906,74 @@ class IndexBuilder:
             if old == eps:
                 self._eps[service] = old
                 return
+            number = self._ptr_ids[service]
             for packed, host in old.entries():
                 if changed is not None:
                     changed.add(host + service)
                     changed.add(reverse_packed(packed))
-                owners = self._ep_ptrs.get(packed)
-                if owners == service:
-                    del self._ep_ptrs[packed]
-                elif isinstance(owners, tuple):
-                    rest = tuple(s for s in owners if s != service)
-                    self._ep_ptrs[packed] = rest[0] if len(rest) == 1 else rest
+                if len(packed) == 4:
+                    self._del4.append(int.from_bytes(packed, "big") << _ID_BITS | number)
+                else:
+                    rest = tuple(k for k in self._ptr6.get(packed, ()) if k != number)
+                    if rest:
+                        self._ptr6[packed] = rest
+                    else:
+                        self._ptr6.pop(packed, None)
+            if eps is None:
+                del self._ptr_ids[service]
+                self._released.append(number)
         if eps is None:
             return
         self._eps[service] = eps
+        number = self._service_number(service)
         for packed, host in eps.entries():
             if changed is not None:
                 changed.add(host + service)
                 changed.add(reverse_packed(packed))
-            owners = self._ep_ptrs.get(packed)
-            if owners is None:  # one owner (the common case) is stored bare
-                self._ep_ptrs[packed] = service
-            elif isinstance(owners, bytes):
-                self._ep_ptrs[packed] = (owners, service)
+            if len(packed) == 4:
+                self._add4.append(int.from_bytes(packed, "big") << _ID_BITS | number)
             else:
-                self._ep_ptrs[packed] = (*owners, service)
+                self._ptr6[packed] = (*self._ptr6.get(packed, ()), number)
+
+    def _service_number(self, service: bytes) -> int:
+        number = self._ptr_ids.get(service)
+        if number is not None:
+            return number
+        if self._ptr_free:
+            number = self._ptr_free.pop()
+            self._ptr_names[number] = service
+        else:
+            number = len(self._ptr_names)
+            if number > _ID_MASK:
+                raise ValueError("more than 16M services with endpoints")
+            self._ptr_names.append(service)
+        self._ptr_ids[service] = number
+        return number
+
+    def _merge_ptr4(self) -> None:
+        """A new IPv4 PTR array with this apply's removals and additions."""
+        add, remove = self._add4, self._del4
+        if add or remove:
+            if len(add) + len(remove) <= 64:  # an endpoint change or two: edit a copy
+                merged = array("Q", self._ptr4)
+                for key in remove:
+                    i = bisect_left(merged, key)
+                    if i < len(merged) and merged[i] == key:
+                        del merged[i]
+                for key in add:
+                    insort(merged, key)
+            else:
+                gone = set(remove)
+                keys = [k for k in self._ptr4 if k not in gone] if gone else list(self._ptr4)
+                keys.extend(add)
+                keys.sort()
+                merged = array("Q", keys)
+            self._ptr4 = merged
+        self._add4, self._del4 = array("Q"), array("Q")
+        for number in self._released:
+            self._ptr_names[number] = b""
+            self._ptr_free.append(number)
+        self._released = []
 
     def _owners(self, name: bytes) -> tuple[Ref, ...]:
         found = self._ptr_owners.get(name)
@@ -909,7 +1010,7 @@ class IndexBuilder:
             # the builder copies these before it changes them: plain dicts are faster to read
             stored=self._names,
             endpoints=self._eps,
-            endpoint_ptrs=self._ep_ptrs,
+            endpoint_ptrs=EndpointPtrs(self._ptr4, self._ptr6, self._ptr_names),
             soa=self._static[self.zone].rrs[0],
             synced=self._synced,
             generation=self._generation,

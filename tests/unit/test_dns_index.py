@@ -362,3 +362,44 @@ def test_endpoint_without_hostname_uses_dashed_address(address: str) -> None:
     idx = build_index(snapshot([svc], [sl]))
     dashed = address.replace(".", "-").replace(":", "-")
     assert idx.lookup(to_wire(f"{dashed}.db.default.svc.cluster.local")) is not None
+
+
+def test_large_endpoint_changes_keep_every_ptr() -> None:
+    """Many endpoint addresses changing at once (the IPv4 PTR table is rebuilt, not edited),
+    shared between services, and one service going away: incremental equals a full build."""
+    store = Store()
+    services = [make_service("default", f"s{i}", cluster_ips=(f"10.96.0.{i}",)) for i in (1, 2)]
+    store.replace_services(services)
+
+    def slices(shift: int) -> list[EndpointSlice]:
+        def address(k: int) -> str:
+            return f"10.1.{(k + shift) // 250}.{(k + shift) % 250 + 1}"
+
+        return [
+            make_slice("default", name, endpoints=[make_endpoint(address(k)) for k in range(n)])
+            for name, n in (("s1", 150), ("s2", 40))  # s2's addresses are all s1's too
+        ]
+
+    store.replace_slices(slices(0))
+    builder = IndexBuilder()
+    prev = store.peek()
+    builder.apply(diff_snapshots(None, prev))
+    base = "default.svc.cluster.local"
+    shared = to_wire("101.0.1.10.in-addr.arpa")  # 10.1.0.101: in s1 and s2 after the shift
+    for step, owners in (
+        (lambda: store.replace_slices(slices(100)), ["s1", "s2"]),
+        (lambda: store.delete_service(services[1].ref), ["s1"]),
+    ):
+        step()
+        cur = store.peek()
+        incremental, changed = builder.apply(diff_snapshots(prev, cur))
+        full = build_index(cur)
+        assert set(incremental.names) == set(full.names)
+        for name, node in full.names.items():
+            assert sorted(incremental.names[name].rrs) == sorted(node.rrs), to_text(name)
+        assert changed is not None and shared in changed
+        ptr = incremental.lookup(shared)
+        assert ptr is not None
+        assert [rr.rdata for rr in ptr.rrs] == [to_wire(f"10-1-0-101.{o}.{base}") for o in owners]
+        assert incremental.lookup(to_wire("1.0.1.10.in-addr.arpa")) is None  # gone in the shift
+        prev = cur
