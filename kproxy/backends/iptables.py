@@ -178,19 +178,22 @@ class Written:
     the next full sync), the service's lines in the shared chains (needed verbatim for
     their "-D" edits) and its nat rule count."""
 
-    names: tuple[str, ...]
+    chains: str  # the chain names, one string joined by "\n" (10k x 10: ~6 MB less than a tuple)
     digests: bytes  # struct "q" per chain, in `names` order
     counts: bytes  # struct "I" per chain: its rule count (what drift checks compare)
     shared: Shared
     nat_rules: int
 
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(self.chains.split("\n")) if self.chains else ()
+
     @classmethod
     def of(cls, block: ServiceRules) -> Written:
-        names = tuple(name for name, _ in block.chains)
         hashes = [hash(text) for _, text in block.chains]
         counts = [_count(text) for _, text in block.chains]
         return cls(
-            names=names,
+            chains="\n".join(name for name, _ in block.chains),
             digests=struct.pack(f"{len(hashes)}q", *hashes),
             counts=struct.pack(f"{len(counts)}I", *counts),
             shared=block.shared,
@@ -198,15 +201,15 @@ class Written:
         )
 
     def chain_digests(self) -> dict[str, int]:
-        return dict(
-            zip(self.names, struct.unpack(f"{len(self.names)}q", self.digests), strict=True)
-        )
+        names = self.names
+        return dict(zip(names, struct.unpack(f"{len(names)}q", self.digests), strict=True))
 
     def chain_counts(self) -> dict[str, int]:
-        return dict(zip(self.names, struct.unpack(f"{len(self.names)}I", self.counts), strict=True))
+        names = self.names
+        return dict(zip(names, struct.unpack(f"{len(names)}I", self.counts), strict=True))
 
 
-NOTHING_WRITTEN = Written(names=(), digests=b"", counts=b"", shared=EMPTY_SHARED, nat_rules=0)
+NOTHING_WRITTEN = Written(chains="", digests=b"", counts=b"", shared=EMPTY_SHARED, nat_rules=0)
 
 
 class IptablesProxier:
@@ -584,7 +587,8 @@ class IptablesProxier:
             changed[ref] = new
             before = old.chain_digests()
             chains.extend((c, t) for c, t in block.chains if before.get(c) != hash(t))
-            delete.extend(c for c in old.names if c not in new.names)
+            kept = set(new.names)
+            delete.extend(c for c in old.names if c not in kept)
             for table, text in shared_edits(old.shared, new.shared).items():
                 edits.setdefault(table, []).append(text)
             nat_delta += new.nat_rules - old.nat_rules

@@ -23,7 +23,6 @@ from __future__ import annotations
 import ipaddress
 import logging
 import os
-import secrets
 import socket
 import struct
 import threading
@@ -307,7 +306,8 @@ class Forwarder:
         return up.template.rcode, rrs
 
     def _exchange(self, upstream: tuple[str, int], qbytes: bytes) -> bytes:
-        qid = secrets.randbits(16)
+        # os.urandom, as secrets does: importing secrets (hashlib, OpenSSL) costs ~4 MB
+        qid = int.from_bytes(os.urandom(2), "big")
         query = HEADER.pack(qid, RD, 1, 0, 0, 1) + qbytes + opt_record(1232)
         family = socket.AF_INET6 if ":" in upstream[0] else socket.AF_INET
         deadline = time.monotonic() + self.timeout

@@ -155,7 +155,7 @@ def _service_port(raw: Any, index: int, *, with_node_port: bool) -> ServicePort:
             )
         node_port = _int(raw.get("nodePort"), f"spec.ports[{index}].nodePort", low=1, high=65535)
     return ServicePort(
-        name=name,
+        name=intern(name),  # port names repeat across services ("http", "metrics"...)
         protocol=_protocol(raw.get("protocol"), f"spec.ports[{index}].protocol"),
         port=port,
         target_port=target,
@@ -272,7 +272,7 @@ def _service(obj: RawObject, notes: list[str]) -> Service:
     return Service(
         namespace=intern(namespace),
         name=name,
-        type=svc_type,
+        type=intern(svc_type),
         cluster_ips=cluster_ips,
         headless=headless,
         ports=ports,
@@ -365,7 +365,7 @@ def parse_endpoint_slice(
             _check(V.dns1123_label(port_name), f"ports[{i}].name {V.short(port_name)!r}")
         ports.append(
             EndpointPort(
-                name=port_name,
+                name=intern(port_name),
                 protocol=_protocol(raw.get("protocol"), f"ports[{i}].protocol"),
                 port=_int(raw.get("port"), f"ports[{i}].port", low=1, high=65535),
             )
@@ -391,7 +391,7 @@ def parse_endpoint_slice(
         namespace=intern(namespace),
         name=name,
         service_name=intern(str(service_name)),
-        address_type=str(address_type),
+        address_type=intern(str(address_type)),
         endpoints=tuple(endpoints),
         ports=tuple(ports),
         trigger_time=_parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
