@@ -476,7 +476,7 @@ class Settings:
         1,
         flag="--dns-workers",
         parse=parse_int,
-        help="DNS serving processes sharing the sockets (each ~55 MB at 10k services x 10 endpoints).",
+        help="DNS serving processes sharing the sockets (each ~55 MB at 10k services).",
         file_path="kproxy.dns.workers",
         metavar="N",
     )
