@@ -3,6 +3,7 @@ VM) and the guest script (run here, in a throwaway namespace, in place of the gu
 
 from __future__ import annotations
 
+import ast
 import os
 import secrets
 import shutil
@@ -12,6 +13,7 @@ from typing import Any
 
 import pytest
 
+from tests.vm import ipvsadm as ipvsadm_oracle
 from tests.vm.ipvsadm import ListedDest, ListedService, parse_list, parse_stats, restore_text
 from tests.vm.run_in_vm import guest_script, vng_argv
 
@@ -107,6 +109,21 @@ def test_persistent_conn_and_stats_listings() -> None:
     assert dests[("10.1.0.1", 8080)].inbytes == 1090
 
 
+@pytest.mark.parametrize(
+    "line",
+    [
+        "TCP  10.0.0.1:80 rr quiescent",  # an option the reader does not know
+        "TCP  10.0.0.1:80:1 rr",  # not an address:port
+        "  -> 10.1.0.1:8080                Masq    3      0",  # a column short
+        "XYZ  10.0.0.1:80 rr",
+    ],
+)
+def test_a_line_the_reader_does_not_understand_is_refused(line: str) -> None:
+    lines = LISTING.splitlines()
+    with pytest.raises(ValueError):
+        parse_list("\n".join([*lines[:4], line, *lines[4:]]))
+
+
 def test_restore_text_is_what_ipvsadm_saves() -> None:
     # `ipvsadm -Sn` printed exactly these lines for the table above
     saved = """\
@@ -121,6 +138,21 @@ def test_restore_text_is_what_ipvsadm_saves() -> None:
 -a -t [fd00::1]:443 -r [fd00:1::5]:8443 -m -w 1
 """
     assert restore_text(TABLE) == saved
+
+
+def test_the_oracle_imports_nothing_from_kproxy() -> None:
+    """The VM tests check kproxy's IPVS programming with this reader: sharing kproxy's listing
+    parser (kproxy.inspect.ipvsadm) would let one mistake hide in both."""
+    tree = ast.parse(Path(ipvsadm_oracle.__file__).read_text())
+    imported = {
+        name
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for name in (
+            [a.name for a in node.names] if isinstance(node, ast.Import) else [node.module or ""]
+        )
+    }
+    assert imported and not {m for m in imported if m.split(".")[0] in ("kproxy", "tests")}
 
 
 def test_vng_command_line() -> None:

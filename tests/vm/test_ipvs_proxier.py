@@ -642,23 +642,28 @@ def kproxy_json(env: Env, *args: str, manifests: Path | None = None) -> tuple[in
     return res.returncode, json.loads(res.stdout)
 
 
-def test_status_and_explain_show_the_programmed_virtual_servers(env: Env) -> None:
-    vip = "10.96.0.91"
-    key = k(vip, 80)
-    pods = env.local_pods
+def serve_nodeport(env: Env, name: str, vip: str, node_port: int, *, scheduler: str) -> None:
+    """A NodePort service `name` (http 80 at `vip` and `node_port`, IPVS `scheduler`) over node1's
+    pods; returns once both virtual servers are programmed with them."""
     env.api.upsert(
         make_service_obj(
             "default",
-            "insp",
+            name,
             clusterIP=vip,
-            annotations={"kproxy.io/ipvs-scheduler": "wrr"},
-            ports=[{"name": "http", "port": 80, "targetPort": 80, "nodePort": 30092}],
+            annotations={"kproxy.io/ipvs-scheduler": scheduler},
+            ports=[{"name": "http", "port": 80, "targetPort": 80, "nodePort": node_port}],
             type="NodePort",
         )
     )
-    env.api.upsert(slice_of("insp", pods, [("http", 80, "TCP")]))
-    env.wait_serving(key, pods)
-    env.wait_serving(k(env.node.ip, 30092), pods)
+    env.api.upsert(slice_of(name, env.local_pods, [("http", 80, "TCP")]))
+    env.wait_serving(k(vip, 80), env.local_pods)
+    env.wait_serving(k(env.node.ip, node_port), env.local_pods)
+
+
+def test_status_and_explain_show_the_programmed_virtual_servers(env: Env) -> None:
+    vip = "10.96.0.91"
+    pods = env.local_pods
+    serve_nodeport(env, "insp", vip, 30092, scheduler="wrr")
     batch = http_batch(pods[0].ns, vip, 80, n=6)
     assert batch.ok_count == 6 and names(batch) == {p.name for p in pods}
 
@@ -717,21 +722,8 @@ def kproxy_bare(env: Env, *args: str) -> tuple[int, Any]:
 
 def test_status_and_explain_without_flags_read_the_running_agent(env: Env) -> None:
     vip = "10.96.0.93"
-    key = k(vip, 80)
     pods = env.local_pods
-    env.api.upsert(
-        make_service_obj(
-            "default",
-            "bare",
-            clusterIP=vip,
-            annotations={"kproxy.io/ipvs-scheduler": "lc"},
-            ports=[{"name": "http", "port": 80, "targetPort": 80, "nodePort": 30093}],
-            type="NodePort",
-        )
-    )
-    env.api.upsert(slice_of("bare", pods, [("http", 80, "TCP")]))
-    env.wait_serving(key, pods)
-    env.wait_serving(k(env.node.ip, 30093), pods)
+    serve_nodeport(env, "bare", vip, 30093, scheduler="lc")
 
     # status: IPVS mode, node name, cluster CIDR... all from the agent; same rows as with flags
     rc, bare = kproxy_bare(env, "status")
