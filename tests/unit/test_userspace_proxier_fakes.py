@@ -15,23 +15,8 @@ from kproxy.backends.base import SyncError
 from kproxy.backends.userspace import UserspaceProxier
 from kproxy.backends.userspace_proxy import ProxyEngine
 from kproxy.model.options import ProxyOptions
-from kproxy.model.store import Store
-from tests.support.builders import make_endpoint, make_service, make_slice
+from tests.support.builders import make_endpoint, make_service, make_slice, numbered_store
 from tests.support.fakes import FakeRestorer, SavedTables
-
-
-def _store(n: int) -> Store:
-    store = Store()
-    store.replace_services(
-        [make_service(name=f"s{i}", cluster_ips=(f"172.30.0.{i + 1}",)) for i in range(n)]
-    )
-    store.replace_slices(
-        [
-            make_slice(service=f"s{i}", endpoints=[make_endpoint(f"10.1.0.{i + 1}")])
-            for i in range(n)
-        ]
-    )
-    return store
 
 
 @pytest.fixture
@@ -58,7 +43,7 @@ def test_partial_syncs_touch_only_the_changed_service(
     proxier: tuple[UserspaceProxier, FakeRestorer, SavedTables],
 ) -> None:
     p, restorer, _tables = proxier
-    store = _store(3)
+    store = numbered_store(3)
     first = p.sync(*store.take(), full=True)
     assert first.full and first.services_written == 3 and len(restorer.inputs) == 1
     listening = _listeners(p)
@@ -88,7 +73,7 @@ def test_a_refused_restore_is_written_again_by_the_next_sync(
     proxier: tuple[UserspaceProxier, FakeRestorer, SavedTables],
 ) -> None:
     p, restorer, _tables = proxier
-    store = _store(2)
+    store = numbered_store(2)
     restorer.refuse = 1
     with pytest.raises(SyncError):
         p.sync(*store.take(), full=True)
@@ -102,7 +87,7 @@ def test_drift_is_found_by_reading_the_tables_back(
     proxier: tuple[UserspaceProxier, FakeRestorer, SavedTables],
 ) -> None:
     p, _restorer, tables = proxier
-    p.sync(*_store(2).take(), full=True)
+    p.sync(*numbered_store(2).take(), full=True)
     assert p.drift() is None
     nat = tables.tables["nat"]
     tables.tables["nat"] = "".join(
