@@ -101,6 +101,13 @@ def test_listing_parses_to_what_was_programmed() -> None:
     assert parse_list(LISTING) == {svc.key: svc for svc in TABLE}
 
 
+def test_a_firewall_mark_service_is_listed_by_its_mark() -> None:
+    fwm = LISTING + "FWM  7 rr\n  -> 10.244.9.9:0                 Masq    1      0          0\n"
+    assert parse_list(fwm)[("", "FWM", 7)] == listed(
+        "FWM", "", 7, "rr", ListedDest("10.244.9.9", 0, 1, "masq")
+    )
+
+
 def test_persistent_conn_and_stats_listings() -> None:
     dest = parse_list(PERSISTENT_LISTING)[("10.0.0.1", "TCP", 80)].dests[("10.1.0.2", 8080)]
     assert (dest.weight, dest.persist, dest.active, dest.inactive) == (0, 4, 2, 1)

@@ -71,9 +71,12 @@ def _rows(text: str) -> Iterator[_Row]:
                 )
             yield _Row(False, "", address, port, "", dict(zip(dest_cols, words[2:], strict=True)))
             continue
-        if words[0] not in ("TCP", "UDP", "SCTP"):
+        if words[0] == "FWM" and words[1].isdigit():  # a firewall-mark service: no address
+            address, port = "", int(words[1])
+        elif words[0] in ("TCP", "UDP", "SCTP"):
+            address, port = endpoint(words[1])
+        else:
             raise ValueError(f"unexpected ipvsadm line: {line!r}")
-        address, port = endpoint(words[1])
         rest = line.split(None, 2)[2] if len(words) > 2 else ""
         # numbers under the Prot line's columns (--stats), else a scheduler and its options
         numeric = len(words) > 2 and words[2].isdigit()
