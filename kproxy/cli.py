@@ -89,7 +89,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         log.info("config field %s is accepted for compatibility and ignored", ignored)
     if settings.cleanup:
         return cmd_cleanup(args)
-    from kproxy.kube.watch import KubeConfigError
+    from kproxy.errors import KubeConfigError
     from kproxy.runtime.daemon import Daemon
 
     try:

@@ -34,6 +34,12 @@ class SourceError(KproxyError):
     """The cluster source (API server, manifests) or a DNS upstream failed."""
 
 
+class KubeConfigError(SourceError):
+    """No usable way to reach the apiserver (bad kubeconfig, not in a cluster, no --master).
+    Here rather than in kproxy.kube.watch, so a caller can catch it without importing the
+    Kubernetes client (`kproxy status` reading a running agent's socket never needs it)."""
+
+
 class DataplaneError(KproxyError, RuntimeError):
     """The kernel (iptables, nftables, IPVS, ipset, conntrack, links) refused a change or a
     read."""

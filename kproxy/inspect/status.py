@@ -413,9 +413,9 @@ def _families(snapshot: Any) -> list[int]:
 def status_command(wanted: Wanted, *, output: str = "table") -> int:
     from kproxy.backends.netinfo import with_node_addresses
     from kproxy.config import base_options, node_name
+    from kproxy.errors import KubeConfigError
     from kproxy.inspect import live
     from kproxy.inspect.wanted import snapshot_of
-    from kproxy.kube.watch import KubeConfigError
     from kproxy.model.view import build_views
 
     settings = wanted.settings

@@ -38,7 +38,7 @@ import urllib3
 from kubernetes import client, config
 from kubernetes.client.exceptions import ApiException
 
-from kproxy.errors import SourceError
+from kproxy.errors import KubeConfigError
 from kproxy.kube.sink import RawObject, Sink
 
 log = logging.getLogger("kproxy.kube")
@@ -54,10 +54,6 @@ _API_VERSIONS = {
     "Node": "v1",
     "Lease": "coordination.k8s.io/v1",  # kproxy.kube.lbapi
 }
-
-
-class KubeConfigError(SourceError):
-    """No usable way to reach the apiserver (bad kubeconfig, not in a cluster, no --master)."""
 
 
 class _Gone(Exception):
