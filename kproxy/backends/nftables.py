@@ -289,7 +289,7 @@ class NftablesProxier:
             return stale_chains, sorted(s for s in gone if is_service_set(s) or is_count_map(s))
 
         def redefined(s: SetDef) -> bool:
-            """An affinity set whose timeout changed (not every kernel updates it in place)."""
+            """An affinity set whose timeout changed (recreated, see delta_ops)."""
             return present_sets.get(s.name, s.timeout) != s.timeout
 
         chunks = full_chunks(

@@ -766,9 +766,9 @@ def delta_ops(
     Order matters inside one transaction: chains and sets are created before rules and
     elements name them; elements pointing at a chain are deleted before the chain.
 
-    A set whose definition changed (the affinity timeout) is deleted and created again: not
-    every kernel updates a set's timeout in place (6.1 keeps the old one), and a set cannot
-    be deleted while a rule names it, so the service's chains are emptied first and refilled
+    A set whose definition changed (the affinity timeout) is deleted and created again (kproxy
+    does not rely on the kernel updating a set's timeout in place), and a set cannot be
+    deleted while a rule names it, so the service's chains are emptied first and refilled
     after, in the same transaction (the clients' affinity entries start afresh)."""
     # only the counts this delta touches (copying all of them costs more than the rest of a
     # one-endpoint sync at 10k services)
