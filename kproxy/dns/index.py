@@ -177,12 +177,11 @@ def _dns_slice(sl: EndpointSlice) -> DnsSlice:
 class ModelDelta:
     """What changed between two snapshots, keyed by service ref.
 
-    services: the service as it is now, or None when there is none (deleted), for every
-              service whose Service or slices changed.
-    slices:   the service's complete slice tuple as it is now (empty when it has none any
-              more), for the same services (unless `full`: then a service without slices may
-              be left out). The index builder keeps neither services nor slices: it rebuilds a
-              changed service from these.
+    services: the new service, or None when it was deleted.
+    slices:   the service's complete new slice tuple (empty when it has none any more), for
+              every service whose slices changed and, unless `full`, every service in
+              `services` that was not deleted (the index builder keeps no slices: it rebuilds
+              a changed service from these).
     full:     replace the whole model with this delta (the first update, or a resync).
     """
 
@@ -230,9 +229,6 @@ def diff_snapshots(prev: Snapshot | None, cur: Snapshot) -> ModelDelta:
             slices[ref] = dns_slices(group)
     for ref in prev.slices.keys() - cur.slices.keys():
         slices.setdefault(ref, ())
-    for ref in slices.keys() - services.keys():  # slices changed, the Service did not
-        now = cur.services.get(ref)
-        services[ref] = dns_service(now) if now is not None else None
     return ModelDelta(
         services=services, slices=slices, synced=cur.synced, generation=cur.generation
     )
@@ -566,18 +562,11 @@ def _service_wire(namespace: str, name: str, svc_zone: bytes) -> bytes | None:
 
 
 def service_part(
-    svc: DnsService,
-    slices: tuple[DnsSlice, ...],
-    *,
-    svc_zone: bytes,
-    ttl: int,
-    name_w: bytes | None = None,
+    svc: DnsService, slices: tuple[DnsSlice, ...], *, svc_zone: bytes, ttl: int
 ) -> tuple[dict[bytes, Node], Endpoints | None]:
     """The names one service stores, with their records, and its `Endpoints` (whose names and
-    PTRs are synthesised at lookup). `svc_zone` is `svc.<zone>` (wire); `name_w`, the service's
-    name when the caller has it already."""
-    if name_w is None:
-        name_w = _service_wire(svc.namespace, svc.name, svc_zone)
+    PTRs are synthesised at lookup). `svc_zone` is `svc.<zone>` (wire)."""
+    name_w = _service_wire(svc.namespace, svc.name, svc_zone)
     if name_w is None:
         return {}, None
     ns_w = name_w[name_w[0] + 1 :]
@@ -762,10 +751,9 @@ class IndexBuilder:
         self._svc_zone = b"\x03svc" + self.zone
         self._ns_name = b"\x02ns\x03dns" + self.zone
         self._ns_addresses = tuple(ns_addresses)
-        # keyed by service name (wire): what each service stored, and the services sharing
-        # each cluster IP PTR name
-        self._parts: dict[bytes, dict[bytes, Node]] = {}
-        self._ptr_owners: dict[bytes, bytes | tuple[bytes, ...]] = {}
+        self._services: dict[Ref, DnsService] = {}
+        self._parts: dict[Ref, dict[bytes, Node]] = {}
+        self._ptr_owners: dict[bytes, Ref | tuple[Ref, ...]] = {}
         self._ents: dict[bytes, int] = {}
         self._eps: dict[bytes, Endpoints] = {}
         # the endpoints' PTR owners (`EndpointPtrs`): service numbers, IPv4 and IPv6 keys, and
@@ -822,6 +810,7 @@ class IndexBuilder:
         """
         everything = delta.full or delta.synced != self._synced
         if delta.full:
+            self._services = {}
             self._parts = {}
             self._ptr_owners = {}
             self._ents = {}
@@ -834,16 +823,17 @@ class IndexBuilder:
             self._eps = dict(self._eps)
             self._ptr_names = list(self._ptr_names)
             self._ptr6 = dict(self._ptr6)
+        for ref, svc in delta.services.items():
+            if svc is None:
+                self._services.pop(ref, None)
+            else:
+                self._services[ref] = svc
         # a full answer-cache flush needs no list of names (at 10k x 10: 200k names of garbage)
         changed: set[bytes] | None = None if everything else set()
         self._static = self._static_names(serial=max(1, delta.generation))
         self._names.update(self._static)
         for ref in delta.touched:
-            if ref not in delta.services and not delta.full:
-                raise ValueError(f"the delta changes {ref} without its Service")
-            svc = delta.services.get(ref)
-            slices = delta.slices.get(ref, () if delta.full else None)
-            self._update_service(ref, svc, slices, changed)
+            self._update_service(ref, delta.slices.get(ref, () if delta.full else None), changed)
         self._merge_ptr4()
         self._synced = delta.synced
         self._generation = delta.generation
@@ -854,31 +844,27 @@ class IndexBuilder:
         return self.index, frozenset(changed)
 
     def _update_service(
-        self,
-        ref: Ref,
-        svc: DnsService | None,
-        slices: tuple[DnsSlice, ...] | None,
-        changed: set[bytes] | None,
+        self, ref: Ref, slices: tuple[DnsSlice, ...] | None, changed: set[bytes] | None
     ) -> None:
+        svc = self._services.get(ref)
         if svc is not None and slices is None:
             raise ValueError(f"the delta changes {ref} without its endpoint slices")
-        service = _service_wire(ref.namespace, ref.name, self._svc_zone)
-        if service is None:
-            return  # a name DNS cannot carry: the service has no names
-        old = self._parts.pop(service, None) or {}
+        old = self._parts.pop(ref, None) or {}
         new, eps = (
-            service_part(svc, slices or (), svc_zone=self._svc_zone, ttl=self.ttl, name_w=service)
+            service_part(svc, slices or (), svc_zone=self._svc_zone, ttl=self.ttl)
             if svc is not None
             else ({}, None)
         )
+        service = _service_wire(ref.namespace, ref.name, self._svc_zone)
         if new and new == old:
             # the stored names did not move (a ClusterIP service whose endpoints changed):
             # keep the objects already published rather than churn the heap with equal ones
-            self._parts[service] = old
-            self._set_endpoints(service, eps, changed)
+            self._parts[ref] = old
+            if service is not None:
+                self._set_endpoints(service, eps, changed)
             return
         if new:
-            self._parts[service] = new
+            self._parts[ref] = new
         names = self._names
         for name, node in old.items():
             if node is EMPTY:
@@ -888,7 +874,7 @@ class IndexBuilder:
                 else:
                     self._ents.pop(name, None)
             elif _is_reverse(name):
-                self._set_owners(name, tuple(r for r in self._owners(name) if r != service))
+                self._set_owners(name, tuple(r for r in self._owners(name) if r != ref))
             if name not in new:
                 self._recompute(name)
                 if changed is not None:
@@ -902,13 +888,14 @@ class IndexBuilder:
                         changed.add(name)
                 continue
             if _is_reverse(name):
-                self._set_owners(name, (*self._owners(name), service))
+                self._set_owners(name, (*self._owners(name), ref))
                 self._recompute(name)
             else:
                 names[name] = node
             if changed is not None:
                 changed.add(name)
-        self._set_endpoints(service, eps, changed)
+        if service is not None:
+            self._set_endpoints(service, eps, changed)
 
     def _set_endpoints(
         self, service: bytes, eps: Endpoints | None, changed: set[bytes] | None
@@ -988,13 +975,13 @@ class IndexBuilder:
             self._ptr_free.append(number)
         self._released = []
 
-    def _owners(self, name: bytes) -> tuple[bytes, ...]:
+    def _owners(self, name: bytes) -> tuple[Ref, ...]:
         found = self._ptr_owners.get(name)
         if found is None:
             return ()
-        return (found,) if isinstance(found, bytes) else found
+        return (found,) if isinstance(found, Ref) else found
 
-    def _set_owners(self, name: bytes, owners: tuple[bytes, ...]) -> None:
+    def _set_owners(self, name: bytes, owners: tuple[Ref, ...]) -> None:
         # one owner (the common case) is stored bare
         if not owners:
             self._ptr_owners.pop(name, None)
