@@ -48,13 +48,19 @@ _INFO = struct.Struct("=III")  # struct ip_vs_getinfo: version, size (conn table
 _ENTRY = struct.Struct("=H2x4s2s2xI16x12xI56x")
 _ENTRIES_AT = 8  # struct ip_vs_get_services: num_services u32, then the 8-aligned entries
 _SLACK = 64  # room for services created between GET_INFO and GET_SERVICES
+_MASK64 = (1 << 64) - 1
 
 
 def entry_hash(protocol: int, address: bytes, port: bytes, dests: int) -> int:
     """One virtual server's share of the fingerprint (address and port in network order, as
-    the kernel's record holds them). Python's hash: stable within one process, which is all
-    the fingerprint needs (kproxy computes both sides)."""
-    return hash((protocol, address, port, dests))
+    the kernel's record holds them). Python's hash, stable within one process, which is all
+    the fingerprint needs (kproxy computes both sides), then scrambled by splitmix64's
+    finalizer: a tuple's hash is nearly linear in its last item, so without it a real server
+    moved from one virtual server to another often left the sum unchanged."""
+    x = hash((protocol, address, port, dests)) & _MASK64
+    x = ((x ^ (x >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    x = ((x ^ (x >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return x ^ (x >> 31)
 
 
 def key_hash(key: VSKey, dests: int) -> int:
