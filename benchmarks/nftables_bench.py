@@ -105,7 +105,9 @@ def generation() -> int:
         sock.close()
 
 
-def inner(n: int, m: int, repeats: int, raw_repeats: int = 20) -> dict[str, Any]:
+def inner(
+    n: int, m: int, repeats: int, raw_repeats: int = 20, full_only: int = 0
+) -> dict[str, Any]:
     """Runs inside a fresh namespace."""
     from dataclasses import replace
 
@@ -136,6 +138,18 @@ def inner(n: int, m: int, repeats: int, raw_repeats: int = 20) -> dict[str, Any]
     proxier.sync(snapshot, changes, full=True)
     out["kproxy_full"] = time.perf_counter() - start
     out["chains"] = sum(len(b.chains) for b in blocks.values()) + 16
+    if full_only:
+        # more rounds, alternating, each kproxy sync by a new proxier into an empty table
+        out["raw_fulls"], out["kproxy_fulls"] = [out["raw_full"]], [out["kproxy_full"]]
+        for _ in range(full_only - 1):
+            subprocess.run(["nft", "delete", "table", "ip", "kube-proxy"], check=True)
+            out["raw_fulls"].append(nft_f(text))
+            subprocess.run(["nft", "delete", "table", "ip", "kube-proxy"], check=True)
+            fresh = NftablesProxier(options=options)
+            start = time.perf_counter()
+            fresh.sync(snapshot, changes, full=True)
+            out["kproxy_fulls"].append(time.perf_counter() - start)
+        return out
 
     writer: Any = proxier.writer
 
@@ -406,13 +420,21 @@ def main() -> None:
     ap.add_argument("--first-packet", choices=("nftables", "iptables"))
     ap.add_argument("--connects", type=int, default=2000)
     ap.add_argument("--skip-sync", action="store_true", help="only the first-packet part")
+    ap.add_argument(
+        "--full-only",
+        type=int,
+        default=0,
+        metavar="ROUNDS",
+        help="only the full sync, ROUNDS times (raw nft -f and kproxy alternating)",
+    )
     args = ap.parse_args()
     if args.inner and args.first_packet:
         r = first_packet(args.first_packet, args.services, args.endpoints, args.connects)
         print(json.dumps(r))
         return
     if args.inner:
-        print(json.dumps(inner(args.services, args.endpoints, args.repeats, args.raw_repeats)))
+        r = inner(args.services, args.endpoints, args.repeats, args.raw_repeats, args.full_only)
+        print(json.dumps(r))
         return
     size = ["--services", str(args.services), "--endpoints", str(args.endpoints)]
     fp = {}
@@ -435,9 +457,19 @@ def main() -> None:
             str(args.repeats),
             "--raw-repeats",
             str(args.raw_repeats),
+            "--full-only",
+            str(args.full_only),
         ]
     )
     print(f"{r['services']} services x {r['endpoints']} endpoints, {r['chains']} chains")
+    if args.full_only:
+        for k, raw in zip(r["kproxy_fulls"], r["raw_fulls"], strict=True):
+            print(f"full sync: kproxy {ms(k)}, raw nft -f {ms(raw)}, ratio {k / raw:.2f}x")
+        km, rm = statistics.median(r["kproxy_fulls"]), statistics.median(r["raw_fulls"])
+        print(f"medians: kproxy {ms(km)}, raw nft -f {ms(rm)}, ratio {km / rm:.2f}x")
+        if args.json:
+            Path(args.json).write_text(json.dumps(r, indent=2))
+        return
     print(
         f"full sync from empty: kproxy {ms(r['kproxy_full'])}, raw nft -f {ms(r['raw_full'])}, "
         f"ratio {r['kproxy_full'] / r['raw_full']:.2f}x"

@@ -458,6 +458,13 @@ class ServiceBlock:
 EMPTY_BLOCK = ServiceBlock()
 
 
+class FastTexts(NamedTuple):
+    """A fast-path service in a full sync's input: its elements as (set, key text, element
+    text) (see `Renderer.fast_texts`)."""
+
+    elements: tuple[tuple[str, str, str], ...]
+
+
 @dataclass(slots=True)
 class Renderer:
     """Renders service blocks and the fixed part of the table for one family and options."""
@@ -498,6 +505,31 @@ class Renderer:
             elements=tuple(dict.fromkeys(elements)),  # first of each, in order
             sets=tuple(sets),
         )
+
+    def fast_texts(self, views: Sequence[ServicePortView]) -> FastTexts | None:
+        """The elements of a service whose ports all take the chainless fast path, as
+        (set, key text, element text) in the order `render_service` makes them: what a full
+        sync writes for it, without building its `ServiceBlock` (which the backend builds after
+        the input is written, while nft evaluates it). None for any other service (and for
+        no views). Must stay the text of `_render_port`'s fast path (tested)."""
+        out: list[tuple[str, str, str]] = []
+        add = out.append
+        forward = Verdict.FORWARD
+        for v in views:
+            d = v.decision
+            if d.internal_verdict is not forward or d.affinity_timeout or v.has_external:
+                return None
+            cip = v.cluster_ip
+            add((CLUSTER_IPS, cip, cip))
+            count = f"{COUNT_MAP_PREFIX}{len(d.internal)}"
+            head = f"{cip} . {v.port.protocol.lower()} . {v.port.port} . "
+            for i, ep in enumerate(d.internal):
+                key = f"{head}{i}"
+                add((count, key, f"{key} : {ep.ip} . {ep.port}"))
+            for ep in d.all_reachable:
+                key = f"{ep.ip} . {ep.ip}"
+                add((HAIRPIN, key, key))
+        return FastTexts(tuple(out)) if out else None
 
     def _render_port(
         self,
@@ -888,7 +920,7 @@ ELEMENT_BATCH = 1000  # elements per `add element` command of a full sync
 
 def full_chunks(
     renderer: Renderer,
-    blocks: Iterable[ServiceBlock],
+    blocks: Iterable[ServiceBlock | FastTexts],
     *,
     stale: Callable[[], tuple[Sequence[str], Sequence[str]]] = lambda: ((), ()),
     redefined: Callable[[SetDef], bool] = lambda s: False,
@@ -903,7 +935,9 @@ def full_chunks(
     elements follow the chains they point at, in `add element` commands of ELEMENT_BATCH
     elements as each fills, and the fast path's maps are declared where first used. A set
     `redefined` says exists with another definition (the affinity timeout) is deleted and
-    created again once its service's chains are flushed (see `delta_ops`)."""
+    created again once its service's chains are flushed (see `delta_ops`).
+
+    A fast-path service may come as its `FastTexts` instead of its block: the same text."""
     fam = renderer.family
     t = _prefix(fam)
     head = [f'add table {t} {{ comment "rules for kube-proxy" ; }}\n']
@@ -925,27 +959,37 @@ def full_chunks(
     yield "".join(head)
 
     by_set: dict[str, list[str]] = {}  # element texts not written yet, per set
-    seen: dict[str, set[tuple[str, ...]]] = {}  # keys written or pending, per set
+    seen: dict[str, set[str]] = {}  # keys written or pending, per set
 
-    def collect(elements: Iterable[Element]) -> list[str]:
-        """Queue the elements' texts; the names of the sets met for the first time."""
+    def collect(elements: Iterable[tuple[str, str, str]]) -> list[str]:
+        """Queue the elements' texts, given as (set, key text, element text); the names of
+        the sets met for the first time."""
         first = []
-        for e in elements:
-            keys = seen.get(e.set)
+        for name, key, text in elements:
+            keys = seen.get(name)
             if keys is None:
-                keys = seen[e.set] = set()
-                by_set[e.set] = []
-                first.append(e.set)
-            if e.key not in keys:  # two services claiming one key: the first wins
-                keys.add(e.key)
-                by_set[e.set].append(e.text())
+                keys = seen[name] = set()
+                by_set[name] = []
+                first.append(name)
+            if key not in keys:  # two services claiming one key: the first wins
+                keys.add(key)
+                by_set[name].append(text)
         return first
 
-    collect(renderer.nodeport_elements())
+    def element_texts(elements: Iterable[Element]) -> Iterator[tuple[str, str, str]]:
+        for e in elements:
+            yield e.set, " . ".join(e.key), e.text()
+
+    collect(element_texts(renderer.nodeport_elements()))
     counts: dict[int, None] = {}  # the fast-path maps declared so far, in order of first use
     for b in blocks:
-        out = [block_text(b, fam, redefined)]
-        for n in (count_of(name) for name in collect(b.elements)):
+        if isinstance(b, FastTexts):
+            out = []
+            first = collect(b.elements)
+        else:
+            out = [block_text(b, fam, redefined)]
+            first = collect(element_texts(b.elements))
+        for n in (count_of(name) for name in first):
             if not n:
                 continue
             counts[n] = None  # first used here: declare
@@ -996,7 +1040,7 @@ def block_text(
 
 def full_text(
     renderer: Renderer,
-    blocks: Iterable[ServiceBlock],
+    blocks: Iterable[ServiceBlock | FastTexts],
     *,
     stale_chains: Sequence[str] = (),
     stale_sets: Sequence[str] = (),
@@ -1011,4 +1055,10 @@ def render_ruleset(
 ) -> str:
     """The `nft -f` input of a full sync for `views` of one family, services in name order."""
     renderer = Renderer(options)
-    return full_text(renderer, (renderer.render_service(views[ref]) for ref in sorted(views)))
+    return full_text(renderer, (service_input(renderer, views[ref]) for ref in sorted(views)))
+
+
+def service_input(renderer: Renderer, views: Sequence[ServicePortView]) -> ServiceBlock | FastTexts:
+    """What a full sync writes for one service: its `FastTexts` when it has them, else its
+    block."""
+    return renderer.fast_texts(views) or renderer.render_service(views)

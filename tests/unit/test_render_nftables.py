@@ -22,11 +22,13 @@ from kproxy.render.nftables import (
     NO_ENDPOINT_SERVICES,
     SERVICE_IPS,
     Element,
+    FastTexts,
     Renderer,
     ServiceBlock,
     apply_counts,
     delta_ops,
     element_counts,
+    full_text,
     is_count_map,
     is_endpoint_map,
     is_service_chain,
@@ -34,6 +36,7 @@ from kproxy.render.nftables import (
     new_count_maps,
     ops_text,
     render_ruleset,
+    service_input,
 )
 from tests.support.builders import make_endpoint, make_port, make_service, make_slice
 
@@ -235,8 +238,58 @@ def test_which_ports_take_the_fast_path(
     b = block((service, eps(*addresses)))
     in_maps = [e for e in b.elements if e.set.startswith("cluster-endpoints-")]
     assert bool(in_maps) is fast
+    (views,) = views_of((service, eps(*addresses))).values()
+    assert (Renderer(V4).fast_texts(views) is not None) is fast  # what a full sync formats
     if fast:  # no chain and no service-ips element: nothing for the kernel to validate
         assert not b.chains and not any(e.set == SERVICE_IPS for e in b.elements)
+
+
+def shared_keys() -> dict[Ref, tuple[ServicePortView, ...]]:
+    """Fast-path services whose elements collide: two ports sharing endpoints (one hairpin
+    element per endpoint), two services claiming one ClusterIP port (the first wins), and a
+    NodePort service sharing the ClusterIP and endpoints of a fast one."""
+    two = make_service("a", "two", ports=(make_port(80, name="http"), make_port(443, name="https")))
+    two_eps = make_slice(
+        "a",
+        "two",
+        endpoints=[make_endpoint("10.180.0.1"), make_endpoint("10.180.0.2")],
+        ports=[
+            EndpointPort(name="http", port=8080, protocol="TCP"),
+            EndpointPort(name="https", port=8443, protocol="TCP"),
+        ],
+    )
+    dup = make_service("b", "dup")
+    dup_eps = make_slice("b", "dup", endpoints=[make_endpoint("10.180.0.3")])
+    np = make_service(
+        "c", "np", type="NodePort", ports=(make_port(80, name="p80", node_port=30080),)
+    )
+    np_eps = make_slice("c", "np", endpoints=[make_endpoint("10.180.0.1")])
+    return views_of((SVC, eps("10.180.0.9")), (two, [two_eps]), (dup, [dup_eps]), (np, [np_eps]))
+
+
+@pytest.mark.parametrize(
+    ("make", "options"),
+    [(overall, V4), (ipv6, V6), (shared_keys, V4)],
+    ids=["overall", "ipv6", "shared-keys"],
+)
+def test_full_sync_formats_fast_path_services_as_their_blocks_would(
+    make: object, options: ProxyOptions
+) -> None:
+    """A full sync writes a fast-path service from its `fast_texts` and renders its block
+    after the input has ended: both must say the same thing, to the byte."""
+    assert callable(make)
+    views = make()
+    renderer = Renderer(options)
+    blocks = [renderer.render_service(views[ref]) for ref in sorted(views)]
+    inputs = [service_input(renderer, views[ref]) for ref in sorted(views)]
+    assert any(isinstance(i, FastTexts) for i in inputs)
+    assert full_text(renderer, inputs) == full_text(renderer, blocks)
+    for i, b in zip(inputs, blocks, strict=True):
+        if isinstance(i, FastTexts):
+            assert not b.chains and not b.sets
+            assert list(dict.fromkeys(i.elements)) == [
+                (e.set, " . ".join(e.key), e.text()) for e in b.elements
+            ]
 
 
 def test_itp_local_fast_path_uses_the_local_endpoints() -> None:
