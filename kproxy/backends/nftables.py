@@ -263,17 +263,18 @@ class NftablesProxier:
                 yield block
 
     def _full_sync(self, snapshot: Snapshot, *, keep_stale: bool = False) -> SyncResult:
-        """One `nft -f` transaction, written while it is being rendered (nft parses its input
-        as it reads it, so rendering overlaps nft's own work).
+        """One `nft -f` transaction, written while it is being rendered.
 
-        nft evaluates and commits only once its input has ended, so the input is written
-        first, as cheaply as possible: a fast-path service's elements are formatted straight
-        from its views (`Renderer.fast_texts`), and its `ServiceBlock` (what later partial
-        syncs diff against) is rendered after the end of the input, while nft evaluates and
-        commits. The cyclic garbage collector is paused meanwhile, and what survives is moved
-        out of its sight (as the DNS worker does with its index): ~1M small acyclic objects
-        (views, blocks, elements) that live until the next full sync and are freed by
-        reference counting; collecting them would walk them all, 0.3-0.5 s at 10k services."""
+        nft 1.0.6 reads its whole input (8.4 MB at 10k services in ~10 ms) before it parses,
+        evaluates and commits any of it, so nothing before the end of the input overlaps
+        nft's work: the input is written first, as cheaply as possible: a fast-path
+        service's elements are formatted straight from its views (`Renderer.fast_texts`),
+        and its `ServiceBlock` (what later partial syncs diff against) is rendered after the
+        end of the input, while nft evaluates and commits. The cyclic garbage collector is
+        paused meanwhile, and what survives is moved out of its sight (as the DNS worker
+        does with its index): ~1M small acyclic objects (views, blocks, elements) that live
+        until the next full sync and are freed by reference counting; collecting them would
+        walk them all, 0.3-0.5 s at 10k services."""
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -351,6 +352,7 @@ class NftablesProxier:
         render = self.renderer.render_service
         for ref, v in deferred.items():
             blocks[ref] = render(v)
+        deferred.clear()  # the views (~150,000 objects) are freed now, not after nft is done
         blocks = {ref: blocks[ref] for ref in order}
         counts = element_counts(blocks.values())
         count_maps = count_maps_of(counts)

@@ -931,7 +931,7 @@ def full_chunks(
     removed outside the transaction, so connections survive it.
 
     Each service's chains are declared, flushed and refilled together, so the input can be
-    written while later services are still being rendered (nft parses as it reads); the map
+    written while later services are still being rendered; the map
     elements follow the chains they point at, in `add element` commands of ELEMENT_BATCH
     elements as each fills, and the fast path's maps are declared where first used. A set
     `redefined` says exists with another definition (the affinity timeout) is deleted and
@@ -999,8 +999,8 @@ def full_chunks(
             # rules using it were flushed above, and all its elements follow
             declare = f"add {count_map(n, fam).text().replace(' ', f' {t} ', 1)}\n"
             out += [declare, f"delete map {t} {count_map_name(n)}\n", declare]
-        # full batches of elements go now, so that nft parses them while later services are
-        # rendered (the chains their verdicts name are all above)
+        # full batches of elements go now, as the input streams (the chains their verdicts
+        # name are all above)
         for name, texts in by_set.items():
             if len(texts) >= ELEMENT_BATCH:
                 out.append(f"add element {t} {name} {{ {', '.join(texts)} }}\n")
