@@ -403,8 +403,8 @@ def test_a_service_nftables_refuses_is_left_out_and_reported(lab: Lab, cluster_a
     assert "kproxy_sync_rejected_services 1.0" in agent.metrics()
     assert "nftables refused the rules of service default/bad" in agent.log()
     assert agent.healthz()[0]
-    batch = http_batch(lab.client.ns, VIP, 80, n=10)
-    assert batch.ok_count == 10 and set(batch.names) == {p.name for p in lab.pods}
+    batch = http_batch(lab.client.ns, VIP, 80, n=10)  # random balancing: any of the pods
+    assert batch.ok_count == 10 and set(batch.names) <= {p.name for p in lab.pods}
     assert "10.96.7.90" not in agent.ruleset()
     # later changes to other services land as partial syncs, without probing again
     before = syncs(agent)
