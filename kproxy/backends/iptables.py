@@ -78,6 +78,7 @@ from kproxy.backends.iptables_exec import (
     save,
 )
 from kproxy.backends.iptables_rejects import find_rejected, short, suspects_of
+from kproxy.backends.rejects import Rejected, admitted
 from kproxy.model.codec import paused_gc
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
@@ -259,7 +260,7 @@ class IptablesProxier:
         self.commits = 0  # nft: table sections (one transaction each) written by this sync
         self.restores = 0  # restore invocations of the last sync
         # services whose block iptables refused, with its error: left out until they change
-        self.rejected: dict[Ref, Rejected] = {}
+        self.rejected: dict[Ref, Rejected[ServiceRules]] = {}
         log.info("iptables mode: IPv%d via %s", self.family, self.restore)
 
     # -- kernel I/O ----------------------------------------------------------------------------
@@ -634,14 +635,7 @@ class IptablesProxier:
     # -- services iptables refuses ------------------------------------------------------------
     def _admitted(self, ref: Ref, block: ServiceRules) -> bool:
         """False for a block iptables already refused; a service that changed is tried again."""
-        bad = self.rejected.get(ref)
-        if bad is None:
-            return True
-        if bad.block == block:
-            return False
-        del self.rejected[ref]
-        log.info("service %s changed since iptables refused it: trying it again", _name(ref))
-        return True
+        return admitted(self.rejected, ref, block, tool="iptables", name=_name(ref), log=log)
 
     def _sync_without_rejected(self, snapshot: Snapshot, failure: SyncError) -> SyncResult:
         """After a refused restore: find the services iptables refuses on their own (see
@@ -724,14 +718,6 @@ def _expected_counts(shared: Mapping[tuple[str, str], str]) -> dict[str, dict[st
     for (table, chain), text in shared.items():
         out[table][chain] = _count(text)
     return out
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A service block iptables refused, and what iptables said."""
-
-    block: ServiceRules
-    error: str
 
 
 def _name(ref: Ref) -> str:

@@ -29,6 +29,7 @@ import re
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from kproxy.backends.rejects import halve
 from kproxy.render.iptables import FILTER, NAT, SHARED_SLOTS, ServiceRules
 
 PROBE_PREFIX = "KPRB-"
@@ -124,19 +125,10 @@ def suspects_of(items: Sequence[tuple[T, ServiceRules]], line: str) -> list[T]:
 
 
 def _bisect(items: Sequence[tuple[T, ServiceRules]], probe: Probe, max_chains: int) -> dict[T, str]:
-    bad: dict[T, str] = {}
-    stack = list(reversed(_groups(items, max_chains)))
-    while stack:
-        group = stack.pop()
-        error = probe(probe_input([items[i][1] for i in group]))
-        if not error:
-            continue
-        if len(group) == 1:
-            bad[items[group[0]][0]] = error
-            continue
-        mid = len(group) // 2
-        stack.extend((group[mid:], group[:mid]))  # the first half is probed first
-    return bad
+    def error_of(group: Sequence[int]) -> str:
+        return probe(probe_input([items[i][1] for i in group]))
+
+    return {items[i][0]: err for i, err in halve(_groups(items, max_chains), error_of).items()}
 
 
 def short(name: str, limit: int = 80) -> str:

@@ -21,12 +21,12 @@ import shutil
 import subprocess
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Protocol
 
 from kproxy.backends.base import SyncError, SyncResult
 from kproxy.backends.iptables_exec import ProcessRestorer, RestoreFailed, Restorer, RunRestorer
 from kproxy.backends.nftables_rejects import find_refused, suspects_of
+from kproxy.backends.rejects import Rejected, admitted
 from kproxy.model.objects import Ref
 from kproxy.model.options import ProxyOptions
 from kproxy.model.store import Changes, Snapshot
@@ -194,7 +194,7 @@ class NftablesProxier:
         self._rules = 0
         # services whose block nft or the kernel refused, with the error: left out until they
         # change (see kproxy.backends.nftables_rejects)
-        self.rejected: dict[Ref, Rejected] = {}
+        self.rejected: dict[Ref, Rejected[ServiceBlock]] = {}
         log.info("nftables mode: IPv%d, table %s %s", self.family, family_word(self.family), TABLE)
 
     # -- syncing -------------------------------------------------------------------------------
@@ -414,15 +414,8 @@ class NftablesProxier:
 
     # -- what nft or the kernel refuses ---------------------------------------------------------
     def _admitted(self, ref: Ref, block: ServiceBlock) -> bool:
-        """False for a block already refused; a service that changed is tried again."""
-        bad = self.rejected.get(ref)
-        if bad is None:
-            return True
-        if bad.block == block:
-            return False
-        del self.rejected[ref]
-        log.info("service %s changed since nftables refused it: trying it again", ref)
-        return True
+        """False for a block nftables already refused; a service that changed is tried again."""
+        return admitted(self.rejected, ref, block, tool="nftables", name=str(ref), log=log)
 
     def _recover(self, snapshot: Snapshot, failure: SyncError, *, tried_full: bool) -> SyncResult:
         """After a refused transaction: a full sync (unless that is what failed); when that is
@@ -498,14 +491,6 @@ class NftablesProxier:
         self._counts = {}
         self._count_maps = set()
         self._need_full = self._reconcile = True
-
-
-@dataclass(frozen=True, slots=True)
-class Rejected:
-    """A service block nft or the kernel refused, and what it said."""
-
-    block: ServiceBlock
-    error: str
 
 
 def cleanup_nftables(family: int, run: Run = subprocess.run) -> bool:

@@ -22,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TypeVar
 
+from kproxy.backends.rejects import halve
 from kproxy.render.nftables import ServiceBlock
 
 T = TypeVar("T")
@@ -42,18 +43,9 @@ def find_refused(
     bad = {k: err for k in suspects if k in blocks and (err := check([blocks[k]]))}
     if bad:
         return bad
-    stack = [list(range(len(items)))] if items else []
-    while stack:
-        group = stack.pop()
-        error = check([items[i][1] for i in group])
-        if not error:
-            continue
-        if len(group) == 1:
-            bad[items[group[0]][0]] = error
-            continue
-        mid = len(group) // 2
-        stack.extend((group[mid:], group[:mid]))  # the first half is probed first
-    return bad
+    groups = [range(len(items))] if items else []
+    found = halve(groups, lambda group: check([items[i][1] for i in group]))
+    return {items[i][0]: err for i, err in found.items()}
 
 
 def suspects_of(
