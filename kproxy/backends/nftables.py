@@ -34,9 +34,10 @@ from kproxy.model.view import ServicePortView, build_views
 from kproxy.render.nftables import (
     EMPTY_BLOCK,
     TABLE,
-    Element,
+    ElementKey,
     FastTexts,
     Op,
+    Owners,
     Renderer,
     ServiceBlock,
     SetDef,
@@ -44,6 +45,7 @@ from kproxy.render.nftables import (
     block_text,
     count_map_name,
     count_maps_of,
+    count_of,
     delta_ops,
     element_counts,
     family_word,
@@ -186,7 +188,7 @@ class NftablesProxier:
             ProcessRestorer() if run is subprocess.run else RunRestorer(run)
         )
         self._blocks: dict[Ref, ServiceBlock] = {}
-        self._counts: dict[Element, int] = {}
+        self._counts: dict[ElementKey, Owners] = {}  # see delta_ops
         self._count_maps: set[int] = set()  # N of the fast-path maps in the table
         self._need_full = True
         self._reconcile = True
@@ -354,8 +356,8 @@ class NftablesProxier:
             blocks[ref] = render(v)
         deferred.clear()  # the views (~150,000 objects) are freed now, not after nft is done
         blocks = {ref: blocks[ref] for ref in order}
-        counts = element_counts(blocks.values())
-        count_maps = count_maps_of(counts)
+        counts = element_counts(blocks.items())
+        count_maps = {n for n in {count_of(name) for name, _ in counts} if n}
         try:
             sink.wait()
         except RestoreFailed as err:

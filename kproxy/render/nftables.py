@@ -53,7 +53,7 @@ import re
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from collections.abc import Set as AbstractSet
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 from kproxy.model.decisions import Verdict, node_in_source_ranges
 from kproxy.model.endpoints import EndpointInfo
@@ -778,18 +778,55 @@ def ops_text(ops: Iterable[Op], family: int) -> str:
     return "".join(op_text(op, family) for op in ops)
 
 
+ElementKey = tuple[str, tuple[str, ...]]  # (set, key): one element in the kernel
+# the services owning one key: (ref, element, ref, element, ...) in ref order, flat (one
+# tuple per key: a full sync at 10k services records ~200,000 of them); the first owner's
+# element is the one in the kernel, as a full sync (services in name order) writes it
+Owners = tuple[Any, ...]
+
+
+def _without(owners: Owners, ref: Ref) -> Owners:
+    for i in range(0, len(owners), 2):
+        if owners[i] == ref:
+            return owners[:i] + owners[i + 2 :]
+    return owners
+
+
+def _with(owners: Owners, ref: Ref, e: Element) -> Owners:
+    """`owners` with `ref` owning `e` (unless it owns the key already: a service's first
+    element of a key is the one a full sync writes)."""
+    for i in range(0, len(owners), 2):
+        if owners[i] == ref:
+            return owners
+        if ref < owners[i]:
+            return (*owners[:i], ref, e, *owners[i:])
+    return (*owners, ref, e)
+
+
+def _by_key(b: ServiceBlock) -> dict[ElementKey, Element]:
+    out: dict[ElementKey, Element] = {}
+    for e in b.elements:
+        out.setdefault((e.set, e.key), e)
+    return out
+
+
 def delta_ops(
     old: Mapping[Ref, ServiceBlock],
     new: Mapping[Ref, ServiceBlock],
-    element_counts: Mapping[Element, int],
+    element_counts: Mapping[ElementKey, Owners],
     *,
     family: int = 4,
     count_maps: AbstractSet[int] = frozenset(),
-) -> tuple[list[Op], dict[Element, int]]:
+) -> tuple[list[Op], dict[ElementKey, Owners]]:
     """The ops that turn the blocks `old[ref]` into `new[ref]` for every ref of `new`, and the
-    element reference counts that change (elements are shared between services: an element is
-    added when its first owner appears and deleted when its last owner goes); fold them into
-    the counts with `apply_counts` once the ops are applied.
+    element owners that change (see `element_counts`; fold them in with `apply_counts` once
+    the ops are applied).
+
+    Elements are shared between services, and two services may claim one key with different
+    values (two Services with the same externalIP and port): the kernel holds the element of
+    the key's first owner in service name order, as a full sync writes it. A second owner
+    sends nothing; when the first goes (or drops or changes the key) its element is deleted
+    and the next owner's added, in the same transaction.
 
     `count_maps`: the endpoint counts N whose fast-path map and rule exist (in `family`'s
     table); a new element of another N's map first creates that map and its rule in
@@ -802,9 +839,10 @@ def delta_ops(
     does not rely on the kernel updating a set's timeout in place), and a set cannot be
     deleted while a rule names it, so the service's chains are emptied first and refilled
     after, in the same transaction (the clients' affinity entries start afresh)."""
-    # only the counts this delta touches (copying all of them costs more than the rest of a
-    # one-endpoint sync at 10k services)
+    # only the owners of the keys this delta touches (copying all of them costs more than the
+    # rest of a one-endpoint sync at 10k services)
     counts = _Overlay(element_counts)
+    was_first: dict[ElementKey, Element | None] = {}  # touched keys: the kernel's element
     add_chains: list[Op] = []
     recreate: list[Op] = []
     rules: list[Op] = []
@@ -844,31 +882,33 @@ def delta_ops(
             if chain not in now:
                 flush_gone.append(Op("flush-chain", chain))
                 del_chains.append(Op("delete-chain", chain))
-        gone = set(before.elements) - set(after.elements)
-        came = [e for e in after.elements if e not in set(before.elements)]
-        for e in gone:
-            n = counts.get(e, 0) - 1
-            if n <= 0:
-                counts.pop(e, None)
-                del_elems.append(Op("delete-element", element=e))
-            else:
-                counts[e] = n
-        for e in came:
-            n = counts.get(e, 0)
-            counts[e] = n + 1
-            if n == 0:
-                add_elems.append(Op("add-element", element=e))
-                size = count_of(e.set)
-                if size and size not in count_maps and size not in created:
-                    # a fast-path map first used here (where a full sync declares it)
-                    created.add(size)
-                    add_sets.append(Op("add-set", setdef=count_map(size, family)))
-                    rules.append(Op("add-rule", CLUSTER_ENDPOINTS, rule=count_rule(size)))
-    # a deleted-then-readded element (moved between services) nets out
-    readd = {op.element for op in add_elems} & {op.element for op in del_elems}
-    if readd:
-        add_elems = [op for op in add_elems if op.element not in readd]
-        del_elems = [op for op in del_elems if op.element not in readd]
+        had = _by_key(before)
+        has = _by_key(after)
+        # the keys whose element changes: the new ones in the block's order, then the gone
+        touched: list[tuple[ElementKey, Element | None]]
+        touched = [(k, e) for k, e in has.items() if had.get(k) != e]
+        touched += [(k, None) for k in had if k not in has]
+        for k, e in touched:
+            owners = counts.get(k)
+            if k not in was_first:
+                was_first[k] = owners[1] if owners else None
+            owners = _without(owners, ref)
+            counts[k] = owners if e is None else _with(owners, ref, e)
+    for k, first in was_first.items():
+        owners = counts.get(k)
+        now_first = owners[1] if owners else None
+        if now_first == first:
+            continue
+        if first is not None:
+            del_elems.append(Op("delete-element", element=first))
+        if now_first is not None:
+            add_elems.append(Op("add-element", element=now_first))
+            size = count_of(now_first.set)
+            if size and size not in count_maps and size not in created:
+                # a fast-path map first used here (where a full sync declares it)
+                created.add(size)
+                add_sets.append(Op("add-set", setdef=count_map(size, family)))
+                rules.append(Op("add-rule", CLUSTER_ENDPOINTS, rule=count_rule(size)))
     ops = [*add_chains, *recreate, *add_sets, *rules, *del_elems, *add_elems, *flush_gone]
     ops += del_chains + del_sets
     return ops, counts.changed
@@ -880,39 +920,44 @@ def new_count_maps(ops: Iterable[Op]) -> set[int]:
 
 
 class _Overlay:
-    """Reference counts read through to a base mapping, with writes kept apart (`changed`:
-    element -> new count, 0 for gone)."""
+    """Owners read through to a base mapping, with writes kept apart (`changed`: key -> new
+    owners, () for none)."""
 
-    def __init__(self, base: Mapping[Element, int]) -> None:
+    def __init__(self, base: Mapping[ElementKey, Owners]) -> None:
         self._base = base
-        self.changed: dict[Element, int] = {}
+        self.changed: dict[ElementKey, Owners] = {}
 
-    def get(self, e: Element, default: int = 0) -> int:
-        got = self.changed.get(e)
-        return self._base.get(e, default) if got is None else got
+    def get(self, k: ElementKey) -> Owners:
+        got = self.changed.get(k)
+        return self._base.get(k, ()) if got is None else got
 
-    def __setitem__(self, e: Element, n: int) -> None:
-        self.changed[e] = n
-
-    def pop(self, e: Element, default: object = None) -> None:
-        self.changed[e] = 0
+    def __setitem__(self, k: ElementKey, owners: Owners) -> None:
+        self.changed[k] = owners
 
 
-def apply_counts(counts: dict[Element, int], changed: Mapping[Element, int]) -> None:
-    """Fold the `changed` counts a `delta_ops` returned into `counts`."""
-    for e, n in changed.items():
-        if n:
-            counts[e] = n
+def apply_counts(counts: dict[ElementKey, Owners], changed: Mapping[ElementKey, Owners]) -> None:
+    """Fold the `changed` owners a `delta_ops` returned into `counts`."""
+    for k, owners in changed.items():
+        if owners:
+            counts[k] = owners
         else:
-            counts.pop(e, None)
+            counts.pop(k, None)
 
 
-def element_counts(blocks: Iterable[ServiceBlock]) -> dict[Element, int]:
-    out: dict[Element, int] = {}
-    for b in blocks:
+def element_counts(blocks: Iterable[tuple[Ref, ServiceBlock]]) -> dict[ElementKey, Owners]:
+    """The owners of every key of the (ref, block) pairs (see `delta_ops`)."""
+    out: dict[ElementKey, Owners] = {}
+    for ref, b in blocks:
         for e in b.elements:
-            out[e] = out.get(e, 0) + 1
+            k = (e.set, e.key)
+            owners = out.get(k)
+            out[k] = (ref, e) if owners is None else _with(owners, ref, e)
     return out
+
+
+def elements_of(counts: Mapping[ElementKey, Owners]) -> set[Element]:
+    """The elements in the kernel: each key's first owner's."""
+    return {owners[1] for owners in counts.values()}
 
 
 ELEMENT_BATCH = 1000  # elements per `add element` command of a full sync

@@ -465,3 +465,43 @@ def test_fast_path_translates_sctp(lab: Lab, cluster_api: Any) -> None:
     assert sum(len(v) for v in got.values()) == 30
     for ip, packets in got.items():
         assert {(p["dst"], p["dport"]) for p in packets} == {(ip, 7777)}
+
+
+def test_a_shared_external_ip_port_hands_over_in_a_partial_sync(lab: Lab, cluster_api: Any) -> None:
+    """Two Services claim one externalIP and port (any user can set externalIPs), each with
+    its own backend. The first in name order gets the traffic (as its rule would in iptables
+    mode); once it is deleted the other one gets it after one partial sync, without waiting
+    for a full sync."""
+    api, kubeconfig = cluster_api
+    serve_pods(lab, tcp=[80])
+    external = "10.96.7.99"
+    first, second, client = lab.pods[0], lab.pods[1], lab.pods[2].ns
+
+    def service(name: str, ip: str, pod: Any) -> None:
+        port = {"name": "http", "port": 80, "targetPort": 80, "protocol": "TCP"}
+        api.upsert(
+            make_service_obj("default", name, clusterIP=ip, externalIPs=[external], ports=[port])
+        )
+        api.upsert(make_slice_obj("default", f"{name}-4", name, [pod.ip], [("http", 80, "TCP")]))
+
+    service("a", "10.96.7.81", first)
+    agent = Agent(lab, lab.nodes[0], kubeconfig, extra=MODE)
+    agent.start()
+    before = syncs(agent)
+    service("b", "10.96.7.82", second)
+    eventually(lambda: http_batch(client, "10.96.7.82", 80, n=2).ok_count == 2, timeout=10)
+    batch = http_batch(client, external, 80, n=6)
+    assert batch.ok_count == 6 and set(batch.names) == {first.name}, batch.errors
+    api.delete("Service", "default", "a")
+    eventually(
+        lambda: set(http_batch(client, external, 80, n=3).names) == {second.name}, timeout=10
+    )
+    batch = http_batch(client, external, 80, n=6)
+    assert batch.ok_count == 6 and set(batch.names) == {second.name}, batch.errors
+    after = syncs(agent)[len(before) :]
+    assert after and not any(full for full, _, _ in after), after
+    assert "nftables partial sync failed" not in agent.log()
+    metrics = agent.metrics()
+    # the start-up's full sync only
+    full_syncs = re.findall(r"^kproxy_sync_full_proxy_rules_total\{(.*)\} (\S+)$", metrics, re.M)
+    assert [(r, float(n)) for r, n in full_syncs if float(n)] == [('reason="startup"', 1.0)]

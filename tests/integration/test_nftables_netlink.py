@@ -176,7 +176,7 @@ def test_netlink_deltas_track_nft(netns: str) -> None:
     ):
         after[ref] = renderer.render_service(vs)
     writer = NetlinkWriter(4, fallback=NftCommandWriter(4, run=in_netns(netns)), netns=netns)
-    counts = element_counts(before.values())
+    counts = element_counts(before.items())
     delta = {ref: b for ref, b in after.items() if b != before.get(ref)}
     ops, changes = delta_ops(before, delta, counts, count_maps={1, 2, 3})
     assert new_count_maps(ops) == {4}
@@ -184,7 +184,7 @@ def test_netlink_deltas_track_nft(netns: str) -> None:
     writer.apply(ops)
     got = normalized(netns)
     assert writer.fallbacks == 0
-    assert counts == element_counts(b for b in after.values())
+    assert counts == element_counts(after.items())
     assert got[("map", "cluster-endpoints-4")]["elem"]
 
     nft(netns, "delete", "table", "ip", "kube-proxy")

@@ -272,7 +272,9 @@ class FakeNftTable:
     holds each batch of ops; `refuse` fails the next batches), the `Run` that answers
     `nft -j list table` with the chains and sets present, and the ruleset generation and object
     count of `state` (`foreign_commit` is another program's write). `load(text)` takes in a
-    full sync's `nft -f` input (give it the FakeRestorer's inputs)."""
+    full sync's `nft -f` input (give it the FakeRestorer's inputs). `elements` holds the
+    shared sets' and maps' elements, (set, key text) -> element text, and like the kernel a
+    batch adding a key that exists or deleting one that does not is refused."""
 
     def __init__(self, family: int = 4) -> None:
         self.family = family
@@ -284,12 +286,25 @@ class FakeNftTable:
         self.exists = False
         self.calls: list[list[str]] = []
         self.refuse_text = ""  # `--check` inputs and batches naming this are refused
+        self.elements: dict[tuple[str, str], str] = {}
+
+    def _drop_set(self, name: str) -> None:
+        self.elements = {k: v for k, v in self.elements.items() if k[0] != name}
 
     def load(self, text: str) -> None:
         self.exists = True
         self.generation += 1
         for line in text.splitlines():
             words = line.split()
+            if words[:2] == ["add", "element"]:
+                body = line[line.index("{") + 1 : line.rindex("}")].strip()
+                for item in body.split(", "):
+                    key = item.split(' comment "')[0].split(" : ")[0]
+                    if (words[4], key) in self.elements:  # nft -f refuses it too
+                        raise RuntimeError(f"File exists: {words[4]} {key}")
+                    self.elements[(words[4], key)] = item
+            elif words[0] in ("flush", "delete") and words[1] in ("set", "map"):
+                self._drop_set(words[4])
             if words[:2] == ["add", "chain"]:
                 self.chains.add(words[4])
             elif words[:2] == ["delete", "chain"]:
@@ -307,6 +322,18 @@ class FakeNftTable:
         if self.refuse > 0:
             self.refuse -= 1
             raise RuntimeError("nf_tables message 0 (type 12): EEXIST")
+        elements = dict(self.elements)
+        for op in ops:
+            e = op.element
+            if e is not None:
+                key = (e.set, " . ".join(e.key))
+                if op.kind == "add-element":
+                    if key in elements:
+                        raise RuntimeError(f"nf_tables: EEXIST adding {key}")
+                    elements[key] = e.text()
+                elif elements.pop(key, None) is None:
+                    raise RuntimeError(f"nf_tables: ENOENT deleting {key}")
+        self.elements = elements
         self.generation += 1
         for op in ops:
             if op.kind == "add-chain":
@@ -317,6 +344,7 @@ class FakeNftTable:
                 self.sets[op.setdef.name] = op.setdef.timeout
             elif op.kind == "delete-set":
                 self.sets.pop(op.name, None)
+                self._drop_set(op.name)
 
     def table_exists(self) -> bool:
         return self.exists

@@ -167,3 +167,43 @@ def test_an_affinity_timeout_change_recreates_the_sets_around_emptied_chains() -
     # an unchanged timeout in a full sync keeps the set (and the clients' affinity)
     p.sync(*store.take(), full=True)
     assert "delete set" not in restorer.inputs[-1]
+
+
+def _external(table: FakeNftTable) -> str:
+    return table.elements.get(("service-ips", "5.6.7.8 . tcp . 80"), "")
+
+
+@pytest.mark.parametrize("first", ["s0", "s1"])
+def test_two_services_claiming_one_external_ip_port_hand_over_in_partial_syncs(
+    first: str,
+) -> None:
+    """s0 and s1 both claim 5.6.7.8:80 (any user can set externalIPs). The kernel holds the
+    element of the first in name order, as a full sync writes it; the second's arrival sends
+    nothing for the key (the fake, like the kernel, refuses an existing key), and the first's
+    deletion hands the key over to the other in the same partial sync."""
+    store = numbered_store(0)
+    p, table, restorer = _proxier()
+
+    def add(name: str, i: int) -> None:
+        store.set_service(
+            make_service(name=name, cluster_ips=(f"172.30.0.{i + 1}",), external_ips=("5.6.7.8",))
+        )
+        store.set_slice(make_slice(service=name, endpoints=[make_endpoint(f"10.1.0.{i + 1}")]))
+
+    second = "s1" if first == "s0" else "s0"
+    add(first, int(first[1]))
+    assert p.sync(*store.take(), full=True).full
+    add(second, int(second[1]))
+    result = p.sync(*store.take(), full=False)
+    assert not result.full and result.services_written == 1
+    assert '"ns1/s0:p80"' in _external(table)  # the first in name order
+    kept = dict(table.elements)
+    p.sync(*store.take(), full=True)  # a full sync agrees
+    assert table.elements == kept and len(restorer.inputs) == 2
+    store.delete_service(make_service(name="s0").ref)
+    result = p.sync(*store.take(), full=False)
+    assert not result.full and len(restorer.inputs) == 2  # no full sync needed
+    assert '"ns1/s1:p80"' in _external(table)
+    kept = dict(table.elements)
+    p.sync(*store.take(), full=True)
+    assert table.elements == kept

@@ -22,7 +22,9 @@ from kproxy.render.nftables import (
     NO_ENDPOINT_SERVICES,
     SERVICE_IPS,
     Element,
+    ElementKey,
     FastTexts,
+    Owners,
     Renderer,
     ServiceBlock,
     apply_counts,
@@ -170,7 +172,7 @@ def test_fast_path_endpoint_change_is_element_changes_only() -> None:
     before = block((SVC, eps("10.180.0.1")))
     after = block((SVC, eps("10.180.0.1", "10.180.0.2")))
     assert before.chains == () and after.chains == ()
-    counts = element_counts([before])
+    counts = element_counts([(REF, before)])
     ops, changed = delta_ops({REF: before}, {REF: after}, counts, count_maps={1, 2})
     apply_counts(counts, changed)
     assert ops_text(ops, 4) == (
@@ -181,7 +183,7 @@ def test_fast_path_endpoint_change_is_element_changes_only() -> None:
         "10.180.0.2 . 80 }\n"
         f"add element ip kube-proxy {HAIRPIN} {{ 10.180.0.2 . 10.180.0.2 }}\n"
     )
-    assert counts == element_counts([after])
+    assert counts == element_counts([(REF, after)])
 
 
 def test_fast_path_creates_the_map_of_a_new_count_first() -> None:
@@ -303,14 +305,14 @@ def test_itp_local_fast_path_uses_the_local_endpoints() -> None:
 def test_gaining_a_node_port_moves_the_service_to_the_chain_layout() -> None:
     fast = block((SVC, eps("10.180.0.1")))
     chained = block((NP, eps("10.180.0.1")))
-    counts = element_counts([fast])
+    counts = element_counts([(REF, fast)])
     ops, changed = delta_ops({REF: fast}, {REF: chained}, counts, count_maps={1})
     apply_counts(counts, changed)
     text = ops_text(ops, 4)
     assert "delete element ip kube-proxy cluster-endpoints-1 { 172.30.0.41 . tcp . 80 . 0 }" in text
     assert "add chain ip kube-proxy service-XPGD46QR-ns1/svc1/tcp/p80" in text
     assert "goto service-XPGD46QR-ns1/svc1/tcp/p80" in text
-    assert counts == element_counts([chained])
+    assert counts == element_counts([(REF, chained)])
     # and back: the chains go, the element comes back
     ops, _ = delta_ops({REF: chained}, {REF: fast}, counts, count_maps={1})
     text = ops_text(ops, 4)
@@ -322,7 +324,7 @@ def test_endpoint_change_is_element_changes_only() -> None:
     """No rule changes: the kernel then skips validating the chains reachable from the hooks."""
     before = block((NP, eps("10.180.0.1")))
     after = block((NP, eps("10.180.0.1", "10.180.0.2")))
-    counts = element_counts([before])
+    counts = element_counts([(REF, before)])
     ops, changed = delta_ops({REF: before}, {REF: after}, counts)
     apply_counts(counts, changed)
     text = ops_text(ops, 4)
@@ -333,13 +335,13 @@ def test_endpoint_change_is_element_changes_only() -> None:
         f"add element ip kube-proxy {m} {{ 0-32767 : 10.180.0.1 . 80 }}\n"
         f"add element ip kube-proxy {m} {{ 32768-65535 : 10.180.0.2 . 80 }}\n"
     )
-    assert counts == element_counts([after])
+    assert counts == element_counts([(REF, after)])
 
 
 def test_losing_the_last_endpoint_turns_the_dispatch_into_a_reject() -> None:
     before = block((NP, eps("10.180.0.1")))
     after = block((NP, eps()))
-    ops, _ = delta_ops({REF: before}, {REF: after}, element_counts([before]))
+    ops, _ = delta_ops({REF: before}, {REF: after}, element_counts([(REF, before)]))
     text = ops_text(ops, 4)
     # the map element goes before the chain it points at
     assert text.index(f"delete element ip kube-proxy {SERVICE_IPS}") < text.index("delete chain")
@@ -348,7 +350,8 @@ def test_losing_the_last_endpoint_turns_the_dispatch_into_a_reject() -> None:
         f'"ns1/svc1:p80" : goto reject-chain }}' in text
     )
     # the fast path likewise: its map element goes, the reject element comes
-    ops, _ = delta_ops({REF: block((SVC, eps("10.180.0.1")))}, {REF: block((SVC, eps()))}, {})
+    fast = block((SVC, eps("10.180.0.1")))
+    ops, _ = delta_ops({REF: fast}, {REF: block((SVC, eps()))}, element_counts([(REF, fast)]))
     text = ops_text(ops, 4)
     assert "delete element ip kube-proxy cluster-endpoints-1" in text
     assert f"add element ip kube-proxy {NO_ENDPOINT_SERVICES}" in text
@@ -356,12 +359,12 @@ def test_losing_the_last_endpoint_turns_the_dispatch_into_a_reject() -> None:
 
 def test_new_service_creates_its_chain_before_the_element_that_jumps_to_it() -> None:
     new = block((NP, eps("10.180.0.1")))
-    counts: dict[Element, int] = {}
+    counts: dict[ElementKey, Owners] = {}
     ops, changed = delta_ops({}, {REF: new}, counts)
     apply_counts(counts, changed)
     kinds = [op.kind for op in ops]
     assert kinds.index("add-chain") < kinds.index("add-element")
-    assert counts == element_counts([new])
+    assert counts == element_counts([(REF, new)])
 
 
 def test_shared_elements_stay_while_another_service_uses_them() -> None:
@@ -370,18 +373,142 @@ def test_shared_elements_stay_while_another_service_uses_them() -> None:
     eps = [make_endpoint("10.180.0.1")]
     a = block((SVC, [make_slice(endpoints=eps)]))
     b = block((other, [make_slice(service="svc2", endpoints=eps)]))
-    counts = element_counts([a, b])
+    counts = element_counts([(REF, a), (other.ref, b)])
     pair = Element(HAIRPIN, ("10.180.0.1", "10.180.0.1"))
-    assert counts[pair] == 2
+    assert counts[pair[:2]] == (REF, pair, other.ref, pair)
     ops, changed = delta_ops({REF: a, other.ref: b}, {REF: ServiceBlock()}, counts)
     apply_counts(counts, changed)
     assert pair not in {op.element for op in ops}
-    assert counts[pair] == 1
+    assert counts[pair[:2]] == (other.ref, pair)
+
+
+def clashing() -> tuple[ServiceBlock, ServiceBlock, ServiceBlock]:
+    """ns1/svc1 and ns1/svc2 claim one externalIP and port (any user can set externalIPs),
+    with their own backends; and svc1 again with its port renamed (its element's value, the
+    chain, changes)."""
+    other = make_service("ns1", "svc2", cluster_ips=("172.30.0.42",), external_ips=("5.6.7.8",))
+    first = make_service(external_ips=("5.6.7.8",))
+    a = block((first, eps("10.180.0.1")))
+    b = block((other, [make_slice(service="svc2", endpoints=[make_endpoint("10.180.0.2")])]))
+    renamed = make_service(external_ips=("5.6.7.8",), ports=(make_port(80, name="web"),))
+    a2 = block((renamed, [make_slice(endpoints=[make_endpoint("10.180.0.3")], ports=WEB)]))
+    return a, b, a2
+
+
+REF2 = Ref("ns1", "svc2")
+WEB = [EndpointPort(name="web", port=80, protocol="TCP")]
+EXTERNAL = (SERVICE_IPS, ("5.6.7.8", "tcp", "80"))
+
+
+def external_of(b: ServiceBlock) -> Element:
+    (e,) = (e for e in b.elements if (e.set, e.key) == EXTERNAL)
+    return e
+
+
+def test_a_second_owner_of_a_key_sends_nothing_for_it() -> None:
+    """The kernel keeps the first owner's element (name order, as a full sync writes it):
+    adding the second service adds its other elements only, no refused duplicate key."""
+    a, b, _ = clashing()
+    assert external_of(a) != external_of(b)  # same key, other values
+    counts = element_counts([(REF, a)])
+    ops, changed = delta_ops({REF: a}, {REF2: b}, counts)
+    apply_counts(counts, changed)
+    assert [
+        op.element for op in ops if op.element and (op.element.set, op.element.key) == EXTERNAL
+    ] == []
+    assert counts == element_counts([(REF, a), (REF2, b)])
+    # in the other order too: the first in name order is the one kept
+    counts = element_counts([(REF2, b)])
+    ops, changed = delta_ops({REF2: b}, {REF: a}, counts)
+    apply_counts(counts, changed)
+    shared = [op for op in ops if op.element and (op.element.set, op.element.key) == EXTERNAL]
+    assert [(op.kind, op.element) for op in shared] == [
+        ("delete-element", external_of(b)),
+        ("add-element", external_of(a)),
+    ]
+    assert counts == element_counts([(REF, a), (REF2, b)])
+
+
+def test_deleting_the_winner_adds_the_next_owners_element_at_once() -> None:
+    a, b, _ = clashing()
+    counts = element_counts([(REF, a), (REF2, b)])
+    ops, changed = delta_ops({REF: a, REF2: b}, {REF: ServiceBlock()}, counts)
+    apply_counts(counts, changed)
+    shared = [op for op in ops if op.element and (op.element.set, op.element.key) == EXTERNAL]
+    assert [(op.kind, op.element) for op in shared] == [
+        ("delete-element", external_of(a)),
+        ("add-element", external_of(b)),
+    ]
+    text = ops_text(ops, 4)
+    # the winner's element goes before its chain, the next one's comes in the same text
+    assert text.index("delete element ip kube-proxy service-ips { 5.6.7.8") < text.index(
+        "delete chain"
+    )
+    assert (
+        'add element ip kube-proxy service-ips { 5.6.7.8 . tcp . 80 comment "ns1/svc2:p80"' in text
+    )
+    assert counts == element_counts([(REF2, b)])
+    # and the loser going sends nothing for the key
+    counts = element_counts([(REF, a), (REF2, b)])
+    ops, changed = delta_ops({REF: a, REF2: b}, {REF2: ServiceBlock()}, counts)
+    apply_counts(counts, changed)
+    assert not [op for op in ops if op.element and (op.element.set, op.element.key) == EXTERNAL]
+    assert counts == element_counts([(REF, a)])
+
+
+def test_a_winners_value_change_is_delete_and_add_and_a_losers_is_nothing() -> None:
+    a, b, a2 = clashing()
+    assert external_of(a) != external_of(a2)  # another external chain
+    counts = element_counts([(REF, a), (REF2, b)])
+    ops, changed = delta_ops({REF: a, REF2: b}, {REF: a2}, counts)
+    apply_counts(counts, changed)
+    shared = [op for op in ops if op.element and (op.element.set, op.element.key) == EXTERNAL]
+    assert [(op.kind, op.element) for op in shared] == [
+        ("delete-element", external_of(a)),
+        ("add-element", external_of(a2)),
+    ]
+    assert counts == element_counts([(REF, a2), (REF2, b)])
+
+
+def test_fast_path_keys_and_hairpin_follow_the_first_owner() -> None:
+    """Two fast-path services claiming one ClusterIP port: the cluster-endpoints-N keys are
+    the first's; when it goes, the second's endpoints replace them in one transaction, and
+    a hairpin element both share stays."""
+    twin = make_service("ns1", "svc2")  # the same ClusterIP 172.30.0.41:80
+    a = block((SVC, eps("10.180.0.1", "10.180.0.2")))
+    b = block(
+        (
+            twin,
+            [
+                make_slice(
+                    service="svc2",
+                    endpoints=[make_endpoint("10.180.0.1"), make_endpoint("10.180.0.3")],
+                )
+            ],
+        )
+    )
+    counts = element_counts([(REF, a)])
+    ops, changed = delta_ops({REF: a}, {REF2: b}, counts, count_maps={2})
+    apply_counts(counts, changed)
+    # only svc2's own hairpin element: its map keys and cluster IP are svc1's
+    assert (
+        ops_text(ops, 4) == f"add element ip kube-proxy {HAIRPIN} {{ 10.180.0.3 . 10.180.0.3 }}\n"
+    )
+    ops, changed = delta_ops({REF: a, REF2: b}, {REF: ServiceBlock()}, counts, count_maps={2})
+    apply_counts(counts, changed)
+    text = ops_text(ops, 4)
+    assert text == (
+        "delete element ip kube-proxy cluster-endpoints-2 { 172.30.0.41 . tcp . 80 . 1 }\n"
+        f"delete element ip kube-proxy {HAIRPIN} {{ 10.180.0.2 . 10.180.0.2 }}\n"
+        "add element ip kube-proxy cluster-endpoints-2 { 172.30.0.41 . tcp . 80 . 1 : "
+        "10.180.0.3 . 80 }\n"
+    )
+    assert counts == element_counts([(REF2, b)])
 
 
 def test_unchanged_service_sends_nothing() -> None:
     a = block((SVC, [make_slice(endpoints=[make_endpoint("10.180.0.1")])]))
-    assert delta_ops({REF: a}, {REF: a}, element_counts([a]))[0] == []
+    assert delta_ops({REF: a}, {REF: a}, element_counts([(REF, a)]))[0] == []
 
 
 @pytest.mark.parametrize(
