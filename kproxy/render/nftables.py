@@ -893,7 +893,17 @@ def delta_ops(
             if k not in was_first:
                 was_first[k] = owners[1] if owners else None
             owners = _without(owners, ref)
-            counts[k] = owners if e is None else _with(owners, ref, e)
+            if e is None:
+                counts[k] = owners
+                continue
+            counts[k] = _with(owners, ref, e)
+            size = count_of(e.set)
+            if size and size not in count_maps and size not in created:
+                # a fast-path map first used here (where a full sync declares it; an owner
+                # of a key of a map not in the table yet is its first: its element is added)
+                created.add(size)
+                add_sets.append(Op("add-set", setdef=count_map(size, family)))
+                rules.append(Op("add-rule", CLUSTER_ENDPOINTS, rule=count_rule(size)))
     for k, first in was_first.items():
         owners = counts.get(k)
         now_first = owners[1] if owners else None
@@ -903,12 +913,6 @@ def delta_ops(
             del_elems.append(Op("delete-element", element=first))
         if now_first is not None:
             add_elems.append(Op("add-element", element=now_first))
-            size = count_of(now_first.set)
-            if size and size not in count_maps and size not in created:
-                # a fast-path map first used here (where a full sync declares it)
-                created.add(size)
-                add_sets.append(Op("add-set", setdef=count_map(size, family)))
-                rules.append(Op("add-rule", CLUSTER_ENDPOINTS, rule=count_rule(size)))
     ops = [*add_chains, *recreate, *add_sets, *rules, *del_elems, *add_elems, *flush_gone]
     ops += del_chains + del_sets
     return ops, counts.changed
@@ -953,11 +957,6 @@ def element_counts(blocks: Iterable[tuple[Ref, ServiceBlock]]) -> dict[ElementKe
             owners = out.get(k)
             out[k] = (ref, e) if owners is None else _with(owners, ref, e)
     return out
-
-
-def elements_of(counts: Mapping[ElementKey, Owners]) -> set[Element]:
-    """The elements in the kernel: each key's first owner's."""
-    return {owners[1] for owners in counts.values()}
 
 
 ELEMENT_BATCH = 1000  # elements per `add element` command of a full sync
