@@ -102,7 +102,6 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     import logging
 
     from kproxy.backends.ipvs import IPVSProxier
-    from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice
     from kproxy.model.options import ProxyOptions
     from kproxy.model.view import build_views
     from kproxy.render import ipvs as R
@@ -135,24 +134,7 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     raw_s: list[float] = []
     for k in range(args.changes):
         i = (k * 7919) % args.services
-        eps = list(
-            Endpoint(_endpoint_ip(i * args.endpoints + j), node_name="elsewhere")
-            for j in range(args.endpoints)
-        )
-        eps[k % args.endpoints] = Endpoint(f"10.250.{k // 256}.{k % 256}", node_name="elsewhere")
-        t = time.perf_counter()
-        store.set_slice(
-            EndpointSlice(
-                "bench",
-                f"s{i}-x",
-                f"s{i}",
-                endpoints=tuple(eps),
-                ports=(EndpointPort("http", "TCP", 8080),),
-            )
-        )
-        snap, changes = store.take()
-        proxier.sync(snap, changes, full=False)
-        changes_s.append(time.perf_counter() - t)
+        changes_s.append(_change_one_endpoint(args, proxier, store, i, k, "10.250")[0])
         raw_s.extend(_raw_same_change(proxier.last_plan))
     if raw_s:
         ordered = sorted(raw_s)
@@ -174,6 +156,33 @@ def child(args: argparse.Namespace) -> dict[str, Any]:
     out["resync_s"] = time.perf_counter() - t
     out["resync_parts_s"] = dict(proxier.timings)
     return out
+
+
+def _change_one_endpoint(
+    args: argparse.Namespace, proxier: Any, store: Any, i: int, k: int, prefix: str
+) -> tuple[float, list[Any]]:
+    """Replace endpoint k % endpoints of service i with `prefix.x.y` and sync: the seconds from
+    the EndpointSlice update to the kernel, and the new endpoints."""
+    from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice
+
+    eps = [
+        Endpoint(_endpoint_ip(i * args.endpoints + j), node_name="elsewhere")
+        for j in range(args.endpoints)
+    ]
+    eps[k % args.endpoints] = Endpoint(f"{prefix}.{k // 256}.{k % 256}", node_name="elsewhere")
+    t = time.perf_counter()
+    store.set_slice(
+        EndpointSlice(
+            "bench",
+            f"s{i}-x",
+            f"s{i}",
+            endpoints=tuple(eps),
+            ports=(EndpointPort("http", "TCP", 8080),),
+        )
+    )
+    snap, changes = store.take()
+    proxier.sync(snap, changes, full=False)
+    return time.perf_counter() - t, eps
 
 
 def _idle(args: argparse.Namespace, proxier: Any, store: Any) -> dict[str, Any]:
@@ -248,7 +257,6 @@ def _soak(args: argparse.Namespace, proxier: Any, store: Any) -> dict[str, Any]:
     between, as the sync loop runs them; after each change the same change by ipvsadm (undone,
     then redone by one `ipvsadm -R`). At the end every changed virtual server is read back: no
     change may be lost."""
-    from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice
     from kproxy.render import ipvs as R
 
     mine: list[float] = []
@@ -268,24 +276,8 @@ def _soak(args: argparse.Namespace, proxier: Any, store: Any) -> dict[str, Any]:
             slips += 1  # the previous change's ipvsadm comparison ran past this slot
         slot = max(slot, now) + args.interval
         i = (k * 104729 + 17) % args.services
-        eps = [
-            Endpoint(_endpoint_ip(i * args.endpoints + j), node_name="elsewhere")
-            for j in range(args.endpoints)
-        ]
-        eps[k % args.endpoints] = Endpoint(f"10.251.{k // 256}.{k % 256}", node_name="elsewhere")
-        t = time.perf_counter()
-        store.set_slice(
-            EndpointSlice(
-                "bench",
-                f"s{i}-x",
-                f"s{i}",
-                endpoints=tuple(eps),
-                ports=(EndpointPort("http", "TCP", 8080),),
-            )
-        )
-        snap, changes = store.take()
-        proxier.sync(snap, changes, full=False)
-        mine.append(time.perf_counter() - t)
+        seconds, eps = _change_one_endpoint(args, proxier, store, i, k, "10.251")
+        mine.append(seconds)
         expected[i] = {e.address for e in eps}
         raw.extend(_raw_same_change(proxier.last_plan))
         if time.perf_counter() >= next_periodic:

@@ -114,8 +114,6 @@ def inner(
     from kproxy.backends.nftables import NftablesProxier
     from kproxy.model.objects import (
         Endpoint,
-        EndpointPort,
-        EndpointSlice,
         Ref,
         Service,
         ServicePort,
@@ -191,26 +189,10 @@ def inner(
         svc = Service(
             "bench", name, cluster_ips=(_ip(90, r),), ports=(ServicePort("http", "TCP", 80, 8080),)
         )
-        sl = EndpointSlice(
-            "bench",
-            f"{name}-x",
-            name,
-            endpoints=tuple(Endpoint(_ip(210, r * m + j), node_name="x") for j in range(m)),
-            ports=(EndpointPort("http", "TCP", 8080),),
-        )
-        start = time.perf_counter()
-        store.set_service(svc)
-        store.set_slice(sl)
-        snap, ch = store.take()
-        proxier.sync(snap, ch, full=False)
-        add.append(time.perf_counter() - start)
+        sl = _slice(name, 210, r, m)
+        add.append(_timed_sync(store, proxier, svc, sl))
         add_k.append(writer.last_send_seconds)
-        start = time.perf_counter()
-        store.delete_slice(sl.ref)
-        store.delete_service(svc.ref)
-        snap, ch = store.take()
-        proxier.sync(snap, ch, full=False)
-        rm.append(time.perf_counter() - start)
+        rm.append(_timed_sync(store, proxier, svc, sl, delete=True))
     out["service_add"] = _summary(add)
     out["service_add_kernel"] = _summary(add_k)
     out["service_remove"] = _summary(rm)
@@ -225,13 +207,7 @@ def inner(
         )
         from kproxy.model.view import service_views
 
-        sl = EndpointSlice(
-            "bench",
-            f"raw{r}-x",
-            f"raw{r}",
-            endpoints=tuple(Endpoint(_ip(211, r * m + j), node_name="x") for j in range(m)),
-            ports=(EndpointPort("http", "TCP", 8080),),
-        )
+        sl = _slice(f"raw{r}", 211, r, m)
         block = proxier.renderer.render_service(
             service_views(svc, [sl], family=4, node_name="bench-node")
         )
@@ -259,24 +235,10 @@ def inner(
             cluster_ips=(_ip(92, r),),
             ports=(ServicePort("http", "TCP", 80, 8080, node_port=30000 + r),),
         )
-        sl = EndpointSlice(
-            "bench",
-            f"{name}-x",
-            name,
-            endpoints=tuple(Endpoint(_ip(212, r * m + j), node_name="x") for j in range(m)),
-            ports=(EndpointPort("http", "TCP", 8080),),
-        )
-        start = time.perf_counter()
-        store.set_service(svc)
-        store.set_slice(sl)
-        snap, ch = store.take()
-        proxier.sync(snap, ch, full=False)
-        add_np.append(time.perf_counter() - start)
+        sl = _slice(name, 212, r, m)
+        add_np.append(_timed_sync(store, proxier, svc, sl))
         add_np_k.append(writer.last_send_seconds)
-        store.delete_slice(sl.ref)
-        store.delete_service(svc.ref)
-        snap, ch = store.take()
-        proxier.sync(snap, ch, full=False)
+        _timed_sync(store, proxier, svc, sl, delete=True)
     out["nodeport_add"] = _summary(add_np)
     out["nodeport_add_kernel"] = _summary(add_np_k)
 
@@ -289,6 +251,34 @@ def inner(
     out["drift_check_cpu"] = (time.process_time() - cpu0) / checks
     out["idle_writes"] = generation() - gen
     return out
+
+
+def _slice(name: str, octet: int, r: int, m: int) -> Any:
+    """The EndpointSlice of service `name`: `m` endpoints 10.<octet>.x.y, numbered from r*m."""
+    from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice
+
+    return EndpointSlice(
+        "bench",
+        f"{name}-x",
+        name,
+        endpoints=tuple(Endpoint(_ip(octet, r * m + j), node_name="x") for j in range(m)),
+        ports=(EndpointPort("http", "TCP", 8080),),
+    )
+
+
+def _timed_sync(store: Any, proxier: Any, svc: Any, sl: Any, *, delete: bool = False) -> float:
+    """Add (or delete) one service and its slice, then a partial sync: the seconds from the
+    store update to the kernel."""
+    start = time.perf_counter()
+    if delete:
+        store.delete_slice(sl.ref)
+        store.delete_service(svc.ref)
+    else:
+        store.set_service(svc)
+        store.set_slice(sl)
+    snap, ch = store.take()
+    proxier.sync(snap, ch, full=False)
+    return time.perf_counter() - start
 
 
 def first_packet(mode: str, n: int, m: int, connects: int) -> dict[str, Any]:
