@@ -45,7 +45,6 @@ from kproxy.render.nftables import (
     block_text,
     count_map_name,
     count_maps_of,
-    count_of,
     delta_ops,
     element_counts,
     family_word,
@@ -327,7 +326,9 @@ class NftablesProxier:
             wanted_chains = {c for b in blocks.values() for c, _ in b.chains}
             wanted_sets = {s.name for b in blocks.values() for s in b.sets}
             wanted_sets |= {
-                count_map_name(n) for b in blocks.values() for n in count_maps_of(b.elements)
+                count_map_name(n)
+                for b in blocks.values()
+                for n in count_maps_of(e.set for e in b.elements)
             }
             wanted_sets |= {name for name in fast_sets if is_count_map(name)}
             stale_chains.extend(
@@ -357,7 +358,7 @@ class NftablesProxier:
         deferred.clear()  # the views (~150,000 objects) are freed now, not after nft is done
         blocks = {ref: blocks[ref] for ref in order}
         counts = element_counts(blocks.items())
-        count_maps = {n for n in {count_of(name) for name, _ in counts} if n}
+        count_maps = count_maps_of(name for name, _ in counts)
         try:
             sink.wait()
         except RestoreFailed as err:

@@ -426,9 +426,16 @@ def count_rule(n: int) -> Rule:
     return (DnatShared(n),)
 
 
-def count_maps_of(elements: Iterable[Element]) -> set[int]:
-    """The endpoint counts N whose fast-path maps `elements` use."""
-    return {n for n in {count_of(e.set) for e in elements} if n}
+def count_maps_of(names: Iterable[str]) -> set[int]:
+    """The endpoint counts N of the fast-path maps among the set `names`."""
+    return {n for n in {count_of(name) for name in names} if n}
+
+
+def takes_fast_path(v: ServicePortView) -> bool:
+    """A port on the chainless fast path: endpoints for internal traffic, no ClientIP
+    affinity, no external exposure (no nodePort, externalIPs or LoadBalancer ingress IPs)."""
+    d = v.decision
+    return d.internal_verdict is Verdict.FORWARD and not d.affinity_timeout and not v.has_external
 
 
 # -- one service -------------------------------------------------------------------------------
@@ -514,11 +521,10 @@ class Renderer:
         no views). Must stay the text of `_render_port`'s fast path (tested)."""
         out: list[tuple[str, str, str]] = []
         add = out.append
-        forward = Verdict.FORWARD
         for v in views:
-            d = v.decision
-            if d.internal_verdict is not forward or d.affinity_timeout or v.has_external:
+            if not takes_fast_path(v):
                 return None
+            d = v.decision
             cip = v.cluster_ip
             add((CLUSTER_IPS, cip, cip))
             count = f"{COUNT_MAP_PREFIX}{len(d.internal)}"
@@ -542,7 +548,7 @@ class Renderer:
         port = str(v.port.port)
         cip = v.cluster_ip
         d = v.decision
-        if d.internal_verdict is Verdict.FORWARD and not d.affinity_timeout and not v.has_external:
+        if takes_fast_path(v):
             # the chainless fast path: elements of the shared map for its endpoint count
             add = elements.append
             add(Element(CLUSTER_IPS, (cip,)))
@@ -920,7 +926,7 @@ def delta_ops(
 
 def new_count_maps(ops: Iterable[Op]) -> set[int]:
     """The endpoint counts whose fast-path maps the ops of a `delta_ops` create."""
-    return {count_of(op.setdef.name) for op in ops if op.setdef is not None} - {0}
+    return count_maps_of(op.setdef.name for op in ops if op.setdef is not None)
 
 
 class _Overlay:
