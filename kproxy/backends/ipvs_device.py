@@ -23,7 +23,7 @@ import struct
 import subprocess
 from collections.abc import Iterable
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
 from kproxy.backends.netlink import (

@@ -81,7 +81,7 @@ def _mreq(ifindex: int, mac: bytes) -> bytes:
 
 def interface_map() -> dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]]:
     """{interface name: its addresses with prefixes}, from netlink."""
-    from pyroute2 import IPRoute
+    from pyroute2.iproute import IPRoute
 
     out: dict[str, list[ipaddress.IPv4Interface | ipaddress.IPv6Interface]] = {}
     with IPRoute() as ipr:

@@ -7,7 +7,7 @@ import os
 import shutil
 from dataclasses import replace
 
-from pyroute2 import IPRoute
+from pyroute2.iproute import IPRoute
 
 from kproxy.model.options import ProxyOptions
 

@@ -29,6 +29,7 @@ ALLOWED: dict[str, set[str]] = {
     "logs": set(),
     "metrics": set(),
     "memtrim": set(),
+    "deferinit": set(),
     "backends": {"render", "lb", "model"},
     "kube": {"render", "lb", "model"},
     "dns": {"model", "__init__", "memtrim"},
@@ -76,7 +77,7 @@ ALLOWED: dict[str, set[str]] = {
     },
     "__main__": {"cli"},
     "errors": set(),
-    "__init__": set(),
+    "__init__": {"deferinit"},
 }
 PURE = {"model", "render"}
 IO_MODULES = {
