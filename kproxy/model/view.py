@@ -10,17 +10,22 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
+from typing import NamedTuple
 
 from kproxy.model.decisions import PortDecision, decide
-from kproxy.model.endpoints import EndpointInfo, categorize, merge_endpoints
+from kproxy.model.endpoints import (
+    EndpointInfo,
+    categorize,
+    has_external_addresses,
+    merge_endpoints,
+)
 from kproxy.model.objects import EndpointSlice, Ref, Service, ServicePort, ip_family
 from kproxy.model.store import Snapshot
 
 
-@dataclass(frozen=True, slots=True)
-class ServicePortView:
-    """Everything a dataplane needs about one service port in one IP family."""
+class ServicePortView(NamedTuple):
+    """Everything a dataplane needs about one service port in one IP family (immutable; a
+    NamedTuple because every full sync makes one per service port, see PortDecision)."""
 
     service: Service
     port: ServicePort
@@ -74,31 +79,37 @@ def service_views(
     if cluster_ip is None:
         return ()
     slices = tuple(slices)
+    # per service, not per port (a plain ClusterIP service has none of them)
+    external_ips = _of_family(service.external_ips, family) if service.external_ips else ()
+    lb_ips = _of_family(service.load_balancer_ips, family) if service.load_balancer_ips else ()
+    source_ranges = (
+        _cidrs_of_family(service.load_balancer_source_ranges, family)
+        if service.load_balancer_source_ranges
+        else ()
+    )
+    any_external = has_external_addresses(service)
     views = []
     for port in service.ports:
         endpoints = merge_endpoints(port, slices, family=family, node_name=node_name)
-        external_ips = _of_family(service.external_ips, family)
-        lb_ips = _of_family(service.load_balancer_ips, family)
-        source_ranges = _cidrs_of_family(service.load_balancer_source_ranges, family)
         decision = decide(
             service,
             endpoints,
-            categorize(service, endpoints, node_zone=node_zone),
+            categorize(service, endpoints, node_zone=node_zone, has_external=any_external),
             has_external=bool(external_ips or lb_ips or port.node_port),
             has_load_balancer_ips=bool(lb_ips),
             has_source_ranges=bool(source_ranges),
         )
         views.append(
             ServicePortView(
-                service=service,
-                port=port,
-                family=family,
-                cluster_ip=cluster_ip,
-                external_ips=external_ips,
-                load_balancer_ips=lb_ips,
-                source_ranges=source_ranges,
-                endpoints=endpoints,
-                decision=decision,
+                service,
+                port,
+                family,
+                cluster_ip,
+                external_ips,
+                lb_ips,
+                source_ranges,
+                endpoints,
+                decision,
             )
         )
     return tuple(views)

@@ -10,7 +10,6 @@ import json
 import secrets
 import subprocess
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -68,7 +67,7 @@ def in_netns(ns: str) -> Callable[..., Any]:
 def one_range(views: Mapping[Ref, tuple[ServicePortView, ...]]) -> dict[Ref, Any]:
     """The same services with a single source range (which the codec encodes itself)."""
     return {
-        r: tuple(replace(v, source_ranges=v.source_ranges[:1]) for v in vs)
+        r: tuple(v._replace(source_ranges=v.source_ranges[:1]) for v in vs)
         for r, vs in views.items()
     }
 
@@ -151,11 +150,9 @@ def test_netlink_deltas_track_nft(netns: str) -> None:
     changed = by_name["svc2"]
     after[changed] = renderer.render_service(
         tuple(
-            replace(
-                v,
+            v._replace(
                 endpoints=v.endpoints[:1],
-                decision=replace(
-                    v.decision,
+                decision=v.decision._replace(
                     cluster=v.decision.cluster[:1],
                     all_reachable=v.decision.all_reachable[:1],
                 ),
@@ -166,7 +163,7 @@ def test_netlink_deltas_track_nft(netns: str) -> None:
     moved = by_name["svc5"]
     after[moved] = renderer.render_service(
         tuple(
-            replace(v, decision=replace(v.decision, internal=v.decision.internal[:2]))
+            v._replace(decision=v.decision._replace(internal=v.decision.internal[:2]))
             for v in views[moved]
         )
     )
