@@ -1,4 +1,4 @@
-"""Reads of this host's network configuration through netlink (pyroute2)."""
+"""Reads of this host's network configuration through netlink (`kproxy.backends.rtnetlink`)."""
 
 from __future__ import annotations
 
@@ -7,20 +7,16 @@ import os
 import shutil
 from dataclasses import replace
 
-from pyroute2.iproute import IPRoute
-
+from kproxy.backends.rtnetlink import NetlinkSocket, addresses
 from kproxy.model.options import ProxyOptions
 
 
 def local_addresses(family: int | None = None) -> tuple[str, ...]:
     """Every address configured on this host's interfaces (of one family, if given)."""
     out: list[str] = []
-    with IPRoute() as ipr:
-        for msg in ipr.get_addr():
-            addr = msg.get_attr("IFA_ADDRESS") or msg.get_attr("IFA_LOCAL")
-            if not addr:
-                continue
-            ip = ipaddress.ip_address(addr)
+    with NetlinkSocket() as nl:
+        for found in addresses(nl):
+            ip = ipaddress.ip_address(found.address)
             if family is not None and ip.version != family:
                 continue
             if ip.version == 6 and ip.is_link_local:

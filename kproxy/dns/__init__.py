@@ -7,7 +7,7 @@ truncate), `forward` (upstreams and their cache), `engine` (sockets and threads)
 addresses on the node). See docs/dns.md.
 
 The names below are imported lazily: the serving processes import only what they use, which
-keeps pyroute2 (placement) and the daemon-side modules out of their memory.
+keeps the placement's netlink code and the daemon-side modules out of their memory.
 """
 
 from __future__ import annotations

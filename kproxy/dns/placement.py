@@ -17,9 +17,17 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from pyroute2.iproute import IPRoute
-from pyroute2.netlink.exceptions import NetlinkError
-
+from kproxy.backends.rtnetlink import (
+    NetlinkRequestError,
+    NetlinkSocket,
+    add_address,
+    add_link,
+    delete_address,
+    delete_link,
+    link_index,
+    set_link_up,
+)
+from kproxy.backends.rtnetlink import addresses as list_addresses
 from kproxy.errors import ConfigError
 
 log = logging.getLogger(__name__)
@@ -40,13 +48,8 @@ class Placement:
     added: list[tuple[str, int]] = field(default_factory=list)  # (address, prefixlen)
 
 
-def _present(ipr: IPRoute, address: str) -> bool:
-    return bool(ipr.get_addr(address=address))
-
-
-def _link_index(ipr: IPRoute, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return int(found[0]) if found else None
+def _present(nl: NetlinkSocket, address: str) -> bool:
+    return any(a.address == address for a in list_addresses(nl))
 
 
 def ensure_listen_addresses(addresses: Iterable[str], *, ifname: str = INTERFACE) -> Placement:
@@ -61,34 +64,34 @@ def ensure_listen_addresses(addresses: Iterable[str], *, ifname: str = INTERFACE
     if not wanted:
         return placement
     try:
-        with IPRoute() as ipr:
-            index = _link_index(ipr, ifname)
+        with NetlinkSocket() as nl:
+            index = link_index(nl, ifname)
             if index is None:
                 try:
-                    ipr.link("add", ifname=ifname, kind="dummy")
+                    add_link(nl, ifname, "dummy")
                     placement.created_interface = True
-                    index = _link_index(ipr, ifname)
-                except NetlinkError as exc:
+                    index = link_index(nl, ifname)
+                except NetlinkRequestError as exc:
                     if exc.code == errno.EPERM:
                         raise
                     log.info("dns: no dummy interface support (%s); using lo", exc)
             if index is None:
                 placement.ifname = "lo"
-                index = _link_index(ipr, "lo")
+                index = link_index(nl, "lo")
             if index is None:
                 raise PlacementError("no loopback interface")
-            ipr.link("set", index=index, state="up")
+            set_link_up(nl, index)
             for ip in wanted:
-                if _present(ipr, str(ip)):
+                if _present(nl, str(ip)):
                     continue
                 prefix = 32 if ip.version == 4 else 128
                 try:
-                    ipr.addr("add", index=index, address=str(ip), prefixlen=prefix)
+                    add_address(nl, index, str(ip), prefix)
                     placement.added.append((str(ip), prefix))
-                except NetlinkError as exc:
+                except NetlinkRequestError as exc:
                     if exc.code != errno.EEXIST:
                         raise
-    except NetlinkError as exc:
+    except NetlinkRequestError as exc:
         raise PlacementError(f"configuring DNS addresses on {ifname}: {exc}") from exc
     return placement
 
@@ -96,20 +99,20 @@ def ensure_listen_addresses(addresses: Iterable[str], *, ifname: str = INTERFACE
 def remove_listen_addresses(placement: Placement) -> None:
     """Undo `ensure_listen_addresses`: delete the interface it made, or the addresses it added."""
     try:
-        with IPRoute() as ipr:
-            index = _link_index(ipr, placement.ifname)
+        with NetlinkSocket() as nl:
+            index = link_index(nl, placement.ifname)
             if index is None:
                 return
             if placement.created_interface:
-                ipr.link("del", index=index)
+                delete_link(nl, index)
                 return
             for address, prefix in placement.added:
                 try:
-                    ipr.addr("del", index=index, address=address, prefixlen=prefix)
-                except NetlinkError as exc:
+                    delete_address(nl, index, address, prefix)
+                except NetlinkRequestError as exc:
                     if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV, errno.ENOENT):
                         raise
-    except NetlinkError as exc:
+    except NetlinkRequestError as exc:
         log.warning("dns: removing DNS addresses from %s failed: %s", placement.ifname, exc)
 
 
@@ -124,24 +127,23 @@ def cleanup_listen_addresses(addresses: Iterable[str], *, ifname: str = INTERFAC
         if not (ip.is_unspecified or ip.is_loopback):
             wanted.add(str(ip))
     try:
-        with IPRoute() as ipr:
-            index = _link_index(ipr, ifname)
+        with NetlinkSocket() as nl:
+            index = link_index(nl, ifname)
             if index is not None:
-                ipr.link("del", index=index)
+                delete_link(nl, index)
                 removed.append(ifname)
-            lo = _link_index(ipr, "lo")
+            lo = link_index(nl, "lo")
             if lo is None:
                 return removed
-            for msg in ipr.get_addr(index=lo):
-                address = msg.get("IFA_ADDRESS")
-                prefix = msg.get("prefixlen")
+            for found in list_addresses(nl, lo):
+                address, prefix = found.address, found.prefixlen
                 if address in wanted and prefix in (32, 128):
                     try:
-                        ipr.addr("del", index=lo, address=address, prefixlen=prefix)
+                        delete_address(nl, lo, address, prefix)
                         removed.append(f"{address}/{prefix} on lo")
-                    except NetlinkError as exc:
+                    except NetlinkRequestError as exc:
                         if exc.code not in (errno.EADDRNOTAVAIL, errno.ENODEV):
                             raise
-    except NetlinkError as exc:
+    except NetlinkRequestError as exc:
         raise PlacementError(f"removing DNS addresses: {exc}") from exc
     return removed
