@@ -28,12 +28,13 @@ import ipaddress
 import socket
 import struct
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Protocol
 
 from kproxy.backends.netlink import HDR as _HDR
 from kproxy.backends.netlink import NFGEN as _NFGEN
 from kproxy.backends.netlink import (
+    NLA,
     NLM_F_ACK,
     NLM_F_APPEND,
     NLM_F_CREATE,
@@ -51,26 +52,51 @@ from kproxy.backends.netlink import nla_be64 as be64
 from kproxy.backends.netlink import nla_string as string
 from kproxy.errors import DataplaneError
 from kproxy.model.objects import IPV6
+from kproxy.model.view import ServicePortView
 from kproxy.render.nftables import (
+    BASE_CHAINS,
+    CLUSTER_ENDPOINTS,
+    CLUSTER_IPS,
+    COUNT_MAP_PREFIX,
+    FIXED_CHAINS,
+    HAIRPIN,
     SLOTS,
     TABLE,
+    Comment,
+    CtState,
+    DaddrIn,
+    DaddrInSet,
     Dnat,
     DnatMap,
     DnatShared,
     Element,
+    FibDaddrLocal,
     FibSaddrLocal,
     Jump,
+    MarkSet,
+    MarkZero,
+    Masquerade,
     NumgenVmap,
     Op,
+    PairInSet,
+    PortVmap,
+    Reject,
+    Renderer,
     Rule,
     SaddrIn,
     SaddrInSet,
+    ServiceBlock,
     SetDef,
     Stmt,
     UpdateSaddr,
+    addr_type,
+    count_map,
     count_map_name,
     count_of,
+    count_rule,
     is_endpoint_map,
+    shared_sets,
+    takes_fast_path,
 )
 
 NETLINK_NETFILTER = 12
@@ -207,13 +233,36 @@ def immediate_data(dreg: int, raw: bytes) -> bytes:
     return expr("immediate", be32(1, dreg), data_value(2, raw))
 
 
-def lookup(sreg: int, set_name: str, *, set_id: int = 0, dreg: int | None = None) -> bytes:
+def lookup(
+    sreg: int, set_name: str, *, set_id: int = 0, dreg: int | None = None, invert: bool = False
+) -> bytes:
     parts = [string(1, set_name), be32(2, sreg)]
     if dreg is not None:
         parts.append(be32(3, dreg))
     if set_id:
         parts.append(be32(4, set_id))
+    if invert:
+        parts.append(be32(5, 1))  # NFTA_LOOKUP_FLAGS: NFT_LOOKUP_F_INV
     return expr("lookup", *parts)
+
+
+def bitwise_xor(reg: int, mask: bytes, xor: bytes) -> bytes:
+    return expr(
+        "bitwise",
+        be32(1, reg),
+        be32(2, reg),
+        be32(3, len(mask)),
+        data_value(4, mask),
+        data_value(5, xor),
+    )
+
+
+def ct_load(dreg: int, key: int) -> bytes:
+    return expr("ct", be32(2, key), be32(1, dreg))
+
+
+def meta_set(key: int, sreg: int) -> bytes:
+    return expr("meta", be32(2, key), be32(3, sreg))
 
 
 def numgen(dreg: int, modulus: int) -> bytes:
@@ -221,6 +270,22 @@ def numgen(dreg: int, modulus: int) -> bytes:
 
 
 META_L4PROTO = 16
+META_MARK = 3
+CT_STATE, CT_STATUS = 0, 2
+CT_STATE_NEW = 1 << 3  # NF_CT_STATE_BIT(IP_CT_NEW)
+IPS_DST_NAT = 1 << 5
+NAT_RANDOM_FULLY = 0x10  # NF_NAT_RANGE_PROTO_RANDOM_FULLY
+FIB_SADDR, FIB_DADDR, FIB_ADDRTYPE = 1, 2, 3
+REJECT_ICMP_UNREACH = 0
+PORT_UNREACH = {4: 3, 6: 4}  # ICMP_PORT_UNREACH, ICMPV6_PORT_UNREACH
+RULE_USERDATA = 7
+INTERVAL_OPEN_UDATA = bytes.fromhex("010401000000")  # NFTNL_UDATA_SET_ELEM_FLAGS: open
+# the userdata nft 1.0.6 writes for the anonymous interval set of `ip saddr { ... }` (key byte
+# order big endian, auto-merge, typeof ip saddr / ip6 saddr)
+INTERVAL_SET_UDATA = {
+    4: bytes.fromhex("0004020000000204010000000314000407000000010c00040c00000001040b000000"),
+    6: bytes.fromhex("0004020000000204010000000314000407000000010c00040d000000010408000000"),
+}
 PAYLOAD_NETWORK, PAYLOAD_TRANSPORT = 1, 2
 REG32_02, REG32_05, REG32_06, REG32_03 = 10, 13, 14, 11
 CMP_EQ, CMP_NEQ = 0, 1
@@ -232,6 +297,44 @@ def _l4proto(protocol: str) -> bytes:
 
 def _saddr(family: int) -> tuple[int, int]:
     return (8, 16) if family == IPV6 else (12, 4)
+
+
+def _daddr(family: int) -> tuple[int, int]:
+    return (24, 16) if family == IPV6 else (16, 4)
+
+
+def _prefix_match(family: int, offset: int, cidr: str, negate: bool) -> bytes:
+    """`ip saddr|daddr [!=] CIDR` as nft encodes it: a whole-byte prefix compares only its
+    bytes, another is masked first."""
+    net = ipaddress.ip_network(cidr, strict=False)
+    length = 16 if family == IPV6 else 4
+    op = CMP_NEQ if negate else CMP_EQ
+    bits = net.prefixlen
+    if bits % 8 == 0:
+        n = bits // 8
+        return payload(REG_1, PAYLOAD_NETWORK, offset, n) + cmp(
+            REG_1, op, net.network_address.packed[:n]
+        )
+    return (
+        payload(REG_1, PAYLOAD_NETWORK, offset, length)
+        + bitwise(REG_1, net.netmask.packed)
+        + cmp(REG_1, op, net.network_address.packed)
+    )
+
+
+def _merged_ranges(cidrs: Sequence[str]) -> list[tuple[int, int]]:
+    """The address ranges of `cidrs`, sorted, overlapping and adjacent ones merged (as nft's
+    auto-merge of an anonymous interval set does)."""
+    out: list[tuple[int, int]] = []
+    for lo, hi in sorted(
+        (int(n.network_address), int(n.broadcast_address))
+        for n in (ipaddress.ip_network(c, strict=False) for c in cidrs)
+    ):
+        if out and lo <= out[-1][1] + 1:
+            out[-1] = (out[-1][0], max(out[-1][1], hi))
+        else:
+            out.append((lo, hi))
+    return out
 
 
 def _port(port: int) -> bytes:
@@ -293,22 +396,75 @@ class Encoder:
         if isinstance(s, Jump):
             return immediate_verdict(s.kind, s.chain)
         if isinstance(s, SaddrIn):
-            if len(s.cidrs) != 1:
-                raise Unencodable("several CIDRs in one match")
-            net = ipaddress.ip_network(s.cidrs[0], strict=False)
             off, length = _saddr(fam)
-            op = CMP_NEQ if s.negate else CMP_EQ
-            bits = net.prefixlen
-            if bits % 8 == 0:
-                n = bits // 8
-                return payload(REG_1, PAYLOAD_NETWORK, off, n) + cmp(
-                    REG_1, op, net.network_address.packed[:n]
-                )
-            return (
-                payload(REG_1, PAYLOAD_NETWORK, off, length)
-                + bitwise(REG_1, net.netmask.packed)
-                + cmp(REG_1, op, net.network_address.packed)
+            if len(s.cidrs) == 1:
+                return _prefix_match(fam, off, s.cidrs[0], s.negate)
+            name, sid = self._interval_set(s.cidrs)
+            return payload(REG_1, PAYLOAD_NETWORK, off, length) + lookup(
+                REG_1, name, set_id=sid, invert=s.negate
             )
+        if isinstance(s, DaddrIn):
+            return _prefix_match(fam, _daddr(fam)[0], s.cidr, s.negate)
+        if isinstance(s, CtState):
+            key, bit = (CT_STATUS, IPS_DST_NAT) if s.status else (CT_STATE, CT_STATE_NEW)
+            return (
+                ct_load(REG_1, key)
+                + bitwise(REG_1, struct.pack("=I", bit))
+                + cmp(REG_1, CMP_NEQ, b"\0\0\0\0")
+            )
+        if isinstance(s, FibDaddrLocal):
+            fib = expr("fib", be32(1, REG_1), be32(2, FIB_ADDRTYPE), be32(3, FIB_DADDR))
+            return fib + cmp(REG_1, CMP_EQ, struct.pack("=I", RTN_LOCAL))
+        if isinstance(s, DaddrInSet):
+            off, length = _daddr(fam)
+            return payload(REG_1, PAYLOAD_NETWORK, off, length) + lookup(REG_1, s.set)
+        if isinstance(s, PairInSet):
+            soff, length = _saddr(fam)
+            doff, _ = _daddr(fam)
+            second = REG_2 if fam == IPV6 else REG32_01
+            return (
+                payload(REG_1, PAYLOAD_NETWORK, soff, length)
+                + payload(second, PAYLOAD_NETWORK, doff, length)
+                + lookup(REG_1, s.set)
+            )
+        if isinstance(s, PortVmap):
+            if s.daddr:
+                off, length = _daddr(fam)
+                proto_reg, port_reg = (REG_2, REG32_05) if fam == IPV6 else (REG32_01, REG32_02)
+                head = payload(REG_1, PAYLOAD_NETWORK, off, length) + meta_load(
+                    proto_reg, META_L4PROTO
+                )
+            else:
+                port_reg = REG32_01
+                head = meta_load(REG_1, META_L4PROTO)
+            return (
+                head
+                + payload(port_reg, PAYLOAD_TRANSPORT, 2, 2)
+                + lookup(REG_1, s.set, dreg=REG_VERDICT)
+            )
+        if isinstance(s, MarkZero):
+            return (
+                meta_load(REG_1, META_MARK)
+                + bitwise(REG_1, struct.pack("=I", s.mask))
+                + cmp(REG_1, CMP_EQ, b"\0\0\0\0")
+            )
+        if isinstance(s, MarkSet):
+            if s.op == "|":
+                mask = ~s.mask & 0xFFFFFFFF
+            elif s.op == "^":
+                mask = 0xFFFFFFFF
+            else:
+                raise Unencodable(f"meta mark operator {s.op}")
+            return (
+                meta_load(REG_1, META_MARK)
+                + bitwise_xor(REG_1, struct.pack("=I", mask), struct.pack("=I", s.mask))
+                + meta_set(META_MARK, REG_1)
+            )
+        if isinstance(s, Masquerade):
+            return expr("masq", be32(1, NAT_RANDOM_FULLY))
+        if isinstance(s, Reject):
+            code = attr(2, bytes([PORT_UNREACH[fam]]))  # NFTA_REJECT_ICMP_CODE (u8)
+            return expr("reject", be32(1, REJECT_ICMP_UNREACH), code)
         if isinstance(s, FibSaddrLocal):
             fib = expr("fib", be32(1, REG_1), be32(2, 3), be32(3, 1))  # ADDRTYPE of saddr
             return fib + cmp(REG_1, CMP_EQ, struct.pack("=I", RTN_LOCAL))
@@ -373,14 +529,59 @@ class Encoder:
         raise Unencodable(f"unknown statement {s!r}")
 
     def rule(self, chain: str, rule: Rule) -> None:
-        body = b"".join(self.stmt(s) for s in rule)
+        body = b"".join(self.stmt(s) for s in rule if not isinstance(s, Comment))
+        parts = [string(1, TABLE), string(2, chain), nest(4, body)]
+        for s in rule:
+            if isinstance(s, Comment):
+                text = s.text.encode() + b"\0"
+                if len(text) > 255:
+                    raise Unencodable("a rule comment past 255 bytes")
+                parts.append(attr(RULE_USERDATA, bytes([0, len(text)]) + text))
+        self._msg(MSG_NEWRULE, NLM_F_CREATE | NLM_F_APPEND, *parts)
+
+    def _interval_set(self, cidrs: Sequence[str]) -> tuple[str, int]:
+        """An anonymous interval set of `cidrs` (what nft makes of `ip saddr { A, B }`): the
+        merged ranges as start elements and the address after each as an end element, with an
+        end element at 0 first unless a range starts there."""
+        alen = 16 if self.family == IPV6 else 4
+        top = (1 << (8 * alen)) - 1
+        elems: list[bytes] = []
+        ranges = _merged_ranges(cidrs)
+
+        def end(value: int) -> bytes:
+            return nest(1, be32(3, 1), data_value(1, value.to_bytes(alen, "big")))
+
+        if ranges[0][0] != 0:
+            elems.append(end(0))
+        for lo, hi in ranges:
+            start = data_value(1, lo.to_bytes(alen, "big"))
+            if hi < top:
+                elems += [nest(1, start), end(hi + 1)]
+            else:  # open to the top: no end element, flagged (NFTNL_SET_ELEM_F_INTERVAL_OPEN)
+                elems.append(nest(1, start, attr(6, INTERVAL_OPEN_UDATA)))
+        size = 2 * len(ranges) + (ranges[0][0] != 0)  # what nft declares (the open end too)
+        sid = self._next_id()
         self._msg(
-            MSG_NEWRULE,
-            NLM_F_CREATE | NLM_F_APPEND,
+            MSG_NEWSET,
+            NLM_F_CREATE,
             string(1, TABLE),
-            string(2, chain),
-            nest(4, body),
+            string(2, "__set%d"),
+            be32(3, SET_ANONYMOUS | SET_CONSTANT | SET_INTERVAL),
+            be32(4, TYPE_IP6ADDR if self.family == IPV6 else TYPE_IPADDR),
+            be32(5, alen),
+            be32(10, sid),
+            nest(9, be32(1, size)),
+            attr(13, INTERVAL_SET_UDATA[self.family]),
         )
+        self._msg(
+            MSG_NEWSETELEM,
+            NLM_F_CREATE,
+            string(1, TABLE),
+            string(2, "__set%d"),
+            be32(4, sid),
+            nest(3, *elems),
+        )
+        return "__set%d", sid
 
     # -- elements and sets ---------------------------------------------------------------------
     def key(self, types: Sequence[str], parts: Sequence[str]) -> bytes:
@@ -406,6 +607,8 @@ class Encoder:
             parts.append(data_verdict(2, verdict, chain))
         if with_data and e.comment:
             text = e.comment.encode() + b"\0"
+            if len(text) > 255:  # nft refuses it too; its error names the service
+                raise Unencodable("an element comment past 255 bytes")
             parts.append(attr(6, bytes([0, len(text)]) + text))  # NFTNL_UDATA_SET_ELEM_COMMENT
         return nest(1, *parts)
 
@@ -562,6 +765,255 @@ def encode_ops(ops: Sequence[Op], family: int, set_types: dict[str, tuple[str, .
     return enc
 
 
+# -- full syncs --------------------------------------------------------------------------------
+HOOKS = {"prerouting": 0, "input": 1, "forward": 2, "output": 3, "postrouting": 4}
+TABLE_COMMENT = "rules for kube-proxy"
+# the set userdata nft 1.0.6 writes for the shared sets' `type` declarations (byte order of the
+# key and data): a single address, a concatenation, a concatenation mapping to verdicts
+SHARED_SET_UDATA = {
+    "addr": bytes.fromhex("000402000000"),
+    "concat": bytes.fromhex("000400000000030800040d0000000100"),
+    "concat-map": bytes.fromhex("000400000000010400000000030800040d0000000100060400000000"),
+}
+TYPE_LENGTHS = {"ipv4_addr": 4, "ipv6_addr": 16, "inet_proto": 1, "inet_service": 2}
+ELEMENTS_BYTES = 60000  # the elements of one message (their attribute's length is 16 bits)
+_NESTED = 0x8000
+_PROTO_KEY = {"TCP": b"\x06\0\0\0", "UDP": b"\x11\0\0\0", "SCTP": b"\x84\0\0\0"}
+
+
+class FullSync(Encoder):
+    """The netlink batch of a full sync: the transaction `kproxy.render.nftables.full_chunks`
+    writes as `nft -f` input, message for message (declare the table, its chains and shared sets;
+    flush what kproxy owns and refill it; each service's sets and chains; the elements; the
+    fast path's maps and rules; the stale chains and sets deleted), so the kernel ends with the
+    same table. Used in this order: `begin`, then `service` (fast-path services, straight from
+    their views) or `block` for each service in name order, then `end`.
+
+    Elements are gathered per set (the first of each key wins, as in the text) and sent at the
+    end, in messages of up to ELEMENTS_BYTES."""
+
+    def __init__(self, renderer: Renderer) -> None:
+        super().__init__(renderer.family)
+        self.renderer = renderer
+        fam = self.family
+        self._alen = alen = 16 if fam == IPV6 else 4
+        self._pack = (
+            (lambda ip: socket.inet_pton(socket.AF_INET6, ip))
+            if fam == IPV6
+            else (socket.inet_aton)
+        )
+        self._types = {s.name: s.key for s in shared_sets(fam)}
+        addr = addr_type(fam)
+        self._count_types = (addr, "inet_proto", "inet_service", "integer")
+        self._elems: dict[str, list[bytes]] = {}
+        self._seen: dict[str, set[bytes]] = {}
+        self.count_maps: dict[int, None] = {}  # declared, in order of first use
+        klen, dlen = alen + 12, alen + 4
+        self._h_count = (
+            NLA.pack(4 + 8 + klen + 8 + dlen, 1 | _NESTED)
+            + NLA.pack(8 + klen, 1 | _NESTED)
+            + NLA.pack(4 + klen, 1)
+        )
+        self._h_data = NLA.pack(8 + dlen, 2 | _NESTED) + NLA.pack(4 + dlen, 1)
+        self._h_ip = NLA.pack(12 + alen, 1 | _NESTED) + NLA.pack(8 + alen, 1 | _NESTED)
+        self._h_ip += NLA.pack(4 + alen, 1)
+        self._h_pair = NLA.pack(12 + 2 * alen, 1 | _NESTED) + NLA.pack(8 + 2 * alen, 1 | _NESTED)
+        self._h_pair += NLA.pack(4 + 2 * alen, 1)
+        self._ports: dict[int, bytes] = {}
+        self._idx: list[bytes] = []
+
+    # -- the fixed part ------------------------------------------------------------------------
+    def begin(self) -> None:
+        fam = self.family
+        comment = TABLE_COMMENT.encode() + b"\0"
+        self._msg(
+            MSG_NEWTABLE,
+            NLM_F_CREATE,
+            string(1, TABLE),
+            be32(2, 0),
+            attr(6, bytes([0, len(comment)]) + comment),  # NFTNL_UDATA_TABLE_COMMENT
+        )
+        for name, typ, hook, prio in BASE_CHAINS:
+            self._msg(
+                MSG_NEWCHAIN,
+                NLM_F_CREATE,
+                string(1, TABLE),
+                string(3, name),
+                string(7, typ),
+                nest(4, be32(1, HOOKS[hook]), be32(2, prio)),
+            )
+        for name in FIXED_CHAINS:
+            self._msg(MSG_NEWCHAIN, NLM_F_CREATE, string(1, TABLE), string(3, name))
+        for s in shared_sets(fam):
+            self._shared_set(s)
+        for name, *_ in BASE_CHAINS:
+            self._flush_chain(name)
+        for name in FIXED_CHAINS:
+            self._flush_chain(name)
+        for s in shared_sets(fam):
+            self._flush_set(s.name)
+        for chain, rules in self.renderer.fixed_chains().items():
+            for r in rules:
+                self.rule(chain, r)
+        for e in self.renderer.nodeport_elements():
+            self._element(e)
+
+    def _shared_set(self, s: SetDef) -> None:
+        key_type = key_len = 0
+        for k in s.key:
+            key_type = (key_type << TYPE_BITS) | TYPE_IDS[k][0]
+            key_len += (TYPE_LENGTHS[k] + 3) & ~3
+        parts = [
+            string(1, TABLE),
+            string(2, s.name),
+            be32(3, SET_MAP if s.value else 0),
+            be32(4, key_type),
+            be32(5, key_len),
+        ]
+        if s.value:
+            if s.value != "verdict":
+                raise Unencodable(f"shared map of {s.value}")
+            parts += [be32(6, NFT_DATA_VERDICT), be32(7, 0)]
+        udata = "concat-map" if s.value else "concat" if len(s.key) > 1 else "addr"
+        parts += [be32(10, self._next_id()), attr(13, SHARED_SET_UDATA[udata])]
+        self._msg(MSG_NEWSET, NLM_F_CREATE, *parts)
+
+    def _flush_chain(self, name: str) -> None:
+        self._msg(MSG_DELRULE, 0, string(1, TABLE), string(2, name))
+
+    def _flush_set(self, name: str) -> None:
+        self._msg(MSG_DELSETELEM, 0, string(1, TABLE), string(2, name))
+
+    # -- services ------------------------------------------------------------------------------
+    def _add(self, name: str, key: bytes, elem: bytes) -> None:
+        seen = self._seen.get(name)
+        if seen is None:
+            seen = self._seen[name] = set()
+            self._elems[name] = []
+            n = count_of(name)
+            if n:
+                self._declare_count_map(n)
+        if key not in seen:  # two services claiming one key: the first wins
+            seen.add(key)
+            self._elems[name].append(elem)
+
+    def _declare_count_map(self, n: int) -> None:
+        """Created afresh where first used, as the text does (add, delete, add)."""
+        self.count_maps[n] = None
+        s = count_map(n, self.family)
+        self._count_map(s)
+        self._msg(MSG_DELSET, 0, string(1, TABLE), string(2, s.name))
+        self._count_map(s)
+
+    def _element(self, e: Element) -> None:
+        n = count_of(e.set)
+        if n:
+            key = self.key(self._count_types, e.key)
+            self._add(e.set, key, self.count_element(e, self._count_types, with_data=True))
+            return
+        types = self._types.get(e.set)
+        if types is None:
+            raise Unencodable(f"unknown set {e.set}")
+        self._add(e.set, self.key(types, e.key), self.element(e, types, with_data=True))
+
+    def block(self, b: ServiceBlock, redefined: Callable[[SetDef], bool]) -> None:
+        """A service's block (what `block_text` writes), its elements gathered; the fast-path
+        maps its elements are the first to use declared after it."""
+        redo = [s for s in b.sets if redefined(s)]
+        for s in b.sets:
+            if s not in redo:
+                self.new_set(s)
+        for s in b.sets:
+            if s.typeof:
+                self._flush_set(s.name)
+        for name, _ in b.chains:
+            self._msg(MSG_NEWCHAIN, NLM_F_CREATE, string(1, TABLE), string(3, name))
+        for name, _ in b.chains:
+            self._flush_chain(name)
+        for s in redo:
+            self._msg(MSG_DELSET, 0, string(1, TABLE), string(2, s.name))
+            self.new_set(s)
+        for chain, chain_rules in b.chains:
+            for r in chain_rules:
+                self.rule(chain, r)
+        endpoint_maps: dict[str, list[bytes]] = {}
+        for e in b.elements:
+            if is_endpoint_map(e.set):  # the service's own map: no other owner
+                endpoint_maps.setdefault(e.set, []).extend(
+                    self.endpoint_elements(e, with_data=True)
+                )
+            else:
+                self._element(e)
+        for name, elems in endpoint_maps.items():
+            self._elems.setdefault(name, []).extend(elems)
+
+    def service(self, views: Sequence[ServicePortView]) -> bool:
+        """A service whose ports all take the chainless fast path, its elements encoded straight
+        from its views (the elements `Renderer.render_service` makes for it, without its block);
+        False (nothing done) for any other service."""
+        for v in views:
+            if not takes_fast_path(v):
+                return False
+        if not views:
+            return False
+        pack = self._pack
+        ports = self._ports
+        idx = self._idx
+        h_count, h_data, h_ip, h_pair = self._h_count, self._h_data, self._h_ip, self._h_pair
+        add = self._add
+        for v in views:
+            d = v.decision
+            cip = pack(v.cluster_ip)
+            add(CLUSTER_IPS, cip, h_ip + cip)
+            eps = d.internal
+            n = len(eps)
+            while len(idx) < n:
+                idx.append(struct.pack("=I", len(idx)))
+            port = v.port.port
+            pb = ports.get(port)
+            if pb is None:
+                pb = ports[port] = port.to_bytes(2, "big") + b"\0\0"
+            proto = _PROTO_KEY.get(v.port.protocol)
+            if proto is None:
+                raise Unencodable(f"protocol {v.port.protocol}")
+            name = f"{COUNT_MAP_PREFIX}{n}"
+            head = cip + proto + pb
+            for i, ep in enumerate(eps):
+                epb = ports.get(ep.port)
+                if epb is None:
+                    epb = ports[ep.port] = ep.port.to_bytes(2, "big") + b"\0\0"
+                key = head + idx[i]
+                add(name, key, h_count + key + h_data + pack(ep.ip) + epb)
+            for ep in d.all_reachable:
+                a = pack(ep.ip)
+                add(HAIRPIN, a + a, h_pair + a + a)
+        return True
+
+    def end(self, stale_chains: Sequence[str], stale_sets: Sequence[str]) -> None:
+        """The fast path's rules, every element, then the stale chains and sets deleted."""
+        for n in self.count_maps:
+            self.rule(CLUSTER_ENDPOINTS, count_rule(n))
+        for name, elems in self._elems.items():
+            batch: list[bytes] = []
+            size = 0
+            for e in elems:
+                if size + len(e) > ELEMENTS_BYTES and batch:
+                    self.elements(MSG_NEWSETELEM, name, batch)
+                    batch, size = [], 0
+                batch.append(e)
+                size += len(e)
+            if batch:
+                self.elements(MSG_NEWSETELEM, name, batch)
+        self._elems.clear()
+        self._seen.clear()
+        for name in stale_chains:
+            self._flush_chain(name)
+        for name in stale_chains:
+            self._msg(MSG_DELCHAIN, 0, string(1, TABLE), string(3, name))
+        for name in stale_sets:
+            self._msg(MSG_DELSET, 0, string(1, TABLE), string(2, name))
+
+
 # -- the socket --------------------------------------------------------------------------------
 RECV_SIZE = 1 << 20
 SNDBUF = 8 << 20
@@ -583,11 +1035,19 @@ class NftSocket:
             self._sock.close()
             raise
         self._buf = bytearray(RECV_SIZE)
+        self._sndbuf = SNDBUF
         self._seq = int(time.time()) & 0xFFFFFF
         self.last_send_seconds = 0.0
 
     def close(self) -> None:
         self._sock.close()
+
+    def _grow_sndbuf(self, size: int) -> None:
+        try:
+            self._sock.setsockopt(socket.SOL_SOCKET, 32, size)  # SO_SNDBUFFORCE
+        except OSError:
+            self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, size)
+        self._sndbuf = size
 
     def _next(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
@@ -629,6 +1089,8 @@ class NftSocket:
             final = seq
         out.append(self._header(NFNL_MSG_BATCH_END, NLM_F_REQUEST, self._next(), 0, res, 0))
         data = b"".join(out)
+        if len(data) + 4096 > self._sndbuf:  # a full sync's batch (the kernel takes it whole)
+            self._grow_sndbuf(len(data) + 4096)
         start = time.perf_counter()
         try:
             self._sock.sendall(data)
@@ -716,8 +1178,6 @@ class NetlinkWriter:
     statement this codec does not encode goes through `fallback` (`nft -f`) instead."""
 
     def __init__(self, family: int, *, fallback: Writer, netns: str | None = None) -> None:
-        from kproxy.render.nftables import shared_sets
-
         self.family = family
         self._fallback = fallback
         self._sock = NftSocket(netns=netns)
@@ -735,6 +1195,11 @@ class NetlinkWriter:
 
     def table_exists(self) -> bool:
         return self._sock.table_exists(self.family)
+
+    def send(self, enc: Encoder) -> None:
+        """One transaction of `enc`'s messages (a full sync's `FullSync`); NftError when the
+        kernel refuses any of it (then nothing of it is applied)."""
+        self._sock.send_batch(enc)
 
     def state(self) -> tuple[int, int | None]:
         """(ruleset generation, objects in the table): what `drift` compares."""

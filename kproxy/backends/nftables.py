@@ -19,9 +19,10 @@ import json
 import logging
 import shutil
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 from kproxy.backends.base import SyncError, SyncResult
 from kproxy.backends.iptables_exec import ProcessRestorer, RestoreFailed, Restorer, RunRestorer
@@ -165,6 +166,39 @@ def read_objects(family: int, run: Run = subprocess.run) -> tuple[set[str], dict
     return chains, sets
 
 
+class _Present:
+    """The chains and sets (with their timeouts) a full sync finds in the table, and what it
+    therefore deletes or recreates."""
+
+    def __init__(self, chains: set[str], sets: dict[str, int], keep_stale: bool) -> None:
+        self.chains = chains
+        self.sets = sets
+        self.keep_stale = keep_stale
+
+    def stale(
+        self, blocks: Mapping[Ref, ServiceBlock], fast_maps: Iterable[int]
+    ) -> tuple[list[str], list[str]]:
+        """(chains, sets) of the table that neither `blocks` nor the fast-path maps of
+        `fast_maps` (their endpoint counts) keep, and that kproxy owns."""
+        if self.keep_stale:
+            return [], []
+        wanted_chains = {c for b in blocks.values() for c, _ in b.chains}
+        wanted_sets = {s.name for b in blocks.values() for s in b.sets}
+        wanted_sets |= {
+            count_map_name(n)
+            for b in blocks.values()
+            for n in count_maps_of(e.set for e in b.elements)
+        }
+        wanted_sets |= {count_map_name(n) for n in fast_maps}
+        chains = sorted(c for c in self.chains - wanted_chains if is_service_chain(c))
+        gone = self.sets.keys() - wanted_sets
+        return chains, sorted(s for s in gone if is_service_set(s) or is_count_map(s))
+
+    def redefined(self, s: SetDef) -> bool:
+        """An affinity set whose timeout changed (recreated, see delta_ops)."""
+        return self.sets.get(s.name, s.timeout) != s.timeout
+
+
 class NftablesProxier:
     """Programs one IP family's kube-proxy table. See the module docstring."""
 
@@ -196,6 +230,7 @@ class NftablesProxier:
         # services whose block nft or the kernel refused, with the error: left out until they
         # change (see kproxy.backends.nftables_rejects)
         self.rejected: dict[Ref, Rejected[ServiceBlock]] = {}
+        self.netlink_full_failures = 0  # full syncs the kernel refused over netlink (see above)
         log.info("nftables mode: IPv%d, table %s %s", self.family, family_word(self.family), TABLE)
 
     # -- syncing -------------------------------------------------------------------------------
@@ -264,18 +299,14 @@ class NftablesProxier:
                 yield block
 
     def _full_sync(self, snapshot: Snapshot, *, keep_stale: bool = False) -> SyncResult:
-        """One `nft -f` transaction, written while it is being rendered.
+        """One transaction: over netlink when the writer is kproxy's nf_tables codec
+        (`_full_sync_netlink`), else (or when the kernel refused that batch) through `nft -f`
+        (`_full_sync_text`).
 
-        nft 1.0.6 reads its whole input (8.4 MB at 10k services in ~10 ms) before it parses,
-        evaluates and commits any of it, so nothing before the end of the input overlaps
-        nft's work: the input is written first, as cheaply as possible: a fast-path
-        service's elements are formatted straight from its views (`Renderer.fast_texts`),
-        and its `ServiceBlock` (what later partial syncs diff against) is rendered after the
-        end of the input, while nft evaluates and commits. The cyclic garbage collector is
-        paused meanwhile, and what survives is moved out of its sight (as the DNS worker
-        does with its index): ~1M small acyclic objects (views, blocks, elements) that live
-        until the next full sync and are freed by reference counting; collecting them would
-        walk them all, 0.3-0.5 s at 10k services."""
+        The cyclic garbage collector is paused meanwhile, and what survives is moved out of its
+        sight (as the DNS worker does with its index): ~1M small acyclic objects (views,
+        blocks, elements) that live until the next full sync and are freed by reference
+        counting; collecting them would walk them all, 0.3-0.5 s at 10k services."""
         collecting = gc.isenabled()
         gc.disable()
         try:
@@ -294,6 +325,85 @@ class NftablesProxier:
             present_chains = {c for b in self._blocks.values() for c, _ in b.chains}
             present_sets = {s.name: s.timeout for b in self._blocks.values() for s in b.sets}
             present_sets |= {count_map_name(n): 0 for n in self._count_maps}
+        present = _Present(present_chains, present_sets, keep_stale)
+        send = getattr(self.writer, "send", None)
+        if send is not None:
+            from kproxy.backends.nft_netlink import NftError
+
+            try:
+                return self._full_sync_netlink(snapshot, send, present, reconcile)
+            except NftError as err:
+                # the transaction changed nothing: the same sync through `nft -f`, whose error
+                # (if it fails too) names the refused command for the search in `_recover`
+                log.warning(
+                    "nftables full sync over netlink failed (%s): trying it through nft -f", err
+                )
+                self.netlink_full_failures += 1
+        return self._full_sync_text(snapshot, present, reconcile)
+
+    def _full_sync_netlink(
+        self,
+        snapshot: Snapshot,
+        send: Callable[[Any], None],
+        present: _Present,
+        reconcile: bool,
+    ) -> SyncResult:
+        """The full sync as one netlink batch (kproxy.backends.nft_netlink.FullSync): no text,
+        no nft. A fast-path service is encoded straight from its views, and its block rendered
+        while the kernel commits the batch (the `sendmsg` runs in a helper thread; the kernel
+        processes the batch inside it, without the GIL)."""
+        from kproxy.backends.nft_netlink import FullSync
+
+        enc = FullSync(self.renderer)
+        enc.begin()
+        blocks: dict[Ref, ServiceBlock] = {}
+        deferred: dict[Ref, Sequence[ServicePortView]] = {}  # fast-path services: views
+        order: list[Ref] = []
+        render = self.renderer.render_service
+        node = self.options.node_name
+        for ref in sorted(snapshot.services):
+            v = build_views(snapshot, family=self.family, node_name=node, refs=(ref,))[ref]
+            if ref not in self.rejected and enc.service(v):
+                deferred[ref] = v
+                order.append(ref)
+                continue
+            block = render(v)
+            if not block.empty and self._admitted(ref, block):
+                blocks[ref] = block
+                order.append(ref)
+                enc.block(block, present.redefined)
+        stale_chains, stale_sets = present.stale(blocks, set(enc.count_maps))
+        enc.end(stale_chains, stale_sets)
+        failed: list[BaseException] = []
+
+        def commit() -> None:
+            try:
+                send(enc)
+            except BaseException as err:  # handed to the caller's thread
+                failed.append(err)
+
+        worker = threading.Thread(target=commit, name="nft-full-sync", daemon=True)
+        worker.start()
+        try:
+            for ref, views in deferred.items():
+                blocks[ref] = render(views)
+            deferred.clear()
+            done = self._landed(blocks, order)
+        finally:
+            worker.join()
+        if failed:
+            self._reconcile = True
+            raise failed[0]
+        return self._commit_landed(done, stale_chains, reconcile)
+
+    def _full_sync_text(self, snapshot: Snapshot, present: _Present, reconcile: bool) -> SyncResult:
+        """The full sync as one `nft -f` transaction, written while it is being rendered.
+
+        nft 1.0.6 reads its whole input (8.4 MB at 10k services in ~10 ms) before it parses,
+        evaluates and commits any of it, so nothing before the end of the input overlaps
+        nft's work: a fast-path service's elements are formatted straight from its views
+        (`Renderer.fast_texts`), and its `ServiceBlock` rendered after the end of the input,
+        while nft evaluates and commits."""
         blocks: dict[Ref, ServiceBlock] = {}
         deferred: dict[Ref, Sequence[ServicePortView]] = {}  # fast-path services: views
         order: list[Ref] = []  # the services written, in order
@@ -321,27 +431,11 @@ class NftablesProxier:
                     yield block
 
         def stale() -> tuple[list[str], list[str]]:
-            if keep_stale:
-                return [], []
-            wanted_chains = {c for b in blocks.values() for c, _ in b.chains}
-            wanted_sets = {s.name for b in blocks.values() for s in b.sets}
-            wanted_sets |= {
-                count_map_name(n)
-                for b in blocks.values()
-                for n in count_maps_of(e.set for e in b.elements)
-            }
-            wanted_sets |= {name for name in fast_sets if is_count_map(name)}
-            stale_chains.extend(
-                sorted(c for c in present_chains - wanted_chains if is_service_chain(c))
-            )
-            gone = present_sets.keys() - wanted_sets
-            return stale_chains, sorted(s for s in gone if is_service_set(s) or is_count_map(s))
+            chains, sets = present.stale(blocks, count_maps_of(fast_sets))
+            stale_chains.extend(chains)
+            return chains, sets
 
-        def redefined(s: SetDef) -> bool:
-            """An affinity set whose timeout changed (recreated, see delta_ops)."""
-            return present_sets.get(s.name, s.timeout) != s.timeout
-
-        chunks = full_chunks(self.renderer, items(), stale=stale, redefined=redefined)
+        chunks = full_chunks(self.renderer, items(), stale=stale, redefined=present.redefined)
         sink = self._restorer.open([nft_binary(), "-f", "-"])
         try:
             for chunk in chunks:
@@ -356,22 +450,35 @@ class NftablesProxier:
         for ref, v in deferred.items():
             blocks[ref] = render(v)
         deferred.clear()  # the views (~150,000 objects) are freed now, not after nft is done
-        blocks = {ref: blocks[ref] for ref in order}
-        counts = element_counts(blocks.items())
-        count_maps = count_maps_of(name for name, _ in counts)
+        done = self._landed(blocks, order)
         try:
             sink.wait()
         except RestoreFailed as err:
             self._reconcile = True
             raise SyncError(_nft_error(str(err))) from err
-        self._blocks = blocks
-        self._counts = counts
-        self._count_maps = count_maps
-        self._rules = sum(b.rule_count for b in blocks.values())
+        return self._commit_landed(done, stale_chains, reconcile)
+
+    def _landed(
+        self, blocks: dict[Ref, ServiceBlock], order: Sequence[Ref]
+    ) -> tuple[dict[Ref, ServiceBlock], dict[ElementKey, Owners], set[int]]:
+        """What a full sync leaves in memory (kept once it has landed): the blocks in the order
+        written, their element owners and the fast-path maps."""
+        ordered = {ref: blocks[ref] for ref in order}
+        counts = element_counts(ordered.items())
+        return ordered, counts, count_maps_of(name for name, _ in counts)
+
+    def _commit_landed(
+        self,
+        done: tuple[dict[Ref, ServiceBlock], dict[ElementKey, Owners], set[int]],
+        stale_chains: Sequence[str],
+        reconcile: bool,
+    ) -> SyncResult:
+        self._blocks, self._counts, self._count_maps = done
+        self._rules = sum(b.rule_count for b in self._blocks.values())
         self._need_full = self._reconcile = False
         return SyncResult(
             full=True,
-            services_written=len(blocks),
+            services_written=len(self._blocks),
             rules={TABLE: self._rules},
             detail=f"{len(stale_chains)} stale chains{', read back' if reconcile else ''}",
         )

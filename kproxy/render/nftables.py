@@ -284,6 +284,82 @@ class UpdateSaddr:
     set: str
 
 
+# -- the fixed chains' statements (kproxy.backends.nft_netlink encodes them for full syncs) --
+@dataclass(frozen=True, slots=True)
+class CtState:
+    """`ct state new` (`status`: `ct status dnat`)."""
+
+    status: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class DaddrIn:
+    """`ip daddr != CIDR` (a single prefix; `ip daddr != 127.0.0.0/8`)."""
+
+    cidr: str
+    negate: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class FibDaddrLocal:
+    """`fib daddr type local`: the packet is addressed to this node."""
+
+
+@dataclass(frozen=True, slots=True)
+class DaddrInSet:
+    """`ip daddr @SET`."""
+
+    set: str
+
+
+@dataclass(frozen=True, slots=True)
+class PairInSet:
+    """`ip saddr . ip daddr @SET`."""
+
+    set: str
+
+
+@dataclass(frozen=True, slots=True)
+class PortVmap:
+    """`ip daddr . meta l4proto . th dport vmap @SET` (`daddr` False: `meta l4proto . th dport
+    vmap @SET`)."""
+
+    set: str
+    daddr: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class MarkZero:
+    """`meta mark & MASK == 0`."""
+
+    mask: int
+
+
+@dataclass(frozen=True, slots=True)
+class MarkSet:
+    """`meta mark set meta mark | MASK` (`op` "|") or `... ^ MASK` (`op` "^")."""
+
+    op: str
+    mask: int
+
+
+@dataclass(frozen=True, slots=True)
+class Masquerade:
+    """`masquerade fully-random`."""
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    """`reject` (ICMP port unreachable)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Comment:
+    """`comment "TEXT"` (the rule's userdata; last in a rule)."""
+
+    text: str
+
+
 Stmt = (
     SaddrIn
     | FibSaddrLocal
@@ -294,6 +370,17 @@ Stmt = (
     | NumgenVmap
     | SaddrInSet
     | UpdateSaddr
+    | CtState
+    | DaddrIn
+    | FibDaddrLocal
+    | DaddrInSet
+    | PairInSet
+    | PortVmap
+    | MarkZero
+    | MarkSet
+    | Masquerade
+    | Reject
+    | Comment
 )
 Rule = tuple[Stmt, ...]
 
@@ -332,7 +419,30 @@ def stmt_text(s: Stmt, family: int) -> str:
         return f"numgen random mod {len(s.chains)} vmap {{ {items} }}"
     if isinstance(s, SaddrInSet):
         return f"{fw} saddr @{s.set}"
-    return f"update @{s.set} {{ {fw} saddr }}"
+    if isinstance(s, UpdateSaddr):
+        return f"update @{s.set} {{ {fw} saddr }}"
+    if isinstance(s, CtState):
+        return "ct status dnat" if s.status else "ct state new"
+    if isinstance(s, DaddrIn):
+        return f"{fw} daddr {'!= ' if s.negate else ''}{s.cidr}"
+    if isinstance(s, FibDaddrLocal):
+        return "fib daddr type local"
+    if isinstance(s, DaddrInSet):
+        return f"{fw} daddr @{s.set}"
+    if isinstance(s, PairInSet):
+        return f"{fw} saddr . {fw} daddr @{s.set}"
+    if isinstance(s, PortVmap):
+        head = f"{fw} daddr . " if s.daddr else ""
+        return f"{head}meta l4proto . th dport vmap @{s.set}"
+    if isinstance(s, MarkZero):
+        return f"meta mark & {s.mask:#x} == 0"
+    if isinstance(s, MarkSet):
+        return f"meta mark set meta mark {s.op} {s.mask:#x}"
+    if isinstance(s, Masquerade):
+        return "masquerade fully-random"
+    if isinstance(s, Reject):
+        return "reject"
+    return f'comment "{s.text}"'
 
 
 def slot_ranges(n: int) -> list[tuple[int, int]]:
@@ -670,63 +780,60 @@ class Renderer:
         return rules
 
     # -- the fixed part ------------------------------------------------------------------------
-    def fixed_chains(self) -> dict[str, tuple[str, ...]]:
-        """Rules (as text) of the base chains and the fixed regular chains."""
-        fw = family_word(self.family)
-        mark = f"{1 << self.options.masquerade_bit:#x}"
-        new = "ct state new"
+    def fixed_chains(self) -> dict[str, tuple[Rule, ...]]:
+        """Rules of the base chains and the fixed regular chains (`rule_text` prints them; the
+        netlink codec encodes them)."""
+        mark = 1 << self.options.masquerade_bit
+        new = CtState()
         loopback = "::1" if self.family == IPV6 else "127.0.0.0/8"
+        np_match: Rule
         if self.options.nodeport_ips is None:
-            np_match = f"fib daddr type local {fw} daddr != {loopback}"
+            np_match = (FibDaddrLocal(), DaddrIn(loopback, negate=True))
         else:
-            np_match = f"{fw} daddr @{NODEPORT_IPS}"
-        services = []
+            np_match = (DaddrInSet(NODEPORT_IPS),)
+        cluster_ips = DaddrInSet(CLUSTER_IPS)
+        services: list[Rule] = []
         if self.options.masquerade_all:
-            services.append(f"{fw} daddr @{CLUSTER_IPS} jump {MARK_FOR_MASQUERADE}")
+            services.append((cluster_ips, Jump("jump", MARK_FOR_MASQUERADE)))
         elif self._cidrs:
-            stmt = stmt_text(SaddrIn(self._cidrs, negate=True), self.family)
-            services.append(f"{fw} daddr @{CLUSTER_IPS} {stmt} jump {MARK_FOR_MASQUERADE}")
-        services.append(f"{fw} daddr . meta l4proto . th dport vmap @{SERVICE_IPS}")
-        services.append(f"{fw} daddr @{CLUSTER_IPS} jump {CLUSTER_ENDPOINTS}")
-        services.append(f"{np_match} meta l4proto . th dport vmap @{SERVICE_NODEPORTS}")
+            services.append(
+                (cluster_ips, SaddrIn(self._cidrs, negate=True), Jump("jump", MARK_FOR_MASQUERADE))
+            )
+        services.append((PortVmap(SERVICE_IPS),))
+        services.append((cluster_ips, Jump("jump", CLUSTER_ENDPOINTS)))
+        services.append((*np_match, PortVmap(SERVICE_NODEPORTS, daddr=False)))
+
+        def jump(chain: str) -> Rule:
+            return (new, Jump("jump", chain))
+
         return {
-            "filter-prerouting": (f"{new} jump {FIREWALL_CHECK}",),
-            "filter-input": (
-                f"{new} jump {NODEPORT_ENDPOINTS_CHECK}",
-                f"{new} jump {SERVICE_ENDPOINTS_CHECK}",
-            ),
-            "filter-forward": (
-                f"{new} jump {SERVICE_ENDPOINTS_CHECK}",
-                f"{new} jump {CLUSTER_IPS_CHECK}",
-            ),
-            "filter-output": (
-                f"{new} jump {SERVICE_ENDPOINTS_CHECK}",
-                f"{new} jump {FIREWALL_CHECK}",
-            ),
-            "filter-output-post-dnat": (f"{new} jump {CLUSTER_IPS_CHECK}",),
-            "nat-prerouting": (f"jump {SERVICES}",),
-            "nat-output": (f"jump {SERVICES}",),
-            "nat-postrouting": (f"jump {MASQUERADING}",),
+            "filter-prerouting": (jump(FIREWALL_CHECK),),
+            "filter-input": (jump(NODEPORT_ENDPOINTS_CHECK), jump(SERVICE_ENDPOINTS_CHECK)),
+            "filter-forward": (jump(SERVICE_ENDPOINTS_CHECK), jump(CLUSTER_IPS_CHECK)),
+            "filter-output": (jump(SERVICE_ENDPOINTS_CHECK), jump(FIREWALL_CHECK)),
+            "filter-output-post-dnat": (jump(CLUSTER_IPS_CHECK),),
+            "nat-prerouting": ((Jump("jump", SERVICES),),),
+            "nat-output": ((Jump("jump", SERVICES),),),
+            "nat-postrouting": ((Jump("jump", MASQUERADING),),),
             SERVICES: tuple(services),
             MASQUERADING: (
-                f"ct status dnat {fw} saddr . {fw} daddr @{HAIRPIN} masquerade fully-random",
-                f"meta mark & {mark} == 0 return",
-                f"meta mark set meta mark ^ {mark}",
-                "masquerade fully-random",
+                (CtState(status=True), PairInSet(HAIRPIN), Masquerade()),
+                (MarkZero(mark), Jump("return")),
+                (MarkSet("^", mark),),
+                (Masquerade(),),
             ),
-            MARK_FOR_MASQUERADE: (f"meta mark set meta mark | {mark}",),
-            FIREWALL_CHECK: (f"{fw} daddr . meta l4proto . th dport vmap @{FIREWALL_IPS}",),
+            MARK_FOR_MASQUERADE: ((MarkSet("|", mark),),),
+            FIREWALL_CHECK: ((PortVmap(FIREWALL_IPS),),),
             CLUSTER_IPS_CHECK: (
-                f'{fw} daddr @{CLUSTER_IPS} reject comment "Reject traffic to invalid ports '
-                'of ClusterIPs"',
+                (
+                    cluster_ips,
+                    Reject(),
+                    Comment("Reject traffic to invalid ports of ClusterIPs"),
+                ),
             ),
-            SERVICE_ENDPOINTS_CHECK: (
-                f"{fw} daddr . meta l4proto . th dport vmap @{NO_ENDPOINT_SERVICES}",
-            ),
-            NODEPORT_ENDPOINTS_CHECK: (
-                f"{np_match} meta l4proto . th dport vmap @{NO_ENDPOINT_NODEPORTS}",
-            ),
-            REJECT_CHAIN: ("reject",),
+            SERVICE_ENDPOINTS_CHECK: ((PortVmap(NO_ENDPOINT_SERVICES),),),
+            NODEPORT_ENDPOINTS_CHECK: ((*np_match, PortVmap(NO_ENDPOINT_NODEPORTS, daddr=False)),),
+            REJECT_CHAIN: ((Reject(),),),
         }
 
     def nodeport_elements(self) -> tuple[Element, ...]:
@@ -1005,7 +1112,7 @@ def full_chunks(
     for s in shared_sets(fam):
         head.append(f"flush {'map' if s.value else 'set'} {t} {s.name}\n")
     for chain, rules in renderer.fixed_chains().items():
-        head.extend(f"add rule {t} {chain} {r}\n" for r in rules)
+        head.extend(f"add rule {t} {chain} {rule_text(r, fam)}\n" for r in rules)
     yield "".join(head)
 
     by_set: dict[str, list[str]] = {}  # element texts not written yet, per set

@@ -61,6 +61,11 @@ def local(address: str) -> object:
 def overall() -> dict[Ref, tuple[ServicePortView, ...]]:
     """kube-proxy's TestOverallNFTablesRules shapes: ClusterIP, LB with eTP Local, externalIP,
     source ranges and a health check, ClientIP affinity, a UDP service without endpoints."""
+    return views_of(*overall_objects())
+
+
+def overall_objects() -> list[tuple[Service, list[EndpointSlice]]]:
+    """The services and slices of `overall`."""
     e = make_endpoint
     s1 = make_service()
     sl1 = make_slice(endpoints=[e("10.180.0.1"), e("10.180.0.2", node_name=NODE)])
@@ -102,10 +107,14 @@ def overall() -> dict[Ref, tuple[ServicePortView, ...]]:
     )
     s6 = make_service("ns6", "svc6", cluster_ips=("172.30.0.46",), internal_policy_local=True)
     sl6 = make_slice("ns6", "svc6", endpoints=[e("10.180.0.10", node_name=NODE), e("10.180.0.11")])
-    return views_of((s1, [sl1]), (s2, [sl2]), (s3, [sl3]), (s4, []), (s5, [sl5]), (s6, [sl6]))
+    return [(s1, [sl1]), (s2, [sl2]), (s3, [sl3]), (s4, []), (s5, [sl5]), (s6, [sl6])]
 
 
 def ipv6() -> dict[Ref, tuple[ServicePortView, ...]]:
+    return views_of(*ipv6_objects(), family=6)
+
+
+def ipv6_objects() -> list[tuple[Service, list[EndpointSlice]]]:
     s1 = make_service(
         cluster_ips=("fd00:30::41",),
         type="NodePort",
@@ -128,7 +137,7 @@ def ipv6() -> dict[Ref, tuple[ServicePortView, ...]]:
         endpoints=[make_endpoint("fd00:10::3"), make_endpoint("fd00:10::4")],
         ports=[EndpointPort(name="dns", port=5353, protocol="UDP")],
     )
-    return views_of((s1, [sl1]), (s2, [sl2]), family=6)
+    return [(s1, [sl1]), (s2, [sl2])]
 
 
 CASES = {
