@@ -19,21 +19,25 @@ where the spec is silent:
   and the empty non-terminals (`svc.<zone>`, `pod.<zone>`, `<ns>.svc.<zone>`, `_tcp.<svc>...`)
   that make the difference between NODATA and NXDOMAIN.
 
-Pod names (`a-b-c-d.<ns>.pod.<zone>`) are synthesised by the resolver, not stored. Endpoint
-names and endpoint PTRs are synthesised too, by `DnsIndex.lookup`, from each service's
-`Endpoints` (its served addresses packed in one bytes object, plus hostnames when there are
-any) and a map from endpoint address to service names: per endpoint the index keeps ~0.1 KB
-instead of ~1 KB of names, records and nodes.
+Pod names (`a-b-c-d.<ns>.pod.<zone>`) are synthesised by the resolver, not stored. Most other
+names are synthesised too, by `DnsIndex.lookup`: a ClusterIP service's names (its own, its SRV
+names and their `_<proto>` parents, its cluster IPs' PTRs) from its `DnsService` alone, through
+the same `service_part` a stored service goes through, and endpoint names and PTRs from each
+service's `Endpoints` (its served addresses packed in one bytes object, plus hostnames when there
+are any); per address a sorted table gives the services whose PTR it answers with. Only the
+apex, the empty non-terminals and the names of headless and ExternalName services are stored:
+at 10k ClusterIP services x 10 endpoints the index is ~7 MB (names, records and nodes for
+every name took ~120 MB).
 
 The index reads only what DNS needs from the model, converted to small tuples (`DnsService`,
 `DnsSlice`): they pickle fast (the serving processes receive them over a pipe) and keep the
 serving processes' memory small.
 
-`IndexBuilder` maintains the index incrementally: it keeps each service's contribution and, for a
-`ModelDelta` (what changed between two snapshots), recomputes only the touched services and
-reports which names changed, so the answer cache keeps every other pre-encoded answer. A full
-build of 10k services takes about a second of CPU; a one-service change well under a millisecond
-plus one copy of the name map.
+`IndexBuilder` maintains the index incrementally: for a `ModelDelta` (what changed between two
+snapshots) it recomputes only the touched services and reports which names changed, so the
+answer cache keeps every other pre-encoded answer. A full build of 10k services takes a few
+tenths of a second of CPU; a one-service change well under a millisecond plus one copy of the
+published maps.
 """
 
 from __future__ import annotations
@@ -64,7 +68,7 @@ from kproxy.dns.records import (
     to_wire,
     txt_rr,
 )
-from kproxy.model.objects import EndpointSlice, Ref, Service
+from kproxy.model.objects import EndpointPort, EndpointSlice, Ref, Service, ServicePort
 from kproxy.model.store import Snapshot
 
 PODS_INSECURE = "insecure"
@@ -118,6 +122,23 @@ class DnsService(NamedTuple):
     publish_not_ready: bool = False
 
 
+_PORTS: dict[tuple[DnsPort, ...], tuple[DnsPort, ...]] = {}
+
+
+def _dns_ports(ports: Iterable[EndpointPort | ServicePort]) -> tuple[DnsPort, ...]:
+    """The ports as DNS sees them, one shared tuple per distinct list: most services have the
+    same few port lists, and the pickled model carries each once (the pickle's memo), so the
+    serving processes keep one copy too. The cache is bounded (cleared when it fills)."""
+    out = tuple(DnsPort(p.name, p.protocol, p.port) for p in ports)
+    found = _PORTS.get(out)
+    if found is not None:
+        return found
+    if len(_PORTS) >= 4096:
+        _PORTS.clear()
+    _PORTS[out] = out
+    return out
+
+
 def dns_service(svc: Service) -> DnsService:
     if svc.is_external_name:
         kind = KIND_EXTERNAL_NAME
@@ -130,7 +151,7 @@ def dns_service(svc: Service) -> DnsService:
         name=svc.name,
         kind=kind,
         cluster_ips=svc.cluster_ips if kind == KIND_CLUSTER_IP else (),
-        ports=tuple(DnsPort(p.name, p.protocol, p.port) for p in svc.ports),
+        ports=_dns_ports(svc.ports),
         external_name=svc.external_name,
         publish_not_ready=svc.publish_not_ready,
     )
@@ -169,7 +190,7 @@ def _dns_slice(sl: EndpointSlice) -> DnsSlice:
         b"".join(addrs),
         bytes(ready),
         tuple(hosts) if any(hosts) else None,
-        tuple(DnsPort(p.name, p.protocol, p.port) for p in sl.ports),
+        _dns_ports(sl.ports),
     )
 
 
@@ -327,31 +348,47 @@ class Endpoints(NamedTuple):
     the address are made when asked (`DnsIndex.lookup`), from this record. At 10k services x
     10 endpoints that is ~100 MB less than storing each endpoint's names and records.
 
-    addrs: one `_SLOT`-byte slot per address, in model order (the first hostname of an address
-           wins, as in CoreDNS).
+    addrs: the addresses in model order (the first hostname of an address wins, as in
+           CoreDNS): when `width` is 4 (every address is IPv4) the 4 bytes of each, else one
+           `_SLOT`-byte slot (`_slot`) each.
     hosts: per address its host label (wire, with the length byte), b"" for the dashed address
            (`_dashed_label`); None when every address is dashed (endpoints without hostname).
     """
 
     addrs: bytes
     hosts: tuple[bytes, ...] | None
+    width: int = _SLOT
+
+    def packed(self) -> Iterator[bytes]:
+        """Every address (packed), in model order."""
+        addrs, width = self.addrs, self.width
+        if width == 4:
+            for i in range(0, len(addrs), 4):
+                yield addrs[i : i + 4]
+        else:
+            for i in range(0, len(addrs), width):
+                yield addrs[i + 1 : i + 1 + addrs[i]]
 
     def entries(self) -> Iterator[tuple[bytes, bytes]]:
         """(address, host label) per address, in model order."""
-        addrs, hosts = self.addrs, self.hosts
-        for k in range(len(addrs) // _SLOT):
-            i = k * _SLOT
-            packed = addrs[i + 1 : i + 1 + addrs[i]]
+        hosts = self.hosts
+        for k, packed in enumerate(self.packed()):
             host = hosts[k] if hosts is not None else b""
             yield packed, host or _dashed_label(packed)
 
     def position(self, packed: bytes) -> int:
         """Where `packed` is in `addrs` (-1 when it is not there)."""
-        key = _slot(packed)
+        width = self.width
+        if width == 4:
+            if len(packed) != 4:
+                return -1
+            key = packed
+        else:
+            key = _slot(packed)
         i = self.addrs.find(key)
-        while i >= 0 and i % _SLOT:
+        while i >= 0 and i % width:
             i = self.addrs.find(key, i + 1)
-        return i // _SLOT if i >= 0 else -1
+        return i // width if i >= 0 else -1
 
     def host(self, packed: bytes) -> bytes | None:
         k = self.position(packed)
@@ -370,18 +407,44 @@ class Endpoints(NamedTuple):
 def _endpoints(served: dict[bytes, bytes]) -> Endpoints | None:
     if not served:
         return None
-    hosts = tuple(served.values())
-    return Endpoints(b"".join(map(_slot, served)), hosts if any(hosts) else None)
+    hosts = tuple(served.values()) if any(served.values()) else None
+    if all(len(packed) == 4 for packed in served):
+        return Endpoints(b"".join(served), hosts, 4)
+    return Endpoints(b"".join(map(_slot, served)), hosts, _SLOT)
 
 
-_ID_BITS = 24  # service numbers in `EndpointPtrs.v4`
+def _served(
+    svc: DnsService, slices: tuple[DnsSlice, ...]
+) -> Iterator[tuple[DnsSlice, bytes, bytes]]:
+    """(slice, address, host label) per endpoint the service has names for (ready, or every
+    endpoint with publishNotReadyAddresses), in model order; the address packed, the label
+    b"" for the dashed address."""
+    for sl in slices:
+        addrs, ready, hosts = sl.addrs, sl.ready, sl.hosts
+        for k in range(len(ready)):
+            if ready[k] or svc.publish_not_ready:
+                i = k * _SLOT
+                yield sl, addrs[i + 1 : i + 1 + addrs[i]], hosts[k] if hosts is not None else b""
+
+
+def _cluster_endpoints(svc: DnsService, slices: tuple[DnsSlice, ...]) -> Endpoints | None:
+    """A ClusterIP service's `Endpoints` (as `service_part` makes them, without its names):
+    the first host label of an address wins."""
+    served: dict[bytes, bytes] = {}
+    for _, packed, host in _served(svc, slices):
+        served.setdefault(packed, host)
+    return _endpoints(served)
+
+
+_ID_BITS = 24  # service numbers in `PtrOwners.v4`
 _ID_MASK = (1 << _ID_BITS) - 1
 
 
-class EndpointPtrs:
-    """Per endpoint address, the services it has a name in (what its PTR answers with).
+class PtrOwners:
+    """Per address, the services whose name its PTR answers with: per endpoint address the
+    services it has a name in, or per cluster IP its services.
 
-    IPv4 is one sorted array of `address << 24 | service number`: 8 bytes per endpoint, where
+    IPv4 is one sorted array of `address << 24 | service number`: 8 bytes per address, where
     a dict keyed by address held ~90. IPv6 addresses (rarer) are a dict of service numbers.
     `services` maps numbers to service names (wire). Immutable once published.
     """
@@ -396,7 +459,7 @@ class EndpointPtrs:
         self.services = services
 
     def owners(self, packed: bytes) -> list[bytes]:
-        """The names of the services `packed` is an endpoint of."""
+        """The names of the services `packed` belongs to."""
         if len(packed) != 4:
             return [self.services[k] for k in self.v6.get(packed, ())]
         v4 = self.v4
@@ -410,7 +473,7 @@ class EndpointPtrs:
         return out
 
     def addresses(self) -> Iterator[bytes]:
-        """Every endpoint address (packed), once."""
+        """Every address (packed), once."""
         last = -1
         for key in self.v4:
             address = key >> _ID_BITS
@@ -424,8 +487,11 @@ class EndpointPtrs:
 class DnsIndex:
     """Everything the resolver needs to answer for the cluster zone at one model generation.
 
-    stored:         the names kept with their records (services, SRV, cluster IP PTRs, the
-                    apex, empty non-terminals).
+    stored:         the names kept with their records (the apex, empty non-terminals, and the
+                    names of headless and ExternalName services).
+    services:       per ClusterIP service name (wire), its `DnsService`: its names (the service,
+                    its SRV names, its cluster IPs' PTRs) are made when asked (`service_part`).
+    cluster_ptrs:   per cluster IP, the ClusterIP service name(s) its PTR answers with.
     endpoints:      per service name (wire), its `Endpoints`.
     endpoint_ptrs:  per endpoint address, the service name(s) it has a name in.
     `names` is the whole mapping, stored and synthesised (for tests and tools: it enumerates).
@@ -435,18 +501,55 @@ class DnsIndex:
     ttl: int
     pods_mode: str
     stored: Mapping[bytes, Node]
+    services: Mapping[bytes, DnsService]
+    cluster_ptrs: PtrOwners
     endpoints: Mapping[bytes, Endpoints]
-    endpoint_ptrs: EndpointPtrs
+    endpoint_ptrs: PtrOwners
     soa: RR
     synced: bool
     generation: int
 
     def lookup(self, name: bytes) -> Node | None:
         node = self.stored.get(name)
+        if node is None:
+            node = self._service_node(name)
         if node is not None and node is not EMPTY:
             return node
         made = self._endpoint_node(name)
         return made if made is not None else node
+
+    def _service_node(self, name: bytes) -> Node | None:
+        """A ClusterIP service's name, SRV name or `_<proto>` name, or a cluster IP's PTR."""
+        if _is_reverse(name):
+            ptr = self._cluster_ptr(name)
+            if ptr is not None:
+                return ptr
+        services = self.services
+        svc = services.get(name)
+        if svc is None:
+            if len(name) < 2 or name[1] != 0x5F:  # "_": an SRV name, or its `_<proto>` parent
+                return None
+            name_w = name[name[0] + 1 :]
+            svc = services.get(name_w)
+            if svc is None:
+                if len(name_w) < 2 or name_w[1] != 0x5F:
+                    return None
+                svc = services.get(name_w[name_w[0] + 1 :])
+                if svc is None:
+                    return None
+        part, _ = service_part(svc, (), svc_zone=b"\x03svc" + self.zone, ttl=self.ttl)
+        return part.get(name)
+
+    def _cluster_ptr(self, name: bytes) -> Node | None:
+        packed = _unreverse(name)
+        if packed is None:
+            return None
+        owners = self.cluster_ptrs.owners(packed)
+        if not owners:
+            return None
+        if len(owners) > 1:
+            owners = sorted(set(owners))
+        return Node(tuple(name_rr(name, PTR, self.ttl, owner) for owner in owners), rank=0)
 
     def _endpoint_node(self, name: bytes) -> Node | None:
         if not name[0]:
@@ -490,16 +593,28 @@ class _Names(Mapping[bytes, Node]):
         return node
 
     def __iter__(self) -> Iterator[bytes]:
-        stored = self._index.stored
-        yield from stored
-        for service, eps in self._index.endpoints.items():
-            for owner in dict.fromkeys(host + service for _, host in eps.entries()):
-                if owner not in stored:
-                    yield owner
-        for packed in self._index.endpoint_ptrs.addresses():
-            rev = reverse_packed(packed)
-            if rev not in stored:
-                yield rev
+        index = self._index
+        seen = set(index.stored)
+        yield from index.stored
+        svc_zone = b"\x03svc" + index.zone
+        made = (
+            name
+            for svc in index.services.values()
+            for name in service_part(svc, (), svc_zone=svc_zone, ttl=index.ttl)[0]
+        )
+        endpoint_names = (
+            host + service for service, eps in index.endpoints.items() for _, host in eps.entries()
+        )
+        ptrs = (
+            reverse_packed(packed)
+            for table in (index.cluster_ptrs, index.endpoint_ptrs)
+            for packed in table.addresses()
+        )
+        for group in (made, endpoint_names, ptrs):
+            for name in group:
+                if name not in seen:
+                    seen.add(name)
+                    yield name
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -592,28 +707,24 @@ def service_part(
     served: dict[bytes, bytes] = {}
     srv_eps: dict[bytes, dict[tuple[int, bytes], None]] = {}  # headless: SRV name -> targets
     bare: list[tuple[int, bytes]] = []  # headless: (port, target) per endpoint address and port
-    for sl in slices:
-        named = []
-        if headless:
+    named: list[tuple[bytes, int]] = []  # headless: the current slice's SRV names and ports
+    last: DnsSlice | None = None
+    for sl, packed, label in _served(svc, slices):
+        host = served.setdefault(packed, label)
+        if not headless:
+            continue
+        if sl is not last:
+            last = sl
+            named = []
             for p in sl.ports:
                 if p.name:
                     srv_w = _srv_name(p, name_w)
                     if srv_w is not None:
                         named.append((srv_w, p.port))
-        addrs, ready, hosts = sl.addrs, sl.ready, sl.hosts
-        for k in range(len(ready)):
-            if not (ready[k] or svc.publish_not_ready):
-                continue
-            i = k * _SLOT
-            packed = addrs[i + 1 : i + 1 + addrs[i]]
-            host = served.get(packed)
-            if host is None:
-                host = served[packed] = hosts[k] if hosts is not None else b""
-            if headless:
-                owner = (host or _dashed_label(packed)) + name_w
-                for srv_w, port in named:
-                    srv_eps.setdefault(srv_w, {})[(port, owner)] = None
-                bare.extend((p.port, owner) for p in sl.ports if 0 < p.port < 65536)
+        owner = (host or _dashed_label(packed)) + name_w
+        for srv_w, port in named:
+            srv_eps.setdefault(srv_w, {})[(port, owner)] = None
+        bare.extend((p.port, owner) for p in sl.ports if 0 < p.port < 65536)
 
     # headless: the endpoints' address records, in model order and by owner (several
     # addresses may share a hostname: dual-stack)
@@ -706,12 +817,82 @@ def _bare_srv(
     return Node((*service_rrs, *srvs), glue)
 
 
-def _merge_ptr(nodes: list[Node]) -> Node:
-    if len(nodes) == 1:
-        return nodes[0]
-    best = min(n.rank for n in nodes)
-    rrs = _unique(rr for n in nodes if n.rank == best for rr in n.rrs)
-    return Node(tuple(sorted(rrs, key=lambda rr: rr.rdata)), rank=best)
+class _PtrTable:
+    """A `PtrOwners` being edited by the builder: an apply's IPv4 additions and removals are
+    merged into a new sorted array at its end (`merge`); the IPv6 dict is copied before an
+    apply changes it (`begin`), so what was published stays as it was."""
+
+    __slots__ = ("_add", "_del", "v4", "v6")
+
+    def __init__(self) -> None:
+        self.v4: array[int] = array("Q")
+        self.v6: dict[bytes, tuple[int, ...]] = {}
+        self._add: array[int] = array("Q")
+        self._del: array[int] = array("Q")
+
+    def begin(self) -> None:
+        self.v6 = dict(self.v6)
+
+    def add(self, packed: bytes, number: int) -> None:
+        if len(packed) == 4:
+            self._add.append(int.from_bytes(packed, "big") << _ID_BITS | number)
+        else:
+            self.v6[packed] = (*self.v6.get(packed, ()), number)
+
+    def remove(self, packed: bytes, number: int) -> None:
+        if len(packed) == 4:
+            self._del.append(int.from_bytes(packed, "big") << _ID_BITS | number)
+        else:
+            rest = tuple(k for k in self.v6.get(packed, ()) if k != number)
+            if rest:
+                self.v6[packed] = rest
+            else:
+                self.v6.pop(packed, None)
+
+    def merge(self) -> None:
+        """A new IPv4 array with this apply's removals and additions."""
+        add, remove = self._add, self._del
+        if add or remove:
+            if len(add) + len(remove) <= 64:  # an endpoint change or two: edit a copy
+                merged = array("Q", self.v4)
+                for key in remove:
+                    i = bisect_left(merged, key)
+                    if i < len(merged) and merged[i] == key:
+                        del merged[i]
+                for key in add:
+                    insort(merged, key)
+            else:
+                gone = set(remove)
+                keys = [k for k in self.v4 if k not in gone] if gone else list(self.v4)
+                keys.extend(add)
+                keys.sort()
+                merged = array("Q", keys)
+            self.v4 = merged
+        self._add, self._del = array("Q"), array("Q")
+
+
+def _changed_endpoint_names(changed: set[bytes], service: bytes, eps: Endpoints) -> None:
+    for packed, host in eps.entries():
+        changed.add(host + service)
+        changed.add(reverse_packed(packed))
+
+
+class _Unchanged:
+    """The type of `_UNCHANGED`: a service the delta does not change (only its slices)."""
+
+
+_UNCHANGED = _Unchanged()
+
+
+def _cluster_addresses(svc: DnsService) -> Iterable[bytes]:
+    """The cluster IPs with a PTR (packed, once each), as `service_part` makes them."""
+    out: dict[bytes, None] = {}
+    for ip in svc.cluster_ips:
+        try:
+            out[pack_ip(ip)] = None
+        except ValueError:
+            continue
+    return out
 
 
 # -- the builder ------------------------------------------------------------------------------
@@ -723,11 +904,12 @@ class IndexBuilder:
     Not thread-safe: one thread at a time applies deltas. The indexes it returns are immutable
     and may be read from any thread.
 
-    Stored names come in three kinds: empty non-terminals (shared, reference-counted), reverse
-    names of cluster IPs (possibly shared by several services, merged) and every other name,
-    which belongs to exactly one service (Kubernetes names are unique, and the shapes of
-    service and SRV names cannot collide). Endpoint names and PTRs are not stored: each
-    service's `Endpoints` and, per endpoint address, the services it is in.
+    Stored names come in two kinds: empty non-terminals (shared, reference-counted) and the
+    names of headless and ExternalName services, each of which belongs to exactly one service
+    (Kubernetes names are unique, and the shapes of service and SRV names cannot collide).
+    Nothing else is stored as names: a ClusterIP service's names and its cluster IPs' PTRs are
+    made at lookup from its `DnsService` (they depend on nothing else), endpoint names and PTRs
+    from each service's `Endpoints` and, per address, the services it is in (`PtrOwners`).
 
     The builder keeps no endpoint slices: a delta carries the slices of every service it
     changes (`ModelDelta`).
@@ -751,21 +933,19 @@ class IndexBuilder:
         self._svc_zone = b"\x03svc" + self.zone
         self._ns_name = b"\x02ns\x03dns" + self.zone
         self._ns_addresses = tuple(ns_addresses)
-        self._services: dict[Ref, DnsService] = {}
-        self._parts: dict[Ref, dict[bytes, Node]] = {}
-        self._ptr_owners: dict[bytes, Ref | tuple[Ref, ...]] = {}
+        # headless and ExternalName services, and the names they store
+        self._parts: dict[Ref, tuple[DnsService, dict[bytes, Node]]] = {}
+        self._clusterip: dict[bytes, DnsService] = {}  # ClusterIP services, by name (wire)
         self._ents: dict[bytes, int] = {}
         self._eps: dict[bytes, Endpoints] = {}
-        # the endpoints' PTR owners (`EndpointPtrs`): service numbers, IPv4 and IPv6 keys, and
-        # this apply's IPv4 additions and removals (merged into a new array at its end)
+        # the PTR owners (`PtrOwners`): service numbers, and the endpoints' and cluster IPs'
+        # tables (numbers released by an apply are reused from the next one)
         self._ptr_ids: dict[bytes, int] = {}
         self._ptr_names: list[bytes] = []
         self._ptr_free: list[int] = []
-        self._ptr4: array[int] = array("Q")
-        self._ptr6: dict[bytes, tuple[int, ...]] = {}
-        self._add4: array[int] = array("Q")
-        self._del4: array[int] = array("Q")
         self._released: list[int] = []
+        self._eptrs = _PtrTable()
+        self._cptrs = _PtrTable()
         self._static = self._static_names(serial=1)
         self._names: dict[bytes, Node] = dict(self._static)
         self._synced = False
@@ -810,31 +990,37 @@ class IndexBuilder:
         """
         everything = delta.full or delta.synced != self._synced
         if delta.full:
-            self._services = {}
             self._parts = {}
-            self._ptr_owners = {}
+            self._clusterip = {}
             self._ents = {}
             self._names = {}
             self._eps = {}
             self._ptr_ids, self._ptr_names, self._ptr_free = {}, [], []
-            self._ptr4, self._ptr6 = array("Q"), {}
+            self._eptrs, self._cptrs = _PtrTable(), _PtrTable()
         else:  # the published maps stay untouched
             self._names = dict(self._names)
+            self._clusterip = dict(self._clusterip)
             self._eps = dict(self._eps)
             self._ptr_names = list(self._ptr_names)
-            self._ptr6 = dict(self._ptr6)
-        for ref, svc in delta.services.items():
-            if svc is None:
-                self._services.pop(ref, None)
-            else:
-                self._services[ref] = svc
+            self._eptrs.begin()
+            self._cptrs.begin()
         # a full answer-cache flush needs no list of names (at 10k x 10: 200k names of garbage)
         changed: set[bytes] | None = None if everything else set()
         self._static = self._static_names(serial=max(1, delta.generation))
         self._names.update(self._static)
         for ref in delta.touched:
-            self._update_service(ref, delta.slices.get(ref, () if delta.full else None), changed)
-        self._merge_ptr4()
+            self._update_service(
+                ref,
+                delta.services.get(ref, _UNCHANGED),
+                delta.slices.get(ref, () if delta.full else None),
+                changed,
+            )
+        self._eptrs.merge()
+        self._cptrs.merge()
+        for number in self._released:
+            self._ptr_names[number] = b""
+            self._ptr_free.append(number)
+        self._released = []
         self._synced = delta.synced
         self._generation = delta.generation
         self.index = self._publish()
@@ -844,58 +1030,93 @@ class IndexBuilder:
         return self.index, frozenset(changed)
 
     def _update_service(
-        self, ref: Ref, slices: tuple[DnsSlice, ...] | None, changed: set[bytes] | None
+        self,
+        ref: Ref,
+        new_svc: DnsService | _Unchanged | None,
+        slices: tuple[DnsSlice, ...] | None,
+        changed: set[bytes] | None,
     ) -> None:
-        svc = self._services.get(ref)
-        if svc is not None and slices is None:
+        """Apply one service's change: `new_svc` is its new DnsService (None: deleted) or
+        `_UNCHANGED`, `slices` its complete new slices (None: unchanged)."""
+        if new_svc is not None and not isinstance(new_svc, _Unchanged) and slices is None:
             raise ValueError(f"the delta changes {ref} without its endpoint slices")
-        old = self._parts.pop(ref, None) or {}
-        new, eps = (
-            service_part(svc, slices or (), svc_zone=self._svc_zone, ttl=self.ttl)
-            if svc is not None
-            else ({}, None)
-        )
         service = _service_wire(ref.namespace, ref.name, self._svc_zone)
-        if new and new == old:
-            # the stored names did not move (a ClusterIP service whose endpoints changed):
-            # keep the objects already published rather than churn the heap with equal ones
-            self._parts[ref] = old
-            if service is not None:
-                self._set_endpoints(service, eps, changed)
+        if service is None:  # a name DNS cannot serve: the service contributes nothing
             return
-        if new:
-            self._parts[ref] = new
+        # A ClusterIP service (`made`) stores no names: they are made at lookup from its
+        # DnsService, and depend on nothing else. Other services store their names (`part`).
+        old_svc = self._clusterip.pop(service, None)
+        other = self._parts.pop(ref, None)
+        old_part = other[1] if other is not None else {}
+        if not isinstance(new_svc, _Unchanged):
+            svc = new_svc
+        else:
+            svc = old_svc if old_svc is not None else other[0] if other is not None else None
+        made = svc is not None and svc.kind == KIND_CLUSTER_IP
+        part: dict[bytes, Node]
+        if made:
+            assert svc is not None
+            self._clusterip[service] = old_svc if old_svc == svc else svc
+            part, eps = {}, _cluster_endpoints(svc, slices or ())
+        elif svc is not None:
+            part, eps = service_part(svc, slices or (), svc_zone=self._svc_zone, ttl=self.ttl)
+        else:
+            part, eps = {}, None
+        if (made and old_svc == svc) or (part and part == old_part):
+            # the names did not move (a service whose endpoints changed): keep the objects
+            # already published rather than churn the heap with equal ones
+            if old_part:
+                assert svc is not None
+                self._parts[ref] = (svc, old_part)
+            self._set_endpoints(service, eps, changed)
+            self._release_unused(service)
+            return
+        if changed is not None:
+            old = self._names_of(old_svc) if old_svc is not None else old_part
+            new = self._names_of(svc) if made and svc is not None else part
+            for name in old.keys() | new.keys():
+                if old.get(name) is not EMPTY or new.get(name) is not EMPTY:
+                    changed.add(name)
+        # a ClusterIP service stores only its namespace's empty non-terminal (shared)
+        ns_w = service[service[0] + 1 :]
+        old_stored = {ns_w: EMPTY} if old_svc is not None else old_part
+        new_stored = {ns_w: EMPTY} if made else part
+        if part:
+            assert svc is not None
+            self._parts[ref] = (svc, part)
         names = self._names
-        for name, node in old.items():
+        for name, node in old_stored.items():
             if node is EMPTY:
                 count = self._ents.get(name, 0) - 1
                 if count > 0:
                     self._ents[name] = count
                 else:
                     self._ents.pop(name, None)
-            elif _is_reverse(name):
-                self._set_owners(name, tuple(r for r in self._owners(name) if r != ref))
-            if name not in new:
+            if name not in new_stored:
                 self._recompute(name)
-                if changed is not None:
-                    changed.add(name)
-        for name, node in new.items():
+        for name, node in new_stored.items():
             if node is EMPTY:
                 self._ents[name] = self._ents.get(name, 0) + 1
                 if name not in names:
                     names[name] = EMPTY
-                    if changed is not None:
-                        changed.add(name)
-                continue
-            if _is_reverse(name):
-                self._set_owners(name, (*self._owners(name), ref))
-                self._recompute(name)
             else:
                 names[name] = node
-            if changed is not None:
-                changed.add(name)
-        if service is not None:
-            self._set_endpoints(service, eps, changed)
+        # the cluster IPs' PTRs
+        if old_svc is not None:
+            number = self._ptr_ids[service]
+            for packed in _cluster_addresses(old_svc):
+                self._cptrs.remove(packed, number)
+        if made:
+            assert svc is not None
+            number = self._service_number(service)
+            for packed in _cluster_addresses(svc):
+                self._cptrs.add(packed, number)
+        self._set_endpoints(service, eps, changed)
+        self._release_unused(service)
+
+    def _names_of(self, svc: DnsService) -> dict[bytes, Node]:
+        """A ClusterIP service's names, as lookups make them."""
+        return service_part(svc, (), svc_zone=self._svc_zone, ttl=self.ttl)[0]
 
     def _set_endpoints(
         self, service: bytes, eps: Endpoints | None, changed: set[bytes] | None
@@ -907,33 +1128,18 @@ class IndexBuilder:
                 self._eps[service] = old
                 return
             number = self._ptr_ids[service]
-            for packed, host in old.entries():
-                if changed is not None:
-                    changed.add(host + service)
-                    changed.add(reverse_packed(packed))
-                if len(packed) == 4:
-                    self._del4.append(int.from_bytes(packed, "big") << _ID_BITS | number)
-                else:
-                    rest = tuple(k for k in self._ptr6.get(packed, ()) if k != number)
-                    if rest:
-                        self._ptr6[packed] = rest
-                    else:
-                        self._ptr6.pop(packed, None)
-            if eps is None:
-                del self._ptr_ids[service]
-                self._released.append(number)
+            for packed in old.packed():
+                self._eptrs.remove(packed, number)
+            if changed is not None:
+                _changed_endpoint_names(changed, service, old)
         if eps is None:
             return
         self._eps[service] = eps
         number = self._service_number(service)
-        for packed, host in eps.entries():
-            if changed is not None:
-                changed.add(host + service)
-                changed.add(reverse_packed(packed))
-            if len(packed) == 4:
-                self._add4.append(int.from_bytes(packed, "big") << _ID_BITS | number)
-            else:
-                self._ptr6[packed] = (*self._ptr6.get(packed, ()), number)
+        for packed in eps.packed():
+            self._eptrs.add(packed, number)
+        if changed is not None:
+            _changed_endpoint_names(changed, service, eps)
 
     def _service_number(self, service: bytes) -> int:
         number = self._ptr_ids.get(service)
@@ -945,58 +1151,22 @@ class IndexBuilder:
         else:
             number = len(self._ptr_names)
             if number > _ID_MASK:
-                raise ValueError("more than 16M services with endpoints")
+                raise ValueError("more than 16M services with endpoints or cluster IPs")
             self._ptr_names.append(service)
         self._ptr_ids[service] = number
         return number
 
-    def _merge_ptr4(self) -> None:
-        """A new IPv4 PTR array with this apply's removals and additions."""
-        add, remove = self._add4, self._del4
-        if add or remove:
-            if len(add) + len(remove) <= 64:  # an endpoint change or two: edit a copy
-                merged = array("Q", self._ptr4)
-                for key in remove:
-                    i = bisect_left(merged, key)
-                    if i < len(merged) and merged[i] == key:
-                        del merged[i]
-                for key in add:
-                    insort(merged, key)
-            else:
-                gone = set(remove)
-                keys = [k for k in self._ptr4 if k not in gone] if gone else list(self._ptr4)
-                keys.extend(add)
-                keys.sort()
-                merged = array("Q", keys)
-            self._ptr4 = merged
-        self._add4, self._del4 = array("Q"), array("Q")
-        for number in self._released:
-            self._ptr_names[number] = b""
-            self._ptr_free.append(number)
-        self._released = []
-
-    def _owners(self, name: bytes) -> tuple[Ref, ...]:
-        found = self._ptr_owners.get(name)
-        if found is None:
-            return ()
-        return (found,) if isinstance(found, Ref) else found
-
-    def _set_owners(self, name: bytes, owners: tuple[Ref, ...]) -> None:
-        # one owner (the common case) is stored bare
-        if not owners:
-            self._ptr_owners.pop(name, None)
-        else:
-            self._ptr_owners[name] = owners[0] if len(owners) == 1 else owners
+    def _release_unused(self, service: bytes) -> None:
+        """Free a service's number once nothing refers to it (reused from the next apply)."""
+        ids = self._ptr_ids
+        if service in ids and service not in self._eps and service not in self._clusterip:
+            self._released.append(ids.pop(service))
 
     def _recompute(self, name: bytes) -> None:
-        """Set a shared or vanishing name from what its owners contribute now."""
+        """Set a shared or vanishing name from what is left of it."""
         node: Node | None = self._static.get(name)
-        if node is None:
-            owners = self._owners(name)
-            if owners:
-                node = _merge_ptr([self._parts[r][name] for r in owners])
-            elif self._ents.get(name):
-                node = EMPTY
+        if node is None and self._ents.get(name):
+            node = EMPTY
         if node is None:
             self._names.pop(name, None)
         else:
@@ -1009,8 +1179,10 @@ class IndexBuilder:
             pods_mode=self.pods_mode,
             # the builder copies these before it changes them: plain dicts are faster to read
             stored=self._names,
+            services=self._clusterip,
+            cluster_ptrs=PtrOwners(self._cptrs.v4, self._cptrs.v6, self._ptr_names),
             endpoints=self._eps,
-            endpoint_ptrs=EndpointPtrs(self._ptr4, self._ptr6, self._ptr_names),
+            endpoint_ptrs=PtrOwners(self._eptrs.v4, self._eptrs.v6, self._ptr_names),
             soa=self._static[self.zone].rrs[0],
             synced=self._synced,
             generation=self._generation,

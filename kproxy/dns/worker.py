@@ -76,13 +76,14 @@ def main(argv: list[str] | None = None) -> int:
         finally:
             gc.freeze()
             gc.enable()
-        memtrim.trim()  # the previous index's pages go back to the kernel
         emit(
             {"event": "applied", "seq": seq, "generation": index.generation, "synced": index.synced}
         )
 
     if len(init) > 3:  # a restarted worker: serve only once the index is complete
         apply(init[3], init[4])
+    del init
+    memtrim.trim()
     engine.start()
     emit({"event": "started", "pid": os.getpid()})
 
@@ -104,6 +105,8 @@ def main(argv: list[str] | None = None) -> int:
                 break
             if msg[0] == "delta":
                 apply(msg[1], msg[2])
+            del msg  # the delta's slices are garbage once applied: not kept until the next frame
+            memtrim.trim()  # the previous index's and the delta's pages go back to the kernel
     finally:
         done.set()
         engine.stop()

@@ -403,3 +403,46 @@ def test_large_endpoint_changes_keep_every_ptr() -> None:
         assert [rr.rdata for rr in ptr.rrs] == [to_wire(f"10-1-0-101.{o}.{base}") for o in owners]
         assert incremental.lookup(to_wire("1.0.1.10.in-addr.arpa")) is None  # gone in the shift
         prev = cur
+
+
+def test_services_sharing_a_cluster_ip_share_its_ptr_until_one_goes() -> None:
+    """Cluster IP PTRs are made at lookup from a table of owners: two services with the same
+    cluster IP (odd, but it happens while a Service is recreated) both answer, in name order;
+    removing one leaves the other."""
+    store = Store()
+    a = make_service("ns1", "b-svc", cluster_ips=("10.96.0.7",))
+    b = make_service("ns1", "a-svc", cluster_ips=("10.96.0.7", "fd00::7"))
+    store.replace_services([a, b])
+    store.replace_slices([make_slice("ns1", "b-svc", endpoints=[make_endpoint("10.96.0.7")])])
+    builder = IndexBuilder()
+    prev = store.peek()
+    index, _ = builder.apply(diff_snapshots(None, prev))
+    base = "ns1.svc.cluster.local"
+    assert records(index, "7.0.96.10.in-addr.arpa", PTR) == [
+        to_wire(f"a-svc.{base}"),
+        to_wire(f"b-svc.{base}"),
+    ]
+    store.delete_service(b.ref)
+    cur = store.peek()
+    index, changed = builder.apply(diff_snapshots(prev, cur))
+    assert changed is not None and to_wire("7.0.96.10.in-addr.arpa") in changed
+    assert records(index, "7.0.96.10.in-addr.arpa", PTR) == [to_wire(f"b-svc.{base}")]
+    assert index.lookup(to_wire("7." + "0." * 29 + "d.f.ip6.arpa")) is None
+    assert index.lookup(to_wire(f"a-svc.{base}")) is None
+
+
+def test_renamed_port_moves_the_srv_name() -> None:
+    store = Store()
+    store.replace_services([make_service("ns1", "web", ports=(make_port(80, name="http"),))])
+    store.replace_slices([])
+    builder = IndexBuilder()
+    prev = store.peek()
+    builder.apply(diff_snapshots(None, prev))
+    store.set_service(make_service("ns1", "web", ports=(make_port(80, name="web"),)))
+    index, changed = builder.apply(diff_snapshots(prev, store.peek()))
+    old, new = (to_wire(f"_{p}._tcp.web.ns1.svc.cluster.local") for p in ("http", "web"))
+    assert changed is not None and {old, new} <= changed
+    assert index.lookup(old) is None
+    assert records(index, "_web._tcp.web.ns1.svc.cluster.local", SRV)
+    assert index.lookup(to_wire("_tcp.web.ns1.svc.cluster.local")) is EMPTY
+    assert index.lookup(to_wire("_udp.web.ns1.svc.cluster.local")) is None
