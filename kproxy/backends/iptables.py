@@ -48,6 +48,7 @@ calling process's namespace only, and reads nothing the save output does not alr
 
 from __future__ import annotations
 
+import base64
 import logging
 import re
 import struct
@@ -86,7 +87,6 @@ from kproxy.model.store import Changes, Snapshot
 from kproxy.model.view import build_views
 from kproxy.render import chains as C
 from kproxy.render.iptables import (
-    EMPTY_SHARED,
     FILTER,
     MANGLE,
     NAT,
@@ -170,47 +170,90 @@ def _count(text: str) -> int:
     return text.count("\n")
 
 
+_STATS = struct.Struct("=qI")  # per chain: a 64-bit digest of its lines, its rule count
+_B32_HASH = 16  # the base32 characters of a per-service chain's hash (kproxy.render.chains)
+_PREFIX_CODES = {prefix: code for code, prefix in enumerate(C.SERVICE_PREFIXES)}
+
+
+def _pack_names(names: Iterable[str]) -> bytes | None:
+    """Per-service chain names in 11 bytes each: the prefix's index in
+    `C.SERVICE_PREFIXES`, then the 10 bytes the 16 base32 characters of the hash encode.
+    None when a name is not of that shape."""
+    out = bytearray()
+    for name in names:
+        code = _PREFIX_CODES.get(name[:-_B32_HASH])
+        if code is None:
+            return None
+        try:
+            raw = base64.b32decode(name[-_B32_HASH:])
+        except ValueError:  # binascii.Error: not upper-case base32
+            return None
+        out.append(code)
+        out += raw
+    return bytes(out)
+
+
+def _unpack_names(packed: bytes) -> tuple[str, ...]:
+    prefixes = C.SERVICE_PREFIXES
+    return tuple(
+        prefixes[packed[i]] + base64.b32encode(packed[i + 1 : i + 11]).decode("ascii")
+        for i in range(0, len(packed), 11)
+    )
+
+
 @dataclass(frozen=True, slots=True)
 class Written:
     """What kproxy last wrote for one service: enough to diff its next rendering against,
     without the text. At 10k services x 10 endpoints the chains' text is ~55 MB; this keeps
-    their names, a 64-bit digest of each chain's lines (Python's string hash: a collision
-    between a chain's old and new text, 2^-64, would only skip rewriting that chain until
-    the next full sync), the service's lines in the shared chains (needed verbatim for
-    their "-D" edits) and its nat rule count."""
+    their names (packed: 11 bytes a name), a 64-bit digest of each chain's lines (Python's
+    string hash: a collision between a chain's old and new text, 2^-64, would only skip
+    rewriting that chain until the next full sync) and its rule count (what drift checks
+    compare), the service's lines in the shared chains (needed verbatim for their "-D"
+    edits) and its nat rule count. ~0.5 KB a service with 10 endpoints."""
 
-    chains: str  # the chain names, one string joined by "\n" (10k x 10: ~6 MB less than a tuple)
-    digests: bytes  # struct "q" per chain, in `names` order
-    counts: bytes  # struct "I" per chain: its rule count (what drift checks compare)
-    shared: Shared
+    chains: bytes | str  # `_pack_names`; the names joined by "\n" when one does not fit
+    stats: bytes  # `_STATS` per chain, in `names` order
+    lines: Shared | str  # its lines in the shared chains; a str: nat KUBE-SERVICES lines only
     nat_rules: int
 
     @property
     def names(self) -> tuple[str, ...]:
-        return tuple(self.chains.split("\n")) if self.chains else ()
+        chains = self.chains
+        if isinstance(chains, bytes):
+            return _unpack_names(chains)
+        return tuple(chains.split("\n")) if chains else ()
+
+    @property
+    def shared(self) -> Shared:
+        lines = self.lines
+        return Shared(lines) if isinstance(lines, str) else lines
 
     @classmethod
     def of(cls, block: ServiceRules) -> Written:
-        hashes = [hash(text) for _, text in block.chains]
+        names = [name for name, _ in block.chains]
         counts = [_count(text) for _, text in block.chains]
+        stats = [_STATS.pack(hash(text), _count(text)) for _, text in block.chains]
+        packed = _pack_names(names)
+        shared = block.shared
+        only_nat = shared == Shared(shared.nat_services)
         return cls(
-            chains="\n".join(name for name, _ in block.chains),
-            digests=struct.pack(f"{len(hashes)}q", *hashes),
-            counts=struct.pack(f"{len(counts)}I", *counts),
-            shared=block.shared,
+            chains=packed if packed is not None else "\n".join(names),
+            stats=b"".join(stats),
+            lines=shared.nat_services if only_nat else shared,
             nat_rules=sum(counts),
         )
 
+    def _stats(self) -> Iterator[tuple[int, int]]:
+        return _STATS.iter_unpack(self.stats)
+
     def chain_digests(self) -> dict[str, int]:
-        names = self.names
-        return dict(zip(names, struct.unpack(f"{len(names)}q", self.digests), strict=True))
+        return {name: digest for name, (digest, _) in zip(self.names, self._stats(), strict=True)}
 
     def chain_counts(self) -> dict[str, int]:
-        names = self.names
-        return dict(zip(names, struct.unpack(f"{len(names)}I", self.counts), strict=True))
+        return {name: count for name, (_, count) in zip(self.names, self._stats(), strict=True)}
 
 
-NOTHING_WRITTEN = Written(chains="", digests=b"", counts=b"", shared=EMPTY_SHARED, nat_rules=0)
+NOTHING_WRITTEN = Written(chains=b"", stats=b"", lines="", nat_rules=0)
 
 
 class IptablesProxier:

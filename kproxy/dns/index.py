@@ -47,7 +47,7 @@ from array import array
 from bisect import bisect_left, insort
 from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import TYPE_CHECKING, NamedTuple
 
 from kproxy.dns.records import (
     AAAA,
@@ -68,8 +68,10 @@ from kproxy.dns.records import (
     to_wire,
     txt_rr,
 )
-from kproxy.model.objects import EndpointPort, EndpointSlice, Ref, Service, ServicePort
-from kproxy.model.store import Snapshot
+
+if TYPE_CHECKING:  # the serving processes import this module: they need none of the model's
+    from kproxy.model.objects import EndpointPort, EndpointSlice, Ref, Service, ServicePort
+    from kproxy.model.store import Snapshot
 
 PODS_INSECURE = "insecure"
 PODS_DISABLED = "disabled"
