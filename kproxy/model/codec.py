@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import inspect
 import operator
 import types
 import typing
@@ -55,6 +56,20 @@ _decoders: dict[type, _DecodePlan] = {}
 # their defaults, which need converting), so the per-object work is a loop of getattr and
 # compare: at 100k endpoints a generic walk checking every value's type costs ~10x more.
 def _fields(cls: type) -> list[tuple[str, Any, Any]]:
+    public = getattr(cls, "__codec_fields__", None)
+    if public is not None:
+        # a record that stores its fields in another shape (Endpoint: an address and a shared
+        # state) travels as the fields its constructor takes as keywords
+        params = inspect.signature(cls).parameters
+        hints = typing.get_type_hints(vars(cls)["__init__"])
+        return [
+            (
+                n,
+                _MISSING if params[n].default is inspect.Parameter.empty else params[n].default,
+                hints[n],
+            )
+            for n in public
+        ]
     hints = typing.get_type_hints(cls)
     out = []
     for f in dataclasses.fields(cls):
@@ -289,7 +304,7 @@ class _RowReader:
         hints = {n: tp for n, _d, tp in fields}
         theirs = list(self._schema.get(cls.__name__, own))
         plan = [(n, self._value(hints[n]) if n in hints else None) for n in theirs]
-        if theirs == own:
+        if theirs == own and not hasattr(cls, "__codec_fields__"):
             converts = [(i, c) for i, (_n, c) in enumerate(plan) if c is not None]
 
             def decode_row(row: list[Any]) -> Any:

@@ -12,7 +12,7 @@ Two steps, both following kube-proxy (pkg/proxy/endpointslicecache.go and topolo
 
 Cost (every mode builds these for every service on a full sync: 100,000 endpoints at 10k
 services x 10): an `EndpointInfo` is a 4-tuple (address, target port, is-local, the store's
-`Endpoint` record, whose conditions, hints and names it reads through), made with
+shared `EndpointState`, whose conditions, hints and names it reads through), made with
 `tuple.__new__` (a frozen dataclass of 9 fields cost ~7x more to make and 1.5x the memory); a
 service whose port matches one slice of distinct addresses (nearly all) skips the duplicate
 check; and the categorisation hands the merged tuple itself out as the cluster / local /
@@ -27,7 +27,7 @@ from itertools import repeat
 from operator import attrgetter
 from typing import NamedTuple
 
-from kproxy.model.objects import IPV6, Endpoint, EndpointSlice, Service, ServicePort
+from kproxy.model.objects import IPV6, Endpoint, EndpointSlice, EndpointState, Service, ServicePort
 
 
 class EndpointInfo(NamedTuple):
@@ -37,31 +37,31 @@ class EndpointInfo(NamedTuple):
     ip: str
     port: int
     is_local: bool
-    endpoint: Endpoint
+    state: EndpointState
 
     @property
     def ready(self) -> bool:
-        return self.endpoint.ready
+        return self.state.ready
 
     @property
     def serving(self) -> bool:
-        return self.endpoint.serving
+        return self.state.serving
 
     @property
     def terminating(self) -> bool:
-        return self.endpoint.terminating
+        return self.state.terminating
 
     @property
     def zone_hints(self) -> tuple[str, ...]:
-        return self.endpoint.zone_hints
+        return self.state.zone_hints
 
     @property
     def hostname(self) -> str:
-        return self.endpoint.hostname
+        return self.state.hostname
 
     @property
     def node_name(self) -> str:
-        return self.endpoint.node_name
+        return self.state.node_name
 
     @property
     def hostport(self) -> str:
@@ -72,11 +72,15 @@ class EndpointInfo(NamedTuple):
 _new = tuple.__new__
 _address = attrgetter("address")
 _node_name = attrgetter("node_name")
-_ready = attrgetter("endpoint.ready")
+_state = attrgetter("state")
+_ready = attrgetter("state.ready")
 
 
 def _info(ep: Endpoint, port: int, node_name: str) -> EndpointInfo:
-    return _new(EndpointInfo, (ep.address, port, bool(node_name) and ep.node_name == node_name, ep))
+    state = ep.state
+    return _new(
+        EndpointInfo, (ep.address, port, bool(node_name) and state.node_name == node_name, state)
+    )
 
 
 def merge_endpoints(
@@ -111,17 +115,17 @@ def merge_endpoints(
             # every endpoint of the cluster.
             addresses.sort()
             addresses.sort(key=len)
-            ordered = list(map(by_address.__getitem__, addresses))
+            states = list(map(_state, map(by_address.__getitem__, addresses)))
             local: Iterable[bool]
-            if node_name and node_name in map(_node_name, ordered):
-                local = map(node_name.__eq__, map(_node_name, ordered))
+            if node_name and node_name in map(_node_name, states):
+                local = map(node_name.__eq__, map(_node_name, states))
             else:
                 local = repeat(False, n)
             return tuple(
                 map(
                     _new,
                     repeat(EndpointInfo, n),
-                    zip(addresses, repeat(target, n), local, ordered, strict=True),
+                    zip(addresses, repeat(target, n), local, states, strict=True),
                 )
             )
     found: dict[str, EndpointInfo] = {}
@@ -130,7 +134,7 @@ def merge_endpoints(
             info = _info(ep, target, node_name)
             key = info.hostport
             old = found.get(key)
-            if old is None or (ep.ready and not old.endpoint.ready):
+            if old is None or (info.state.ready and not old.state.ready):
                 found[key] = info
     return tuple(found[k] for k in sorted(found, key=_sort_key))
 
@@ -162,13 +166,13 @@ def _usable(
     if only_local:
         pool = tuple(e for e in pool if e.is_local)
     if zone is not None:
-        pool = tuple(e for e in pool if zone in e.endpoint.zone_hints)
+        pool = tuple(e for e in pool if zone in e.state.zone_hints)
     if all(map(_ready, pool)):
         return pool
-    ready = tuple(e for e in pool if e.endpoint.ready)
+    ready = tuple(e for e in pool if e.state.ready)
     if ready:
         return ready
-    return tuple(e for e in pool if e.endpoint.serving and e.endpoint.terminating)
+    return tuple(e for e in pool if e.state.serving and e.state.terminating)
 
 
 def _topology_zone(
@@ -178,7 +182,7 @@ def _topology_zone(
     and at least one hint names this node's zone (kube-proxy's canUseTopology)."""
     if not service.topology_aware or not node_zone:
         return None
-    ready = [e.endpoint for e in endpoints if e.endpoint.ready]
+    ready = [e.state for e in endpoints if e.state.ready]
     if not ready or any(not e.zone_hints for e in ready):
         return None
     if not any(node_zone in e.zone_hints for e in ready):

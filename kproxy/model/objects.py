@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import ipaddress
 from dataclasses import dataclass, field
-from typing import NamedTuple
+from typing import ClassVar, NamedTuple
 
 TCP = "TCP"
 UDP = "UDP"
@@ -104,10 +104,12 @@ class EndpointPort:
 
 
 @dataclass(frozen=True, slots=True)
-class Endpoint:
-    """One address of an EndpointSlice with its conditions (nil conditions already defaulted)."""
+class EndpointState:
+    """What an endpoint of an EndpointSlice has besides its address: its conditions (nil ones
+    already defaulted), hostname, node, zone and topology hints. Endpoints share these: most
+    of a cluster's endpoints are ready pods on one of a few nodes and zones, so `Endpoint`
+    keeps one interned `EndpointState` instead of seven fields of its own."""
 
-    address: str
     ready: bool = True
     serving: bool = True
     terminating: bool = False
@@ -115,6 +117,122 @@ class Endpoint:
     node_name: str = ""
     zone: str = ""
     zone_hints: tuple[str, ...] = ()
+
+
+_StateKey = tuple[bool, bool, bool, str, str, str, tuple[str, ...]]
+_states: dict[_StateKey, EndpointState] = {}
+
+
+def endpoint_state(
+    *,
+    ready: bool = True,
+    serving: bool = True,
+    terminating: bool = False,
+    hostname: str = "",
+    node_name: str = "",
+    zone: str = "",
+    zone_hints: tuple[str, ...] = (),
+) -> EndpointState:
+    """The shared `EndpointState` with these values. Interned only without a hostname (the
+    combinations of conditions, nodes, zones and hints are few, hostnames are per pod), so the
+    table stays as small as the cluster's set of nodes and zones."""
+    key = (ready, serving, terminating, hostname, node_name, zone, zone_hints)
+    state = _states.get(key)
+    if state is None:
+        state = EndpointState(*key)
+        if not hostname and len(_states) < _MAX_STATES:
+            _states[key] = state
+    return state
+
+
+_MAX_STATES = 1 << 16
+_READY = endpoint_state()
+
+
+@dataclass(frozen=True, slots=True, init=False)
+class Endpoint:
+    """One address of an EndpointSlice with its conditions (nil conditions already defaulted).
+
+    Made like a record of all its fields (`Endpoint(address, ready=..., node_name=...)`) and read
+    the same way (`ep.ready`, `ep.node_name`, ...), but it holds two: the address and the
+    shared `EndpointState` (48 bytes instead of 96; at 10k services x 10 endpoints the store
+    holds 100,000 of them)."""
+
+    address: str
+    state: EndpointState
+
+    # what kproxy.model.codec writes and reads: the fields as the constructor takes them
+    __codec_fields__: ClassVar[tuple[str, ...]] = (
+        "address",
+        "ready",
+        "serving",
+        "terminating",
+        "hostname",
+        "node_name",
+        "zone",
+        "zone_hints",
+    )
+
+    def __init__(
+        self,
+        address: str,
+        state: EndpointState | None = None,
+        *,
+        ready: bool = True,
+        serving: bool = True,
+        terminating: bool = False,
+        hostname: str = "",
+        node_name: str = "",
+        zone: str = "",
+        zone_hints: tuple[str, ...] = (),
+    ) -> None:
+        if state is None:
+            if (
+                ready
+                and serving
+                and not (terminating or hostname or node_name or zone or zone_hints)
+            ):
+                state = _READY
+            else:
+                state = endpoint_state(
+                    ready=ready,
+                    serving=serving,
+                    terminating=terminating,
+                    hostname=hostname,
+                    node_name=node_name,
+                    zone=zone,
+                    zone_hints=tuple(zone_hints),
+                )
+        object.__setattr__(self, "address", address)
+        object.__setattr__(self, "state", state)
+
+    @property
+    def ready(self) -> bool:
+        return self.state.ready
+
+    @property
+    def serving(self) -> bool:
+        return self.state.serving
+
+    @property
+    def terminating(self) -> bool:
+        return self.state.terminating
+
+    @property
+    def hostname(self) -> str:
+        return self.state.hostname
+
+    @property
+    def node_name(self) -> str:
+        return self.state.node_name
+
+    @property
+    def zone(self) -> str:
+        return self.state.zone
+
+    @property
+    def zone_hints(self) -> tuple[str, ...]:
+        return self.state.zone_hints
 
 
 @dataclass(frozen=True, slots=True)
