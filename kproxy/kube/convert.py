@@ -34,6 +34,7 @@ from kproxy.model.objects import (
     Service,
     ServicePort,
     ip_family,
+    shared,
 )
 
 RawObject = dict[str, Any]
@@ -154,12 +155,14 @@ def _service_port(raw: Any, index: int, *, with_node_port: bool) -> ServicePort:
                 f"spec.ports[{index}].nodePort may only be used with type NodePort or LoadBalancer"
             )
         node_port = _int(raw.get("nodePort"), f"spec.ports[{index}].nodePort", low=1, high=65535)
-    return ServicePort(
-        name=intern(name),  # port names repeat across services ("http", "metrics"...)
-        protocol=_protocol(raw.get("protocol"), f"spec.ports[{index}].protocol"),
-        port=port,
-        target_port=target,
-        node_port=node_port,
+    return shared(  # ports repeat across services (names, "http", "metrics"... too)
+        ServicePort(
+            name=intern(name),
+            protocol=_protocol(raw.get("protocol"), f"spec.ports[{index}].protocol"),
+            port=port,
+            target_port=target,
+            node_port=node_port,
+        )
     )
 
 
@@ -211,8 +214,8 @@ def _service(obj: RawObject, notes: list[str]) -> Service:
     if not isinstance(raw_ports, list):
         raise InvalidObject("spec.ports must be a list")
     with_node_port = svc_type in ("NodePort", "LoadBalancer")
-    ports = tuple(
-        _service_port(p, i, with_node_port=with_node_port) for i, p in enumerate(raw_ports)
+    ports = shared(
+        tuple(_service_port(p, i, with_node_port=with_node_port) for i, p in enumerate(raw_ports))
     )
     if len({(p.port, p.protocol) for p in ports}) != len(ports):
         raise InvalidObject("spec.ports repeats a port/protocol")
@@ -364,10 +367,12 @@ def parse_endpoint_slice(
         if port_name:
             _check(V.dns1123_label(port_name), f"ports[{i}].name {V.short(port_name)!r}")
         ports.append(
-            EndpointPort(
-                name=intern(port_name),
-                protocol=_protocol(raw.get("protocol"), f"ports[{i}].protocol"),
-                port=_int(raw.get("port"), f"ports[{i}].port", low=1, high=65535),
+            shared(
+                EndpointPort(
+                    name=intern(port_name),
+                    protocol=_protocol(raw.get("protocol"), f"ports[{i}].protocol"),
+                    port=_int(raw.get("port"), f"ports[{i}].port", low=1, high=65535),
+                )
             )
         )
     if len({p.name for p in ports}) != len(ports):
@@ -393,7 +398,7 @@ def parse_endpoint_slice(
         service_name=intern(str(service_name)),
         address_type=intern(str(address_type)),
         endpoints=tuple(endpoints),
-        ports=tuple(ports),
+        ports=shared(tuple(ports)),
         trigger_time=_parse_time(annotations.get(TRIGGER_TIME_ANNOTATION)),
     )
 

@@ -9,8 +9,9 @@ and the inspection commands without copying and without locks.
 from __future__ import annotations
 
 import ipaddress
+from collections.abc import Hashable
 from dataclasses import dataclass, field
-from typing import ClassVar, NamedTuple
+from typing import ClassVar, NamedTuple, TypeVar
 
 TCP = "TCP"
 UDP = "UDP"
@@ -39,6 +40,24 @@ def ip_family(address: str) -> int:
 def canonical_ip(address: str) -> str:
     """The canonical text of an IP address; ValueError for anything that is not one."""
     return str(ipaddress.ip_address(address.strip()))
+
+
+_shared: dict[object, object] = {}
+_MAX_SHARED = 1 << 16
+H = TypeVar("H", bound=Hashable)
+
+
+def shared(value: H) -> H:
+    """One object for every equal copy of an immutable value that repeats across the model's
+    objects (service and slice ports and their tuples: at 10k services most are alike), like
+    `sys.intern` for strings. The table keeps at most 65,536 values; past that, values are
+    returned as they are."""
+    got = _shared.get(value)
+    if got is not None:
+        return got  # type: ignore[return-value]
+    if len(_shared) < _MAX_SHARED:
+        _shared[value] = value
+    return value
 
 
 @dataclass(frozen=True, slots=True)
