@@ -278,7 +278,11 @@ def run_agent(args: argparse.Namespace) -> dict[str, Any]:
     n, m = args.services, args.endpoints
     out: dict[str, Any] = {"services": n, "endpoints": m}
     with netns() as ns, tempfile.TemporaryDirectory(prefix="kproxy-membench-") as tmp:
-        api = FakeApiServer(netns=ns, history_limit=max(10_000, args.changes + 10))
+        api = FakeApiServer(
+            netns=ns,
+            history_limit=max(10_000, args.changes + 10),
+            token=None if args.master else "kproxy-test-token",  # --master: no auth
+        )
         api.start()
         started = time.monotonic()
         api.upsert(node_obj())
@@ -301,7 +305,7 @@ def run_agent(args: argparse.Namespace) -> dict[str, Any]:
         env = dict(os.environ, PYTHONPATH=str(ROOT))
         argv = [
             "ip", "netns", "exec", ns, sys.executable, "-m", "kproxy", "run",
-            "--kubeconfig", kubeconfig,
+            *(["--master", api.url] if args.master else ["--kubeconfig", kubeconfig]),
             "--hostname-override", NODE,
             "--cluster-cidr", "10.0.0.0/8",
             "--proxy-mode", args.mode,
@@ -486,6 +490,11 @@ def main() -> None:
     parser.add_argument("--endpoints", type=int, default=10)
     parser.add_argument("--part", choices=("agent", "breakdown", "both"), default="both")
     parser.add_argument("--mode", default="iptables", choices=("iptables",))
+    parser.add_argument(
+        "--master",
+        action="store_true",
+        help="agent: --master instead of a kubeconfig (imports what the in-cluster account does)",
+    )
     parser.add_argument("--changes", type=int, default=20, help="endpoint changes after start")
     parser.add_argument("--change-interval", type=float, default=0.5)
     parser.add_argument("--settle", type=float, default=5.0, help="seconds before reading RSS")

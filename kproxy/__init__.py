@@ -6,4 +6,4 @@ __version__ = "0.1.0"
 
 # Import only the parts of these libraries kproxy uses; their package __init__ runs on first use
 # of a top-level name (kproxy/deferinit.py says why and how).
-defer_init("kubernetes", "pyroute2")
+defer_init("kubernetes", "kubernetes.config", "pyroute2")

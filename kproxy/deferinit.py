@@ -25,9 +25,14 @@ without executing its `__init__.py`, and gives the module a PEP 562 `__getattr__
 So whoever uses the package's top-level names gets the package exactly as a normal import makes
 it, only later; submodules are the installed, unmodified library code (this is not a mock or a
 patch: no library function is replaced). Nothing is done for a package that is already imported
-(then its `__init__` has run) or not installed. `kproxy/__init__.py` calls it for `kubernetes`
-and `pyroute2`, so it is in place before any kproxy module imports either; tests/unit/
-test_import_graph.py checks which modules `kproxy run` ends up importing.
+(then its `__init__` has run) or not installed. `kproxy/__init__.py` calls it for `kubernetes`,
+`kubernetes.config` and `pyroute2`, so it is in place before any kproxy module imports them;
+tests/unit/test_import_graph.py checks which modules `kproxy run` ends up importing.
+
+`kubernetes.config`'s `__init__` imports both loaders; its `kube_config` brings requests,
+requests-oauthlib, oauthlib and charset_normalizer (~7 MB), which an agent using the in-cluster
+service account (the DaemonSet) or `--master` never needs: kproxy/kube/watch.py imports
+`kube_config` only when it is given a kubeconfig.
 """
 
 from __future__ import annotations
@@ -45,10 +50,10 @@ _lock = threading.RLock()
 def defer_init(*packages: str) -> None:
     """Register each top-level `package` with its `__init__.py` deferred (see module doc)."""
     for name in packages:
-        if name in sys.modules or "." in name:
+        if name in sys.modules:
             continue
         try:
-            spec = importlib.util.find_spec(name)
+            spec = importlib.util.find_spec(name)  # imports the parent of a subpackage
         except (ImportError, ValueError):
             continue
         if spec is None or spec.loader is None or spec.submodule_search_locations is None:
@@ -56,6 +61,9 @@ def defer_init(*packages: str) -> None:
         module = importlib.util.module_from_spec(spec)
         vars(module)["__getattr__"] = _resolver(module, spec)
         sys.modules[name] = module
+        parent, _, child = name.rpartition(".")
+        if parent:
+            setattr(sys.modules[parent], child, module)  # as the import system binds it
 
 
 def initialised(package: str) -> bool:

@@ -35,8 +35,9 @@ from dataclasses import dataclass
 from typing import Any
 
 import urllib3
-from kubernetes import client, config
+from kubernetes import client
 from kubernetes.client.exceptions import ApiException
+from kubernetes.config.config_exception import ConfigException
 
 from kproxy.errors import KubeConfigError
 from kproxy.kube.sink import RawObject, Sink
@@ -81,13 +82,19 @@ def load_client_configuration(*, kubeconfig: str | None, master: str | None) -> 
     """
     cfg = client.Configuration()
     try:
+        # each loader imported only when used: kube_config brings requests and oauthlib (~7 MB),
+        # which the in-cluster account and --master do not need (kproxy/deferinit.py)
         if kubeconfig:
-            load_kube_config: Any = config.load_kube_config
-            load_kube_config(config_file=kubeconfig, client_configuration=cfg, persist_config=False)
+            from kubernetes.config.kube_config import load_kube_config
+
+            load: Any = load_kube_config
+            load(config_file=kubeconfig, client_configuration=cfg, persist_config=False)
         elif not master:
-            load_incluster_config: Any = config.load_incluster_config
-            load_incluster_config(client_configuration=cfg)
-    except (config.ConfigException, OSError, ValueError, TypeError, KeyError) as err:
+            from kubernetes.config.incluster_config import load_incluster_config
+
+            load = load_incluster_config
+            load(client_configuration=cfg)
+    except (ConfigException, OSError, ValueError, TypeError, KeyError) as err:
         where = kubeconfig or "the in-cluster service account"
         raise KubeConfigError(f"cannot load {where}: {err}") from err
     if master:

@@ -10,9 +10,13 @@ then prints `sys.modules`. Behaviour, not timing: these modules are simply absen
 from __future__ import annotations
 
 import json
+import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
+
+import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -25,7 +29,7 @@ from kproxy.backends.netinfo import local_addresses
 from kproxy.deferinit import initialised
 from kubernetes import client
 
-cfg = load_client_configuration(kubeconfig=sys.argv[1], master=None)
+cfg = load_client_configuration(kubeconfig=sys.argv[1] or None, master=sys.argv[2] or None)
 api = client.ApiClient(cfg)
 headers = {}
 api.update_params_for_auth(headers, [], ["BearerToken"], "/api/v1/services", "GET", None)
@@ -34,7 +38,8 @@ print(json.dumps({
     "host": cfg.host,
     "auth": headers.get("authorization"),
     "addresses": list(local_addresses()),
-    "initialised": {p: initialised(p) for p in ("kubernetes", "pyroute2")},
+    "ca": cfg.ssl_ca_cert,
+    "initialised": {p: initialised(p) for p in ("kubernetes", "kubernetes.config", "pyroute2")},
 }))
 """
 
@@ -88,11 +93,19 @@ def _within(module: str, prefix: str) -> bool:
     return module == prefix or module.startswith(prefix + ".")
 
 
-def _probe(tmp_path: Path) -> dict[str, object]:
-    kubeconfig = tmp_path / "kubeconfig"
-    kubeconfig.write_text(KUBECONFIG, encoding="utf-8")
+# only a kubeconfig needs kubernetes.config.kube_config, and with it requests and oauthlib
+KUBECONFIG_ONLY = [
+    ("kubernetes.config.kube_config", "the kubeconfig loader"),
+    ("requests", "kube_config (requests-oauthlib, for OIDC refresh)"),
+    ("requests_oauthlib", "kube_config"),
+    ("oauthlib", "kube_config"),
+    ("charset_normalizer", "requests"),
+]
+
+
+def _probe(argv: list[str], kubeconfig: str = "", master: str = "") -> dict[str, object]:
     out = subprocess.run(
-        [sys.executable, "-c", _PROBE, str(kubeconfig)],
+        [*argv, sys.executable, "-c", _PROBE, kubeconfig, master],
         capture_output=True,
         text=True,
         timeout=60,
@@ -103,21 +116,78 @@ def _probe(tmp_path: Path) -> dict[str, object]:
     return result
 
 
+def _unwanted(modules: object, forbidden: list[tuple[str, str]]) -> list[str]:
+    assert isinstance(modules, list)
+    return [f"{m} ({why})" for prefix, why in forbidden for m in modules if _within(m, prefix)]
+
+
 def test_an_iptables_agent_imports_only_what_it_uses(tmp_path: Path) -> None:
-    found = _probe(tmp_path)
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(KUBECONFIG, encoding="utf-8")
+    found = _probe([], kubeconfig=str(kubeconfig))
     modules = found["modules"]
     assert isinstance(modules, list)
-    # the probe did load the real client and read real addresses through pyroute2
+    # the probe did load the real client and read real addresses
     assert found["host"] == "http://127.0.0.1:6443"
     assert found["auth"] == "Bearer secret-token"
     assert "127.0.0.1" in found["addresses"]  # type: ignore[operator]
     assert "kubernetes.client.api_client" in modules
     assert "kubernetes.config.kube_config" in modules
     assert "kproxy.backends.conntrack" in modules  # the cleanup after endpoint changes
-    bad = [f"{m} ({why})" for prefix, why in FORBIDDEN for m in modules if _within(m, prefix)]
+    bad = _unwanted(modules, FORBIDDEN)
     assert not bad, "\n".join(bad)
-    # neither library's own package __init__ ran (each imports all of the above)
-    assert found["initialised"] == {"kubernetes": False, "pyroute2": False}
+    # no library's own package __init__ ran (each imports all of the above)
+    assert found["initialised"] == {
+        "kubernetes": False,
+        "kubernetes.config": False,
+        "pyroute2": False,
+    }
+
+
+def test_without_a_kubeconfig_the_kubeconfig_loader_is_not_imported() -> None:
+    found = _probe([], master="127.0.0.1:8080")
+    assert found["host"] == "http://127.0.0.1:8080" and found["auth"] is None
+    bad = _unwanted(found["modules"], FORBIDDEN + KUBECONFIG_ONLY)
+    assert not bad, "\n".join(bad)
+
+
+_IN_CLUSTER = """\
+set -e
+mount -t tmpfs kproxy-test /run
+mkdir -p /run/secrets/kubernetes.io/serviceaccount
+cd /run/secrets/kubernetes.io/serviceaccount
+printf account-token > token
+printf 'not checked before a connection' > ca.crt
+cd "$OLDPWD"
+exec "$@"
+"""
+
+
+@pytest.mark.skipif(
+    os.geteuid() != 0 or shutil.which("unshare") is None, reason="needs root and unshare"
+)
+def test_the_in_cluster_account_loads_without_the_kubeconfig_loader() -> None:
+    """The DaemonSet's way: the service account's token and CA, placed in a private mount
+    namespace (a tmpfs over /run, seen by the probe only), loaded by the official client."""
+    env = {"KUBERNETES_SERVICE_HOST": "10.96.0.1", "KUBERNETES_SERVICE_PORT": "443"}
+    argv = [
+        "env",
+        *(f"{k}={v}" for k, v in env.items()),
+        "unshare",
+        "--mount",
+        "--propagation",
+        "private",
+        "sh",
+        "-c",
+        _IN_CLUSTER,
+        "sh",
+    ]
+    found = _probe(argv)
+    assert found["host"] == "https://10.96.0.1:443"
+    assert found["auth"] == "bearer account-token"  # the client's in-cluster spelling
+    assert found["ca"] == "/var/run/secrets/kubernetes.io/serviceaccount/ca.crt"
+    bad = _unwanted(found["modules"], FORBIDDEN + KUBECONFIG_ONLY)
+    assert not bad, "\n".join(bad)
 
 
 def test_a_deferred_package_runs_its_init_on_first_use_of_a_name(tmp_path: Path) -> None:
