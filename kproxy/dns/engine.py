@@ -161,10 +161,11 @@ class Engine:
     def index(self) -> DnsIndex:
         return self._state[0]
 
-    def apply(self, delta: ModelDelta) -> DnsIndex:
-        """Build the next index from `delta` and swap it in with the carried-over cache."""
+    def apply(self, delta: ModelDelta, *, consume: bool = False) -> DnsIndex:
+        """Build the next index from `delta` and swap it in with the carried-over cache
+        (`consume`: see `IndexBuilder.apply`)."""
         with self._apply_lock:
-            index, changed = self.builder.apply(delta)
+            index, changed = self.builder.apply(delta, consume=consume)
             cache = self._state[1]
             if changed is None:
                 fresh: dict[bytes, Template] = {}

@@ -984,11 +984,16 @@ class IndexBuilder:
         }
 
     # -- applying changes --------------------------------------------------------------------
-    def apply(self, delta: ModelDelta) -> tuple[DnsIndex, frozenset[bytes] | None]:
+    def apply(
+        self, delta: ModelDelta, *, consume: bool = False
+    ) -> tuple[DnsIndex, frozenset[bytes] | None]:
         """Apply `delta`; return the new index and the names whose answers changed.
 
         The changed set is None when every cached answer must go (full rebuild, or the synced
         flag flipped). It always contains the apex, whose SOA serial moves with each generation.
+        `consume`: the caller will not use `delta` again, so each service's slices are dropped
+        from it once applied (a worker's full build then reuses their memory as it goes, and
+        keeps ~2 MB less heap at 10k x 10 than when all of them die at the end).
         """
         everything = delta.full or delta.synced != self._synced
         if delta.full:
@@ -1010,11 +1015,13 @@ class IndexBuilder:
         changed: set[bytes] | None = None if everything else set()
         self._static = self._static_names(serial=max(1, delta.generation))
         self._names.update(self._static)
+        slices = delta.slices
+        take = slices.pop if consume and isinstance(slices, dict) else slices.get
         for ref in delta.touched:
             self._update_service(
                 ref,
                 delta.services.get(ref, _UNCHANGED),
-                delta.slices.get(ref, () if delta.full else None),
+                take(ref, () if delta.full else None),
                 changed,
             )
         self._eptrs.merge()

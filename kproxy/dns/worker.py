@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         # move the survivors out of the collector's sight.
         gc.disable()
         try:
-            index = engine.apply(delta)
+            index = engine.apply(delta, consume=True)
         finally:
             gc.freeze()
             gc.enable()

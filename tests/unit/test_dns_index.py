@@ -446,3 +446,24 @@ def test_renamed_port_moves_the_srv_name() -> None:
     assert records(index, "_web._tcp.web.ns1.svc.cluster.local", SRV)
     assert index.lookup(to_wire("_tcp.web.ns1.svc.cluster.local")) is EMPTY
     assert index.lookup(to_wire("_udp.web.ns1.svc.cluster.local")) is None
+
+
+def test_a_consumed_delta_builds_the_same_index() -> None:
+    """`consume=True` (the worker's own deltas) drops each service's slices from the delta
+    as it goes; the index is the one a plain apply builds."""
+    web = make_service("ns1", "web", cluster_ips=("10.96.0.5",), ports=(make_port(80, name="h"),))
+    db = make_service("ns1", "db", headless=True, cluster_ips=(), ports=(make_port(5432),))
+    snap = snapshot(
+        [web, db],
+        [
+            make_slice("ns1", "web", endpoints=[make_endpoint("10.1.0.1", hostname="w0")]),
+            make_slice("ns1", "db", endpoints=[make_endpoint("10.1.0.2")]),
+        ],
+    )
+    plain = build_index(snap)
+    delta = diff_snapshots(None, snap)
+    consumed, _ = IndexBuilder().apply(delta, consume=True)
+    assert not delta.slices
+    assert set(consumed.names) == set(plain.names)
+    for name, node in plain.names.items():
+        assert consumed.names[name] == node, to_text(name)
