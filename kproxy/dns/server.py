@@ -26,17 +26,19 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
-from typing import IO, Any
+from typing import IO, TYPE_CHECKING, Any
 
 import kproxy
-from kproxy.dns.engine import Engine
-from kproxy.dns.forward import resolve_upstreams
 from kproxy.dns.frames import write_frame
 from kproxy.dns.index import ModelDelta, diff_snapshots
 from kproxy.dns.options import DNSOptions
 from kproxy.dns.placement import Placement, ensure_listen_addresses, remove_listen_addresses
+from kproxy.dns.upstreams import resolve_upstreams
 from kproxy.errors import KproxyError
 from kproxy.model.store import Snapshot
+
+if TYPE_CHECKING:  # imported when serving in this process (workers=0): the daemon needs none
+    from kproxy.dns.engine import Engine  # of the resolver, wire codec and forwarder otherwise
 
 log = logging.getLogger(__name__)
 
@@ -268,6 +270,8 @@ class DNSService:
                 log.warning("dns: no upstream servers: names outside the zone get SERVFAIL")
             self._init = ("init", self.options, upstreams)
             if self.options.workers == 0:
+                from kproxy.dns.engine import Engine  # workers=0 only: serving in this process
+
                 self._engine = Engine(
                     self.options,
                     udp=self._udp[0],

@@ -16,15 +16,9 @@ import dns.rdatatype
 import dnslib
 import pytest
 
-from kproxy.dns.forward import (
-    Forwarder,
-    RecursionPolicy,
-    UpstreamError,
-    default_upstreams,
-    resolve_upstreams,
-    to_upstreamed,
-)
+from kproxy.dns.forward import Forwarder, RecursionPolicy, UpstreamError, to_upstreamed
 from kproxy.dns.records import to_wire
+from kproxy.dns.upstreams import default_upstreams, resolve_upstreams
 from kproxy.dns.wire import WireError, opt_record, parse_query, render
 from tests.support.dnsupstream import FixtureUpstream, render_reply
 

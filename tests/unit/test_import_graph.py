@@ -84,6 +84,11 @@ FORBIDDEN = [
     ("kproxy.backends.userspace", "userspace mode only"),
     ("kproxy.lab", "the demo lab"),
     ("kproxy.inspect.explain", "the explain command"),
+    # the daemon feeds the DNS worker processes; only they (or --dns-workers 0) serve
+    ("kproxy.dns.engine", "DNS serving: the worker processes"),
+    ("kproxy.dns.forward", "DNS serving: the worker processes"),
+    ("kproxy.dns.wire", "DNS serving: the worker processes"),
+    ("kproxy.dns.resolver", "DNS serving: the worker processes"),
 ]
 
 
