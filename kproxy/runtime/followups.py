@@ -13,7 +13,7 @@ from collections.abc import Callable, Mapping, Sequence
 
 from kproxy.backends.conntrack import ConntrackCleaner
 from kproxy.metrics import Metrics
-from kproxy.model.objects import UDP, Ref
+from kproxy.model.objects import UDP, Ref, Service
 from kproxy.model.store import Changes, Snapshot
 from kproxy.model.tracker import Views, ViewTracker
 from kproxy.render.conntrack import StaleFlowPlan, plan_stale_flows
@@ -33,6 +33,16 @@ def views_kept(views: Views) -> bool:
     )
 
 
+def views_may_be_kept(service: Service) -> bool:
+    """`views_kept`, told from the Service alone (its views have the same ports and policies):
+    the tracker builds no views of the other services unless it remembers them."""
+    return (
+        service.internal_policy_local
+        or service.external_policy_local
+        or any(p.protocol == UDP for p in service.ports)
+    )
+
+
 class FollowUps:
     """Runs after every successful sync, in the sync loop's thread."""
 
@@ -48,7 +58,12 @@ class FollowUps:
         self.planes = list(planes)
         self.metrics = metrics
         self.trackers = {
-            p.family: ViewTracker(family=p.family, node_name=node_name, keep=views_kept)
+            p.family: ViewTracker(
+                family=p.family,
+                node_name=node_name,
+                keep=views_kept,
+                relevant=views_may_be_kept,
+            )
             for p in self.planes
         }
         self.conntrack_cleanup = conntrack_cleanup

@@ -5,7 +5,7 @@ from __future__ import annotations
 from kproxy.model.objects import EndpointPort, Ref
 from kproxy.model.store import Store
 from kproxy.model.tracker import Views, ViewTracker
-from kproxy.runtime.followups import views_kept
+from kproxy.runtime.followups import views_kept, views_may_be_kept
 from tests.support.builders import make_endpoint, make_port, make_service, make_slice
 
 UDP_PORT = (make_port(53, name="dns", protocol="UDP"),)
@@ -68,3 +68,29 @@ def test_only_views_later_work_reads_are_kept() -> None:
     store.set_slice(make_slice(service="web", endpoints=[make_endpoint("10.1.0.9")]))
     snapshot, changes = store.take()
     assert tracker.advance(snapshot, changes.services).previous == {Ref("ns1", "web"): ()}
+
+
+def test_services_whose_views_no_later_work_reads_are_not_built() -> None:
+    """With `relevant`, a TCP service with cluster policies is left out of an advance (nothing
+    would keep or compare its views), while a remembered service that stops being relevant is
+    still reported: its previous views against its current ones (the UDP port went away)."""
+    store = Store()
+    store.set_service(make_service(name="web"))
+    store.set_service(make_service(name="dns", ports=UDP_PORT))
+    store.set_service(make_service(name="local", internal_policy_local=True))
+    tracker = ViewTracker(family=4, node_name="n1", keep=views_kept, relevant=views_may_be_kept)
+    step = tracker.advance(store.take()[0], None)
+    assert set(step.current) == {Ref("ns1", "dns"), Ref("ns1", "local")}
+    assert set(tracker.known) == {Ref("ns1", "dns"), Ref("ns1", "local")}
+    store.set_slice(make_slice(service="web", endpoints=[make_endpoint("10.1.0.9")]))
+    store.set_service(make_service(name="dns"))  # now TCP: its old UDP port must be reported
+    snapshot, changes = store.take()
+    step = tracker.advance(snapshot, changes.services)
+    assert set(step.previous) == set(step.current) == {Ref("ns1", "dns")}
+    assert [v.protocol for v in step.previous[Ref("ns1", "dns")]] == ["UDP"]
+    assert [v.protocol for v in step.current[Ref("ns1", "dns")]] == ["TCP"]
+    assert set(tracker.known) == {Ref("ns1", "local")}
+    # and the views the two trackers keep are the same
+    plain = ViewTracker(family=4, node_name="n1", keep=views_kept)
+    plain.advance(snapshot, None)
+    assert plain.known == tracker.known
