@@ -1,6 +1,7 @@
 """Layer-2 observation helpers for LoadBalancer tests and benchmarks: the MAC of a namespace's
-eth0, the MACs answering `arping`, and a capture of ARP / Neighbor Advertisement frames seen by a
-namespace (an AF_PACKET socket opened inside it from a helper thread)."""
+eth0, the MACs answering `arping` (ARP) or `solicit` (NDP) from the client, and a capture of ARP /
+Neighbor Advertisement frames seen by a namespace (an AF_PACKET socket opened inside it from a
+helper thread)."""
 
 from __future__ import annotations
 
@@ -71,7 +72,33 @@ class Capture:
                 out.append((t, P.mac_text(na[1])))
         return out
 
+    def advertisements(self, ip: str) -> list[str]:
+        """MACs of the solicited Neighbor Advertisements for `ip` seen so far (one per NA)."""
+        out = []
+        for _t, frame in list(self.frames):
+            na = P.parse_na(frame)
+            if na is not None and na[0] == ip and na[2]:
+                out.append(P.mac_text(na[1]))
+        return out
+
     def close(self) -> None:
         self._stop.set()
         self._thread.join(1)
         self.sock.close()
+
+
+def solicit(lab: Lab, ip: str, count: int = 3, gap: float = 0.5, wait: float = 1.0) -> list[str]:
+    """MACs that answered `count` Neighbor Solicitations for `ip` sent from the client's eth0
+    (one entry per solicited Neighbor Advertisement): NDP's `arping`, in-process (no tool)."""
+    assert lab.client.ip6 is not None, "the lab has no IPv6"
+    capture = Capture(lab.client.ns)
+    try:
+        mac = capture.sock.getsockname()[4]
+        frame = P.build_ns(src_mac=mac, src_ip=lab.client.ip6, target=ip)
+        for _ in range(count):
+            capture.sock.send(frame)
+            time.sleep(gap)
+        time.sleep(wait)
+        return capture.advertisements(ip)
+    finally:
+        capture.close()

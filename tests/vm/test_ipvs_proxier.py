@@ -6,10 +6,13 @@ kproxy reads its Services and EndpointSlices from a manifest directory (`--manif
 write, not from the fake apiserver: under TCG emulation over the guest's 9p root filesystem,
 importing the `kubernetes` client alone takes minutes. The sync path is the same either way.
 
-Topology (kproxy.lab): node1 runs kproxy and has three pods, node2 (no kproxy) has one pod, the
-client sits outside the cluster CIDR. One lab, apiserver and agent serve the whole module (a
-guest under TCG is slow to start processes); every test uses its own services, except the
-restart and cleanup tests at the end, which run last on purpose.
+Topology (kproxy.lab, dual-stack): node1 runs kproxy and has three pods, node2 (no kproxy) has one
+pod, the client sits outside the cluster CIDR on the nodes' bridge. One lab, apiserver and agent
+serve the whole module (a guest under TCG takes more than a minute to start the agent); every test
+uses its own services, except the restart and cleanup tests at the end, which run last on
+purpose. The agent also runs the LoadBalancer address pools and layer-2 announcer (--lb-pool, see
+the LoadBalancer section); the module's other LoadBalancers carry another loadBalancerClass, so
+their test-written status addresses stay as they are.
 
 Run with `python3 tests/vm/run_in_vm.py` (see docs/vm-tests.md); on a kernel without IPVS every
 test skips.
@@ -25,6 +28,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +39,8 @@ from kproxy.lab.netlab import CLIENT_IP, Lab, Node, Pod
 from kproxy.lab.nsexec import module_argv
 from kproxy.lab.servers import serve_pods
 from kproxy.lab.traffic import Batch, Result, start_hold, start_stream
-from tests.support.agent import CLUSTER_CIDR, Agent, eventually, node_obj
+from tests.support.agent import CLUSTER_CIDR, Agent, eventually, http_json, node_obj
+from tests.support.l2 import Capture, arping, mac_of, solicit
 from tests.support.lab import require_netns
 from tests.support.objects import (
     WEB_EXT_IP,
@@ -51,6 +56,8 @@ pytestmark = [pytest.mark.vm]
 
 VIP, LB_IP, EXT_IP = WEB_VIP, WEB_LB_IP, WEB_EXT_IP
 IPVS_FLAGS = ["--proxy-mode", "ipvs", "--ipvs-min-sync-period", "0s", "--ipvs-sync-period", "5s"]
+LB_POOL, LB_POOL6 = "192.168.50.200-192.168.50.203", "fd00:50::200-fd00:50::203"
+OTHER_LB_CLASS = "example.com/cloud"  # LoadBalancers whose status the tests write themselves
 
 
 def ipvs_unavailable() -> str | None:
@@ -205,15 +212,16 @@ def env() -> Iterator[Env]:
     reason = ipvs_unavailable()
     if reason:
         pytest.skip(reason)
-    lab = Lab.create(nodes=2, pods_per_node=[3, 1], prefix="kpv")
+    lab = Lab.create(nodes=2, pods_per_node=[3, 1], ipv6=True, prefix="kpv")
     try:
         api = Manifests(lab.workdir / "manifests")
         for node in lab.nodes:
             api.upsert(node_obj(node))
         serve_pods(lab, tcp=[80], udp=[5353], timeout=300)
-        api.upsert(web_service())
+        api.upsert(web_service(loadBalancerClass=OTHER_LB_CLASS))
         api.upsert(slice_of("web", lab.pods_on(0)))
         agent = ManifestAgent(lab, lab.nodes[0], api.directory)
+        agent.extra = [*IPVS_FLAGS, "--lb-pool", LB_POOL, "--lb-pool", LB_POOL6]
         agent.start(wait=False)
         agent.wait_ready(timeout=900)  # imports over 9p under TCG crawl on a loaded host
         yield Env(lab, api, agent)
@@ -437,6 +445,7 @@ def test_load_balancer_source_ranges(env: Env) -> None:
             "default",
             "fw",
             type="LoadBalancer",
+            loadBalancerClass=OTHER_LB_CLASS,
             clusterIP="10.96.0.88",
             loadBalancerSourceRanges=["10.244.0.0/16"],
             ports=[{"name": "http", "port": 80, "targetPort": 80, "nodePort": 30091}],
@@ -768,6 +777,214 @@ def test_status_and_explain_without_flags_read_the_running_agent(env: Env) -> No
 def names_to_ips(batch: Batch, pods: list[Pod]) -> set[str]:
     by_name = {p.name: p.ip for p in pods}
     return {by_name[n] for n in batch.names}
+
+
+# -- LoadBalancer addresses from a pool, announced on layer 2 (issue 13) ------------------------
+# In IPVS mode every Service address, LoadBalancer addresses included, is bound to kube-ipvs0.
+# With Linux's default arp_ignore=0 the node would then answer ARP for it on eth0 (every node
+# would); with --lb-pool in IPVS mode kproxy sets strict ARP (arp_ignore=1, arp_announce=2, as
+# MetalLB asks of kube-proxy), so only the elected node's responder answers while IPVS delivers
+# the traffic. The agent reads manifests, so it is the whole cluster and allocates itself; the
+# election among nodes and failover are tested in netns (tests/integration/test_lb_l2.py).
+@dataclass
+class LB:
+    addresses: dict[str, tuple[str, str]]  # service -> (IPv4, IPv6) the allocator gave
+    capture: Capture  # the frames the client saw from before the services existed
+
+
+def lb_service(name: str, vips: list[str], node_port: int, **spec: Any) -> dict[str, Any]:
+    """A dual-stack LoadBalancer of the pool's class: http 80/TCP and dns 53->5353/UDP."""
+    dns = {"name": "dns", "port": 53, "targetPort": 5353, "protocol": "UDP"}
+    return make_service_obj(
+        "default",
+        name,
+        type="LoadBalancer",
+        clusterIP=vips[0],
+        clusterIPs=vips,
+        ipFamilies=["IPv4", "IPv6"],
+        ipFamilyPolicy="RequireDualStack",
+        ports=[
+            {
+                "name": "http",
+                "port": 80,
+                "targetPort": 80,
+                "protocol": "TCP",
+                "nodePort": node_port,
+            },
+            {**dns, "nodePort": node_port + 1},
+        ],
+        **spec,
+    )
+
+
+def dual_stack_slices(name: str, pods: list[Pod]) -> list[dict[str, Any]]:
+    return [
+        make_slice_obj(
+            "default",
+            f"{name}-{fam}",
+            name,
+            [{"ip": ip, "node": p.node.name, "pod": p.name} for p, ip in addrs],
+            [("http", 80, "TCP"), ("dns", 5353, "UDP")],
+            address_type=f"IPv{fam}",
+        )
+        for fam, addrs in ((4, [(p, p.ip) for p in pods]), (6, [(p, p.ip6) for p in pods]))
+    ]
+
+
+def lb_report(env: Env) -> dict[str, Any]:
+    """The agent's /lb document (what `kproxy status` shows of LoadBalancers)."""
+    status, doc = _retry(http_json, env.node.ns, "127.0.0.1", 10249, path="/lb", timeout=5.0)
+    assert status == 200, status
+    return dict(doc)
+
+
+def on_kube_ipvs0(env: Env) -> set[str]:
+    out = env.run("ip", "-o", "addr", "show", "dev", "kube-ipvs0")
+    return set(re.findall(r"inet6? ([0-9a-f.:]+)/(?:32|128)", out))
+
+
+@pytest.fixture(scope="module")
+def lb(env: Env) -> Iterator[LB]:
+    """`lbweb` (node1's pods) and `lblocal` (externalTrafficPolicy Local, its one endpoint on
+    node2), both dual-stack LoadBalancers that get their addresses from the agent's pools."""
+    capture = Capture(env.lab.client.ns)
+    try:
+        env.api.upsert(lb_service("lbweb", ["10.96.5.80", "fd00:96::5:80"], 30580))
+        env.api.upsert(
+            lb_service(
+                "lblocal",
+                ["10.96.5.81", "fd00:96::5:81"],
+                30582,
+                externalTrafficPolicy="Local",
+                healthCheckNodePort=32050,
+            )
+        )
+        for obj in dual_stack_slices("lbweb", env.local_pods) + dual_stack_slices(
+            "lblocal", [env.remote_pod]
+        ):
+            env.api.upsert(obj)
+
+        def allocated() -> dict[str, tuple[str, str]]:
+            rows = lb_report(env)["addresses"]
+            got: dict[str, list[str]] = {}
+            for row in rows:
+                got.setdefault(row["service"].removeprefix("default/"), []).append(row["address"])
+            assert sorted(got) == ["lblocal", "lbweb"], rows
+            out = {}
+            for name, ips in got.items():
+                assert len(ips) == 2, rows  # one address per family, IPv4 first
+                out[name] = (min(ips, key=lambda ip: ":" in ip), max(ips, key=lambda ip: ":" in ip))
+            return out
+
+        yield LB(eventually(allocated, timeout=60, step=1.0), capture)
+    finally:
+        capture.close()
+        for name in ("lbweb", "lblocal"):
+            env.api.delete("Service", "default", name)
+
+
+def in_pool(ip: str) -> bool:
+    first, last = (LB_POOL6 if ":" in ip else LB_POOL).split("-")
+    return ip_address(first) <= ip_address(ip) <= ip_address(last)
+
+
+def test_lb_pool_addresses_are_on_kube_ipvs0_with_virtual_servers_and_strict_arp(
+    env: Env, lb: LB
+) -> None:
+    web4, web6 = lb.addresses["lbweb"]
+    local4, local6 = lb.addresses["lblocal"]
+    assert all(in_pool(ip) for ip in (web4, web6, local4, local6)), lb.addresses
+    assert len({web4, web6, local4, local6}) == 4 and ":" in web6 + local6, lb.addresses
+    # node1 announces lbweb's addresses; nobody lblocal's (no endpoint on node1)
+    rows = {r["address"]: r["node"] for r in lb_report(env)["addresses"]}
+    assert rows == {web4: "node1", web6: "node1", local4: "", local6: ""}, rows
+    pods = [(p.ip, p.ip6) for p in env.local_pods]
+
+    def programmed() -> None:
+        table = env.ipvsadm()
+        for fam, ip in enumerate((web4, web6)):
+            for proto, port, target in (("TCP", 80, 80), ("UDP", 53, 5353)):
+                assert (ip, proto, port) in table, f"{(ip, proto, port)} not in {sorted(table)}"
+                assert set(table[(ip, proto, port)].dests) == {(a[fam], target) for a in pods}
+        # lblocal's virtual servers exist too (pods reach the remote endpoint through them)
+        assert {(local4, "TCP", 80), (local6, "UDP", 53)} <= set(table)
+        assert {web4, web6, local4, local6} <= on_kube_ipvs0(env)
+
+    eventually(programmed, timeout=30, step=0.5)
+
+    # the takeover announcements (gratuitous ARP, unsolicited NA) came from node1 only
+    def announcers() -> set[str]:
+        v4, v6 = lb.capture.gratuitous(web4), lb.capture.gratuitous(web6)
+        assert v4 and v6, "no gratuitous ARP / unsolicited NA seen"
+        return {mac for _, mac in v4 + v6}
+
+    assert eventually(announcers, timeout=10) == {mac_of(env.lab, env.node.ns)}
+    assert not lb.capture.gratuitous(local4) and not lb.capture.gratuitous(local6)
+    lb.capture.close()
+    sysctls = env.run(
+        "sysctl", "-n", "net.ipv4.conf.all.arp_ignore", "net.ipv4.conf.all.arp_announce"
+    )
+    assert sysctls.split() == ["1", "2"]
+
+
+def test_lb_address_resolves_to_node1_only_and_reaches_the_pods_through_ipvs(
+    env: Env, lb: LB
+) -> None:
+    web4, web6 = lb.addresses["lbweb"]
+    node1 = mac_of(env.lab, env.node.ns)
+    # ARP: node1's MAC, one reply per request (a kernel answering as well would double them)
+    assert eventually(lambda: arping(env.lab, web4), timeout=20, step=0.5) == [node1] * 3
+    assert solicit(env.lab, web6) == [node1] * 3  # NDP: the same
+    client = env.lab.client.ns
+    for ip in (web4, web6):
+        batch = http_batch(client, ip, 80, n=6)
+        assert batch.ok_count == 6 and names(batch) == {p.name for p in env.local_pods}, batch
+    assert udp_query(client, web4, 53, n=2).all_ok
+    # the client's own kernel resolved both addresses to node1 too
+    neigh = env.lab.run(client, ["ip", "neigh", "show", "dev", "eth0"]).stdout
+    for ip in (web4, web6):
+        assert re.search(rf"^{re.escape(ip)} lladdr {node1}", neigh, re.M), neigh
+
+    def counted() -> None:  # IPVS folds its counters in with up to ~2 s of lag
+        stats = parse_stats(env.run("ipvsadm", "-Ln", "--stats", "--exact"))
+        assert stats[k(web4, 80)][0].conns >= 6 and stats[k(web6, 80)][0].conns >= 6
+        assert stats[k(web4, 53, "UDP")][0].conns >= 1
+
+    eventually(counted, timeout=10, step=0.5)
+
+
+def test_lb_address_only_on_kube_ipvs0_and_not_announced_gets_no_answer(env: Env, lb: LB) -> None:
+    """lblocal: node1 has no endpoint, so nobody announces its addresses, though they sit on
+    node1's kube-ipvs0; strict ARP keeps the kernel quiet (IPv6 never answers for another
+    interface's address). Without strict ARP the kernel would answer: the check can fail."""
+    local4, local6 = lb.addresses["lblocal"]
+    assert {local4, local6} <= on_kube_ipvs0(env)
+    assert arping(env.lab, local4, count=1) == []
+    assert solicit(env.lab, local6, count=1) == []
+    env.run("sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=0")
+    try:
+        assert arping(env.lab, local4, count=1) == [mac_of(env.lab, env.node.ns)]
+    finally:
+        env.run("sysctl", "-qw", "net.ipv4.conf.all.arp_ignore=1")
+    assert arping(env.lab, local4, count=1) == []
+
+
+def test_lb_deleted_service_stops_being_answered_and_leaves_kube_ipvs0(env: Env, lb: LB) -> None:
+    """Both services go (the restart and cleanup tests that follow see none of them)."""
+    web4, web6 = lb.addresses["lbweb"]
+    assert arping(env.lab, web4, count=1)  # answered until the delete
+    env.api.delete("Service", "default", "lbweb")
+    env.api.delete("Service", "default", "lblocal")
+    every = {ip for pair in lb.addresses.values() for ip in pair}
+
+    def gone() -> None:
+        assert not every & on_kube_ipvs0(env)
+        assert not [key for key in env.ipvsadm() if key[0] in every]
+        assert lb_report(env)["addresses"] == []
+
+    eventually(gone, timeout=30, step=0.5)
+    assert arping(env.lab, web4, count=1) == []
+    assert solicit(env.lab, web6, count=1) == []
 
 
 # -- restart and cleanup (last: they change the agent) -------------------------------------------
