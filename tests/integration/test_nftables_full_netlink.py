@@ -235,3 +235,29 @@ def test_a_batch_the_kernel_refuses_is_retried_through_nft(two_netns: tuple[str,
     table = ruleset(nl_ns)
     assert lb_chain in table  # kept: something still jumps to it
     assert "172.30.2.1" not in table  # the service itself is gone
+
+
+def test_a_large_batch(two_netns: tuple[str, str]) -> None:
+    """2,000 fast-path services x 10 endpoints and 200 NodePort services: a batch of ~1.5 MB in
+    one `sendmsg` (the kernel takes a batch whole; the socket's send buffer grows to fit), the
+    same table as `nft -f` of the same services."""
+    pairs: Pairs = [
+        fast("big", f"f{i}", f"172.31.{i // 250}.{i % 250 + 1}", 10) for i in range(2000)
+    ]
+    for i in range(200):
+        svc = make_service(
+            "big",
+            f"np{i}",
+            type="NodePort",
+            cluster_ips=(f"172.29.0.{i + 1}",),
+            ports=(make_port(80, name="p80", node_port=30000 + i),),
+        )
+        eps = [make_endpoint(f"10.77.{i}.{j + 1}") for j in range(3)]
+        pairs.append((svc, [make_slice("big", f"np{i}", endpoints=eps)]))
+    nl_ns, text_ns = two_netns
+    netlink, nl_run, text, _ = proxiers(V4, nl_ns, text_ns)
+    snap, changes = store_of(pairs).take()
+    assert netlink.sync(snap, changes, full=True).services_written == 2200
+    text.sync(snap, changes, full=True)
+    assert nl_run.nft_f == 0 and netlink.netlink_full_failures == 0
+    assert ruleset(nl_ns) == ruleset(text_ns)

@@ -200,6 +200,14 @@ def test_restart_keeps_an_established_connection(env: Env) -> None:
     assert canonical(env.nft("list", "table", "ip", "kube-proxy")) == canonical(before)
 
 
+def test_full_syncs_went_over_netlink(env: Env) -> None:
+    """The agent's full syncs (start, restart) were netlink batches on this kernel, not the
+    `nft -f` retry (kproxy.backends.nftables logs each retry)."""
+    log = env.agent.log_path.read_text(errors="replace")
+    assert log.count("full sync") >= 2  # the first start's and the restart's
+    assert "over netlink failed" not in log, log[-3000:]
+
+
 def test_cleanup_leaves_no_kube_proxy_table(env: Env) -> None:
     env.agent.stop()
     env.lab.run(
