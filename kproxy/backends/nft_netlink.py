@@ -888,14 +888,19 @@ class FullSync(Encoder):
     def _add(self, name: str, key: bytes, elem: bytes) -> None:
         seen = self._seen.get(name)
         if seen is None:
-            seen = self._seen[name] = set()
-            self._elems[name] = []
-            n = count_of(name)
-            if n:
-                self._declare_count_map(n)
+            seen = self._open(name)
         if key not in seen:  # two services claiming one key: the first wins
             seen.add(key)
             self._elems[name].append(elem)
+
+    def _open(self, name: str) -> set[bytes]:
+        """The first element of set `name`: its lists (and a fast-path map declared)."""
+        seen = self._seen[name] = set()
+        self._elems[name] = []
+        n = count_of(name)
+        if n:
+            self._declare_count_map(n)
+        return seen
 
     def _declare_count_map(self, n: int) -> None:
         """Created afresh where first used, as the text does (add, delete, add)."""
@@ -960,11 +965,11 @@ class FullSync(Encoder):
         ports = self._ports
         idx = self._idx
         h_count, h_data, h_ip, h_pair = self._h_count, self._h_data, self._h_ip, self._h_pair
-        add = self._add
+        elems, seen = self._elems, self._seen
         for v in views:
             d = v.decision
             cip = pack(v.cluster_ip)
-            add(CLUSTER_IPS, cip, h_ip + cip)
+            self._add(CLUSTER_IPS, cip, h_ip + cip)
             eps = d.internal
             n = len(eps)
             while len(idx) < n:
@@ -977,16 +982,31 @@ class FullSync(Encoder):
             if proto is None:
                 raise Unencodable(f"protocol {v.port.protocol}")
             name = f"{COUNT_MAP_PREFIX}{n}"
+            keys = seen.get(name)
+            if keys is None:
+                keys = self._open(name)
+            out = elems[name]
             head = cip + proto + pb
+            addrs = [pack(ep.ip) for ep in eps]
             for i, ep in enumerate(eps):
+                key = head + idx[i]
+                if key in keys:  # two services claiming one key: the first wins
+                    continue
+                keys.add(key)
                 epb = ports.get(ep.port)
                 if epb is None:
                     epb = ports[ep.port] = ep.port.to_bytes(2, "big") + b"\0\0"
-                key = head + idx[i]
-                add(name, key, h_count + key + h_data + pack(ep.ip) + epb)
-            for ep in d.all_reachable:
-                a = pack(ep.ip)
-                add(HAIRPIN, a + a, h_pair + a + a)
+                out.append(h_count + key + h_data + addrs[i] + epb)
+            pairs_seen = seen.get(HAIRPIN)
+            if pairs_seen is None:
+                pairs_seen = self._open(HAIRPIN)
+            pairs = elems[HAIRPIN]
+            reachable = d.all_reachable
+            for a in addrs if reachable is eps else [pack(ep.ip) for ep in reachable]:
+                pair = a + a
+                if pair not in pairs_seen:
+                    pairs_seen.add(pair)
+                    pairs.append(h_pair + pair)
         return True
 
     def end(self, stale_chains: Sequence[str], stale_sets: Sequence[str]) -> None:
@@ -994,16 +1014,11 @@ class FullSync(Encoder):
         for n in self.count_maps:
             self.rule(CLUSTER_ENDPOINTS, count_rule(n))
         for name, elems in self._elems.items():
-            batch: list[bytes] = []
-            size = 0
-            for e in elems:
-                if size + len(e) > ELEMENTS_BYTES and batch:
-                    self.elements(MSG_NEWSETELEM, name, batch)
-                    batch, size = [], 0
-                batch.append(e)
-                size += len(e)
-            if batch:
-                self.elements(MSG_NEWSETELEM, name, batch)
+            if not elems:
+                continue
+            step = max(1, ELEMENTS_BYTES // max(map(len, elems)))
+            for i in range(0, len(elems), step):
+                self.elements(MSG_NEWSETELEM, name, elems[i : i + step])
         self._elems.clear()
         self._seen.clear()
         for name in stale_chains:

@@ -465,7 +465,7 @@ class NftablesProxier:
         written, their element owners and the fast-path maps."""
         ordered = {ref: blocks[ref] for ref in order}
         counts = element_counts(ordered.items())
-        return ordered, counts, count_maps_of(name for name, _ in counts)
+        return ordered, counts, count_maps_of({name for name, _ in counts})
 
     def _commit_landed(
         self,
