@@ -6,8 +6,9 @@ Run as root (each measurement in a fresh network namespace):
 
 What is timed (all wall clock, one run):
 
-- full sync from empty: `NftablesProxier.sync(full=True)` from a loaded model (views, rendering,
-  the read-back of the absent table, `nft -f`), against `nft -f` of exactly the text it applies;
+- full sync from empty: `NftablesProxier.sync(full=True)` from a loaded model (views, encoding,
+  the read-back of the absent table, the netlink batch and its commit), against `nft -f` of
+  the text of the same transaction (what `kproxy render` prints);
 - one endpoint change: one EndpointSlice gets one endpoint replaced in the `Store`, then
   `Store.take()` and the partial sync to the kernel (the netlink batch), repeated; p50/p99/max,
   and the kernel's share (the `sendmsg` of the batch, which the kernel processes inside the

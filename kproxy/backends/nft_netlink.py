@@ -1,18 +1,28 @@
-"""nf_tables over a persistent netlink socket: the partial-sync ops of kproxy.render.nftables
-encoded as one NFNL batch, without the nft command's per-call cache fetch.
+"""nf_tables over a persistent netlink socket: the ops of kproxy.render.nftables encoded as one
+NFNL batch, without the nft command's per-call cache fetch, and without nft at all for full
+syncs.
 
 Why: `nft -f` (and libnftables) first dumps the table's chains and sets to build its cache, on
-every call; at 10k services that costs more than the kernel's commit. This module encodes the
-few things a partial sync does (add/flush/delete chain, add rule, add/delete set and set
-elements) itself, from the renderer's typed statements, so a sync costs one `sendmsg` whose
-duration is the kernel's commit. Full syncs still go through `nft -f` (fast for a whole table,
-and the text is what `kproxy render` prints).
+every call; at 10k services that costs more than the kernel's commit. And for a full sync, nft
+1.0.6 reads its whole input before it parses, evaluates and commits it: parsing and evaluating
+8 MB of text at 10k services x 10 endpoints costs more than the kernel's commit of the same
+table. This module encodes what kproxy writes itself, from the renderer's typed statements:
 
-The expressions are those nft 1.0.6 generates for the same statements (checked with
-`nft --debug=netlink`), and an integration test applies every statement kind both ways and
-compares `nft list table` output. A statement this codec cannot encode (a rule matching several
-CIDRs, which needs an anonymous interval set) raises `Unencodable`; the caller then sends that
-batch through `nft -f`.
+- partial syncs (`encode_ops`): add/flush/delete chain, add rule, add/delete set and set
+  elements, one `sendmsg` whose duration is the kernel's commit;
+- full syncs (`FullSync`): the transaction `kproxy.render.nftables.full_chunks` writes as
+  text, message for message (table, chains, shared sets, flushes, the fixed chains' rules,
+  every service, the fast-path maps, stale chains and sets deleted), the elements of the
+  fast-path services encoded straight from their views. One batch, so one atomic transaction
+  like the `nft -f` it replaces. The text is still what `kproxy render` prints, what the
+  refusal search probes with `nft --check`, and the fallback when the kernel refuses a batch.
+
+The expressions, sets and elements are those nft 1.0.6 generates for the same statements
+(checked with `nft --debug=netlink` and `--debug=mnl`, tests/unit/test_nft_codec.py), and
+integration tests apply every statement kind both ways and compare `nft list` output
+(tests/integration/test_nftables_netlink.py, test_nftables_full_netlink.py). Several CIDRs in
+one match become an anonymous interval set, merged as nft merges them. A statement this codec
+cannot encode raises `Unencodable`; the caller then sends that batch through `nft -f`.
 
 Netlink framing (attribute packing, message parsing, attribute scanning, namespace sockets)
 is kproxy.backends.netlink, shared with the IPVS and ipset codecs. Errors: the kernel processes

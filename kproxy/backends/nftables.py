@@ -1,10 +1,13 @@
 """The nftables dataplane: one `kube-proxy` table per family (see kproxy.render.nftables).
 
-- Full syncs (start-up, after a failure, when the table was tampered with, periodically) go
-  through one `nft -f` transaction that re-declares the table, flushes what kproxy owns and
-  refills it, and deletes stale service chains and sets: atomic, so nothing is ever missing in
-  between and a restart drops no connection. Start-up reads back which chains and sets exist
-  (so chains left by an earlier agent or kube-proxy are deleted); later full syncs trust memory.
+- Full syncs (start-up, after a failure, when the table was tampered with, periodically) are
+  one transaction that re-declares the table, flushes what kproxy owns and refills it, and
+  deletes stale service chains and sets: atomic, so nothing is ever missing in between and a
+  restart drops no connection. With the netlink writer it is one netlink batch
+  (`kproxy.backends.nft_netlink.FullSync`, no text and no nft); otherwise, or when the kernel
+  refuses that batch, the same transaction as `nft -f` text (`full_chunks`). Start-up reads
+  back which chains and sets exist (so chains left by an earlier agent or kube-proxy are
+  deleted); later full syncs trust memory.
 - Partial syncs send only the delta of the changed services (`delta_ops`): new or rewritten
   per-service chains, element additions and deletions in the shared maps. They are encoded by
   `Writer`, which is `nft -f` by default; `kproxy.backends.nft_netlink` writes the same ops
