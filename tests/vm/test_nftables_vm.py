@@ -49,6 +49,26 @@ def canonical(listing: str) -> list[str]:
     return sorted(re.split(r" (?=(?:set|map|chain) \S+ \{)", flat))
 
 
+def in_use(items: list[str]) -> list[str]:
+    """`canonical` items without the fast-path maps no service uses any more (empty) and their
+    rules in `cluster-endpoints`: a partial sync leaves them, the next full sync (a restart's)
+    declares only the endpoint counts in use."""
+    empty = {
+        item.split()[1]
+        for item in items
+        if item.startswith("map cluster-endpoints-") and "elements =" not in item
+    }
+    out = []
+    for item in items:
+        if item.startswith("map ") and item.split()[1] in empty:
+            continue
+        if item.startswith("chain cluster-endpoints "):
+            for name in empty:
+                item = re.sub(rf" ?dnat ip to [^@]*@{name}(?= |$)", "", item)
+        out.append(item)
+    return out
+
+
 @dataclass
 class Env:
     lab: Lab
@@ -196,8 +216,10 @@ def test_restart_keeps_an_established_connection(env: Env) -> None:
     assert held.ok, held.error
     assert streamed.failures == 0 and streamed.ok_count > 3, streamed.errors
     # the same table (the start-up full sync declares the shared fast-path maps afresh and
-    # adds elements in its own order, so `nft list` may print both in another order)
-    assert canonical(env.nft("list", "table", "ip", "kube-proxy")) == canonical(before)
+    # adds elements in its own order, so `nft list` may print both in another order; the map
+    # of an endpoint count no longer used, left by the endpoint change above, is gone)
+    after = canonical(env.nft("list", "table", "ip", "kube-proxy"))
+    assert after == in_use(canonical(before))
 
 
 def test_full_syncs_went_over_netlink(env: Env) -> None:
