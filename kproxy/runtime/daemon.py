@@ -294,6 +294,7 @@ class Daemon:
             metrics=LBMetrics(self.metrics.registry),
             stop=threading.Event(),
             local=self._local_lb,
+            ready=lambda: self._synced_once,
         )
         self.store.subscribe(self.lb.store_changed)
 

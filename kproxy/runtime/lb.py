@@ -13,6 +13,11 @@ kproxy.lb; this module only times them and carries them out:
 - announcements are recomputed when services, nodes, endpoints or the set of live agents change.
   While this agent cannot renew its own heartbeat (the API is unreachable) it keeps announcing
   what it announced: the other agents cannot see it die, so nobody would take over.
+- Until the dataplane's first successful sync (`ready`) the agent neither renews its heartbeat
+  nor announces: the others do not count it as alive, so it takes no address it cannot forward
+  yet (an agent starting up - a node coming back takes its addresses back by the hash - or one
+  whose rules the kernel refuses). The allocator election does not wait: allocating needs only
+  the API.
 On stop, both Leases are released (holder cleared) after the responder stopped answering, so
 the next owner takes over at the next watch event instead of after the lease duration.
 """
@@ -209,6 +214,7 @@ class LoadBalancerController:
         metrics: Any,
         stop: threading.Event,
         local: LocalPoolSink | None = None,
+        ready: Callable[[], bool] = lambda: True,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         from kproxy.backends.l2 import L2Responder
@@ -221,6 +227,8 @@ class LoadBalancerController:
         self._snapshot = snapshot
         self.metrics = metrics
         self._stop = stop
+        self._ready = ready
+        self._was_ready = False
         self._clock = clock
         self._wake = threading.Event()
         self.namespace = namespace
@@ -316,20 +324,32 @@ class LoadBalancerController:
                 break
             now = self._clock()
             try:
+                ready = self._dataplane_ready()
                 if self.local is not None:
                     self._heartbeat_ok_at = now
                     self._decisions = self.local.decisions
-                    self._announce(now)
+                    if ready:
+                        self._announce(now)
                     continue
-                self._beat(now)
+                if ready:
+                    self._beat(now)
                 self._elect(now)
                 if all(w.synced.is_set() for w in self._watchers):
                     if self.leader:
                         self._allocate(now)
-                    self._announce(now)
+                    if ready:
+                        self._announce(now)
             except Exception:
                 log.exception("LoadBalancer controller step failed")
                 self._stop.wait(1.0)
+
+    def _dataplane_ready(self) -> bool:
+        """Whether the dataplane has synced once (for good: a later failed sync leaves the rules
+        that forward the addresses in place)."""
+        if not self._was_ready and self._ready():
+            self._was_ready = True
+            log.info("dataplane synced: this node now takes part in LoadBalancer announcements")
+        return self._was_ready
 
     def _beat(self, now: float) -> None:
         if now - self._heartbeat_ok_at < self.renew or now < self._beat_retry_at:

@@ -7,6 +7,7 @@ address moves (gratuitous ARP seen by the client) and traffic resumes."""
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import signal
 import sys
@@ -254,3 +255,44 @@ def test_strict_arp_stops_the_kernel_answering_for_addresses_on_other_interfaces
     )
     assert lab.run(node.ns, ["sysctl", "-n", "net.ipv4.conf.all.arp_ignore"]).stdout.strip() == "1"
     assert arping(lab, vip, count=2) == []
+
+
+def test_an_agent_whose_rules_never_synced_takes_no_address(lab_factory: Any) -> None:
+    """node2's agent runs, but every iptables-restore it starts fails (broken binaries first on
+    its PATH): it has no rule to forward a LoadBalancer address with. It must not count as a
+    live announcer, or the hash hands it addresses the client then cannot reach through it.
+    The address that the hash over both nodes gives node2 stays on node1, and traffic flows."""
+    lab = lab_factory(nodes=2, pods_per_node=1)
+    names = [n.name for n in lab.nodes]
+    ip = next(
+        f"192.168.50.{i}" for i in range(200, 240) if announcer(f"192.168.50.{i}", names) == "node2"
+    )
+    broken = lab.workdir / "broken-bin"
+    broken.mkdir()
+    for tool in ("iptables", "ip6tables"):
+        for flavour in ("nft", "legacy"):
+            script = broken / f"{tool}-{flavour}-restore"
+            script.write_text(
+                "#!/bin/sh\necho 'iptables-restore: broken for this test' >&2\nexit 1\n"
+            )
+            script.chmod(0o755)
+    with serve_cluster_api(lab) as (api, kubeconfig):
+        serve_pods(lab, tcp=[80])
+        extra = ["--lb-pool", "192.168.50.200-192.168.50.239", "--lb-lease-duration", "2s"]
+        good, bad = (Agent(lab, node, kubeconfig, extra=extra) for node in lab.nodes)
+        bad.env = {"PATH": f"{broken}:{os.environ.get('PATH', '/usr/sbin:/usr/bin')}"}
+        bad.start(wait=False)
+        good.start()
+        api.upsert(lb_service("web", annotations={"kproxy.io/lb-ips": ip}))
+        api.upsert(all_pods_slice(lab, "web"))
+        eventually(lambda: ingress(api, "web") == [ip], timeout=15)
+        # node2's agent is up, its LoadBalancer controller too, and its syncs fail
+        eventually(lambda: "broken for this test" in bad.log(), timeout=20)
+        eventually(lambda: "LoadBalancer address pools" in bad.log(), timeout=20)
+        assert bad.proc is not None and bad.proc.poll() is None
+        time.sleep(2.5)  # more than a lease duration: node2 had time to heartbeat and take over
+        assert set(arping(lab, ip, count=2)) == {mac_of(lab, lab.nodes[0].ns)}
+        res = http_get(lab.client.ns, ip, 80, timeout=1.0)
+        assert res.ok and res.name in {p.name for p in lab.pods}, res
+        lease = api.get("Lease", "kube-system", "kproxy-agent-node2") or {}
+        assert not (lease.get("spec") or {}).get("holderIdentity"), lease

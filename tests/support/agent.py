@@ -20,7 +20,7 @@ from typing import Any
 import pytest
 
 from kproxy.lab.netlab import FABRIC_IP, Lab, Node
-from kproxy.lab.nsexec import module_argv
+from kproxy.lab.nsexec import helper_env, module_argv
 from kproxy.lab.traffic import http_get
 from tests.support.fakeapi import FakeApiServer
 
@@ -59,6 +59,7 @@ class Agent:
         self.proc: subprocess.Popen[bytes] | None = None
         self.log_path = lab.workdir / f"kproxy-{node.name}.log"
         self.starts = 0
+        self.env: dict[str, str] = {}  # added to the agent's environment
 
     def source_args(self) -> list[str]:
         """Where the agent reads the cluster from (subclasses: manifests)."""
@@ -91,7 +92,11 @@ class Agent:
             log.write(f"---- start {self.starts}\n".encode())
             log.flush()
             self.proc = self.lab.spawn(
-                self.node.ns, self.argv(), stdout=log, stderr=subprocess.STDOUT
+                self.node.ns,
+                self.argv(),
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=helper_env(self.env),
             )
         if wait:
             self.wait_ready()
