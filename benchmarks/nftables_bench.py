@@ -137,6 +137,8 @@ def inner(
     proxier.sync(snapshot, changes, full=True)
     out["kproxy_full"] = time.perf_counter() - start
     out["chains"] = sum(len(b.chains) for b in blocks.values()) + 16
+    # full syncs the kernel refused over netlink (each then went through nft -f)
+    out["netlink_full_failures"] = proxier.netlink_full_failures
     if full_only:
         # more rounds, alternating, each kproxy sync by a new proxier into an empty table
         out["raw_fulls"], out["kproxy_fulls"] = [out["raw_full"]], [out["kproxy_full"]]
@@ -148,6 +150,7 @@ def inner(
             start = time.perf_counter()
             fresh.sync(snapshot, changes, full=True)
             out["kproxy_fulls"].append(time.perf_counter() - start)
+            out["netlink_full_failures"] += fresh.netlink_full_failures
         return out
 
     writer: Any = proxier.writer
@@ -453,6 +456,8 @@ def main() -> None:
         ]
     )
     print(f"{r['services']} services x {r['endpoints']} endpoints, {r['chains']} chains")
+    if r["netlink_full_failures"]:
+        print(f"full syncs retried through nft -f: {r['netlink_full_failures']}")
     if args.full_only:
         for k, raw in zip(r["kproxy_fulls"], r["raw_fulls"], strict=True):
             print(f"full sync: kproxy {ms(k)}, raw nft -f {ms(raw)}, ratio {k / raw:.2f}x")
