@@ -351,6 +351,16 @@ class Settings:
         file_path="ipvs.udpTimeout",
         metavar="DURATION",
     )
+    ipvs_strict_arp: bool = setting(
+        False,
+        flag="--ipvs-strict-arp",
+        parse=parse_bool,
+        help="IPVS mode: set net.ipv4.conf.all.arp_ignore=1 and arp_announce=2, so the addresses "
+        "on kube-ipvs0 are not answered by ARP on other interfaces (what MetalLB's layer-2 mode "
+        "needs; implied by --lb-pool in IPVS mode).",
+        file_path="ipvs.strictARP",
+        kind="bool",
+    )
     udp_idle_timeout: float = setting(
         0.25,
         flag="--udp-timeout",
@@ -582,7 +592,6 @@ IGNORED_FIELDS = frozenset(
         "featureGates",
         "iptables.localhostNodePorts",
         "ipvs.excludeCIDRs",
-        "ipvs.strictARP",
         "nftables.masqueradeAll",
         "nftables.masqueradeBit",
         "nftables.minSyncPeriod",

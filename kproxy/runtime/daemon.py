@@ -273,16 +273,20 @@ class Daemon:
         )
 
     def _make_lb(self) -> None:
-        """LoadBalancer address pools and layer-2 announcements (only with --lb-pool)."""
+        """LoadBalancer address pools and layer-2 announcements (only with --lb-pool); strict
+        ARP in IPVS mode with pools or --ipvs-strict-arp (before the first sync binds any
+        address to kube-ipvs0)."""
         s = self.settings
+        if s.proxy_mode == "ipvs" and (s.lb_pools or s.ipvs_strict_arp):
+            from kproxy.runtime.lb import strict_arp
+
+            strict_arp()
         if not s.lb_pools:
             return
         from kproxy.lb.pools import Pools
         from kproxy.metrics import LBMetrics
-        from kproxy.runtime.lb import LoadBalancerController, strict_arp
+        from kproxy.runtime.lb import LoadBalancerController
 
-        if s.proxy_mode == "ipvs":
-            strict_arp()
         self.lb = LoadBalancerController(
             pools=Pools.parse(s.lb_pools),
             node_name=self.node_name,

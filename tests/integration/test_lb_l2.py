@@ -296,3 +296,32 @@ def test_an_agent_whose_rules_never_synced_takes_no_address(lab_factory: Any) ->
         assert res.ok and res.name in {p.name for p in lab.pods}, res
         lease = api.get("Lease", "kube-system", "kproxy-agent-node2") or {}
         assert not (lease.get("spec") or {}).get("holderIdentity"), lease
+
+
+def test_ipvs_strict_arp_flag_sets_strict_arp_without_pools(
+    lab_factory: Any, tmp_path: Any
+) -> None:
+    """--ipvs-strict-arp (kube-proxy's ipvs.strictARP, which MetalLB's layer-2 mode asks for)
+    sets strict ARP in IPVS mode without kproxy's own pools. The development kernel has no IPVS,
+    so only the daemon's step that does it runs here (before the first sync binds anything to
+    kube-ipvs0); lo stands in for kube-ipvs0."""
+    lab = lab_factory(nodes=1, pods_per_node=0)
+    node = lab.nodes[0]
+    vip = "192.168.50.230"
+    lab.run(node.ns, ["ip", "addr", "add", f"{vip}/32", "dev", "lo"])
+    code = (
+        "import sys; from kproxy.cli import _parser, _settings; "
+        "from kproxy.runtime.daemon import Daemon; "
+        "Daemon(_settings(_parser().parse_args(sys.argv[1:])))._make_lb()"
+    )
+
+    def daemon_lb_step(*flags: str) -> None:
+        argv = ["run", "--proxy-mode", "ipvs", "--manifests", str(tmp_path), "--no-dns", *flags]
+        lab.run(node.ns, [sys.executable, "-c", code, *argv])
+
+    daemon_lb_step()  # neither pools nor the flag: the kernel answers for lo's address
+    assert set(arping(lab, vip, count=1)) == {mac_of(lab, node.ns)}
+    daemon_lb_step("--ipvs-strict-arp")
+    sysctls = ["sysctl", "-n", "net.ipv4.conf.all.arp_ignore", "net.ipv4.conf.all.arp_announce"]
+    assert lab.run(node.ns, sysctls).stdout.split() == ["1", "2"]
+    assert arping(lab, vip, count=1) == []

@@ -36,6 +36,7 @@ iptables:
   syncPeriod: 30s
 ipvs:
   scheduler: wlc
+  strictARP: true
   syncPeriod: 45s
 metricsBindAddress: 127.0.0.1:10249
 mode: ipvs
@@ -71,6 +72,7 @@ def test_defaults_match_kube_proxy() -> None:
 def test_kube_proxy_config_file_loads_unchanged(tmp_path: Path) -> None:
     s = parse(["--config", write(tmp_path, KUBE_PROXY_CONFIG)])
     assert s.proxy_mode == "ipvs" and s.ipvs_scheduler == "wlc" and s.ipvs_sync_period == 45
+    assert s.ipvs_strict_arp and not parse([]).ipvs_strict_arp  # MetalLB's requirement
     assert s.kubeconfig == "/var/lib/kube-proxy/kubeconfig.conf"
     assert s.cluster_cidr == ("10.244.0.0/16",) and s.hostname_override == "worker-1"
     assert s.nodeport_addresses == ("192.168.50.0/24",)
