@@ -100,9 +100,9 @@ class DnsSlice(NamedTuple):
     """An EndpointSlice as DNS sees it, packed: a few objects per slice, not a few per endpoint
     (the serving processes receive the whole model over a pipe, and build from it).
 
-    addrs: per endpoint one `_SLOT`-byte slot (`_slot`); endpoints DNS can serve nothing for
-           (an address not of the slice's family, not an IP address, or an FQDN slice) are
-           left out.
+    addrs: per endpoint its address packed (4 bytes in an IPv4 slice, 16 in an IPv6 one);
+           endpoints DNS can serve nothing for (an address not of the slice's family, not an
+           IP address, or an FQDN slice) are left out.
     ready: per endpoint one byte, 1 when it is ready.
     hosts: per endpoint its host label (wire) when it is not the dashed address
            (`_dashed_label`), else b""; None when every one is.
@@ -185,7 +185,7 @@ def _dns_slice(sl: EndpointSlice) -> DnsSlice:
             if label is None:
                 continue
             host = b"" if label == _dashed_label(packed) else label
-        addrs.append(_slot(packed))
+        addrs.append(packed)
         ready.append(ep.ready)
         hosts.append(host)
     return DnsSlice(
@@ -423,10 +423,11 @@ def _served(
     b"" for the dashed address."""
     for sl in slices:
         addrs, ready, hosts = sl.addrs, sl.ready, sl.hosts
+        width = len(addrs) // len(ready) if ready else 0  # 4 or 16: one family per slice
         for k in range(len(ready)):
             if ready[k] or svc.publish_not_ready:
-                i = k * _SLOT
-                yield sl, addrs[i + 1 : i + 1 + addrs[i]], hosts[k] if hosts is not None else b""
+                i = k * width
+                yield sl, addrs[i : i + width], hosts[k] if hosts is not None else b""
 
 
 def _cluster_endpoints(svc: DnsService, slices: tuple[DnsSlice, ...]) -> Endpoints | None:
