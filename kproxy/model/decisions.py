@@ -134,6 +134,43 @@ def decide(
     )
 
 
+def decide_all_ready(
+    service: Service,
+    endpoints: tuple[EndpointInfo, ...],
+    *,
+    has_external: bool,
+    has_load_balancer_ips: bool,
+    has_source_ranges: bool,
+) -> PortDecision:
+    """`decide` for the common case, without categorising: a service with Cluster traffic
+    policies for both kinds of traffic and no topology hints in use, whose merged endpoints are
+    all ready. Then the cluster-wide set is every endpoint, there is no local set, and every
+    set handed out is `endpoints` itself (equal to `decide(service, endpoints,
+    categorize(...))`: tests/unit/test_views_reference.py)."""
+    has_any = bool(endpoints)
+    external_ok = has_any and has_external
+    verdict = Verdict.FORWARD if has_any else Verdict.REJECT
+    no_external = Verdict.DROP if has_any else Verdict.REJECT  # as decide() has it
+    return PortDecision(
+        has_endpoints=has_any,
+        internal_local=False,
+        internal=endpoints,
+        internal_verdict=verdict,
+        external_local=False,
+        has_external=has_external,
+        external=endpoints if external_ok else (),
+        external_verdict=Verdict.FORWARD if external_ok else no_external,
+        masquerade_external=True,
+        short_circuit=(),
+        firewall=has_load_balancer_ips and has_source_ranges,
+        affinity_timeout=service.affinity_timeout,
+        health_check_node_port=0,
+        cluster=endpoints,
+        local=None,
+        all_reachable=endpoints,
+    )
+
+
 def node_in_source_ranges(
     source_ranges: Iterable[str], node_ips: Iterable[ipaddress.IPv4Address | ipaddress.IPv6Address]
 ) -> bool:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -225,9 +226,62 @@ def cases(draw: Any) -> tuple[Service, list[EndpointSlice], str]:
 def test_views_equal_the_straightforward_computation(
     case: tuple[Service, list[EndpointSlice], str],
 ) -> None:
-    svc, sls, zone = case
+    check(*case)
+
+
+def _plain(**kw: Any) -> Service:
+    fields: dict[str, Any] = {
+        "cluster_ips": ("172.30.0.1",),
+        "ports": (ServicePort("", "TCP", 80, 8080),),
+    }
+    return Service("ns", "svc", **{**fields, **kw})
+
+
+def _ready_slice(*addresses: str) -> EndpointSlice:
+    return EndpointSlice(
+        "ns",
+        "svc-1",
+        "svc",
+        endpoints=tuple(Endpoint(a, node_name="node-b") for a in addresses),
+        ports=(EndpointPort("", "TCP", 8080),),
+    )
+
+
+@pytest.mark.parametrize(
+    ("svc", "addresses"),
+    [
+        (_plain(), ("10.0.0.2", "10.0.0.1")),
+        (_plain(), ()),
+        (_plain(external_ips=("192.0.2.1",)), ("10.0.0.1",)),
+        (_plain(external_ips=("192.0.2.1",)), ()),
+        (
+            _plain(
+                type="LoadBalancer",
+                ports=(ServicePort("", "TCP", 80, 8080, 30080),),
+                load_balancer_ips=("198.51.100.1",),
+                load_balancer_source_ranges=("10.0.0.0/8",),
+                health_check_node_port=30999,
+                affinity_timeout=300,
+            ),
+            ("10.0.0.1", "10.0.0.3"),
+        ),
+    ],
+    ids=["clusterip", "clusterip-empty", "external-ip", "external-ip-empty", "lb"],
+)
+def test_the_all_ready_shortcut_equals_the_straightforward_computation(
+    svc: Service, addresses: tuple[str, ...]
+) -> None:
+    """Cluster policies, no topology, every endpoint ready: the path that skips categorising
+    (decide_all_ready), with and without endpoints and external addresses."""
+    check(svc, [_ready_slice(*addresses)], "")
+
+
+def check(svc: Service, sls: list[EndpointSlice], zone: str) -> None:
     for family in (IPV4, IPV6):
         views = service_views(svc, sls, family=family, node_name=NODE, node_zone=zone)
+        if not any(ip_family(ip) == family for ip in svc.cluster_ips):
+            assert views == ()
+            continue
         assert [v.port for v in views] == list(svc.ports)
         for v in views:
             merged = ref_merge(v.port, sls, family)
