@@ -1,6 +1,13 @@
 """Framing between the daemon and its DNS worker processes: length-prefixed pickles.
 
 Only ever used on the pipe between a `DNSService` and the worker processes it started itself.
+
+`PROTOCOL` versions everything on that pipe: the frames and the pickled classes inside them
+(`ModelDelta`, `DnsService`, `DnsSlice`, `DnsPort`, `DNSOptions`: their fields and what their
+bytes mean) and the worker's JSON events. Bump it with any such change. The daemon passes its
+own on the worker's command line; a worker that speaks another one (kproxy upgraded in place
+while the daemon runs, and the daemon restarting a worker from the new files) exits with
+`EXIT_PROTOCOL` instead of misreading the model.
 """
 
 from __future__ import annotations
@@ -8,6 +15,9 @@ from __future__ import annotations
 import pickle
 import struct
 from typing import Any, BinaryIO
+
+PROTOCOL = 2  # 1: no version yet (kproxy before the --protocol argument)
+EXIT_PROTOCOL = 3  # the worker's exit status for a protocol mismatch
 
 _LEN = struct.Struct("!I")
 

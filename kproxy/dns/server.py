@@ -10,7 +10,9 @@ through SO_REUSEPORT UDP sockets and a shared TCP listener that this process ope
 errors surface in `start()`, and a restarted worker gets the very same sockets back). Separate
 processes are what keep DNS answering in microseconds while the daemon's own threads hold the GIL
 for a proxy sync. `workers=0` runs the engine on threads of this process instead. A worker that
-dies is restarted and re-fed the full model.
+dies is restarted and re-fed the full model: after 1 s, and after twice as long each time it
+dies again before serving (up to `MAX_BACKOFF`). A worker that refuses this daemon's protocol
+(`frames.PROTOCOL`: kproxy upgraded in place) is logged as such: only restarting kproxy helps.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from collections.abc import Iterable
 from typing import IO, TYPE_CHECKING, Any
 
 import kproxy
-from kproxy.dns.frames import write_frame
+from kproxy.dns.frames import EXIT_PROTOCOL, PROTOCOL, write_frame
 from kproxy.dns.index import ModelDelta, diff_snapshots
 from kproxy.dns.options import DNSOptions
 from kproxy.dns.placement import Placement, ensure_listen_addresses, remove_listen_addresses
@@ -47,6 +49,7 @@ IPV6_FREEBIND = 78
 SO_RCVBUFFORCE = getattr(socket, "SO_RCVBUFFORCE", 33)
 UDP_RCVBUF = 4 << 20
 START_TIMEOUT = 15.0
+MAX_BACKOFF = 60.0  # seconds between restarts of a worker that keeps dying before it serves
 
 
 class DNSError(KproxyError):
@@ -106,6 +109,8 @@ class _Worker:
         self.stats: dict[str, int] = {}
         self.dead = False
         self.last_spawn = 0.0
+        self.failures = 0  # deaths since it last served: the restart delay doubles with each
+        self.mismatch: dict[str, Any] | None = None  # its protocol_mismatch event
         self._lock = threading.Lock()
 
     @property
@@ -125,6 +130,8 @@ class _Worker:
             "-S",
             "-m",
             "kproxy.dns.worker",
+            "--protocol",
+            str(PROTOCOL),
             "--udp",
             ",".join(str(s.fileno()) for s in udp),
             "--tcp",
@@ -138,6 +145,7 @@ class _Worker:
                         stream.close()
         self.started.clear()
         self.dead = False
+        self.mismatch = None
         self.applied_seq = -1
         self.synced = False
         self.last_spawn = time.monotonic()
@@ -169,7 +177,10 @@ class _Worker:
                 continue
             kind = event.get("event")
             if kind == "started":
+                self.failures = 0
                 self.started.set()
+            elif kind == "protocol_mismatch":
+                self.mismatch = event
             elif kind == "applied":
                 self.applied_seq = int(event["seq"])
                 self.synced = bool(event["synced"])
@@ -178,8 +189,24 @@ class _Worker:
                 self.stats = dict(event["stats"])
         proc.wait()
         if proc is self.proc:
+            self.failures += 1
             self.dead = True
             self.service._worker_died(self, proc.returncode)
+
+    @property
+    def backoff(self) -> float:
+        """Seconds from its last start to its next restart."""
+        return min(MAX_BACKOFF, 2.0 ** max(0, self.failures - 1))
+
+    def mismatch_text(self) -> str | None:
+        event = self.mismatch
+        if event is None:
+            return None
+        return (
+            f"dns: worker {self.number} refuses to serve: the kproxy installed now speaks DNS "
+            f"worker protocol {event.get('worker')}, this running daemon {PROTOCOL} (kproxy "
+            "was upgraded while it ran); restart kproxy"
+        )
 
     def stop(self, timeout: float) -> None:
         proc = self.proc
@@ -351,8 +378,12 @@ class DNSService:
             w.spawn(self._udp[i], self._tcp, self._init)
         deadline = time.monotonic() + START_TIMEOUT
         for w in self._workers:
-            if not w.started.wait(max(0.0, deadline - time.monotonic())):
-                raise DNSError(f"DNS worker {w.number} did not start")
+            while not w.started.wait(0.05):
+                if w.dead and w.proc is not None and w.proc.poll() is not None:
+                    text = w.mismatch_text()
+                    raise DNSError(text or f"DNS worker {w.number} exited with {w.proc.returncode}")
+                if time.monotonic() > deadline:
+                    raise DNSError(f"DNS worker {w.number} did not start")
 
     def _close(self) -> None:
         for group in self._udp:
@@ -377,17 +408,23 @@ class DNSService:
             self._cond.notify_all()
 
     def _worker_died(self, worker: _Worker, code: int | None) -> None:
-        if not self._stopping:
-            log.error("dns: worker %d exited with %s; restarting it", worker.number, code)
-            self._wake.set()
+        if self._stopping:
+            return
+        text = worker.mismatch_text()
+        if text is None and code == EXIT_PROTOCOL:
+            text = f"dns: worker {worker.number} refuses this daemon's protocol; restart kproxy"
+        if text is None:
+            text = f"dns: worker {worker.number} exited with {code}"
+        left = max(0.0, worker.last_spawn + worker.backoff - time.monotonic())
+        log.error("%s; starting it again in %.0f s", text, left)
+        self._wake.set()
 
     def _restart_dead(self) -> None:
         for w in self._workers:
             if not w.dead or self._stopping:
                 continue
-            if time.monotonic() - w.last_spawn < 1.0:
-                self._wake.set()  # come back shortly: restart at most once a second
-                continue
+            if time.monotonic() - w.last_spawn < w.backoff:
+                continue  # the feeder comes back every 0.5 s
             # the replacement builds the whole index before it reads its socket: queries wait
             # in the socket buffer for a moment instead of getting SERVFAIL
             assert isinstance(self._init, tuple)

@@ -1,4 +1,4 @@
-"""A DNS serving process: `python -m kproxy.dns.worker --udp FD,.. --tcp FD,..`.
+"""A DNS serving process: `python -m kproxy.dns.worker --protocol N --udp FD,.. --tcp FD,..`.
 
 The daemon (`DNSService`) opens the sockets and starts one or more of these processes, so that
 DNS answers never wait for the daemon's GIL while it renders and applies proxy rules. Protocol:
@@ -10,7 +10,10 @@ DNS answers never wait for the daemon's GIL while it renders and applies proxy r
 - worker -> parent, on stdout: one JSON object per line: {"event": "started"},
   {"event": "applied", "seq": n, "generation": g, "synced": b}, {"event": "stats", ...}.
 
-End of stdin (the daemon died) stops the worker.
+End of stdin (the daemon died) stops the worker. `--protocol` is the daemon's
+`frames.PROTOCOL`: on a mismatch the worker reads nothing, writes one line to stderr and
+{"event": "protocol_mismatch", "daemon": .., "worker": ..} to stdout, and exits with
+`EXIT_PROTOCOL`.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import threading
 from typing import Any
 
 from kproxy import memtrim
-from kproxy.dns.frames import read_frame
+from kproxy.dns.frames import EXIT_PROTOCOL, PROTOCOL, read_frame
 
 
 def _fds(text: str) -> list[int]:
@@ -41,7 +44,21 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kproxy-dns-worker")
     parser.add_argument("--udp", default="")
     parser.add_argument("--tcp", default="")
-    args = parser.parse_args(argv)
+    parser.add_argument("--protocol", default="")
+    # known args only: the version check must come first, whatever else a daemon passes
+    args, _ = parser.parse_known_args(argv)
+    if args.protocol != str(PROTOCOL):
+        theirs = args.protocol or "1 (unversioned)"
+        sys.stderr.write(
+            f"kproxy dns-worker[{os.getpid()}] ERROR: the daemon speaks DNS worker protocol "
+            f"{theirs}, this worker {PROTOCOL}: kproxy was upgraded while the daemon ran; "
+            "restart kproxy\n"
+        )
+        sys.stdout.write(
+            json.dumps({"event": "protocol_mismatch", "daemon": theirs, "worker": PROTOCOL}) + "\n"
+        )
+        sys.stdout.flush()
+        return EXIT_PROTOCOL
     logging.basicConfig(
         level=logging.INFO, format=f"kproxy dns-worker[{os.getpid()}] %(levelname)s %(message)s"
     )
