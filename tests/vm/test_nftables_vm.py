@@ -39,8 +39,10 @@ MODE = ["--proxy-mode", "nftables"]
 
 def canonical(listing: str) -> list[str]:
     """An `nft list table` text as its objects (sets, maps, chains) in name order, each on one
-    line with its elements sorted: equal for equal tables, whatever order nft printed."""
+    line with its elements sorted, affinity entries without their remaining time: equal for
+    equal tables, whatever order nft printed and whenever."""
     flat = " ".join(listing.split())
+    flat = re.sub(r" expires [0-9dhms]+", "", flat)  # an affinity entry's remaining time
     flat = re.sub(
         r"elements = \{ ([^}]*) \}",
         lambda m: "elements = { " + ", ".join(sorted(m.group(1).split(", "))) + " }",
