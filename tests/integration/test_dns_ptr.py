@@ -12,6 +12,8 @@ the stub upstream here says NXDOMAIN, as a real one does for private addresses.
 from __future__ import annotations
 
 import ipaddress
+import os
+import signal
 import socket
 import threading
 import time
@@ -125,8 +127,9 @@ def expected_ptrs(services: list[Service], slices: list[EndpointSlice]) -> dict[
     return {**endpoints, **cluster}  # a cluster IP wins over an endpoint with its address
 
 
-def ptr(svc: DNSService, address: str) -> dns.message.Message:
-    q = dns.message.make_query(dns.reversename.from_address(address), "PTR")
+def ptr(svc: DNSService, address: str, *, upper: bool = False) -> dns.message.Message:
+    rname = dns.reversename.from_address(address).to_text()
+    q = dns.message.make_query(rname.upper() if upper else rname, "PTR")
     host, port = svc.addresses[0]
     return dns.query.udp(q, host, port=port, timeout=3)
 
@@ -222,14 +225,26 @@ def test_ptr_for_every_endpoint_and_cluster_ip_through_incremental_changes(
 ) -> None:
     svc, upstream = served
     for generation, (step, services, slices) in enumerate(STEPS, start=1):
+        if generation == 3:
+            # one worker dies: its replacement builds from the full model while the other
+            # goes on applying deltas; both must answer alike from here on
+            killed = svc.worker_pids[0]
+            os.kill(killed, signal.SIGKILL)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and (svc.ready or len(set(svc.worker_pids)) < 2):
+                time.sleep(0.05)
+            deadline = time.monotonic() + 10
+            while not svc.ready and time.monotonic() < deadline:
+                time.sleep(0.05)
+            assert svc.ready and killed not in svc.worker_pids, "the killed worker was not replaced"
         svc.update(snapshot(services, slices, generation))
         assert svc.flush(10), f"{step}: the workers did not take the change"
         want = expected_ptrs(services, slices)
         for address in EVERY_ADDRESS:
             rname = dns.reversename.from_address(address).to_text().lower()
-            for _ in range(ASKS):
+            for ask in range(ASKS):
                 upstream.seen.discard(rname)
-                msg = ptr(svc, address)
+                msg = ptr(svc, address, upper=ask == 0)  # names match case-insensitively
                 got = {rd.to_text() for rrset in msg.answer for rd in rrset}
                 if address in want:
                     assert (msg.rcode(), got) == (dns.rcode.NOERROR, want[address]), (
