@@ -4,10 +4,11 @@ Only ever used on the pipe between a `DNSService` and the worker processes it st
 
 `PROTOCOL` versions everything on that pipe: the frames and the pickled classes inside them
 (`ModelDelta`, `DnsService`, `DnsSlice`, `DnsPort`, `DNSOptions`: their fields and what their
-bytes mean) and the worker's JSON events. Bump it with any such change (tests/unit/test_dns_protocol_shape.py fails on a changed field until it is bumped). The daemon passes its
-own on the worker's command line; a worker that speaks another one (kproxy upgraded in place
-while the daemon runs, and the daemon restarting a worker from the new files) exits with
-`EXIT_PROTOCOL` instead of misreading the model.
+bytes mean) and the worker's JSON events. Bump it with any such change
+(tests/unit/test_dns_protocol_shape.py fails on a changed field until it is bumped). The daemon
+passes its own on the worker's command line; a worker that speaks another one (kproxy
+upgraded in place while the daemon runs, and the daemon restarting a worker from the new
+files) exits with `EXIT_PROTOCOL` instead of misreading the model.
 """
 
 from __future__ import annotations
