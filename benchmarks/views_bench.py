@@ -34,41 +34,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 NODE = "bench-node"
 
 
-def _ip(base: int, n: int) -> str:
-    return f"10.{base + n // 65536}.{(n // 256) % 256}.{n % 256}"
-
-
 def make_snapshot(services: int, endpoints: int) -> Any:
-    from kproxy.model.objects import Endpoint, EndpointPort, EndpointSlice, Service, ServicePort
-    from kproxy.model.store import Store
+    """The nftables benchmark's model (one TCP port, `endpoints` remote endpoints a service)."""
+    from nftables_bench import make_store  # benchmarks/ is this script's folder
 
-    svcs = []
-    slices = []
-    for i in range(services):
-        svcs.append(
-            Service(
-                "bench",
-                f"s{i}",
-                cluster_ips=(_ip(96, i),),
-                ports=(ServicePort("http", "TCP", 80, 8080),),
-            )
-        )
-        eps = tuple(
-            Endpoint(_ip(128, i * endpoints + j), node_name="elsewhere") for j in range(endpoints)
-        )
-        slices.append(
-            EndpointSlice(
-                "bench",
-                f"s{i}-x",
-                f"s{i}",
-                endpoints=eps,
-                ports=(EndpointPort("http", "TCP", 8080),),
-            )
-        )
-    store = Store()
-    store.replace_services(svcs)
-    store.replace_slices(slices)
-    return store.take()[0]
+    return make_store(services, endpoints).take()[0]
 
 
 def timed(rounds: int, run: Callable[[], object]) -> dict[str, float]:
