@@ -121,10 +121,13 @@ class _Worker:
         fds = [s.fileno() for s in udp + tcp]
         root = os.path.dirname(os.path.dirname(os.path.abspath(kproxy.__file__)))
         env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH")) if p)
-        # -S: no `site`. The worker needs the standard library and kproxy (on PYTHONPATH
-        # above) only; `site` would run every .pth file of site-packages (import hooks of
-        # editable installs, vendor start-up code): ~1.5 MB of RSS per worker for nothing.
+        # The daemon's own import path (its site-packages included), kproxy's root first: the
+        # worker imports kproxy and, for queries of unusual shape, dnslib (wire._dnslib_parse).
+        path = [root, *(p for p in sys.path if p), env.get("PYTHONPATH", "")]
+        env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(p for p in path if p))
+        # -S: no `site`: it would run every .pth file of site-packages (import hooks of
+        # editable installs, vendor start-up code): ~1.5 MB of RSS per worker for nothing. The
+        # path above is all the worker needs of it.
         cmd = [
             sys.executable,
             "-S",

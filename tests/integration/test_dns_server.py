@@ -640,3 +640,16 @@ def test_coredns_negative_and_version_cases(start_dns: Start) -> None:
     assert rdata(version) == ['"1.1.0"'] and version.answer[0].ttl == 28800
     out = dig(svc, "dns-version.cluster.local", "TXT", "+noall", "+answer")
     assert out.split()[1] == "28800"
+
+
+def test_a_query_of_unusual_shape_is_answered_by_the_worker(start_dns: Start) -> None:
+    """A query the fast parser leaves to dnslib (here an extra record beside EDNS's OPT in the
+    additional section) is answered by a worker process like any other: the worker runs
+    without `site`, so dnslib must still be importable there."""
+    svc = start_dns()
+    q = dns.message.make_query("web.default.svc.cluster.local", "A", use_edns=0)
+    q.additional.append(dns.rrset.from_text("extra.example.", 60, "IN", "A", "192.0.2.1"))
+    host, port = target(svc)
+    reply = dns.message.from_wire(_udp_raw(q.to_wire(), host, port))
+    assert reply.rcode() == dns.rcode.NOERROR
+    assert rdata(reply, dns.rdatatype.A) == ["10.96.0.5"]
