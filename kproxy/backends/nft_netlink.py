@@ -221,14 +221,8 @@ def cmp(sreg: int, op: int, raw: bytes) -> bytes:
 
 
 def bitwise(reg: int, mask: bytes) -> bytes:
-    return expr(
-        "bitwise",
-        be32(1, reg),
-        be32(2, reg),
-        be32(3, len(mask)),
-        data_value(4, mask),
-        data_value(5, b"\0" * len(mask)),
-    )
+    """`reg &= mask` (a mask-and-xor with a zero xor)."""
+    return bitwise_xor(reg, mask, b"\0" * len(mask))
 
 
 def meta_load(dreg: int, key: int) -> bytes:
@@ -257,6 +251,7 @@ def lookup(
 
 
 def bitwise_xor(reg: int, mask: bytes, xor: bytes) -> bytes:
+    """`reg = (reg & mask) ^ xor` (nft's bitwise mask-and-xor)."""
     return expr(
         "bitwise",
         be32(1, reg),
