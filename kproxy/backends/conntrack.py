@@ -13,7 +13,7 @@ filter only costs time, never correctness. An entry that vanished before its del
 not counted.
 
 The ctnetlink messages are kproxy's own (the requests pyroute2's `NFCTSocket.dump(tuple_orig=)`
-and `entry("del")` send, same attributes and filter flags), over `rtnetlink.NetlinkSocket` and
+and `entry("del")` send, same attributes and filter flags), over `netlink.NetlinkSocket` and
 the framing of `kproxy/backends/netlink.py`: importing pyroute2 cost the agent ~5 MB of RSS.
 Costs measured with pyroute2 (Linux 6.18): ~12 ms of kernel time per dump (a walk of the whole
 hash table), ~0.2 ms to decode each returned entry, ~2 ms per deleted entry (each request is
@@ -34,13 +34,14 @@ from typing import NamedTuple
 from kproxy.backends.netlink import (
     NFGEN,
     NLM_F_DUMP,
+    NetlinkRequestError,
+    NetlinkSocket,
     nest,
     nla,
     nla_be16,
     nla_u32,
     parse_attrs,
 )
-from kproxy.backends.rtnetlink import NetlinkRequestError, NetlinkSocket
 from kproxy.errors import DataplaneError
 from kproxy.model.objects import IPV6, UDP
 from kproxy.render.conntrack import Flow, FrontendRule, Rule, StaleFlowPlan

@@ -23,7 +23,6 @@ import socket
 import struct
 from collections.abc import Iterable, Iterator
 
-from kproxy.backends.netlink import HDR as _HDR
 from kproxy.backends.netlink import NFGEN as _NFGEN
 from kproxy.backends.netlink import (
     NLA,
@@ -31,13 +30,9 @@ from kproxy.backends.netlink import (
     NLA_F_NET_BYTEORDER,
     NLM_F_ACK,
     NLM_F_DUMP,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    Sequence,
-    error_code,
+    NetlinkRequestError,
+    NetlinkSocket,
     parse_attrs,
-    parse_messages,
 )
 from kproxy.backends.netlink import nla as _nla
 from kproxy.errors import DataplaneError
@@ -128,11 +123,6 @@ def encode_element(set_type: str, element: str, lineno: int = 0) -> bytes:
     return _nla(ATTR_DATA | NLA_F_NESTED, body)
 
 
-def _message(cmd: int, family: int, seq: int, flags: int, attrs: bytes) -> bytes:
-    body = _NFGEN.pack(family, 0, 0) + _nla(ATTR_PROTOCOL, bytes((IPSET_PROTOCOL,))) + attrs
-    return _HDR.pack(16 + len(body), (NFNL_SUBSYS_IPSET << 8) | cmd, flags, seq, 0) + body
-
-
 def _setname(name: str) -> bytes:
     return _nla(ATTR_SETNAME, name.encode() + b"\0")
 
@@ -178,13 +168,10 @@ class IPSetSocket:
     """One netfilter netlink socket for ipset element changes and listings."""
 
     def __init__(self) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, NETLINK_NETFILTER)
-        self._sock.bind((0, 0))
-        self._sock.settimeout(60.0)
-        self._seq = Sequence()
+        self._nl = NetlinkSocket(NETLINK_NETFILTER, timeout=60.0)
 
     def close(self) -> None:
-        self._sock.close()
+        self._nl.close()
 
     def __enter__(self) -> IPSetSocket:
         return self
@@ -192,23 +179,13 @@ class IPSetSocket:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def _next(self) -> int:
-        return self._seq.next()
-
-    def _replies(self, seq: int) -> Iterator[tuple[int, memoryview]]:
-        """(type, payload) of the messages answering `seq`, until DONE or an ACK/error."""
-        while True:
-            for kind, _flags, mseq, payload in parse_messages(self._sock.recv(1 << 20)):
-                if mseq != seq:
-                    continue
-                if kind == NLMSG_DONE:
-                    return
-                if kind == NLMSG_ERROR:
-                    code = error_code(payload)
-                    if code:
-                        raise IPSetNetlinkError(_describe(code), code)
-                    return
-                yield kind, payload
+    def _request(self, cmd: int, family: int, flags: int, attrs: bytes) -> Iterator[memoryview]:
+        """The payloads answering one ipset command (its errors as `IPSetNetlinkError`)."""
+        body = _NFGEN.pack(family, 0, 0) + _nla(ATTR_PROTOCOL, bytes((IPSET_PROTOCOL,))) + attrs
+        try:
+            yield from self._nl.request((NFNL_SUBSYS_IPSET << 8) | cmd, flags, body)
+        except NetlinkRequestError as err:
+            raise IPSetNetlinkError(_describe(err.code), err.code) from None
 
     def change(
         self, cmd: int, name: str, set_type: str, family: int, elements: Iterable[str]
@@ -221,15 +198,13 @@ class IPSetSocket:
         def flush() -> None:
             if not batch:
                 return
-            seq = self._next()
             attrs = (
                 _setname(name)
                 + _nla(ATTR_LINENO, _U32.pack(0))
                 + _nla(ATTR_ADT | NLA_F_NESTED, b"".join(batch))
             )
-            self._sock.send(_message(cmd, af, seq, NLM_F_REQUEST | NLM_F_ACK, attrs))
             try:
-                for _ in self._replies(seq):
+                for _ in self._request(cmd, af, NLM_F_ACK, attrs):
                     pass
             except IPSetNetlinkError as err:
                 raise IPSetNetlinkError(f"{_verb(cmd)} {name}: {err}", err.errno) from err
@@ -245,12 +220,8 @@ class IPSetSocket:
 
     def list(self, name: str, set_type: str) -> set[str]:
         """The elements of set `name` (IPSetNetlinkError with errno ENOENT when it is missing)."""
-        seq = self._next()
-        self._sock.send(
-            _message(CMD_LIST, socket.AF_UNSPEC, seq, NLM_F_REQUEST | NLM_F_DUMP, _setname(name))
-        )
         out: set[str] = set()
-        for _kind, payload in self._replies(seq):
+        for payload in self._request(CMD_LIST, socket.AF_UNSPEC, NLM_F_DUMP, _setname(name)):
             attrs = parse_attrs(payload[4:])
             adt = attrs.get(ATTR_ADT)
             if adt is None:
@@ -263,13 +234,9 @@ class IPSetSocket:
     def counts(self) -> dict[str, int | None]:
         """Set name -> how many elements it holds (None when the kernel does not say), for every
         set of the namespace: one header dump, no element listed."""
-        seq = self._next()
         flags = _nla(ATTR_FLAGS | NLA_F_NET_BYTEORDER, struct.pack(">I", FLAG_LIST_HEADER))
-        self._sock.send(
-            _message(CMD_LIST, socket.AF_UNSPEC, seq, NLM_F_REQUEST | NLM_F_DUMP, flags)
-        )
         out: dict[str, int | None] = {}
-        for _kind, payload in self._replies(seq):
+        for payload in self._request(CMD_LIST, socket.AF_UNSPEC, NLM_F_DUMP, flags):
             attrs = parse_attrs(payload[4:])
             name, data = attrs.get(ATTR_SETNAME), attrs.get(ATTR_DATA)
             if name is None:

@@ -7,7 +7,8 @@ import os
 import shutil
 from dataclasses import replace
 
-from kproxy.backends.rtnetlink import NetlinkSocket, addresses
+from kproxy.backends.netlink import NetlinkSocket
+from kproxy.backends.rtnetlink import addresses
 from kproxy.model.options import ProxyOptions
 
 

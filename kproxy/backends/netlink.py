@@ -195,3 +195,62 @@ class Sequence:
     def next(self) -> int:
         self._seq = (self._seq + 1) & 0xFFFFFFFF or 1
         return self._seq
+
+
+class NetlinkRequestError(DataplaneError):
+    """The kernel answered a request with an error; `code` (and `errno`) is its errno."""
+
+    def __init__(self, code: int, what: str = "") -> None:
+        super().__init__(f"{what}: {os.strerror(code)}" if what else os.strerror(code))
+        self.code = self.errno = code
+
+
+class NetlinkSocket:
+    """One netlink socket (`protocol`, NETLINK_ROUTE by default) of the current network
+    namespace, one request at a time."""
+
+    def __init__(self, protocol: int = 0, *, timeout: float = 30.0) -> None:
+        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
+        try:
+            self._sock.bind((0, 0))
+            self._sock.settimeout(timeout)
+        except BaseException:
+            self._sock.close()
+            raise
+        self._seq = Sequence()
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> NetlinkSocket:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def request(self, kind: int, flags: int, body: bytes, what: str = "") -> Iterator[memoryview]:
+        """Send one request and yield the payloads of its answer (the messages of a dump, or
+        of a reply) until NLMSG_DONE or the acknowledgement; an error answer raises
+        `NetlinkRequestError`. Consume it fully before the next request."""
+        seq = self._seq.next()
+        single = not flags & NLM_F_ACK and flags & NLM_F_DUMP != NLM_F_DUMP
+        self._sock.send(message(kind, NLM_F_REQUEST | flags, seq, body))
+        while True:
+            for m in parse_messages(self._sock.recv(1 << 20)):
+                if m.seq != seq:
+                    continue
+                if m.type == NLMSG_DONE:
+                    return
+                if m.type == NLMSG_ERROR:
+                    code = error_code(m.payload)
+                    if code:
+                        raise NetlinkRequestError(code, what)
+                    return
+                yield m.payload
+                if single:
+                    return  # the one reply of a GET without acknowledgement
+
+    def call(self, kind: int, flags: int, body: bytes, what: str = "") -> None:
+        """A request answered by an acknowledgement only."""
+        for _ in self.request(kind, flags | NLM_F_ACK, body, what):
+            pass

@@ -1,9 +1,9 @@
-"""A blocking netlink request socket, and the few rtnetlink requests kproxy makes on the node:
-list addresses, look up / create / bring up / delete a link, add / delete an address.
+"""The few rtnetlink requests kproxy makes on the node, over `netlink.NetlinkSocket`: list
+addresses, look up / create / bring up / delete a link, add / delete an address.
 
 kproxy's own code instead of pyroute2's `IPRoute` on the agent's path (iptables and nftables
 modes read the node's addresses at start-up; the DNS placement puts its listen address on a
-dummy interface; conntrack cleanup uses `NetlinkSocket` for ctnetlink): importing pyroute2's
+dummy interface; conntrack cleanup and ipset use the same `NetlinkSocket`): importing pyroute2's
 `IPRoute` costs the agent ~5 MB of RSS for good (asyncio, its mock IPRoute with `unittest`, the
 traffic-control message classes, ...), for requests this module makes in ~150 lines with the
 framing in `kproxy/backends/netlink.py`. Semantics follow what kproxy used of pyroute2: errors
@@ -16,29 +16,20 @@ from __future__ import annotations
 
 import errno as errnos
 import ipaddress
-import os
 import socket
 import struct
-from collections.abc import Iterator
 from typing import NamedTuple
 
 from kproxy.backends.netlink import (
-    NLM_F_ACK,
     NLM_F_CREATE,
     NLM_F_DUMP,
     NLM_F_EXCL,
-    NLM_F_REQUEST,
-    NLMSG_DONE,
-    NLMSG_ERROR,
-    Sequence,
-    error_code,
-    message,
+    NetlinkRequestError,
+    NetlinkSocket,
     nla,
     nla_string,
     parse_attrs,
-    parse_messages,
 )
-from kproxy.errors import DataplaneError
 
 NETLINK_ROUTE = 0
 RTM_NEWLINK, RTM_DELLINK, RTM_GETLINK = 16, 17, 18
@@ -49,64 +40,6 @@ IFF_UP = 0x1
 
 IFINFO = struct.Struct("=BxHiII")  # ifinfomsg: family, type, index, flags, change
 IFADDR = struct.Struct("=BBBBI")  # ifaddrmsg: family, prefixlen, flags, scope, index
-
-
-class NetlinkRequestError(DataplaneError):
-    """The kernel answered a request with an error; `code` (and `errno`) is its errno."""
-
-    def __init__(self, code: int, what: str = "") -> None:
-        super().__init__(f"{what}: {os.strerror(code)}" if what else os.strerror(code))
-        self.code = self.errno = code
-
-
-class NetlinkSocket:
-    """One netlink socket of the current network namespace, one request at a time."""
-
-    def __init__(self, protocol: int = NETLINK_ROUTE) -> None:
-        self._sock = socket.socket(socket.AF_NETLINK, socket.SOCK_RAW, protocol)
-        try:
-            self._sock.bind((0, 0))
-            self._sock.settimeout(30.0)
-        except BaseException:
-            self._sock.close()
-            raise
-        self._seq = Sequence()
-
-    def close(self) -> None:
-        self._sock.close()
-
-    def __enter__(self) -> NetlinkSocket:
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self.close()
-
-    def request(self, kind: int, flags: int, body: bytes, what: str = "") -> Iterator[memoryview]:
-        """Send one request and yield the payloads of its answer (the messages of a dump, or
-        of a reply) until NLMSG_DONE or the acknowledgement; an error answer raises
-        `NetlinkRequestError`. Consume it fully before the next request."""
-        seq = self._seq.next()
-        single = not flags & NLM_F_ACK and flags & NLM_F_DUMP != NLM_F_DUMP
-        self._sock.send(message(kind, NLM_F_REQUEST | flags, seq, body))
-        while True:
-            for m in parse_messages(self._sock.recv(1 << 20)):
-                if m.seq != seq:
-                    continue
-                if m.type == NLMSG_DONE:
-                    return
-                if m.type == NLMSG_ERROR:
-                    code = error_code(m.payload)
-                    if code:
-                        raise NetlinkRequestError(code, what)
-                    return
-                yield m.payload
-                if single:
-                    return  # the one reply of a GET without acknowledgement
-
-    def call(self, kind: int, flags: int, body: bytes, what: str = "") -> None:
-        """A request answered by an acknowledgement only."""
-        for _ in self.request(kind, flags | NLM_F_ACK, body, what):
-            pass
 
 
 class Address(NamedTuple):

@@ -17,9 +17,8 @@ import logging
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from kproxy.backends.netlink import NetlinkRequestError, NetlinkSocket
 from kproxy.backends.rtnetlink import (
-    NetlinkRequestError,
-    NetlinkSocket,
     add_address,
     add_link,
     delete_address,

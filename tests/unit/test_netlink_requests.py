@@ -15,9 +15,8 @@ from pyroute2.netlink.rtnl.ifaddrmsg import ifaddrmsg
 from pyroute2.netlink.rtnl.ifinfmsg import ifinfmsg
 
 from kproxy.backends.conntrack import CtTuple, _parse, delete_request, dump_request
+from kproxy.backends.netlink import NetlinkRequestError, NetlinkSocket
 from kproxy.backends.rtnetlink import (
-    NetlinkRequestError,
-    NetlinkSocket,
     address_request,
     addresses,
     delete_link,
