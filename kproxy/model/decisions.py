@@ -27,9 +27,10 @@ from __future__ import annotations
 import ipaddress
 from collections.abc import Iterable
 from enum import Enum
+from operator import attrgetter
 from typing import NamedTuple
 
-from kproxy.model.endpoints import Categorized, EndpointInfo
+from kproxy.model.endpoints import Categorized, EndpointInfo, categorize
 from kproxy.model.objects import Service
 
 
@@ -168,6 +169,44 @@ def decide_all_ready(
         cluster=endpoints,
         local=None,
         all_reachable=endpoints,
+    )
+
+
+_ready = attrgetter("state.ready")
+
+
+def decide_port(
+    service: Service,
+    endpoints: tuple[EndpointInfo, ...],
+    *,
+    node_zone: str,
+    has_external_addresses: bool,
+    has_external: bool,
+    has_load_balancer_ips: bool,
+    has_source_ranges: bool,
+) -> PortDecision:
+    """The decisions for one service port from its merged endpoints: `decide_all_ready` when
+    the service has Cluster policies, no topology and every endpoint is ready (most ports of
+    most clusters), else `decide` over the categorised endpoints (`has_external_addresses`:
+    the service's, for `categorize`)."""
+    cluster_only = not (
+        service.internal_policy_local or service.external_policy_local or service.topology_aware
+    )
+    if cluster_only and all(map(_ready, endpoints)):
+        return decide_all_ready(
+            service,
+            endpoints,
+            has_external=has_external,
+            has_load_balancer_ips=has_load_balancer_ips,
+            has_source_ranges=has_source_ranges,
+        )
+    return decide(
+        service,
+        endpoints,
+        categorize(service, endpoints, node_zone=node_zone, has_external=has_external_addresses),
+        has_external=has_external,
+        has_load_balancer_ips=has_load_balancer_ips,
+        has_source_ranges=has_source_ranges,
     )
 
 

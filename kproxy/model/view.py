@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Iterable, Mapping
-from operator import attrgetter
 from typing import NamedTuple
 
-from kproxy.model.decisions import PortDecision, decide, decide_all_ready
+from kproxy.model.decisions import PortDecision, decide_port
 from kproxy.model.endpoints import (
     EndpointInfo,
-    categorize,
     has_external_addresses,
     merge_endpoints,
 )
@@ -57,9 +55,6 @@ class ServicePortView(NamedTuple):
         return bool(self.external_ips or self.load_balancer_ips or self.port.node_port)
 
 
-_ready = attrgetter("state.ready")
-
-
 def _of_family(addresses: Iterable[str], family: int) -> tuple[str, ...]:
     return tuple(a for a in addresses if ip_family(a) == family)
 
@@ -92,31 +87,18 @@ def service_views(
         else ()
     )
     any_external = has_external_addresses(service)
-    # Cluster policies and no topology: a port whose endpoints are all ready needs no
-    # categorising (most ports of most clusters; see decide_all_ready)
-    cluster_only = not (
-        service.internal_policy_local or service.external_policy_local or service.topology_aware
-    )
     views = []
     for port in service.ports:
         endpoints = merge_endpoints(port, slices, family=family, node_name=node_name)
-        if cluster_only and all(map(_ready, endpoints)):
-            decision = decide_all_ready(
-                service,
-                endpoints,
-                has_external=bool(external_ips or lb_ips or port.node_port),
-                has_load_balancer_ips=bool(lb_ips),
-                has_source_ranges=bool(source_ranges),
-            )
-        else:
-            decision = decide(
-                service,
-                endpoints,
-                categorize(service, endpoints, node_zone=node_zone, has_external=any_external),
-                has_external=bool(external_ips or lb_ips or port.node_port),
-                has_load_balancer_ips=bool(lb_ips),
-                has_source_ranges=bool(source_ranges),
-            )
+        decision = decide_port(
+            service,
+            endpoints,
+            node_zone=node_zone,
+            has_external_addresses=any_external,
+            has_external=bool(external_ips or lb_ips or port.node_port),
+            has_load_balancer_ips=bool(lb_ips),
+            has_source_ranges=bool(source_ranges),
+        )
         views.append(
             ServicePortView(
                 service,
